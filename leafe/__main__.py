@@ -1,0 +1,3 @@
+from leafe.cli import main
+
+main()

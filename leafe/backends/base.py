@@ -1,0 +1,88 @@
+"""The backend contract: token ids in, token ids out.
+
+A backend samples completions for token-id prompts. It never sees text it must re-encode: the
+conversation layer (`chat.py`) owns tokenization, and the ids a backend returns are appended to the
+history untouched, so the ids the model generated are the ids training sees.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from leafe.errors import LeafeError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    max_new_tokens: int = 64
+    seed: int = 0
+    logprobs: bool = False
+    #: Generation stops after any of these ids (the stop id is kept in the output).
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1 (got {self.n})")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    #: "stop" when a stop token ended it (the last id), "length" when max_new_tokens did.
+    finish_reason: str
+    #: Log-probability of each sampled id under the model's untempered distribution, when asked.
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class BackendStats:
+    """Work counters, cumulative since the backend was made (or since `reset()`)."""
+
+    calls: int = 0
+    prompt_tokens: int = 0  # tokens of all prompts passed in
+    prefill_tokens: int = 0  # prompt tokens actually run through the model (after reuse)
+    generated_tokens: int = 0
+
+    def reset(self) -> None:
+        self.calls = self.prompt_tokens = self.prefill_tokens = self.generated_tokens = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "calls": self.calls,
+            "prompt_tokens": self.prompt_tokens,
+            "prefill_tokens": self.prefill_tokens,
+            "generated_tokens": self.generated_tokens,
+        }
+
+
+class BackendError(LeafeError, RuntimeError):
+    """A model could not be loaded or run; the message names the cause and the fix."""
+
+
+class Backend(ABC):
+    """Samples completions for token-id prompts. `tokenizer` is the model's own."""
+
+    tokenizer: Any
+    #: Longest sequence (prompt + completion) the model accepts.
+    max_context: int
+    stats: BackendStats
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Completion]]:
+        """`sampling.n` completions for each prompt, in prompt order."""
+
+    def close(self) -> None:
+        """Release resources (servers, worker processes, caches)."""

@@ -1,0 +1,463 @@
+"""The transformers backend: batched sampling with a KV cache that is reused across calls.
+
+An agent's prompt at turn t+1 is its prompt at turn t plus the reply and one observation, and the
+branches of a LEAFE tree all start with the same history h_tau. Re-running those shared prefixes
+through the model every turn makes the cost of an episode quadratic in its length, and on a CPU the
+prefill dominates. So this backend keeps the keys/values of recent sequences (`PrefixCache`, keyed
+by hashes of 16-token blocks, as vLLM's prefix caching is) and runs only the new suffix of a prompt.
+Identical prompts in one call (n samples of a task, k branches of a node) are prefilled once.
+
+We drive the model ourselves rather than through `model.generate`: it lets us start from cached
+keys/values, fork one prefill into many samples, drop finished rows from the batch, and return
+log-probs of the exact sampled ids. Per-row caches are packed into one left-padded batch; a row's
+cached prefix and its new suffix may leave a gap of masked padding between them, which attention
+ignores (positions come from the mask, so rotary embeddings see contiguous positions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams
+
+_BLOCK = 16  # tokens per hashed block of the prefix cache
+
+
+@dataclass
+class _Entry:
+    ids: np.ndarray  # token ids whose keys/values are stored
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [heads, len, head_dim] each
+    nbytes: int
+    keys: list[bytes]  # block hashes that index this entry
+
+
+def _block_keys(ids: np.ndarray) -> list[bytes]:
+    """Hash of every block-aligned prefix: keys[j] identifies ids[: (j + 1) * _BLOCK]."""
+    data = ids.astype(np.int64).tobytes()
+    h = hashlib.blake2b(digest_size=16)
+    keys = []
+    step = _BLOCK * 8
+    for j in range(len(ids) // _BLOCK):
+        h.update(data[j * step : (j + 1) * step])
+        keys.append(h.copy().digest())
+    return keys
+
+
+def _buffer_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        """A full-attention cache layer over preallocated buffers: appending writes in place.
+
+        transformers' DynamicLayer grows by concatenation, copying the whole cache at every decoded
+        token; at batch 64 that copying dominated decoding on CPU.
+        """
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+            super().__init__()
+            self.buffers = (keys, values)
+            self.length = length
+            self.dtype, self.device = keys.dtype, keys.device
+            self.is_initialized = True
+            self._views()
+
+        def _views(self) -> None:
+            k, v = self.buffers
+            self.keys, self.values = k[:, :, : self.length], v[:, :, : self.length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            k, v = self.buffers
+            end = self.length + key_states.shape[-2]
+            if end > k.shape[2]:
+                grow = max(end, 2 * k.shape[2]) - k.shape[2]
+                k = torch.cat([k, k.new_zeros(*k.shape[:2], grow, k.shape[3])], dim=2)
+                v = torch.cat([v, v.new_zeros(*v.shape[:2], grow, v.shape[3])], dim=2)
+                self.buffers = (k, v)
+            k[:, :, self.length : end] = key_states
+            v[:, :, self.length : end] = value_states
+            self.length = end
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            idx = beam_idx.to(self.device)
+            self.buffers = tuple(b.index_select(0, idx) for b in self.buffers)
+            self._views()
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self.reorder_cache(indices)
+
+    return BufferLayer
+
+
+class PrefixCache:
+    """Keys/values of recent sequences, found by longest shared prefix; LRU within a byte budget."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._index: dict[bytes, int] = {}
+        self._next = 0
+
+    def lookup(self, ids: np.ndarray) -> tuple[int, _Entry | None]:
+        """The longest cached prefix of `ids` (length, entry); (0, None) when nothing matches."""
+        if self.max_bytes <= 0 or not self._entries:
+            return 0, None
+        keys = _block_keys(ids)
+        for j in range(len(keys) - 1, -1, -1):
+            key = self._index.get(keys[j])
+            if key is None:
+                continue
+            entry = self._entries[key]
+            self._entries.move_to_end(key)
+            # Extend past the block boundary to the exact common prefix.
+            start = (j + 1) * _BLOCK
+            m = min(len(ids), len(entry.ids))
+            diff = np.nonzero(ids[start:m] != entry.ids[start:m])[0]
+            return (start + int(diff[0]) if len(diff) else m), entry
+        return 0, None
+
+    def insert(self, ids: np.ndarray, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if self.max_bytes <= 0 or len(ids) < _BLOCK:
+            return
+        nbytes = sum(k.numel() * k.element_size() * 2 for k, _ in kv)
+        if nbytes > self.max_bytes:
+            return
+        key = self._next
+        self._next += 1
+        entry = _Entry(ids, kv, nbytes, _block_keys(ids))
+        self._entries[key] = entry
+        for block in entry.keys:
+            self._index[block] = key
+        self.nbytes += nbytes
+        while self.nbytes > self.max_bytes:
+            self.discard(next(iter(self._entries)))
+
+    def discard(self, key_or_entry: int | _Entry) -> None:
+        if isinstance(key_or_entry, _Entry):
+            key = next((k for k, e in self._entries.items() if e is key_or_entry), None)
+            if key is None:
+                return
+        else:
+            key = key_or_entry
+        entry = self._entries.pop(key)
+        self.nbytes -= entry.nbytes
+        for block in entry.keys:
+            if self._index.get(block) == key:
+                del self._index[block]
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._index.clear()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def resolve_model_path(path: str, gguf_file: str | None = None) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None); a path to a .gguf file is split into both."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return p.parent, p.name
+    if not p.exists():
+        raise BackendError(f"model path {path} does not exist; pass a Hugging Face model directory or a .gguf file")
+    if not p.is_dir():
+        raise BackendError(f"model path {path} is a file, not a model directory or a .gguf file")
+    if gguf_file is None and not (p / "config.json").exists():
+        ggufs = sorted(x.name for x in p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return p, ggufs[0]
+        raise BackendError(
+            f"{path} has no config.json; pass a Hugging Face model directory (or a .gguf file with --gguf-file)"
+        )
+    return p, gguf_file
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
+    return torch.device(device)
+
+
+class HFBackend(Backend):
+    """Any causal LM that transformers loads: a model directory or a GGUF file (`gguf_file`)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        gguf_file: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        prefix_cache_mb: int = 2048,
+        prefill_chunk_tokens: int = 16384,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        directory, gguf = resolve_model_path(model, gguf_file)
+        self.device = _pick_device(device)
+        load_dtype, self._autocast = self._dtypes(dtype)
+        kwargs = {"trust_remote_code": trust_remote_code}
+        if gguf:
+            kwargs["gguf_file"] = gguf
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+            self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=load_dtype, **kwargs)
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise BackendError(
+                    f"{model} needs its own code to load; leafe never runs a checkpoint's code unless you "
+                    f"pass --trust-remote-code"
+                ) from exc
+            raise BackendError(f"could not load the model at {model}: {exc}") from exc
+        except OSError as exc:
+            raise BackendError(f"could not load the model at {model}: {exc}") from exc
+        self.model.to(self.device).eval()
+        self.name = str(model)
+        config = self.model.config
+        self.max_context = int(getattr(config, "max_position_embeddings", 0) or 4096)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.cache = PrefixCache(prefix_cache_mb * 2**20)
+        # In-place buffers serve full-attention layers; other layer kinds keep transformers' own cache.
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        self._buffer_layer = _buffer_layer_class() if set(layer_types) == {"full_attention"} else None
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.stats = BackendStats()
+
+    def _dtypes(self, dtype: str) -> tuple[torch.dtype, torch.dtype | None]:
+        """(dtype to load weights in, autocast dtype or None)."""
+        cuda = self.device.type == "cuda"
+        if dtype == "auto":
+            dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+        table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in table:
+            raise BackendError(f"unknown --dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+        wanted = table[dtype]
+        if not cuda and wanted != torch.float32:
+            # CPU kernels are fastest and safest with fp32 weights; low precision is applied by autocast.
+            return torch.float32, wanted
+        return wanted, None
+
+    def close(self) -> None:
+        self.cache.clear()
+
+    # -- generation ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Completion]]:
+        if not prompts:
+            return []
+        self.stats.calls += 1
+        unique: dict[tuple[int, ...], int] = {}
+        order = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+        for p in unique:
+            if not p:
+                raise ValueError("cannot generate from an empty prompt")
+            if len(p) + sampling.max_new_tokens > self.max_context:
+                raise ValueError(
+                    f"prompt of {len(p)} tokens + max_new_tokens {sampling.max_new_tokens} exceeds the model's "
+                    f"context of {self.max_context} tokens"
+                )
+        self.stats.prompt_tokens += sum(len(p) for p in prompts)
+        with self._autocast_ctx():
+            rows_kv, rows_logits = self._prefill([np.asarray(p, dtype=np.int64) for p in unique])
+            # Row r of the decode batch samples from unique prompt source[r].
+            source = [u for u in order for _ in range(sampling.n)]
+            outputs = self._decode(list(unique), source, rows_kv, rows_logits, sampling)
+        completions = [
+            Completion(ids, self.tokenizer.decode(ids, skip_special_tokens=True), reason, lps)
+            for ids, reason, lps in outputs
+        ]
+        self.stats.generated_tokens += sum(len(c.token_ids) for c in completions)
+        n = sampling.n
+        return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _autocast_ctx(self):
+        if self._autocast is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast)
+
+    def _prefill(self, prompts: list[np.ndarray]):
+        """Keys/values of every prompt (its cached prefix reused) and the logits after its last token."""
+        plans = []
+        for ids in prompts:
+            hit, entry = self.cache.lookup(ids)
+            hit = min(hit, len(ids) - 1)  # at least one token must run to get the next-token logits
+            plans.append((ids, hit if entry is not None else 0, entry))
+        kvs: list = [None] * len(prompts)
+        logits: list = [None] * len(prompts)
+        order = sorted(range(len(plans)), key=lambda i: len(plans[i][0]))
+        chunk: list[int] = []
+        for i in order:
+            width = len(plans[i][0])
+            if chunk and (len(chunk) + 1) * width > self.prefill_chunk_tokens:
+                self._prefill_chunk([plans[j] for j in chunk], chunk, kvs, logits)
+                chunk = []
+            chunk.append(i)
+        if chunk:
+            self._prefill_chunk([plans[j] for j in chunk], chunk, kvs, logits)
+        for ids, hit, entry in plans:
+            if entry is not None and hit == len(entry.ids):
+                self.cache.discard(entry)  # the prompt extends it; the longer sequence gets cached instead
+        return kvs, logits
+
+    def _prefill_chunk(self, plans, where: list[int], kvs: list, logits: list) -> None:
+        cached = [(entry_kv_prefix(entry, hit) if entry is not None and hit > 0 else None) for _, hit, entry in plans]
+        hits = [hit if entry is not None else 0 for _, hit, entry in plans]
+        suffixes = [ids[h:] for (ids, _, _), h in zip(plans, hits)]
+        cache, past_mask = self._pack(cached, hits, room=max(len(x) for x in suffixes))
+        width = max(len(s) for s in suffixes)
+        input_ids = torch.full((len(plans), width), self.pad_id, dtype=torch.long)
+        suffix_mask = torch.zeros((len(plans), width), dtype=torch.long)
+        for r, s in enumerate(suffixes):
+            input_ids[r, width - len(s) :] = torch.from_numpy(s)
+            suffix_mask[r, width - len(s) :] = 1
+        mask = torch.cat([past_mask, suffix_mask], dim=1).to(self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.stats.prefill_tokens += sum(len(s) for s in suffixes)
+        keep = mask.bool()
+        for r, i in enumerate(where):
+            kvs[i] = [(layer.keys[r][:, keep[r]], layer.values[r][:, keep[r]]) for layer in out.past_key_values.layers]
+            logits[i] = out.logits[r, -1].float()
+
+    def _pack(self, kvs: list, lengths: list[int], room: int):
+        """A cache holding each row's keys/values left-padded to one length (with `room` free slots
+        for what comes next), and the matching attention mask."""
+        from transformers import DynamicCache
+
+        width = max(lengths) if lengths else 0
+        mask = torch.zeros((len(lengths), width), dtype=torch.long)
+        for r, n in enumerate(lengths):
+            if n:
+                mask[r, width - n :] = 1
+        cache = DynamicCache(config=self.model.config)
+        if width == 0:
+            return cache, mask
+        template = next(kv for kv in kvs if kv is not None)
+        capacity = width + room if self._buffer_layer is not None else width
+        layers = []
+        for layer, (k0, v0) in enumerate(template):
+            # Slots past `width` are written before they are read; padding must hold finite values
+            # (masked attention weights are 0, and 0 * NaN would still poison the output).
+            keys = k0.new_empty((len(kvs), k0.shape[0], capacity, k0.shape[-1]))
+            values = v0.new_empty((len(kvs), v0.shape[0], capacity, v0.shape[-1]))
+            for r, kv in enumerate(kvs):
+                pad = width - lengths[r]
+                keys[r, :, :pad] = 0
+                values[r, :, :pad] = 0
+                if kv is not None and lengths[r]:
+                    keys[r, :, pad:width] = kv[layer][0]
+                    values[r, :, pad:width] = kv[layer][1]
+            if self._buffer_layer is not None:
+                layers.append(self._buffer_layer(keys, values, width))
+            else:
+                cache.update(keys, values, layer)
+        if layers:
+            cache.layers = layers
+        return cache, mask
+
+    def _decode(self, prompts, source, rows_kv, rows_logits, sp: SamplingParams):
+        generator = torch.Generator(device=self.device).manual_seed(sp.seed)
+        lengths = [len(prompts[s]) for s in source]
+        cache, mask = self._pack([rows_kv[s] for s in source], lengths, room=sp.max_new_tokens)
+        mask = mask.to(self.device)
+        logits = torch.stack([rows_logits[s] for s in source])
+        positions = torch.tensor(lengths, device=self.device)
+        stop = torch.tensor(sorted(set(sp.stop_token_ids)) or [-1], device=self.device)
+        active = list(range(len(source)))  # decode-batch row -> output index
+        live = torch.ones(len(source), dtype=torch.bool, device=self.device)  # rows still generating
+        tokens: list[list[int]] = [[] for _ in source]
+        lps: list[list[float]] = [[] for _ in source]
+        reasons = ["length"] * len(source)
+        for step in range(sp.max_new_tokens):
+            chosen, chosen_lp = _sample(logits, sp, generator)
+            last = step == sp.max_new_tokens - 1
+            ended = live & (torch.isin(chosen, stop) | last)
+            for r in torch.nonzero(live).flatten().tolist():
+                out = active[r]
+                tokens[out].append(int(chosen[r]))
+                if chosen_lp is not None:
+                    lps[out].append(float(chosen_lp[r]))
+            for r in torch.nonzero(ended).flatten().tolist():
+                out = active[r]
+                reasons[out] = "stop" if tokens[out][-1] in sp.stop_token_ids else "length"
+                # The cache holds the prompt and every sampled id but the last (not yet run).
+                ids = np.concatenate([prompts[source[out]], np.asarray(tokens[out][:-1], dtype=np.int64)])
+                keep = mask[r].bool()
+                kv = [(layer.keys[r][:, keep].clone(), layer.values[r][:, keep].clone()) for layer in cache.layers]
+                self.cache.insert(ids, kv)
+            live &= ~ended
+            if last or not bool(live.any()):
+                break
+            # Finished rows ride along (their outputs ignored) until a quarter of the batch has
+            # finished: dropping rows copies the whole cache, so it is done in bulk.
+            if int((~live).sum()) * 4 >= len(active):
+                idx = torch.nonzero(live).flatten()
+                cache.reorder_cache(idx)
+                mask, positions, chosen, live = mask[idx], positions[idx], chosen[idx], live[idx]
+                active = [active[i] for i in idx.tolist()]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            out = self.model(
+                input_ids=chosen[:, None],
+                attention_mask=mask,
+                position_ids=positions[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            positions = positions + 1
+            logits = out.logits[:, -1].float()
+        return [(tokens[i], reasons[i], lps[i] if sp.logprobs else None) for i in range(len(source))]
+
+
+def entry_kv_prefix(entry: _Entry, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(k[:, :length], v[:, :length]) for k, v in entry.kv]
+
+
+def _sample(logits: torch.Tensor, sp: SamplingParams, generator: torch.Generator):
+    """Sampled ids and (when asked) their log-probs under the untempered distribution."""
+    logp = torch.log_softmax(logits, dim=-1) if sp.logprobs else None
+    if sp.temperature == 0:
+        chosen = logits.argmax(dim=-1)
+    else:
+        scaled = logits / sp.temperature
+        if sp.top_k and sp.top_k < scaled.shape[-1]:
+            kth = torch.topk(scaled, sp.top_k, dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if sp.top_p < 1.0:
+            sorted_logits, sorted_idx = torch.sort(scaled, descending=True, dim=-1)
+            sorted_probs = torch.softmax(sorted_logits, dim=-1)
+            # Keep the smallest set whose mass reaches top_p (the first token always survives).
+            drop = sorted_probs.cumsum(dim=-1) - sorted_probs > sp.top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            scaled = torch.full_like(scaled, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+        probs = torch.softmax(scaled, dim=-1)
+        chosen = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    chosen_lp = logp.gather(-1, chosen[:, None]).squeeze(-1) if logp is not None else None
+    return chosen, chosen_lp
+

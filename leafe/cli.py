@@ -1,0 +1,209 @@
+"""The `leafe` command. Each subcommand parses options, calls one library function, shows progress.
+
+Bad input ends in one line on stderr and exit status 2 (every library error derives from
+`LeafeError`); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from leafe.errors import LeafeError
+
+app = typer.Typer(
+    name="leafe",
+    help="Train LLM agents with LEAFE: reflect, roll back, distil. Evaluate by Pass@k.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version as dist_version
+
+        console.print(f"leafe {dist_version('leafe')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version)
+    ] = False,
+) -> None:
+    """Train LLM agents with LEAFE: reflect, roll back, distil. Evaluate by Pass@k."""
+
+
+def _cli_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LeafeError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def parse_env_params(items: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are JSON when they parse as JSON (numbers, lists), else strings."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LeafeError(f"--env-param expects key=value (got {item!r}), e.g. --env-param max_steps=20")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def parse_ks(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LeafeError(f"--k expects comma-separated integers such as 1,4,16 (got {text!r})") from None
+
+
+# Options shared by every command that loads a model.
+ModelOpt = Annotated[str, typer.Option("--model", help="Model directory or .gguf file.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 (CPU: autocast), float16.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a checkpoint's own Python code to run.")]
+GgufOpt = Annotated[Optional[str], typer.Option("--gguf-file", help="GGUF file name inside --model.")]
+EnvOpt = Annotated[str, typer.Option("--env", help="Environment name.")]
+EnvParamOpt = Annotated[list[str], typer.Option("--env-param", help="Env parameter key=value (repeatable).")]
+
+
+def load_backend_for(model: str, device: str, dtype: str, trust_remote_code: bool, gguf_file: str | None):
+    _quiet_transformers()
+    from leafe.backends import load_backend
+
+    return load_backend("hf", model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def passk_table(title: str, result: dict[str, Any]) -> Table:
+    table = Table(title=title)
+    table.add_column("k", justify="right")
+    table.add_column("Pass@k", justify="right")
+    table.add_column("95% CI", justify="right")
+    for k, value in result["pass_at_k"].items():
+        lo, hi = result["ci95"][k]
+        table.add_row(k, f"{100 * value:.1f}%", f"[{100 * lo:.1f}, {100 * hi:.1f}]")
+    return table
+
+
+@app.command("eval")
+@_cli_errors
+def eval_cmd(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option(help="Output directory (eval.json); resumes if it holds a partial run.")],
+    env: EnvOpt = "sokoban",
+    env_param: EnvParamOpt = [],
+    tasks: Annotated[int, typer.Option(help="Number of tasks (consecutive seeds).")] = 50,
+    task_seed: Annotated[int, typer.Option(help="Seed of the first task.")] = 1000,
+    samples: Annotated[int, typer.Option(help="Independent episodes per task (n).")] = 16,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Token limit of one agent turn.")] = 64,
+    k: Annotated[Optional[str], typer.Option("--k", help="k values, e.g. 1,4,16 (default 1,2,4..n).")] = None,
+    seed: int = 0,
+    batch_size: Annotated[int, typer.Option(help="Episodes advanced together per generate call.")] = 64,
+    save_episodes: Annotated[bool, typer.Option(help="Also write every episode to episodes.jsonl.")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    gguf_file: GgufOpt = None,
+) -> None:
+    """Run n independent episodes per task and report Pass@k (writes OUT/eval.json)."""
+    from leafe.evaluate import EvalSettings, evaluate
+
+    settings = EvalSettings(
+        env=env,
+        env_params=parse_env_params(env_param),
+        tasks=tasks,
+        task_seed=task_seed,
+        samples=samples,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        ks=parse_ks(k),
+    )
+    settings.validate()
+    from leafe.envs import make
+
+    make(env, **settings.env_params)  # fail on a bad env before the model loads
+    backend = load_backend_for(model, device, dtype, trust_remote_code, gguf_file)
+    result = run_with_progress(f"eval {Path(model).name} on {env}", lambda hooks: evaluate(
+        backend, model, settings, out, max_batch=batch_size, save_episodes=save_episodes, **hooks
+    ))
+    console.print(passk_table(f"{env}: {tasks} tasks x {samples} samples, T={temperature}", result))
+    console.print(
+        f"env steps {result['env_steps']}, generated tokens {result['generated_tokens']}, "
+        f"wall {result['wall_s']:.1f}s -> {out / 'eval.json'}"
+    )
+
+
+def run_with_progress(description: str, job: Callable[[dict], Any]) -> Any:
+    """Run `job(hooks)` under a progress bar; hooks are evaluate()'s on_start/on_episode."""
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=None, status="")
+        solved = [0, 0]
+
+        def on_start(total: int, done: int) -> None:
+            bar.update(task, total=total, completed=done)
+
+        def on_episode(episode) -> None:
+            solved[0] += episode.success
+            solved[1] += 1
+            bar.update(task, advance=1, status=f"solved {solved[0]}/{solved[1]}")
+
+        return job({"on_start": on_start, "on_episode": on_episode})
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The environment contract every leafe env implements, and the shared rollback-by-replay fallback.
+
+An env is a multi-turn text environment: `reset(task)` gives the first observation, `step(action)`
+gives the next one with reward and termination. Actions are free text; an action the env cannot
+parse is an ordinary step whose observation says so, never an exception, because a model's malformed
+reply is part of the trajectory we learn from.
+
+Rollback (LEAFE stage 1) needs the env put back into its state at an earlier step. Envs whose state
+is cheap to copy implement `snapshot`/`restore`; every env gets `replay`, which resets and re-plays
+the action prefix, checking each replayed observation against the hash recorded the first time so a
+non-deterministic env fails loudly instead of silently branching from the wrong state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+from leafe.errors import LeafeError
+
+
+@dataclass(frozen=True)
+class Task:
+    """One problem instance: what `reset` needs to start an episode. `spec` is env-specific JSON."""
+
+    task_id: str
+    env: str
+    spec: dict[str, Any]
+
+
+@dataclass
+class StepResult:
+    observation: str
+    reward: float
+    done: bool
+    success: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class EnvError(LeafeError, ValueError):
+    """Bad env input (a malformed level, an unknown task field): the message names the fix."""
+
+
+class ReplayDivergence(LeafeError, RuntimeError):
+    """Replaying a recorded action prefix did not reproduce the recorded observations."""
+
+
+def observation_hash(observation: str) -> str:
+    """A short stable digest of an observation, recorded per step so replays can be verified."""
+    return hashlib.sha256(observation.encode("utf-8")).hexdigest()[:16]
+
+
+class Env(ABC):
+    """Base class of every environment. Subclasses set `name` and register with `@register`."""
+
+    name: ClassVar[str] = ""
+    #: True when `snapshot`/`restore` copy the full state; otherwise rollback replays.
+    supports_snapshot: ClassVar[bool] = False
+
+    #: The task instruction q shown to the agent; set by `reset`.
+    instruction: str = ""
+
+    @abstractmethod
+    def reset(self, task: Task) -> str:
+        """Start an episode of `task`; returns the first observation and sets `self.instruction`."""
+
+    @abstractmethod
+    def step(self, action: str) -> StepResult:
+        """Apply one agent action (free text) and return what the agent observes next."""
+
+    @abstractmethod
+    def make_tasks(self, n: int, seed: int) -> list[Task]:
+        """`n` tasks from consecutive seeds starting at `seed` (deterministic)."""
+
+    def expert_actions(self, task: Task) -> list[str] | None:
+        """A successful action sequence for `task` when the env has an expert (solver, gold path)."""
+        return None
+
+    def snapshot(self) -> Any:
+        raise NotImplementedError(f"env {self.name!r} cannot copy its state; roll back with replay()")
+
+    def restore(self, state: Any) -> None:
+        raise NotImplementedError(f"env {self.name!r} cannot copy its state; roll back with replay()")
+
+
+def replay(env: Env, task: Task, actions: Sequence[str], observation_hashes: Sequence[str]) -> str:
+    """Reset `env` to `task` and re-apply `actions`, verifying every observation against its hash.
+
+    `observation_hashes[0]` is the hash of the reset observation and `observation_hashes[i + 1]` the
+    hash after `actions[i]`, so `len(observation_hashes) == len(actions) + 1`. Returns the last
+    observation; raises `ReplayDivergence` naming the first step that differs.
+    """
+    if len(observation_hashes) != len(actions) + 1:
+        raise ValueError(
+            f"replay needs one observation hash per action plus the reset observation "
+            f"(got {len(observation_hashes)} hashes for {len(actions)} actions)"
+        )
+    observation = env.reset(task)
+    _check_replayed(env, task, 0, None, observation, observation_hashes[0])
+    for i, action in enumerate(actions):
+        observation = env.step(action).observation
+        _check_replayed(env, task, i + 1, action, observation, observation_hashes[i + 1])
+    return observation
+
+
+def _check_replayed(env: Env, task: Task, index: int, action: str | None, observation: str, expected: str) -> None:
+    got = observation_hash(observation)
+    if got == expected:
+        return
+    where = "the reset observation" if action is None else f"step {index - 1} (action {action!r})"
+    raise ReplayDivergence(
+        f"replay of task {task.task_id!r} on env {env.name!r} diverged at {where}: observation hash "
+        f"{got} != recorded {expected}. The env is not deterministic under reset+replay; give it "
+        f"snapshot()/restore() or make reset deterministic for a task."
+    )

@@ -1,0 +1,59 @@
+"""Envs by name: `make("sokoban", max_steps=15)`. Adding an env is one module that uses `@register`."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable
+
+from leafe.envs.base import Env, EnvError
+
+_REGISTRY: dict[str, type[Env]] = {}
+
+# Modules imported on first lookup; an env whose optional dependency is missing must still import
+# (it fails on construction with an install hint), so listing names never needs extras.
+_BUILTIN_MODULES = ("leafe.envs.sokoban",)
+
+
+def register(cls: type[Env]) -> type[Env]:
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} must set a non-empty `name` to be registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def names() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def env_class(name: str) -> type[Env]:
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise EnvError(f"unknown env {name!r}; known envs: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def make(name: str, **params: Any) -> Env:
+    """Construct a registered env; unknown parameters are an error naming the accepted ones."""
+    cls = env_class(name)
+    _check_params(name, cls.__init__, params)
+    return cls(**params)
+
+
+def _check_params(name: str, init: Callable[..., Any], params: dict[str, Any]) -> None:
+    signature = inspect.signature(init)
+    accepted = [p for p in signature.parameters if p != "self"]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise EnvError(
+            f"env {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+            f"it accepts: {', '.join(accepted) or 'none'}"
+        )

@@ -1,0 +1,62 @@
+"""Crash-safe files: atomic JSON writes and append-only JSONL that survives a kill mid-write."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically: readers see the old file or the new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def append_jsonl(path: str | Path, record: Any) -> None:
+    """Append one record as a line, flushed and fsynced before returning."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, separators=(",", ":")) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> Iterator[Any]:
+    """Records of a JSONL file. A torn last line (the writer was killed) is cut off the file and
+    skipped, so the next append starts on a clean line; a bad line elsewhere is an error."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        data = f.read()
+    good = data.rfind(b"\n") + 1
+    if good < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    for number, line in enumerate(data[:good].splitlines(), start=1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number} is not valid JSON ({exc}); the file is corrupt") from exc

@@ -1,0 +1,79 @@
+"""Unbiased Pass@k from n samples with c successes, averaged over tasks, with bootstrap intervals.
+
+pass@k for one task is the probability that at least one of k samples drawn without replacement
+from the n recorded ones succeeds: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021). Computed as a
+running product so it stays exact in floating point for n in the thousands, where the binomials
+themselves overflow.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that k samples out of n (c of them correct) contain at least one correct one."""
+    if n < 1:
+        raise ValueError(f"pass@k needs at least one sample (got n={n})")
+    if not 0 <= c <= n:
+        raise ValueError(f"successes must be within 0..n (got c={c}, n={n})")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be within 1..n: --samples must be >= max k (got k={k}, n={n})")
+    if n - c < k:
+        return 1.0
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i)
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def mean_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> float:
+    """Mean pass@k over tasks given each task's (n, c)."""
+    if not counts:
+        raise ValueError("pass@k over an empty task list is undefined")
+    return float(np.mean([pass_at_k(n, c, k) for n, c in counts]))
+
+
+def default_ks(n: int) -> list[int]:
+    """k = 1, 2, 4, ... up to n, plus n itself when n is not a power of two."""
+    ks, k = [], 1
+    while k <= n:
+        ks.append(k)
+        k *= 2
+    if ks[-1] != n:
+        ks.append(n)
+    return ks
+
+
+def pass_at_k_curve(counts: Sequence[tuple[int, int]], ks: Sequence[int] | None = None) -> dict[int, float]:
+    """Mean pass@k for each k (default: powers of two up to the smallest n)."""
+    ks = list(ks) if ks is not None else default_ks(min(n for n, _ in counts))
+    return {k: mean_pass_at_k(counts, k) for k in ks}
+
+
+def bootstrap_ci(
+    counts: Sequence[tuple[int, int]],
+    k: int,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean pass@k, resampling tasks with replacement."""
+    per_task = np.array([pass_at_k(n, c, k) for n, c in counts])
+    if len(per_task) == 0:
+        raise ValueError("a bootstrap interval over an empty task list is undefined")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(per_task), size=(resamples, len(per_task)))
+    means = per_task[idx].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def summarize(counts: Sequence[tuple[int, int]], ks: Sequence[int] | None = None, seed: int = 0) -> dict:
+    """`{"pass_at_k": {k: mean}, "ci95": {k: [lo, hi]}}` with string keys, ready for JSON."""
+    curve = pass_at_k_curve(counts, ks)
+    return {
+        "pass_at_k": {str(k): v for k, v in curve.items()},
+        "ci95": {str(k): list(bootstrap_ci(counts, k, seed=seed)) for k in curve},
+    }

@@ -1,0 +1,83 @@
+"""The words around the agent: ReAct system prompt, turn formatting, reflection, experience; parsers.
+
+Every method (evaluation, LEAFE, GRPO, Early Experience, ACE, the embedded model's pretraining)
+uses these same strings, so a policy is always trained and tested on the prompts it will see.
+Parsers accept reasonable variants (case, markdown, extra words) because small and large models
+both drift from an exact format; what cannot be parsed is reported, never guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+SYSTEM_PROMPT = (
+    "You are an agent solving a task in an environment, one action per turn. After each action you "
+    "see what happened. Reply with a short thought, then a last line 'Action: <action>'."
+)
+
+
+def first_message(instruction: str, observation: str) -> str:
+    """The first user turn: the task instruction q and the observation o_0."""
+    return f"{instruction}\n\n{observation_message(0, observation)}"
+
+
+def observation_message(step: int, observation: str) -> str:
+    """Observation o_t, labelled with its step so reflections can name the step to redo."""
+    return f"Step {step}.\n{observation}"
+
+
+_ACTION_LINE = re.compile(r"^\W*action\W*:\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def parse_action(reply: str) -> str:
+    """The action in a reply: the text of its last 'Action:' line, else its last non-empty line.
+
+    The env decides whether that text is a valid action, so a reply without the expected format
+    becomes an ordinary step whose feedback says the action was invalid.
+    """
+    matches = _ACTION_LINE.findall(reply)
+    if matches:
+        return matches[-1].strip(" *`\"'")
+    lines = [line.strip() for line in reply.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def format_reply(thought: str, action: str) -> str:
+    """The reply format the system prompt asks for (used for synthetic and expert turns)."""
+    return f"Thought: {thought}\nAction: {action}"
+
+
+# -- reflection and experience (LEAFE stage 1) ----------------------------------------------------
+
+REFLECTION_PROMPT = (
+    "Reflect on this attempt. Find the step where it first went wrong, and say what to do there instead. "
+    "Answer in two lines:\nStep: <the number of the step to redo>\nExperience: <what went wrong and what to do instead>"
+)
+
+
+def experience_message(experience: str) -> str:
+    """The experience e, placed as a message right after h_tau when a branch is sampled."""
+    return f"Experience from an earlier attempt at this step: {experience}"
+
+
+@dataclass(frozen=True)
+class Reflection:
+    step: int
+    experience: str
+
+
+_STEP = re.compile(r"\bstep\b\W{0,3}(?:number\W{0,3})?(\d+)", re.IGNORECASE)
+_EXPERIENCE = re.compile(r"\b(?:experience|lesson)\b[\s*_`]*[:\-]\s*(.+)", re.IGNORECASE | re.DOTALL)
+
+
+def parse_reflection(reply: str) -> Reflection | None:
+    """(step, experience) from a reflection reply, or None when either part is missing."""
+    step = _STEP.search(reply)
+    experience = _EXPERIENCE.search(reply)
+    if step is None or experience is None:
+        return None
+    text = " ".join(experience.group(1).split()).strip(" *`\"'")
+    if not text:
+        return None
+    return Reflection(int(step.group(1)), text)

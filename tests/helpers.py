@@ -1,0 +1,83 @@
+"""Test helpers: build a tiny model on disk; a backend that replies from a script."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from leafe.backends.base import Backend, BackendStats, Completion, SamplingParams
+from leafe.chat import ChatFormat
+
+
+def env_texts() -> list[str]:
+    """Text the agent sees on Sokoban, to train a test tokenizer on."""
+    from leafe.envs import make
+    from leafe.prompts import REFLECTION_PROMPT, SYSTEM_PROMPT, experience_message, format_reply
+
+    env = make("sokoban")
+    texts = [SYSTEM_PROMPT, env.instruction, REFLECTION_PROMPT, experience_message("push the box left first")]
+    for task in env.make_tasks(30, 0):
+        texts.append(env.reset(task))
+        for action in ("up", "down", "left", "right", "jump"):
+            result = env.step(action)
+            texts.append(result.observation)
+            texts.append(format_reply("the box is right of me", action))
+            if result.done:
+                break
+    return texts
+
+
+def make_tiny_model(out: Path, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from leafe.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(env_texts(), vocab_size=512)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+class ScriptedBackend(Backend):
+    """Replies chosen by a function of the decoded prompt; for tests about control flow, not models.
+
+    The reply text is encoded and ended with the template's end-of-turn token, as a model would.
+    """
+
+    def __init__(self, tokenizer, policy: Callable[[str, int], str], max_context: int = 100_000):
+        self.tokenizer = tokenizer
+        self.fmt = ChatFormat(tokenizer)
+        self.policy = policy
+        self.max_context = max_context
+        self.stats = BackendStats()
+        self.batches: list[int] = []
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Completion]]:
+        self.stats.calls += 1
+        self.batches.append(len(prompts))
+        out = []
+        for prompt in prompts:
+            text = self.tokenizer.decode(list(prompt), skip_special_tokens=False)
+            row = []
+            for i in range(sampling.n):
+                reply = self.policy(text, i)
+                ids = self.fmt.encode(reply) + [self.fmt.end_of_turn_id]
+                row.append(Completion(ids, reply, "stop", [0.0] * len(ids) if sampling.logprobs else None))
+                self.stats.generated_tokens += len(ids)
+            out.append(row)
+        return out

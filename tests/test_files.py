@@ -1,0 +1,24 @@
+"""Crash-safe files."""
+
+import json
+
+from leafe.files import append_jsonl, read_jsonl, write_json
+
+
+def test_torn_last_line_is_dropped_and_appends_continue_cleanly(tmp_path):
+    path = tmp_path / "x.jsonl"
+    append_jsonl(path, {"a": 1})
+    append_jsonl(path, {"a": 2})
+    with open(path, "a") as f:
+        f.write('{"a": 3, "b"')  # the writer died mid-line
+    assert list(read_jsonl(path)) == [{"a": 1}, {"a": 2}]
+    append_jsonl(path, {"a": 4})
+    assert list(read_jsonl(path)) == [{"a": 1}, {"a": 2}, {"a": 4}]
+
+
+def test_write_json_replaces_atomically(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    write_json(path, {"v": 1})
+    write_json(path, {"v": 2})
+    assert json.loads(path.read_text()) == {"v": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temp files left behind
