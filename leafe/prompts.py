@@ -19,12 +19,17 @@ SYSTEM_PROMPT = (
 
 def first_message(instruction: str, observation: str) -> str:
     """The first user turn: the task instruction q and the observation o_0."""
-    return f"{instruction}\n\n{observation_message(0, observation)}"
+    return f"{instruction}\n\nStart:\n{observation}"
 
 
-def observation_message(step: int, observation: str) -> str:
-    """Observation o_t, labelled with its step so reflections can name the step to redo."""
-    return f"Step {step}.\n{observation}"
+def observation_message(step: int, action: str, observation: str) -> str:
+    """What followed action `step`: the action echoed with its step number, then the observation.
+
+    Numbering each result by the action that caused it lets a reflection name the step to redo by
+    pointing at the feedback that shows the damage ("Step 3: left" ... "stuck").
+    """
+    shown = " ".join(action.split())[:40] or "(no action)"
+    return f"Step {step}: {shown}\n{observation}"
 
 
 _ACTION_LINE = re.compile(r"^\W*action\W*:\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
@@ -63,11 +68,12 @@ def experience_message(experience: str) -> str:
 
 @dataclass(frozen=True)
 class Reflection:
-    step: int
+    #: The step to redo; None when the reply says nothing has gone wrong yet ("Step: none").
+    step: int | None
     experience: str
 
 
-_STEP = re.compile(r"\bstep\b\W{0,3}(?:number\W{0,3})?(\d+)", re.IGNORECASE)
+_STEP = re.compile(r"\bstep\b\W{0,3}(?:number\W{0,3})?(\d+|none)\b", re.IGNORECASE)
 _EXPERIENCE = re.compile(r"\b(?:experience|lesson)\b[\s*_`]*[:\-]\s*(.+)", re.IGNORECASE | re.DOTALL)
 
 
@@ -80,4 +86,5 @@ def parse_reflection(reply: str) -> Reflection | None:
     text = " ".join(experience.group(1).split()).strip(" *`\"'")
     if not text:
         return None
-    return Reflection(int(step.group(1)), text)
+    value = step.group(1).lower()
+    return Reflection(None if value == "none" else int(value), text)

@@ -1,13 +1,14 @@
 """The rollout engine: many episodes at once through one backend, one batched generate per turn.
 
-Evaluation, exploration, GRPO sampling and Early Experience all run episodes through this module, so
-they share prompts, step limits, token accounting and budgets. Episodes are scheduled at turn
-granularity: each `step` gives every live episode one turn in a single `generate` call, finished
-episodes leave the batch and waiting ones take their place, so the batch stays full.
+Two layers. `Recorder` is the single place where prompts, env steps and token ids meet: it opens an
+episode, applies a reply (sampled or scripted) to the env and the history, builds the reflection
+prompt, and branches an episode from an earlier step with an experience (rolling the env back by
+snapshot or verified replay). `RolloutEngine` feeds a Recorder from a backend: each `step` gives
+every live episode one turn in a single `generate` call; finished episodes leave the batch and
+waiting ones take their place, so the batch stays full.
 
-A `Live` is an episode in progress (env + conversation + record). Exploration makes Lives that start
-from an earlier history (`start_from`), optionally with an experience appended; the backend
-recognises the shared prefix and does not recompute it.
+Evaluation, exploration, GRPO, Early Experience and the embedded model's synthetic pretraining data
+all go through here, so they share prompts, step limits and token accounting.
 """
 
 from __future__ import annotations
@@ -18,9 +19,16 @@ from typing import Any, Callable, Iterable, Iterator
 
 from leafe.backends.base import Backend, Completion, SamplingParams
 from leafe.chat import ChatFormat, Conversation
-from leafe.envs.base import Env, Task, observation_hash
+from leafe.envs.base import Env, Task, observation_hash, replay
 from leafe.episode import Episode, Step
-from leafe.prompts import SYSTEM_PROMPT, first_message, observation_message, parse_action
+from leafe.prompts import (
+    REFLECTION_PROMPT,
+    SYSTEM_PROMPT,
+    experience_message,
+    first_message,
+    observation_message,
+    parse_action,
+)
 
 
 @dataclass
@@ -31,7 +39,7 @@ class Live:
     env: Env
     conv: Conversation
     episode: Episode
-    #: Env snapshot at each history h_t (index t), kept when the engine is asked to (for rollback).
+    #: Env snapshot at each history h_t (index t), kept when asked (cheap rollback).
     snapshots: list[Any] | None
     started: float = field(default_factory=time.perf_counter)
     done: bool = False
@@ -42,12 +50,142 @@ class Counters:
     env_steps: int = 0
     generated_tokens: int = 0
     episodes: int = 0
+    replayed_steps: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"env_steps": self.env_steps, "generated_tokens": self.generated_tokens, "episodes": self.episodes}
+        return {
+            "env_steps": self.env_steps,
+            "generated_tokens": self.generated_tokens,
+            "episodes": self.episodes,
+            "replayed_steps": self.replayed_steps,
+        }
+
+
+class Recorder:
+    """Turns replies into recorded episodes; knows nothing of how replies are produced."""
+
+    def __init__(self, fmt: ChatFormat, system: str = SYSTEM_PROMPT, keep_snapshots: bool = False):
+        self.fmt = fmt
+        self.system = system
+        self.keep_snapshots = keep_snapshots
+        self.counters = Counters()
+
+    def start(self, env: Env, task: Task, meta: dict[str, Any] | None = None) -> Live:
+        """Reset `env` to `task` and open the conversation: system prompt, instruction, o_0."""
+        observation = env.reset(task)
+        messages = [
+            {"role": "system", "content": self.system},
+            {"role": "user", "content": first_message(env.instruction, observation)},
+        ]
+        episode = Episode(
+            task_id=task.task_id,
+            env=env.name,
+            token_ids=[],
+            first_observation=observation,
+            first_observation_hash=observation_hash(observation),
+            meta=dict(meta or {}),
+        )
+        snapshots = [env.snapshot()] if self.keep_snapshots and env.supports_snapshot else None
+        return Live(task, env, Conversation.start(self.fmt, messages), episode, snapshots)
+
+    def apply(self, live: Live, completion: Completion) -> None:
+        """Append a reply to the history, act on it in the env, and record the step."""
+        t = len(live.episode.steps)
+        context_len = len(live.conv.ids)
+        start, end = live.conv.add_generation(completion.token_ids, completion.finish_reason == "stop")
+        action = parse_action(completion.text)
+        result = live.env.step(action)
+        self.counters.env_steps += 1
+        self.counters.generated_tokens += len(completion.token_ids)
+        live.episode.steps.append(
+            Step(
+                index=t,
+                context_len=context_len,
+                action_start=start,
+                action_end=end,
+                reply=completion.text,
+                action=action,
+                finish_reason=completion.finish_reason,
+                observation=result.observation,
+                observation_hash=observation_hash(result.observation),
+                reward=float(result.reward),
+                done=result.done,
+                success=result.success,
+                info=result.info,
+                logprobs=completion.logprobs,
+            )
+        )
+        if result.done:
+            live.done = True
+            live.episode.success = result.success
+            live.episode.finish = "success" if result.success else "done"
+            return
+        live.conv.add_message("user", observation_message(t, action, result.observation))
+        if live.snapshots is not None:
+            live.snapshots.append(live.env.snapshot())
+
+    def scripted(self, text: str) -> Completion:
+        """A completion for a reply we wrote ourselves, ended as a model ends its turn."""
+        ids = self.fmt.encode(text)
+        if self.fmt.end_of_turn_id is not None:
+            ids.append(self.fmt.end_of_turn_id)
+        return Completion(ids, text, "stop")
+
+    def finish(self, live: Live) -> Episode:
+        live.episode.token_ids = list(live.conv.ids)
+        live.episode.wall_s = time.perf_counter() - live.started
+        self.counters.episodes += 1
+        return live.episode
+
+    # -- LEAFE stage 1 building blocks ---------------------------------------------------------
+    def reflection_prompt(self, live: Live) -> Conversation:
+        """The history so far (with the last observation) followed by the reflection prompt."""
+        conv = live.conv.copy()
+        steps = live.episode.steps
+        if conv.last_role == "assistant":  # the episode ended: its last observation is not in yet
+            last = steps[-1]
+            conv.add_message("user", observation_message(last.index, last.action, last.observation))
+        conv.add_message("user", REFLECTION_PROMPT)
+        return conv
+
+    def branch(self, live: Live, tau: int, experience: str | None, env: Env, meta: dict[str, Any] | None = None) -> Live:
+        """A new episode that shares `live`'s first `tau` steps, then continues from h_tau.
+
+        `env` (a fresh instance of the same env) is put in the state of step tau, from the kept
+        snapshot when there is one, else by replaying the first tau actions (verified, and counted
+        in `replayed_steps`, not in the env-step budget). The experience message, when given, is
+        appended after h_tau so h_tau stays an exact shared prefix of the parent's token ids.
+        """
+        steps = live.episode.steps
+        if not 0 <= tau < len(steps):
+            raise ValueError(f"tau must be within [0, {len(steps)}) (got {tau})")
+        if live.snapshots is not None and tau < len(live.snapshots):
+            env.restore(live.snapshots[tau])
+        else:
+            replay(env, live.task, live.episode.actions[:tau], live.episode.observation_hashes[: tau + 1])
+            self.counters.replayed_steps += tau
+        conv = live.conv.prefix(steps[tau].context_len)
+        if experience is not None:
+            conv.add_message("user", experience_message(experience))
+        parent = live.episode
+        episode = Episode(
+            task_id=parent.task_id,
+            env=parent.env,
+            token_ids=[],
+            first_observation=parent.first_observation,
+            first_observation_hash=parent.first_observation_hash,
+            steps=[replace(s) for s in steps[:tau]],
+            meta=dict(meta or {}),
+        )
+        snapshots = None
+        if self.keep_snapshots and env.supports_snapshot:
+            snapshots = list(live.snapshots[: tau + 1]) if live.snapshots is not None else [env.snapshot()]
+        return Live(live.task, env, conv, episode, snapshots)
 
 
 class RolloutEngine:
+    """Runs Lives to the end through a backend, batching one turn of every live episode per call."""
+
     def __init__(
         self,
         backend: Backend,
@@ -64,7 +202,8 @@ class RolloutEngine:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
         self.backend = backend
-        self.fmt = ChatFormat(backend.tokenizer)
+        self.recorder = Recorder(ChatFormat(backend.tokenizer), system, keep_snapshots)
+        self.fmt = self.recorder.fmt
         self.sampling = SamplingParams(
             temperature=temperature,
             top_p=top_p,
@@ -74,32 +213,18 @@ class RolloutEngine:
         )
         self.max_batch = max_batch
         self.seed = seed
-        self.keep_snapshots = keep_snapshots
-        self.system = system
-        self.counters = Counters()
         self._calls = 0
 
-    # -- starting episodes ---------------------------------------------------------------------
-    def start(self, env: Env, task: Task, meta: dict[str, Any] | None = None) -> Live:
-        """Reset `env` to `task` and open the conversation: system prompt, instruction, o_0."""
-        observation = env.reset(task)
-        messages = [
-            {"role": "system", "content": self.system},
-            {"role": "user", "content": first_message(env.instruction, observation)},
-        ]
-        conv = Conversation.start(self.fmt, messages)
-        episode = Episode(
-            task_id=task.task_id,
-            env=env.name,
-            token_ids=[],
-            first_observation=observation,
-            first_observation_hash=observation_hash(observation),
-            meta=dict(meta or {}),
-        )
-        snapshots = [env.snapshot()] if self.keep_snapshots and env.supports_snapshot else None
-        return Live(task, env, conv, episode, snapshots)
+    @property
+    def counters(self) -> Counters:
+        return self.recorder.counters
 
-    # -- running -------------------------------------------------------------------------------
+    def start(self, env: Env, task: Task, meta: dict[str, Any] | None = None) -> Live:
+        return self.recorder.start(env, task, meta)
+
+    def finish(self, live: Live) -> Episode:
+        return self.recorder.finish(live)
+
     def run(self, lives: Iterable[Live], on_finish: Callable[[Episode], None] | None = None) -> list[Episode]:
         """Run every Live to the end, at most `max_batch` at a time; returns episodes as they ended."""
         finished: list[Episode] = []
@@ -137,51 +262,14 @@ class RolloutEngine:
             runnable.append(live)
         if not runnable:
             return
-        completions = self.backend.generate(prompts, replace(self.sampling, seed=self._next_seed()))
+        completions = self.generate(prompts)
         for live, (completion,) in zip(runnable, completions):
-            self.apply(live, completion)
+            self.recorder.apply(live, completion)
 
-    def apply(self, live: Live, completion: Completion) -> None:
-        """Append a sampled reply to the history, act on it in the env, and record the step."""
-        t = len(live.episode.steps)
-        context_len = len(live.conv.ids)
-        start, end = live.conv.add_generation(completion.token_ids, completion.finish_reason == "stop")
-        action = parse_action(completion.text)
-        result = live.env.step(action)
-        self.counters.env_steps += 1
-        self.counters.generated_tokens += len(completion.token_ids)
-        live.episode.steps.append(
-            Step(
-                index=t,
-                context_len=context_len,
-                action_start=start,
-                action_end=end,
-                reply=completion.text,
-                action=action,
-                finish_reason=completion.finish_reason,
-                observation=result.observation,
-                observation_hash=observation_hash(result.observation),
-                reward=float(result.reward),
-                done=result.done,
-                success=result.success,
-                info=result.info,
-                logprobs=completion.logprobs,
-            )
-        )
-        if result.done:
-            live.done = True
-            live.episode.success = result.success
-            live.episode.finish = "success" if result.success else "done"
-            return
-        live.conv.add_message("user", observation_message(t + 1, result.observation))
-        if live.snapshots is not None:
-            live.snapshots.append(live.env.snapshot())
-
-    def finish(self, live: Live) -> Episode:
-        live.episode.token_ids = list(live.conv.ids)
-        live.episode.wall_s = time.perf_counter() - live.started
-        self.counters.episodes += 1
-        return live.episode
+    def generate(self, prompts: list[list[int]], n: int = 1, **overrides: Any) -> list[list[Completion]]:
+        """One backend call with the engine's sampling settings and the next seed."""
+        sampling = replace(self.sampling, n=n, seed=self._next_seed(), **overrides)
+        return self.backend.generate(prompts, sampling)
 
     def _next_seed(self) -> int:
         self._calls += 1

@@ -30,6 +30,7 @@ def test_parse_action(reply, action):
         ("The mistake was at step 0.\nLesson - never push the box against the wall",
          Reflection(0, "never push the box against the wall")),
         ("Step: 4\nExperience:\n  multi\n  line  ", Reflection(4, "multi line")),
+        ("Step: none\nExperience: Nothing is lost yet.", Reflection(None, "Nothing is lost yet.")),
     ],
 )
 def test_parse_reflection_accepts_variants(reply, expected):

@@ -9,12 +9,14 @@ from leafe.rollout import RolloutEngine
 
 def solver_policy(env_tasks):
     """Replies with the optimal next move, read off the level in the prompt's last observation."""
-    from leafe.envs.sokoban import parse_xsb, render, solve_state
+    from leafe.envs.sokoban import parse_xsb, solve_state
 
     def policy(prompt_text: str, i: int) -> str:
-        grid = prompt_text.rsplit("Step ", 1)[1].split("\n")[2:]
+        last = prompt_text.rsplit("<|im_start|>user\n", 1)[1]
+        lines = last.split("\n")
+        start = next(k for k, line in enumerate(lines) if line.startswith("#"))
         rows = []
-        for line in grid:
+        for line in lines[start:]:
             if not line.startswith("#"):
                 break
             rows.append(line.replace("_", " "))
@@ -52,9 +54,9 @@ def test_failing_episodes_run_to_the_step_limit_and_record_everything(tiny_token
     assert all(s.action == "dance" and s.info["invalid"] for s in episode.steps)
     assert episode.observation_hashes[1] == observation_hash(episode.steps[0].observation)
     assert [s.index for s in episode.steps] == [0, 1, 2, 3]
-    # The observation after step t is shown to the agent labelled "Step t+1".
+    # The result of action t is shown to the agent labelled with t and the action it took.
     text = tiny_tokenizer.decode(episode.token_ids)
-    assert "Step 3.\nInvalid action" in text
+    assert "Step 2: dance\nInvalid action" in text
 
 
 def test_episodes_that_outgrow_the_context_end_cleanly(tiny_tokenizer):

@@ -166,7 +166,7 @@ def dead_squares(room: Room) -> frozenset[int]:
     return frozenset(room.inside - live)
 
 
-def _move(room: Room, state: State, action: str) -> tuple[State, str]:
+def move(room: Room, state: State, action: str) -> tuple[State, str]:
     """Apply one move. Returns the new state and what happened: moved/pushed/wall/blocked-*."""
     d = room.offset(action)
     target = state.player + d
@@ -198,7 +198,7 @@ def solve_state(room: Room, state: State, max_states: int = 1_000_000) -> list[s
     while queue:
         current = queue.popleft()
         for action in ACTIONS:
-            nxt, what = _move(room, current, action)
+            nxt, what = move(room, current, action)
             if nxt is current or nxt in parents:
                 continue
             if what == "pushed" and (nxt.boxes & dead):
@@ -248,6 +248,8 @@ def generate(
         raise EnvError(f"Sokoban needs at least one box (got boxes={boxes})")
     if (height - 2) * (width - 2) < boxes + 3:
         raise EnvError(f"a {height}x{width} room is too small for {boxes} boxes; use a larger dim")
+    if min_moves < 1:
+        raise EnvError(f"Sokoban min_moves must be >= 1: a level must not start solved (got {min_moves})")
     if max_moves is not None and max_moves < min_moves:
         raise EnvError(f"Sokoban max_moves must be >= min_moves (got {max_moves} < {min_moves})")
     rng = random.Random(f"leafe-sokoban:{seed}:{height}x{width}:{boxes}")
@@ -258,7 +260,9 @@ def generate(
             continue
         room = Room(height, width, frozenset(range(height * width)) - floor, frozenset(), frozenset(floor))
         room = Room(height, width, room.walls, frozenset(rng.sample(sorted(floor), boxes)), room.inside)
-        by_distance = _reverse_play(room, limit=200_000)
+        by_distance: dict[int, list[State]] = {}
+        for state, d in _reverse_play(room, limit=200_000).items():
+            by_distance.setdefault(d, []).append(state)
         lengths = [d for d in sorted(by_distance) if d >= min_moves and (max_moves is None or d <= max_moves)]
         if not lengths:
             continue
@@ -291,8 +295,8 @@ def _carve(rng: random.Random, height: int, width: int) -> frozenset[int]:
     return frozenset(floor)
 
 
-def _reverse_play(room: Room, limit: int) -> dict[int, list[State]]:
-    """Every state that can be pushed to the solved room, grouped by its optimal move count.
+def _reverse_play(room: Room, limit: int) -> dict[State, int]:
+    """Every state that can be pushed to the solved room, with its optimal number of moves.
 
     Breadth-first over reverse moves from all solved states (boxes on the goals, player anywhere):
     the player steps back and may pull the box in front of it along. A pull is the exact inverse of
@@ -302,7 +306,6 @@ def _reverse_play(room: Room, limit: int) -> dict[int, list[State]]:
     solved = [State(p, room.goals) for p in sorted(room.inside - room.goals)]
     depth = {s: 0 for s in solved}
     queue = deque(solved)
-    by_distance: dict[int, list[State]] = {}
     while queue and len(depth) < limit:
         state = queue.popleft()
         for action in ACTIONS:
@@ -316,9 +319,19 @@ def _reverse_play(room: Room, limit: int) -> dict[int, list[State]]:
             for prev in successors:
                 if prev not in depth:
                     depth[prev] = depth[state] + 1
-                    by_distance.setdefault(depth[prev], []).append(prev)
                     queue.append(prev)
-    return by_distance
+    return depth
+
+
+def distance_table(room: Room, limit: int = 2_000_000) -> dict[State, int]:
+    """Optimal moves-to-solve of every solvable state of a room; states not in it are dead ends.
+
+    Exact for the small rooms the benchmark uses; raises SolverLimit past `limit` states.
+    """
+    table = _reverse_play(room, limit)
+    if len(table) >= limit:
+        raise SolverLimit(f"the distance table of this room exceeds {limit} states")
+    return table
 
 
 def read_collection(path: str) -> list[str]:
@@ -436,7 +449,7 @@ class SokobanEnv(Env):
             shown = action.strip().splitlines()[0][:40] if action.strip() else ""
             feedback = f"Invalid action {shown!r}: answer with one of up, down, left, right. Nothing moved."
         else:
-            new_state, what = _move(room, state, direction)
+            new_state, what = move(room, state, direction)
             self._state = new_state
             feedback = self._describe(direction, what, state, new_state, info)
         success = self._state.boxes <= room.goals

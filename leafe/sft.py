@@ -1,0 +1,234 @@
+"""Supervised training on pre-tokenized rows, through TRL's SFTTrainer. One SFT path for leafe.
+
+A row is exact token ids with labels (-100 where no loss: prompts, observations, experiences) and a
+weight. The loss is the weighted token NLL, sum_rows w_r * sum_t nll_rt / (number of loss tokens),
+so a set of rows with weight beta contributes beta times its share: L = L_cf + beta * L_reh when the
+counterfactual rows have weight 1 and the rehearsal rows weight beta. SFTTrainer's own loss has no
+per-row weight, so `compute_loss` is ours; batching, optimisation, schedules, checkpointing and
+(optional) LoRA are TRL/transformers/peft.
+
+Used by bootstrap (pretraining the embedded agent), distillation and the Early Experience baseline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from leafe.errors import LeafeError
+
+
+@dataclass
+class Row:
+    input_ids: list[int]
+    labels: list[int]  # -100 where the token carries no loss
+    weight: float = 1.0
+    kind: str = ""  # which data set the row came from (for accounting only)
+
+    @property
+    def loss_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != -100)
+
+
+def row_from_mask(input_ids: Sequence[int], mask: Sequence[int], weight: float = 1.0, kind: str = "") -> Row:
+    """A row whose loss covers exactly the tokens where `mask` is 1."""
+    if len(input_ids) != len(mask):
+        raise ValueError(f"ids and mask differ in length ({len(input_ids)} vs {len(mask)})")
+    labels = [t if m else -100 for t, m in zip(input_ids, mask)]
+    return Row(list(input_ids), labels, weight, kind)
+
+
+@dataclass
+class SFTSettings:
+    learning_rate: float = 1e-5
+    epochs: float = 2.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    logging_steps: int = 10
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for r, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[r, :n] = torch.tensor(e["input_ids"])
+            labels[r, :n] = torch.tensor(e["labels"])
+            mask[r, :n] = 1
+        weights = torch.tensor([float(e["weight"]) for e in examples])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
+
+
+def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """sum over rows and loss tokens of weight * NLL(next token), divided by `normalizer`."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(shift_labels.shape)
+    return (nll * weights[:, None].to(nll.dtype)).sum() / max(float(normalizer), 1.0)
+
+
+def _trainer_class():
+    from trl import SFTTrainer
+
+    class WeightedSFTTrainer(SFTTrainer):
+        """SFTTrainer with per-row loss weights (see the module docstring)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            weights = inputs.pop("weights")
+            labels = inputs.pop("labels")
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            tokens = (labels[:, 1:] != -100).sum()
+            normalizer = num_items_in_batch if num_items_in_batch is not None else tokens
+            loss = weighted_nll(outputs.logits, labels, weights, float(normalizer))
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            mode = "train" if model.training else "eval"
+            with torch.no_grad():
+                hit = (outputs.logits[:, :-1].argmax(-1) == labels[:, 1:]) & (labels[:, 1:] != -100)
+                self._metrics[mode]["mean_token_accuracy"].append((hit.sum() / tokens.clamp(min=1)).item())
+            return (loss, outputs) if return_outputs else loss
+
+    return WeightedSFTTrainer
+
+
+def _progress_callback(on_log: Callable[[dict], None] | None, log: list[dict]):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                entry = {"step": state.global_step, "max_steps": state.max_steps, **logs}
+                log.append(entry)
+                if on_log is not None:
+                    on_log(entry)
+
+    return Progress()
+
+
+def train(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    out_dir: str | Path,
+    settings: SFTSettings,
+    on_log: Callable[[dict], None] | None = None,
+    save: bool = True,
+) -> dict[str, Any]:
+    """Train `model` (a transformers model, or a path to one) on `rows`; save a plain HF directory.
+
+    With `settings.lora`, LoRA adapters are trained and merged into the saved weights, so every
+    backend loads the result like any other checkpoint. Returns a summary with the loss log.
+    """
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    if not rows:
+        raise LeafeError("no training rows: nothing to train on (check the data sets are not empty)")
+    out = Path(out_dir)
+    if isinstance(model, (str, Path)):
+        model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    if settings.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=settings.lora_r,
+                lora_alpha=settings.lora_alpha,
+                lora_dropout=settings.lora_dropout,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
+    dataset = Dataset.from_dict(
+        {
+            "input_ids": [r.input_ids for r in rows],
+            "labels": [r.labels for r in rows],
+            "weight": [r.weight for r in rows],
+            "length": [len(r.input_ids) for r in rows],
+        }
+    )
+    use_cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    config = SFTConfig(
+        output_dir=str(out / "trainer"),
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        warmup_steps=settings.warmup_ratio,
+        lr_scheduler_type=settings.scheduler,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        logging_steps=settings.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length",
+        length_column_name="length",
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        bf16=use_cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not use_cuda,
+        dataloader_num_workers=0,
+        **settings.extra,
+    )
+    log: list[dict] = []
+    trainer = _trainer_class()(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=_Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        callbacks=[_progress_callback(on_log, log)],
+    )
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # progress goes through `on_log`, not raw dicts on stdout
+    started = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - started
+    trained = trainer.model
+    if settings.lora:
+        trained = trained.merge_and_unload()
+    if save:
+        trained.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    return {
+        "rows": len(rows),
+        "tokens": sum(len(r.input_ids) for r in rows),
+        "loss_tokens": sum(r.loss_tokens for r in rows),
+        "steps": result.global_step,
+        "train_loss": result.training_loss if not math.isnan(result.training_loss) else None,
+        "wall_s": round(wall, 2),
+        "log": log,
+        "model": trained,
+    }

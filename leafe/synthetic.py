@@ -1,0 +1,297 @@
+"""Synthetic Sokoban play: the pretraining data of the embedded base agent, and its oracle.
+
+LEAFE assumes a pretrained LLM that acts imperfectly, can reflect on a failure, and can use an
+experience put in its context. No hub model is reachable here, so `leafe bootstrap` teaches a small
+model exactly those three skills from generated play, through the same Recorder (prompts, chat
+template, token ids) that real rollouts use:
+
+1. demonstrations: an optimal expert that makes random mistakes (some irreversible), and plays on;
+2. reflections: a failed (or unfinished) history + the reflection prompt -> "Step: k / Experience:
+   ..." where k is the first irreversible mistake, found exactly with the distance table, and the
+   experience says what went wrong and what to do instead ("Step: none" when nothing is lost yet);
+3. experience-following: the history up to that step + the experience message -> the corrected
+   action, then play continues.
+
+The oracle half (`Expert`, `first_mistake`, `oracle_experience`) also serves the acceptance checks:
+how often the model's own reflection names the right step, and what an oracle experience is worth.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from leafe.envs.base import Task
+from leafe.envs.sokoban import ACTIONS, Room, SokobanEnv, State, distance_table, move, parse_xsb
+from leafe.prompts import experience_message, format_reply, observation_message
+
+KINDS = ("demo", "reflect", "experience")
+
+
+@dataclass
+class Expert:
+    """Exact knowledge of one level: optimal moves-to-solve of every state."""
+
+    room: Room
+    start: State
+    table: dict[State, int]
+    max_steps: int
+
+    @classmethod
+    def of(cls, task: Task, max_steps: int) -> "Expert":
+        room, start = parse_xsb(task.spec["xsb"])
+        return cls(room, start, distance_table(room), max_steps)
+
+    def optimal(self, state: State) -> list[str]:
+        """Actions that bring `state` one move closer to solved (empty if it is a dead end)."""
+        d = self.table.get(state)
+        if d is None or d == 0:
+            return []
+        return [a for a in ACTIONS if self.table.get(move(self.room, state, a)[0]) == d - 1]
+
+    def lost(self, state: State, steps_left: int) -> bool:
+        """True when `state` cannot be solved in the moves left."""
+        d = self.table.get(state)
+        return d is None or d > steps_left
+
+    def states(self, actions: list[str]) -> list[State]:
+        """States s_0..s_T visited by playing `actions` (directions; anything else leaves the state)."""
+        out = [self.start]
+        for a in actions:
+            out.append(move(self.room, out[-1], a)[0] if a in ACTIONS else out[-1])
+        return out
+
+
+def first_mistake(expert: Expert, actions: list[str]) -> int | None:
+    """The first step t after which the level can no longer be solved in the moves left, or None.
+
+    With a step limit, "irreversible" includes wasting moves: the state after a_t may be solvable
+    in principle but not within max_steps - t - 1 moves.
+    """
+    states = expert.states([_direction(a) for a in actions])
+    for t in range(len(actions)):
+        left = expert.max_steps - t
+        if not expert.lost(states[t], left) and expert.lost(states[t + 1], left - 1):
+            return t
+    return None
+
+
+def _direction(action: str) -> str:
+    from leafe.envs.sokoban import parse_direction
+
+    return parse_direction(action) or ""
+
+
+def oracle_experience(expert: Expert, actions: list[str], step: int) -> str:
+    """What went wrong at `step` of an attempt and what to do there instead, in plain words."""
+    states = expert.states([_direction(a) for a in actions])
+    return describe_mistake(expert, states[step], step, _direction(actions[step]))
+
+
+def describe_mistake(expert: Expert, state: State, step: int, wrong: str) -> str:
+    """The experience for having played `wrong` (a direction, or "" for an invalid action) at
+    `step` from `state`: the damage done, then the expert's move there."""
+    fixes = expert.optimal(state)
+    fix = f"Move {fixes[0]} instead." if fixes else "Go back and approach the box from the other side."
+    if not wrong:
+        return f"At step {step}, the action was invalid and wasted a move. {fix}"
+    after, what = move(expert.room, state, wrong)
+    if what == "pushed" and after not in expert.table:
+        return f"At step {step}, pushing the box {wrong} got it stuck for good. {fix}"
+    return f"At step {step}, moving {wrong} wasted moves and left too few to finish. {fix}"
+
+
+def reflection_reply(step: int | None, experience: str) -> str:
+    return f"Step: {'none' if step is None else step}\nExperience: {experience}"
+
+
+NO_MISTAKE = "Nothing is lost yet; keep going."
+
+
+def thought(expert: Expert, state: State, action: str) -> str:
+    """A short thought naming what the action does (the same words whether it is wise or not)."""
+    _, what = move(expert.room, state, action)
+    return f"push the box {action}." if what == "pushed" else f"move {action}."
+
+
+@dataclass
+class Script:
+    """One synthetic example, as replies to play; materialized into token ids by `materialize`."""
+
+    task: Task
+    kind: str
+    replies: list[str]
+    reflect_after: int | None = None  # reflect once this many steps are played (None: no reflection)
+    reflection: str = ""
+    tau: int | None = None  # experience: branch at this step with `experience`
+    experience: str = ""
+    continuation: list[str] = field(default_factory=list)
+
+
+class NoisyExpert:
+    """The expert's move with probability 1 - mistake_rate, otherwise a random other direction."""
+
+    def __init__(self, expert: Expert, rng: random.Random, mistake_rate: float):
+        self.expert, self.rng, self.mistake_rate = expert, rng, mistake_rate
+
+    def play(self, state: State, steps_left: int) -> list[str]:
+        """Replies from `state` until solved or out of moves."""
+        replies = []
+        room = self.expert.room
+        for _ in range(steps_left):
+            if state.boxes <= room.goals:
+                break
+            best = self.expert.optimal(state)
+            if best and self.rng.random() >= self.mistake_rate:
+                action = self.rng.choice(best)
+            else:
+                action = self.rng.choice([a for a in ACTIONS if a not in best] or list(ACTIONS))
+            replies.append(format_reply(thought(self.expert, state, action), action))
+            state = move(room, state, action)[0]
+        return replies
+
+
+def make_script(task: Task, max_steps: int, rng: random.Random, mistake_rate: float, reflect_every: int) -> Script:
+    """One example of a kind drawn by `rng` (demo 1/2, reflect 1/4, experience 1/4).
+
+    Reflection and experience examples need failures, which a noisy expert rarely produces on easy
+    levels, so for those kinds the level is replayed (up to 30 times) until an attempt fails.
+    """
+    expert = Expert.of(task, max_steps)
+    kind = rng.choices(KINDS, weights=(0.5, 0.25, 0.25))[0]
+    play = NoisyExpert(expert, rng, mistake_rate)
+    replies = play.play(expert.start, max_steps)
+    if kind == "reflect" and rng.random() < 0.3:
+        return _reflect_midway(task, expert, replies, rng, reflect_every) or Script(task, "demo", replies)
+    if kind != "demo":
+        for _ in range(30):
+            actions = _actions(replies)
+            mistake = first_mistake(expert, actions)
+            if mistake is not None:
+                break
+            replies = play.play(expert.start, max_steps)
+        else:
+            return Script(task, "demo", replies)
+        experience = oracle_experience(expert, actions, mistake)
+        if kind == "reflect":
+            return Script(task, kind, replies, reflect_after=len(replies), reflection=reflection_reply(mistake, experience))
+        state = expert.states(actions)[mistake]
+        fixes = expert.optimal(state)
+        if fixes:
+            correct = rng.choice(fixes)
+            corrected = format_reply(thought(expert, state, correct), correct)
+            rest = play.play(move(expert.room, state, correct)[0], max_steps - mistake - 1)
+            return Script(task, kind, replies, tau=mistake, experience=experience, continuation=[corrected] + rest)
+    return Script(task, "demo", replies)
+
+
+def _actions(replies: list[str]) -> list[str]:
+    return [r.rsplit("Action: ", 1)[1] for r in replies]
+
+
+def _reflect_midway(task: Task, expert: Expert, replies: list[str], rng: random.Random, every: int) -> Script | None:
+    """A reflection after `every`, 2*`every`... steps of an unfinished episode."""
+    checkpoints = list(range(every, len(replies), every))
+    if not checkpoints:
+        return None
+    cut = rng.choice(checkpoints)
+    actions = _actions(replies)
+    # Once lost, a level stays lost (a move lowers the distance by at most one), so a mistake
+    # among the first `cut` actions means the state at `cut` is lost.
+    early = first_mistake(expert, actions[:cut])
+    if early is None:
+        text = reflection_reply(None, NO_MISTAKE)
+    else:
+        text = reflection_reply(early, oracle_experience(expert, actions, early))
+    return Script(task, "reflect", replies[:cut], reflect_after=cut, reflection=text)
+
+
+def materialize(script: Script, recorder, max_steps: int) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask of a script, built by the same Recorder that real rollouts use."""
+    env = SokobanEnv(max_steps=max_steps)
+    live = recorder.start(env, script.task)
+    for reply in script.replies:
+        recorder.apply(live, recorder.scripted(reply))
+    if script.kind == "reflect":
+        conv = recorder.reflection_prompt(live)
+        completion = recorder.scripted(script.reflection)
+        conv.add_generation(completion.token_ids, stopped=True)
+        return conv.ids, conv.mask
+    if script.kind == "experience":
+        # Roll back to h_tau, add the experience, and play the corrected action and what follows.
+        branch = recorder.branch(live, script.tau, script.experience, SokobanEnv(max_steps=max_steps))
+        for reply in script.continuation:
+            recorder.apply(branch, recorder.scripted(reply))
+            if branch.done:
+                break
+        return branch.conv.ids, branch.conv.mask
+    return live.conv.ids, live.conv.mask
+
+
+@dataclass
+class Fragment:
+    """A short example: one observation (and maybe an experience) -> the expert's reply.
+
+    Cheap to train on, so the base agent learns to read a board and to follow an experience
+    from many of them before it sees whole episodes.
+    """
+
+    messages: list[str]  # user messages, in order
+    reply: str
+
+
+def make_fragment(task: Task, max_steps: int, rng: random.Random, mistake_rate: float,
+                  experience_rate: float = 0.3) -> Fragment | None:
+    """A state reached by noisy play, shown as the env shows it; the target is an expert move."""
+    expert = Expert.of(task, max_steps)
+    env = SokobanEnv(max_steps=max_steps)
+    observation = env.reset(task)
+    message = f"Start:\n{observation}"
+    state, t = expert.start, 0
+    for reply in NoisyExpert(expert, rng, mistake_rate).play(expert.start, rng.randint(0, max_steps - 1)):
+        action = reply.rsplit("Action: ", 1)[1]
+        result = env.step(action)
+        state = move(expert.room, state, action)[0]
+        message = observation_message(t, action, result.observation)
+        t += 1
+        if result.done:
+            return None
+    fixes = expert.optimal(state)
+    if not fixes:
+        return None
+    messages = [message]
+    correct = rng.choice(fixes)
+    if rng.random() < experience_rate:
+        wrong = rng.choice([a for a in ACTIONS if a not in fixes] or list(ACTIONS))
+        text = describe_mistake(expert, state, t, wrong)
+        correct = text.rsplit("Move ", 1)[1].split(" ")[0] if "Move " in text else correct
+        messages.append(experience_message(text))
+    return Fragment(messages, format_reply(thought(expert, state, correct), correct))
+
+
+def fragment_ids(fragment: Fragment, fmt) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask of a fragment, through the same chat path as episodes."""
+    from leafe.chat import Conversation
+
+    conv = Conversation.start(fmt, [{"role": "user", "content": fragment.messages[0]}])
+    for message in fragment.messages[1:]:
+        conv.add_message("user", message)
+    ids = fmt.encode(fragment.reply)
+    if fmt.end_of_turn_id is not None:
+        ids.append(fmt.end_of_turn_id)
+    conv.add_generation(ids, stopped=True)
+    return conv.ids, conv.mask
+
+
+def texts_of(script: Script, max_steps: int) -> list[str]:
+    """Strings an agent sees or writes in this script, for training the tokenizer."""
+    env = SokobanEnv(max_steps=max_steps)
+    out = [env.reset(script.task), env.instruction]
+    for reply in script.replies:
+        result = env.step(reply.rsplit("Action: ", 1)[1])
+        out.extend([reply, result.observation])
+        if result.done:
+            break
+    out.extend(script.continuation)
+    out.extend([script.reflection, script.experience])
+    return [t for t in out if t]

@@ -1,0 +1,139 @@
+"""The embedded base agent: a small bootstrap builds a real model directory, deterministically,
+and the synthetic data's oracle names the right mistakes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from leafe.bootstrap import BootstrapConfig, build
+from leafe.envs import Task, make
+from leafe.synthetic import Expert, first_mistake, oracle_experience, reflection_reply
+
+TINY = BootstrapConfig(fragments=64, episodes=24, vocab_size=400, hidden_size=32, layers=1, heads=2,
+                       intermediate_size=64, fragment_batch=16, episode_batch=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_agent(tmp_path_factory):
+    out = tmp_path_factory.mktemp("agent") / "model"
+    return out, build(TINY, out)
+
+
+def test_bootstrap_writes_a_loadable_model_directory(tiny_agent):
+    from leafe.backends.hf import HFBackend
+    from leafe.chat import ChatFormat
+
+    out, summary = tiny_agent
+    backend = HFBackend(str(out), device="cpu")
+    fmt = ChatFormat(backend.tokenizer)
+    assert fmt.end_of_turn_id == backend.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert summary["data"]["episodes"] == 24 - summary["data"]["dropped_over_context"]
+    assert 0 < summary["data"]["fragments"] <= 64
+    assert set(summary["data"]["by_kind"]) <= {"fragment", "demo", "reflect", "experience"}
+    assert all(phase["steps"] >= 1 for phase in summary["training"].values())
+    assert json.loads((out / "bootstrap.json").read_text())["config_hash"] == TINY.digest()
+    assert backend.model.config.model_type == "llama"
+
+
+def test_tokenizer_round_trips_the_env_text(tiny_agent):
+    from transformers import AutoTokenizer
+
+    out, _ = tiny_agent
+    tok = AutoTokenizer.from_pretrained(out)
+    env = make("sokoban")
+    texts = [env.reset(t) for t in env.make_tasks(5, 123)] + [env.step("left").observation, "Step: 3\nExperience: x"]
+    for text in texts:
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    # Grid cells and digits are single tokens, so a small model reads a grid cell by cell.
+    assert tok.tokenize("#_@$.#") == ["#", "_", "@", "$", ".", "#"]
+    assert tok.tokenize("15") == ["1", "5"]
+
+
+def test_bootstrap_is_deterministic_for_a_seed(tiny_agent, tmp_path):
+    out, _ = tiny_agent
+    again = tmp_path / "again"
+    build(TINY, again)
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert (again / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
+
+
+def test_bootstrap_cli_builds_into_out(tmp_path):
+    out = tmp_path / "agent"
+    run = subprocess.run(
+        [sys.executable, "-m", "leafe", "bootstrap", "--out", str(out), "--fragments", "32", "--episodes", "8"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert (out / "config.json").exists() and (out / "bootstrap.json").exists()
+    assert "parameters" in run.stdout
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    refused = subprocess.run(
+        [sys.executable, "-m", "leafe", "bootstrap", "--out", str(tmp_path / "other"), "--fragments", "32"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert refused.returncode == 2 and "not a leafe model directory" in refused.stderr
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+OPEN_ROOM = "######\n#    #\n# $@ #\n#    #\n#.   #\n######"
+
+
+def expert(xsb: str, max_steps: int = 15) -> Expert:
+    return Expert.of(Task("t", "sokoban", {"xsb": xsb}), max_steps)
+
+
+def test_pushing_the_box_against_the_top_wall_is_the_first_irreversible_mistake():
+    # Walking round below the box is harmless; pushing it up into row 1 kills the level
+    # (the goal is in row 4 and a box in row 1 can never be pushed down again).
+    ex = expert(OPEN_ROOM)
+    actions = ["down", "left", "up", "left", "down"]
+    assert first_mistake(ex, actions) == 2
+    text = oracle_experience(ex, actions, 2)
+    assert text.startswith("At step 2, pushing the box up got it stuck for good.")
+    assert text.endswith(f"Move {ex.optimal(ex.states(actions)[2])[0]} instead.")
+
+
+def test_wasting_moves_is_irreversible_when_the_limit_is_tight():
+    corridor = "#######\n#@ $ .#\n#######"
+    assert first_mistake(expert(corridor, max_steps=3), ["left", "right", "right"]) == 0
+    assert "wasted moves" in oracle_experience(expert(corridor, max_steps=3), ["left", "right"], 0)
+    # With moves to spare, the same bump is no mistake at all.
+    assert first_mistake(expert(corridor, max_steps=6), ["left", "right", "right", "right"]) is None
+
+
+def test_optimal_play_has_no_mistake_and_invalid_actions_waste_a_move():
+    ex = expert(OPEN_ROOM)
+    assert first_mistake(ex, ["left", "up", "left", "down", "down"]) is None
+    tight = expert(OPEN_ROOM, max_steps=5)
+    assert first_mistake(tight, ["dance", "left", "up", "left", "down"]) == 0
+
+
+def test_fragments_show_the_env_observation_and_target_an_expert_move():
+    import random
+
+    from leafe.synthetic import make_fragment
+
+    task = make("sokoban").make_tasks(1, 77)[0]
+    rng = random.Random(0)
+    fragments = [f for f in (make_fragment(task, 15, rng, 0.25, experience_rate=0.5) for _ in range(40)) if f]
+    assert fragments
+    ex = expert(task.spec["xsb"])
+    for f in fragments:
+        assert f.messages[0].startswith(("Start:\n", "Step "))
+        action = f.reply.rsplit("Action: ", 1)[1]
+        if len(f.messages) == 2:  # with an experience, the reply does what the experience says
+            assert f.messages[1].startswith("Experience from an earlier attempt")
+            assert f.messages[1].rstrip().endswith(f"Move {action} instead.")
+    starts = [f for f in fragments if f.messages[0].startswith("Start:")]
+    for f in starts:
+        assert f.reply.rsplit("Action: ", 1)[1] in ex.optimal(ex.start)
+
+
+def test_reflection_reply_is_what_the_parser_reads():
+    from leafe.prompts import parse_reflection
+
+    assert parse_reflection(reflection_reply(3, "At step 3, do x.")).step == 3
+    assert parse_reflection(reflection_reply(None, "Nothing is lost yet.")).step is None
