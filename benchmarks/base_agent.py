@@ -70,22 +70,23 @@ def main() -> None:
     lives = [_relive(recorder, tasks[e.task_id], e) for e in chosen]
     prompts = [recorder.reflection_prompt(live).prompt_ids() for live in lives]
     replies = [row[0].text for row in engine.generate(prompts)]
-    parsed = right = 0
+    parsed = named = right = 0
     chance = 0.0
     for episode, reply in zip(chosen, replies):
         expert = Expert.of(tasks[episode.task_id], 15)
         truth = first_mistake(expert, episode.actions)
         chance += 1.0 / len(episode.steps)
         reflection = parse_reflection(reply)
-        if reflection is not None and reflection.step is not None:
+        if reflection is not None:
             parsed += 1
+            named += reflection.step is not None
             right += reflection.step == truth
     n = len(chosen)
     report["reflection"] = {
-        "episodes": n, "parsed": parsed / n, "step_is_first_mistake": right / n, "uniform_random_step": chance / n,
+        "episodes": n, "parsed": parsed / n, "named_a_step": named / n, "step_is_first_mistake": right / n, "uniform_random_step": chance / n,
         "examples": [{"reply": r} for r in replies[:5]],
     }
-    print(f"reflections: {n}, parsed {100 * parsed / n:.1f}%, right step {100 * right / n:.1f}% "
+    print(f"reflections: {n}, parsed {100 * parsed / n:.1f}% (a step named in {100 * named / n:.1f}%), right step {100 * right / n:.1f}% "
           f"(uniform random step {100 * chance / n:.1f}%)", flush=True)
 
     # 3. Experience use from the first irreversible mistake.

@@ -32,6 +32,8 @@ err_console = Console(stderr=True)
 
 #: Held-out evaluation levels of the demo (seeds disjoint from training and bootstrap ranges).
 DEMO_EVAL_SEED = 900_000
+#: Levels the demo explores (a training range).
+DEMO_EXPLORE_SEED = 5000
 
 
 def _print_version(value: bool) -> None:
@@ -187,6 +189,96 @@ def eval_cmd(
     )
 
 
+@app.command("explore")
+@_cli_errors
+def explore_cmd(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option(help="Output directory (trees.jsonl, summary.json); resumes a partial run.")],
+    strategy: Annotated[str, typer.Option(help="leafe (tree), refine (linear retries) or independent.")] = "leafe",
+    env: EnvOpt = "sokoban",
+    env_param: EnvParamOpt = [],
+    tasks: Annotated[int, typer.Option(help="Number of tasks (consecutive seeds).")] = 20,
+    task_seed: Annotated[int, typer.Option(help="Seed of the first task.")] = 5000,
+    budget: Annotated[int, typer.Option(help="Env steps the agent may take per task.")] = 60,
+    reflect_every: Annotated[int, typer.Option(help="leafe: reflect every K steps (and on failure).")] = 5,
+    max_depth: Annotated[int, typer.Option(help="leafe: deepest branch level.")] = 3,
+    max_branches: Annotated[int, typer.Option(help="leafe: branches per task.")] = 8,
+    branch_samples: Annotated[int, typer.Option(help="leafe: branches sampled per branching event.")] = 2,
+    snapshots: Annotated[bool, typer.Option(help="Roll back by env snapshot (--no-snapshots: replay).")] = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Token limit of one agent turn.")] = 64,
+    reflection_tokens: Annotated[int, typer.Option(help="Token limit of one reflection.")] = 96,
+    parallel_tasks: Annotated[int, typer.Option(help="Tasks explored at once (batched together).")] = 16,
+    seed: int = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    gguf_file: GgufOpt = None,
+) -> None:
+    """LEAFE stage 1: explore tasks at a fixed env-step budget (writes OUT/trees.jsonl, OUT/summary.json)."""
+    from leafe.envs import make
+    from leafe.explore import ExploreSettings, explore
+
+    settings = ExploreSettings(
+        strategy=strategy, env=env, env_params=parse_env_params(env_param), tasks=tasks, task_seed=task_seed,
+        budget=budget, reflect_every=reflect_every, max_depth=max_depth, max_branches=max_branches,
+        branch_samples=branch_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+        reflection_tokens=reflection_tokens, snapshots=snapshots, parallel_tasks=parallel_tasks, seed=seed,
+    )
+    settings.validate()
+    make(env, **settings.env_params)  # fail on a bad env before the model loads
+    backend = load_backend_for(model, device, dtype, trust_remote_code, gguf_file)
+    with progress_bar() as bar:
+        task = bar.add_task(f"explore ({strategy}, budget {budget})", total=tasks, status="")
+        solved = [0, 0]
+
+        def on_start(total: int, done: int) -> None:
+            bar.update(task, total=total, completed=done)
+
+        def on_task(record: dict) -> None:
+            solved[0] += record["success"]
+            solved[1] += 1
+            bar.update(task, advance=1, status=f"solved {solved[0]}/{solved[1]}")
+
+        summary = explore(backend, model, settings, out, on_task=on_task, on_start=on_start)
+    table = Table(title=f"{strategy} on {env}: {summary['tasks']} tasks, budget {budget} env steps each")
+    for key in ("success_rate", "ci95", "env_steps", "replayed_steps", "reflections", "reflections_parsed",
+                "branches", "branches_succeeded", "generated_tokens", "prompt_tokens", "prefill_tokens", "wall_s"):
+        value = summary[key]
+        if key == "success_rate":
+            value = f"{100 * value:.1f}%"
+        elif key == "ci95":
+            value = f"[{100 * value[0]:.1f}, {100 * value[1]:.1f}]"
+        table.add_row(key, str(value))
+    console.print(table)
+    console.print(f"-> {out / 'trees.jsonl'}, {out / 'summary.json'}")
+
+
+@app.command("show-tree")
+@_cli_errors
+def show_tree_cmd(
+    trees: Annotated[Path, typer.Argument(help="A trees.jsonl written by leafe explore.")],
+    task: Annotated[Optional[str], typer.Option("--task", help="Task id (default: the first tree).")] = None,
+    steps: Annotated[bool, typer.Option(help="Show every step's reply and observation.")] = True,
+) -> None:
+    """Print one exploration tree: branches, reflections, where each rolled back, how each ended."""
+    from leafe.show import render_tree
+
+    if not trees.exists():
+        raise LeafeError(f"{trees} does not exist; pass the trees.jsonl that leafe explore wrote")
+    from leafe.explore import read_trees
+
+    records = read_trees(trees)
+    if not records:
+        raise LeafeError(f"{trees} holds no finished tree yet")
+    chosen = next((r for r in records if task is None or r["task_id"] == task), None)
+    if chosen is None:
+        ids = ", ".join(r["task_id"] for r in records[:5])
+        raise LeafeError(f"no tree for task {task!r} in {trees}; it has {len(records)} trees, e.g. {ids}")
+    console.print(render_tree(chosen, steps=steps))
+
+
 @app.command("bootstrap")
 @_cli_errors
 def bootstrap_cmd(
@@ -248,10 +340,13 @@ def demo_cmd(
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
     tasks: Annotated[int, typer.Option(help="Held-out levels to evaluate on.")] = 50,
     samples: Annotated[int, typer.Option(help="Episodes per level.")] = 16,
+    explore_tasks: Annotated[int, typer.Option(help="Training levels to explore with LEAFE's tree.")] = 20,
 ) -> None:
-    """Build (once, cached) the embedded base agent and evaluate it on Sokoban by Pass@k."""
+    """The main job on the embedded default: build the base agent (once, cached), evaluate it by
+    Pass@k on held-out Sokoban levels, then explore training levels with LEAFE's stage 1."""
     from leafe.bootstrap import ensure_base_agent
     from leafe.evaluate import EvalSettings, evaluate
+    from leafe.explore import ExploreSettings, explore
 
     _quiet_transformers()
     with progress_bar() as bar:
@@ -270,6 +365,20 @@ def demo_cmd(
         backend, str(model), settings, out / "base", **hooks
     ))
     console.print(passk_table(f"base agent on sokoban: {tasks} held-out levels x {samples} samples, T=1.0", result))
+    if explore_tasks > 0:
+        exploring = ExploreSettings(strategy="leafe", tasks=explore_tasks, task_seed=DEMO_EXPLORE_SEED, budget=60)
+        with progress_bar() as bar:
+            task = bar.add_task("explore with reflection and rollback", total=explore_tasks, status="")
+            summary = explore(backend, str(model), exploring, out / "explore",
+                              on_task=lambda record: bar.update(task, advance=1),
+                              on_start=lambda total, done: bar.update(task, completed=done))
+        lo, hi = summary["ci95"]
+        console.print(
+            f"LEAFE stage 1 on {explore_tasks} levels, budget 60 env steps each: solved "
+            f"{100 * summary['success_rate']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}], {summary['branches']} branches "
+            f"({summary['branches_succeeded']} succeeded), {summary['reflections_parsed']}/{summary['reflections']} "
+            f"reflections parsed -> {out / 'explore' / 'trees.jsonl'} (leafe show-tree to read one)"
+        )
 
 
 def run_with_progress(description: str, job: Callable[[dict], Any]) -> Any:

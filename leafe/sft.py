@@ -48,7 +48,10 @@ class SFTSettings:
     learning_rate: float = 1e-5
     epochs: float = 2.0
     max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 8
+    batch_size: int = 8  # most rows in one batch
+    #: Most padded tokens (rows x longest row) in one batch; long rows then come in smaller batches.
+    #: Padding is what makes mixed lengths slow: SDPA on CPU builds a dense (B, H, L, L) mask.
+    max_batch_tokens: int | None = None
     grad_accum: int = 1
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"
@@ -60,24 +63,53 @@ class SFTSettings:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     logging_steps: int = 10
+    # TRL turns activation checkpointing on by default; it saves memory on large models at ~30% more
+    # compute, which small models on CPU do not need.
+    activation_checkpointing: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def make_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None, seed: int) -> list[list[int]]:
+    """Row indices grouped into batches of similar length (little padding), in a seeded random order.
+
+    A batch holds at most `batch_size` rows and, when `max_tokens` is set, at most `max_tokens`
+    padded tokens (a row longer than that is a batch on its own).
+    """
+    import random
+
+    rng = random.Random(seed)
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:  # ascending length: the row being added is the longest so far
+        if current and (len(current) >= batch_size or (max_tokens and (len(current) + 1) * lengths[i] > max_tokens)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
 class _Collator:
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    """Pads the rows of one prepared batch (the Trainer sees each batch as a single example)."""
+
+    def __init__(self, rows: Sequence[Row], pad_id: int):
+        self.rows, self.pad_id = rows, pad_id
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for r, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[r, :n] = torch.tensor(e["input_ids"])
-            labels[r, :n] = torch.tensor(e["labels"])
-            mask[r, :n] = 1
-        weights = torch.tensor([float(e["weight"]) for e in examples])
+        rows = [self.rows[i] for e in examples for i in e["members"]]
+        width = max(len(r.input_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r.input_ids)
+            ids[i, :n] = torch.tensor(r.input_ids)
+            labels[i, :n] = torch.tensor(r.labels)
+            mask[i, :n] = 1
+        weights = torch.tensor([float(r.weight) for r in rows])
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
 
 
@@ -165,21 +197,17 @@ def train(
                 task_type="CAUSAL_LM",
             ),
         )
-    dataset = Dataset.from_dict(
-        {
-            "input_ids": [r.input_ids for r in rows],
-            "labels": [r.labels for r in rows],
-            "weight": [r.weight for r in rows],
-            "length": [len(r.input_ids) for r in rows],
-        }
-    )
+    # Batches are made here, by length and token budget; the Trainer shuffles and steps through them.
+    batches = make_batches([len(r.input_ids) for r in rows], settings.batch_size, settings.max_batch_tokens,
+                           settings.seed)
+    dataset = Dataset.from_dict({"members": batches})
     use_cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
     config = SFTConfig(
         output_dir=str(out / "trainer"),
         learning_rate=settings.learning_rate,
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
+        per_device_train_batch_size=1,  # one prepared batch per step
         gradient_accumulation_steps=settings.grad_accum,
         warmup_steps=settings.warmup_ratio,
         lr_scheduler_type=settings.scheduler,
@@ -192,13 +220,12 @@ def train(
         report_to=[],
         disable_tqdm=True,
         remove_unused_columns=False,
-        train_sampling_strategy="group_by_length",
-        length_column_name="length",
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
         bf16=use_cuda and torch.cuda.is_bf16_supported(),
         use_cpu=not use_cuda,
         dataloader_num_workers=0,
+        activation_checkpointing=settings.activation_checkpointing,
         **settings.extra,
     )
     log: list[dict] = []
@@ -207,7 +234,7 @@ def train(
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        data_collator=_Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        data_collator=_Collator(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
         callbacks=[_progress_callback(on_log, log)],
     )
     from transformers import PrinterCallback

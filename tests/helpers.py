@@ -81,3 +81,28 @@ class ScriptedBackend(Backend):
                 self.stats.generated_tokens += len(ids)
             out.append(row)
         return out
+
+
+def last_board(prompt_text: str):
+    """(room, state) of the last grid shown in a decoded prompt."""
+    from leafe.envs.sokoban import parse_xsb
+
+    lines = prompt_text.split("\n")
+    end = max(k for k, line in enumerate(lines) if line.startswith("#"))
+    start = end
+    while start > 0 and lines[start - 1].startswith("#"):
+        start -= 1
+    return parse_xsb("\n".join(line.replace("_", " ") for line in lines[start : end + 1]))
+
+
+def solver_reply(prompt_text: str) -> str:
+    """The optimal next move for the last board in the prompt, as a reply."""
+    from leafe.envs.sokoban import solve_state
+
+    moves = solve_state(*last_board(prompt_text))
+    return f"Thought: follow the plan.\nAction: {moves[0] if moves else 'up'}"
+
+
+def solver_policy(tasks=None):
+    """A policy that replies with the optimal next move (for ScriptedBackend)."""
+    return lambda text, i: solver_reply(text)

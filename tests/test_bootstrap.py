@@ -12,7 +12,7 @@ from leafe.envs import Task, make
 from leafe.synthetic import Expert, first_mistake, oracle_experience, reflection_reply
 
 TINY = BootstrapConfig(fragments=64, episodes=24, vocab_size=400, hidden_size=32, layers=1, heads=2,
-                       intermediate_size=64, fragment_batch=16, episode_batch=8)
+                       intermediate_size=64, batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,21 @@ def test_reflection_reply_is_what_the_parser_reads():
 
     assert parse_reflection(reflection_reply(3, "At step 3, do x.")).step == 3
     assert parse_reflection(reflection_reply(None, "Nothing is lost yet.")).step is None
+
+
+def test_experience_examples_play_the_move_the_experience_names():
+    # Where several moves are optimal, the corrected reply must still be the one the experience
+    # names, or the model is taught to ignore what it reads.
+    import random
+
+    from leafe.synthetic import make_script
+
+    rng = random.Random(5)
+    scripts = [make_script(t, 15, rng, 0.4, 5) for t in make("sokoban").make_tasks(60, 4242)]
+    experience = [s for s in scripts if s.kind == "experience"]
+    assert len(experience) >= 5
+    for s in experience:
+        named = s.experience.rsplit("Move ", 1)[1].split(" ")[0]
+        first = s.continuation[0]
+        assert first.endswith(f"Action: {named}")
+        assert first.startswith(f"Thought: go {named}")

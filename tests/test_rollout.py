@@ -1,30 +1,10 @@
 """The rollout engine's control flow, with a scripted backend."""
 
-from helpers import ScriptedBackend
+from helpers import ScriptedBackend, solver_policy
 
 from leafe.envs import make, observation_hash
 from leafe.envs.sokoban import solve
 from leafe.rollout import RolloutEngine
-
-
-def solver_policy(env_tasks):
-    """Replies with the optimal next move, read off the level in the prompt's last observation."""
-    from leafe.envs.sokoban import parse_xsb, solve_state
-
-    def policy(prompt_text: str, i: int) -> str:
-        last = prompt_text.rsplit("<|im_start|>user\n", 1)[1]
-        lines = last.split("\n")
-        start = next(k for k, line in enumerate(lines) if line.startswith("#"))
-        rows = []
-        for line in lines[start:]:
-            if not line.startswith("#"):
-                break
-            rows.append(line.replace("_", " "))
-        room, state = parse_xsb("\n".join(rows))
-        moves = solve_state(room, state)
-        return f"Thought: follow the plan.\nAction: {moves[0] if moves else 'up'}"
-
-    return policy
 
 
 def test_a_solver_policy_solves_every_task_in_optimal_steps(tiny_tokenizer):

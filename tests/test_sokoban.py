@@ -196,3 +196,27 @@ def test_registry_rejects_unknown_envs_and_parameters():
         make("chess")
     with pytest.raises(EnvError, match="no parameter 'colour'"):
         make("sokoban", colour="red")
+
+
+def test_feedback_marks_the_one_step_that_loses_the_level():
+    import random
+
+    from leafe.synthetic import Expert, first_mistake
+
+    rng = random.Random(0)
+    marked = 0
+    for task in SokobanEnv().make_tasks(40, 3000):
+        env = SokobanEnv(max_steps=15)
+        env.reset(task)
+        actions, lost_at = [], []
+        for t in range(15):
+            actions.append(rng.choice(["up", "down", "left", "right", "wait"]))
+            result = env.step(actions[-1])
+            if "can no longer be solved" in result.observation.splitlines()[0] and result.info.get("lost"):
+                lost_at.append(t)
+            if result.done:
+                break
+        truth = first_mistake(Expert.of(task, 15), actions)
+        assert lost_at == ([] if truth is None or result.success else [truth])
+        marked += bool(lost_at)
+    assert marked >= 10  # random play loses most levels

@@ -29,6 +29,9 @@ _KNOWN = {WALL, GOAL, BOX, BOX_ON_GOAL, PLAYER, PLAYER_ON_GOAL} | _FLOOR_ALIASES
 # Bound on solver states when the env checks, after a push, whether the level is still solvable.
 # Small levels need a few hundred; past the bound the env reports "unknown" rather than stalling.
 _SOLVABILITY_CHECK_STATES = 50_000
+#: Rooms whose distance table would exceed this many states get no "cannot be solved in the moves
+#: left" feedback (the generated benchmark rooms have a few hundred).
+_DISTANCE_TABLE_STATES = 200_000
 
 
 @dataclass(frozen=True)
@@ -398,6 +401,8 @@ class SokobanEnv(Env):
         self._state: State | None = None
         self._steps = 0
         self._done = False
+        self._tables: dict[str, dict[State, int] | None] = {}  # distance tables by level, for feedback
+        self._table: dict[State, int] | None = None
 
     # -- tasks ---------------------------------------------------------------------------------
     def make_tasks(self, n: int, seed: int) -> list[Task]:
@@ -435,7 +440,23 @@ class SokobanEnv(Env):
             raise EnvError(f"Sokoban task {task.task_id!r} has no 'xsb' level in its spec")
         self._room, self._state = parse_xsb(task.spec["xsb"])
         self._steps, self._done = 0, False
+        self._table = self._distance_table(task.spec["xsb"])
         return self._observation("A new level.")
+
+    def _distance_table(self, xsb: str) -> dict[State, int] | None:
+        if xsb not in self._tables:  # replays reset often; a table is computed once per level
+            try:
+                self._tables[xsb] = distance_table(self._room, _DISTANCE_TABLE_STATES)
+            except SolverLimit:
+                self._tables[xsb] = None
+        return self._tables[xsb]
+
+    def _winnable(self, state: State, moves_left: int) -> bool | None:
+        """Whether `state` can still be solved in `moves_left` moves (None: room too big to know)."""
+        if self._table is None:
+            return None
+        d = self._table.get(state)
+        return d is not None and d <= moves_left
 
     def step(self, action: str) -> StepResult:
         room, state = self._require_started()
@@ -453,6 +474,13 @@ class SokobanEnv(Env):
             self._state = new_state
             feedback = self._describe(direction, what, state, new_state, info)
         success = self._state.boxes <= room.goals
+        # Say so at the one step that loses the level (a box stuck, or too many moves wasted): this
+        # is the feedback a reflection can point back to.
+        left = self.max_steps - self._steps
+        if not success and self._winnable(state, left + 1) and self._winnable(self._state, left) is False:
+            info["lost"] = True
+            if "can no longer be solved" not in feedback:
+                feedback += f" The level can no longer be solved in the {left} moves left."
         self._done = success or self._steps >= self.max_steps
         if success:
             feedback += " All boxes are on goals: solved!"
@@ -507,12 +535,12 @@ class SokobanEnv(Env):
         return self._steps
 
     # -- rollback ------------------------------------------------------------------------------
-    def snapshot(self) -> tuple[Room, State, int, bool]:
+    def snapshot(self) -> tuple:
         room, state = self._require_started()
-        return (room, state, self._steps, self._done)
+        return (room, state, self._steps, self._done, self._table)  # the table is shared, never copied
 
-    def restore(self, snapshot: tuple[Room, State, int, bool]) -> None:
-        self._room, self._state, self._steps, self._done = snapshot
+    def restore(self, snapshot: tuple) -> None:
+        self._room, self._state, self._steps, self._done, self._table = snapshot
 
     def _require_started(self) -> tuple[Room, State]:
         if self._room is None or self._state is None:

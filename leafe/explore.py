@@ -1,0 +1,389 @@
+"""LEAFE stage 1: explore tasks at a fixed env-step budget, with reflection and rollback.
+
+Three strategies, compared at the same budget: env steps actually taken by the agent per task
+(steps replayed to roll an env back are counted apart and never charged).
+- `independent`: fresh episodes until one succeeds or the budget is spent.
+- `refine`: after each failed episode the model reflects; the next episode starts over with every
+  experience so far in its context (linear retries, Reflexion-like).
+- `leafe`: every K steps and when an episode fails, the model reflects on its history. A reply that
+  names an earlier step tau and an experience e rolls the env back to tau and samples branches from
+  h_tau with e appended (the running episode, if any, is abandoned: it is known to be off track).
+  Branch requests are served breadth-first, within max depth, max branches per task and the budget;
+  when none is waiting, a fresh root episode spends what is left.
+
+Many tasks explore at once: each round gives one turn to every live episode of every task in one
+batched generate call, then runs every reflection due in one more. A task's tree is appended to
+`trees.jsonl` (fsynced) when the task finishes, so a rerun skips finished tasks, and a kill loses
+only unfinished ones, which the rerun explores again from scratch.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from leafe.backends.base import Backend
+from leafe.envs import make
+from leafe.envs.base import Task
+from leafe.episode import Episode
+from leafe.errors import LeafeError
+from leafe.files import append_jsonl, read_json, read_jsonl, write_json
+from leafe.passk import bootstrap_ci
+from leafe.prompts import experience_message, parse_reflection
+from leafe.rollout import Live, RolloutEngine
+
+STRATEGIES = ("leafe", "refine", "independent")
+
+
+@dataclass
+class ExploreSettings:
+    strategy: str = "leafe"
+    env: str = "sokoban"
+    env_params: dict[str, Any] = field(default_factory=dict)
+    tasks: int = 20
+    task_seed: int = 5000
+    budget: int = 60  # env steps per task
+    reflect_every: int = 5  # K
+    max_depth: int = 3
+    max_branches: int = 8  # per task
+    branch_samples: int = 2  # branches sampled per branching event, in one call
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    reflection_tokens: int = 96
+    snapshots: bool = True  # roll back by env snapshot; False replays the action prefix
+    parallel_tasks: int = 16
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise LeafeError(f"unknown --strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        for name in ("tasks", "budget", "reflect_every", "max_branches", "branch_samples", "parallel_tasks",
+                     "max_new_tokens", "reflection_tokens"):
+            if getattr(self, name) < 1:
+                raise LeafeError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.max_depth < 0:
+            raise LeafeError(f"--max-depth must be >= 0 (got {self.max_depth})")
+
+    def fingerprint(self, model: str) -> dict[str, Any]:
+        """What must match for an existing partial exploration to be resumed."""
+        data = asdict(self)
+        data.pop("parallel_tasks")  # how many tasks run at once changes no tree's meaning
+        data["model"] = model
+        return data
+
+
+@dataclass
+class Node:
+    """One episode of a task's tree: a root, or a branch re-sampled from step `tau` of `parent`."""
+
+    id: int
+    parent: int | None = None
+    depth: int = 0
+    tau: int | None = None
+    #: len of h_tau's ids: the branch's token_ids[:prefix_len] are the parent's, without the experience.
+    prefix_len: int | None = None
+    experience: str | None = None
+    #: The reflection reply that asked for this branch.
+    reflection: str | None = None
+    #: Experiences put in context at the start (refine).
+    context_experiences: list[str] = field(default_factory=list)
+    episode: Episode | None = None
+    #: success | failed | rolled_back (a reflection branched off it) | budget | stopped (the task
+    #: succeeded elsewhere) | context (no room for another turn)
+    outcome: str = ""
+    reflections: list[dict[str, Any]] = field(default_factory=list)
+    env_steps: int = 0
+    replayed_steps: int = 0
+    generated_tokens: int = 0
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["episode"] = self.episode.to_dict() if self.episode is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Node":
+        data = dict(data)
+        data["episode"] = Episode.from_dict(data["episode"]) if data.get("episode") else None
+        return cls(**data)
+
+
+@dataclass
+class _Request:
+    parent: Node
+    live: Live  # the parent's live episode: its history, snapshots and actions to roll back to
+    tau: int
+    experience: str
+    reflection: str
+
+
+class _Search:
+    """The exploration state of one task."""
+
+    def __init__(self, task: Task, settings: ExploreSettings):
+        self.task, self.settings = task, settings
+        self.nodes: list[Node] = []
+        self.queue: deque[_Request] = deque()
+        self.live: dict[int, Live] = {}  # node id -> its running episode, in BFS (id) order
+        self.budget_left = settings.budget
+        self.success = False
+        self.experiences: list[str] = []  # refine: everything learnt so far
+        self.started = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return not self.live and (self.success or self.budget_left <= 0)
+
+    def branches(self) -> int:
+        return sum(1 for n in self.nodes if n.parent is not None)
+
+    def can_branch(self, node: Node) -> bool:
+        s = self.settings
+        return (s.strategy == "leafe" and not self.success and self.budget_left > 0
+                and node.depth < s.max_depth and self.branches() + s.branch_samples * len(self.queue) < s.max_branches)
+
+    def record(self) -> dict[str, Any]:
+        branches = [n for n in self.nodes if n.parent is not None]
+        reflections = [r for n in self.nodes for r in n.reflections]
+        return {
+            "task_id": self.task.task_id,
+            "strategy": self.settings.strategy,
+            "success": self.success,
+            "budget": self.settings.budget,
+            "env_steps": sum(n.env_steps for n in self.nodes),
+            "replayed_steps": sum(n.replayed_steps for n in self.nodes),
+            "generated_tokens": sum(n.generated_tokens for n in self.nodes),
+            "reflections": len(reflections),
+            "reflections_parsed": sum(r["parsed"] for r in reflections),
+            "branches": len(branches),
+            "branches_succeeded": sum(n.outcome == "success" for n in branches),
+            "wall_s": round(time.perf_counter() - self.started, 3),
+            "nodes": [n.to_dict() for n in self.nodes],
+        }
+
+
+class Explorer:
+    """Runs the strategy of `settings` over many tasks at once through one RolloutEngine."""
+
+    def __init__(self, backend: Backend, settings: ExploreSettings):
+        settings.validate()
+        self.settings = settings
+        self.engine = RolloutEngine(
+            backend,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            max_new_tokens=settings.max_new_tokens,
+            max_batch=1 << 30,  # `run_tasks` bounds the batch through parallel_tasks
+            seed=settings.seed,
+            keep_snapshots=settings.snapshots,
+        )
+        self.recorder = self.engine.recorder
+
+    def _env(self):
+        return make(self.settings.env, **self.settings.env_params)
+
+    # -- spawning ------------------------------------------------------------------------------
+    def _spawn(self, search: _Search) -> None:
+        """Give an idle search its next episodes: queued branches first, else a fresh root."""
+        if search.queue:
+            request = search.queue.popleft()
+            samples = min(self.settings.branch_samples, self.settings.max_branches - search.branches())
+            for _ in range(max(samples, 0)):
+                before = self.recorder.counters.replayed_steps
+                live = self.recorder.branch(request.live, request.tau, request.experience, self._env())
+                node = Node(
+                    id=len(search.nodes), parent=request.parent.id, depth=request.parent.depth + 1,
+                    tau=request.tau, prefix_len=request.live.episode.steps[request.tau].context_len,
+                    experience=request.experience, reflection=request.reflection,
+                    replayed_steps=self.recorder.counters.replayed_steps - before,
+                )
+                self._open(search, node, live)
+            if search.live:
+                return
+        node = Node(id=len(search.nodes))
+        live = self.recorder.start(self._env(), search.task)
+        if self.settings.strategy == "refine":
+            node.context_experiences = list(search.experiences)
+            for text in search.experiences:
+                live.conv.add_message("user", experience_message(text))
+        self._open(search, node, live)
+
+    @staticmethod
+    def _open(search: _Search, node: Node, live: Live) -> None:
+        live.episode.meta.update({"node": node.id})
+        search.nodes.append(node)
+        search.live[node.id] = live
+
+    def _close(self, search: _Search, node_id: int, outcome: str) -> None:
+        live = search.live.pop(node_id)
+        node = search.nodes[node_id]
+        node.episode = self.recorder.finish(live)
+        node.outcome = outcome
+        node.wall_s = round(node.episode.wall_s, 3)
+
+    # -- one round -----------------------------------------------------------------------------
+    def round(self, searches: list[_Search]) -> None:
+        """One turn for every live episode of every search, then every reflection that is due."""
+        for search in searches:
+            if not search.live and not search.done:
+                self._spawn(search)
+        stepping: list[tuple[_Search, int, Live]] = []
+        for search in searches:
+            for i, node_id in enumerate(sorted(search.live)):
+                if i >= search.budget_left:  # no budget left for this episode's turn
+                    self._close(search, node_id, "budget")
+                else:
+                    stepping.append((search, node_id, search.live[node_id]))
+        before = {id(live): len(live.episode.steps) for _, _, live in stepping}
+        self.engine.step([live for _, _, live in stepping])
+
+        due: list[tuple[_Search, int, Live, str]] = []
+        for search, node_id, live in stepping:
+            node = search.nodes[node_id]
+            taken = len(live.episode.steps) - before[id(live)]
+            search.budget_left -= taken
+            node.env_steps += taken
+            if taken:
+                node.generated_tokens += live.episode.steps[-1].action_end - live.episode.steps[-1].action_start
+            if live.done:
+                if live.episode.success:
+                    search.success = True
+                    self._close(search, node_id, "success")
+                elif live.episode.finish == "context":
+                    self._close(search, node_id, "context")
+                elif search.budget_left > 0 and (self.settings.strategy == "refine" or search.can_branch(node)):
+                    due.append((search, node_id, live, "failure"))
+                else:
+                    self._close(search, node_id, "failed")
+            elif search.can_branch(node) and len(live.episode.steps) % self.settings.reflect_every == 0:
+                due.append((search, node_id, live, "interval"))
+        for search in searches:
+            if search.success:  # first success ends the task: stop its other episodes
+                for node_id in list(search.live):
+                    if not any(d[0] is search and d[1] == node_id for d in due):
+                        self._close(search, node_id, "stopped")
+            elif search.budget_left <= 0:
+                for node_id in list(search.live):
+                    if not any(d[0] is search and d[1] == node_id for d in due):
+                        self._close(search, node_id, "budget")
+        if due:
+            self._reflect(due)
+
+    def _reflect(self, due: list[tuple[_Search, int, Live, str]]) -> None:
+        prompts = [self.recorder.reflection_prompt(live).prompt_ids() for _, _, live, _ in due]
+        replies = self.engine.generate(prompts, max_new_tokens=self.settings.reflection_tokens)
+        for (search, node_id, live, why), (reply,) in zip(due, replies):
+            node = search.nodes[node_id]
+            node.generated_tokens += len(reply.token_ids)
+            t = len(live.episode.steps)
+            parsed = parse_reflection(reply.text)
+            entry = {"after_step": t, "why": why, "text": reply.text, "parsed": parsed is not None,
+                     "step": parsed.step if parsed else None, "experience": parsed.experience if parsed else None,
+                     "valid": False, "branched": False}
+            node.reflections.append(entry)
+            if self.settings.strategy == "refine":
+                if parsed is not None:
+                    search.experiences.append(parsed.experience)
+                    entry["valid"] = True
+                self._close(search, node_id, "failed")
+                continue
+            # leafe: a step in [0, t) and an experience make a branch, when the limits allow one.
+            entry["valid"] = parsed is not None and parsed.step is not None and 0 <= parsed.step < t
+            if entry["valid"] and search.can_branch(node) and not search.success:
+                search.queue.append(_Request(node, live, parsed.step, parsed.experience, reply.text))
+                entry["branched"] = True
+                self._close(search, node_id, "rolled_back" if why == "interval" else "failed")
+            elif why == "failure":
+                self._close(search, node_id, "failed")
+            elif search.success or search.budget_left <= 0:
+                self._close(search, node_id, "stopped" if search.success else "budget")
+
+
+def explore(
+    backend: Backend,
+    model_name: str,
+    settings: ExploreSettings,
+    out_dir: str | Path,
+    on_task: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Explore `settings.tasks` tasks into `out_dir/trees.jsonl`; write and return `summary.json`."""
+    settings.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = settings.fingerprint(model_name)
+    settings_path, trees_path = out / "settings.json", out / "trees.jsonl"
+    if settings_path.exists():
+        old = read_json(settings_path)
+        if old != fingerprint:
+            changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            raise LeafeError(f"{out} holds an exploration with different settings ({', '.join(changed)}); "
+                             f"use another --out directory or delete it to start over")
+    else:
+        write_json(settings_path, fingerprint)
+    done = {r["task_id"]: r for r in read_jsonl(trees_path)}
+    tasks = make(settings.env, **settings.env_params).make_tasks(settings.tasks, settings.task_seed)
+    todo = deque(t for t in tasks if t.task_id not in done)
+    if on_start is not None:
+        on_start(len(tasks), len(tasks) - len(todo))
+
+    explorer = Explorer(backend, settings)
+    session, started = uuid.uuid4().hex[:8], time.perf_counter()
+    prompt0, prefill0 = backend.stats.prompt_tokens, backend.stats.prefill_tokens
+    active: list[_Search] = []
+    while todo or active:
+        while todo and len(active) < settings.parallel_tasks:
+            active.append(_Search(todo.popleft(), settings))
+        explorer.round(active)
+        for search in [s for s in active if s.done]:
+            active.remove(search)
+            record = search.record()
+            # Session-cumulative work, so a summary over resumed runs adds up each session once.
+            record["session"] = {"id": session, "elapsed_s": round(time.perf_counter() - started, 3),
+                                 "prompt_tokens": backend.stats.prompt_tokens - prompt0,
+                                 "prefill_tokens": backend.stats.prefill_tokens - prefill0}
+            append_jsonl(trees_path, record)
+            done[record["task_id"]] = record
+            if on_task is not None:
+                on_task(record)
+    summary = summarize(settings, [done[t.task_id] for t in tasks])
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def summarize(settings: ExploreSettings, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json from the tree records of every task (of every session that wrote them)."""
+    sessions: dict[str, dict[str, Any]] = {}
+    for r in records:
+        s = r["session"]
+        if s["elapsed_s"] >= sessions.get(s["id"], {"elapsed_s": -1.0})["elapsed_s"]:
+            sessions[s["id"]] = s
+    successes = [(1, int(r["success"])) for r in records]
+    keys = ("env_steps", "replayed_steps", "generated_tokens", "reflections", "reflections_parsed", "branches",
+            "branches_succeeded")
+    return {
+        "strategy": settings.strategy,
+        "tasks": len(records),
+        "budget": settings.budget,
+        "success_rate": sum(c for _, c in successes) / len(records),
+        "ci95": list(bootstrap_ci(successes, 1)),
+        **{k: sum(r[k] for r in records) for k in keys},
+        "prompt_tokens": sum(s["prompt_tokens"] for s in sessions.values()),
+        "prefill_tokens": sum(s["prefill_tokens"] for s in sessions.values()),
+        "wall_s": round(sum(s["elapsed_s"] for s in sessions.values()), 3),
+    }
+
+
+def read_trees(path: str | Path) -> list[dict[str, Any]]:
+    """The tree records of a trees.jsonl, nodes as `Node`s."""
+    records = []
+    for record in read_jsonl(path):
+        record["nodes"] = [Node.from_dict(n) for n in record["nodes"]]
+        records.append(record)
+    return records

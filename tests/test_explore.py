@@ -1,0 +1,214 @@
+"""LEAFE stage 1: the control flow of the three strategies, with scripted policies; resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import ScriptedBackend, solver_reply
+
+from leafe.envs import make
+from leafe.envs.sokoban import SokobanEnv
+from leafe.errors import LeafeError
+from leafe.explore import ExploreSettings, explore, read_trees
+from leafe.prompts import REFLECTION_PROMPT
+
+EXPERIENCE_MARK = "Experience from an earlier attempt"
+
+
+def policy(reflection: str = "Step: 0\nExperience: stop dancing and push the box.", solve_with_experience=True):
+    """Dances (an invalid action) until an experience is in context, then plays the solver's moves;
+    asked to reflect, replies `reflection`."""
+
+    def reply(text: str, i: int) -> str:
+        on_track = solve_with_experience and EXPERIENCE_MARK in text
+        if REFLECTION_PROMPT in text.rsplit("<|im_start|>user", 1)[1]:
+            return "Step: none\nExperience: on track." if on_track else reflection
+        if on_track and EXPERIENCE_MARK in text:
+            return solver_reply(text)
+        return "Thought: let me dance.\nAction: dance"
+
+    return reply
+
+
+def run(tokenizer, tmp_path, reply, **settings):
+    backend = ScriptedBackend(tokenizer, reply)
+    settings = ExploreSettings(**{"tasks": 3, "task_seed": 40, **settings})
+    summary = explore(backend, "scripted", settings, tmp_path)
+    return summary, read_trees(tmp_path / "trees.jsonl"), backend
+
+
+def test_leafe_reflects_rolls_back_and_branches_with_the_experience(tiny_tokenizer, tmp_path):
+    summary, trees, _ = run(tiny_tokenizer, tmp_path, policy("Step: 2\nExperience: stop dancing."),
+                            budget=60, reflect_every=5, branch_samples=2)
+    assert summary["success_rate"] == 1.0
+    for tree in trees:
+        root, first, second = tree["nodes"][:3]
+        assert root.outcome == "rolled_back" and root.env_steps == 5  # abandoned at the first reflection
+        assert root.reflections[0] | {"text": None} == {
+            "after_step": 5, "why": "interval", "text": None, "parsed": True, "step": 2,
+            "experience": "stop dancing.", "valid": True, "branched": True}
+        for branch in (first, second):
+            assert (branch.parent, branch.depth, branch.tau, branch.experience) == (0, 1, 2, "stop dancing.")
+            assert branch.outcome == "success"
+            ids = branch.episode.token_ids
+            # h_tau is an exact prefix of the parent's ids; the experience message comes right after it.
+            assert ids[: branch.prefix_len] == root.episode.token_ids[: branch.prefix_len]
+            assert EXPERIENCE_MARK in tiny_tokenizer.decode(ids[branch.prefix_len : branch.episode.steps[2].action_start])
+            assert [s.action for s in branch.episode.steps[:2]] == ["dance", "dance"]
+            assert branch.env_steps == len(branch.episode.steps) - 2
+        assert tree["branches"] == 2 and tree["branches_succeeded"] == 2
+        assert tree["env_steps"] == 5 + 2 * first.env_steps
+        assert tree["replayed_steps"] == 0  # rolled back by snapshot
+        for branch in (first, second):  # on track, a branch's reflections say "Step: none": no rollback
+            assert all(r["step"] is None and not r["valid"] for r in branch.reflections)
+    reflections = sum(len(n.reflections) for tree in trees for n in tree["nodes"])
+    assert summary["reflections"] == summary["reflections_parsed"] == reflections >= 3
+
+
+def test_rollback_by_replay_restores_the_recorded_state_and_counts_it(tiny_tokenizer, tmp_path):
+    walk = ["left", "up", "right", "down"]
+
+    def reply(text, i):  # walks about (changing the state) until an experience is in context
+        if REFLECTION_PROMPT in text.rsplit("<|im_start|>user", 1)[1]:
+            return "Step: none\nExperience: fine." if EXPERIENCE_MARK in text else "Step: 3\nExperience: stop."
+        if EXPERIENCE_MARK in text:
+            return solver_reply(text)
+        return f"Action: {walk[(text.count('<|im_start|>assistant') - 1) % 4]}"
+
+    tasks = {t.task_id: t for t in make("sokoban").make_tasks(3, 40)}
+    runs = {}
+    for snapshots in (True, False):
+        _, trees, _ = run(tiny_tokenizer, tmp_path / str(snapshots), reply, budget=40, branch_samples=1,
+                          snapshots=snapshots)
+        runs[snapshots] = trees
+    for by_snapshot, by_replay in zip(runs[True], runs[False]):
+        root, branch = by_replay["nodes"][:2]
+        branches = [n for n in by_replay["nodes"] if n.parent is not None]
+        assert branch.tau == 3 and branch.replayed_steps == 3 and by_replay["replayed_steps"] == 3 * len(branches)
+        assert by_snapshot["replayed_steps"] == 0
+        # The branch's first own step acted on the state at step 3 of the root: a fresh env that
+        # plays the root's first 3 actions and then the branch's action shows the same observation.
+        env = SokobanEnv()
+        env.reset(tasks[by_replay["task_id"]])
+        for action in root.episode.actions[:3] + [branch.episode.steps[3].action]:
+            result = env.step(action)
+        assert result.observation == branch.episode.steps[3].observation
+        assert [s.observation for s in branch.episode.steps] == [
+            s.observation for s in by_snapshot["nodes"][1].episode.steps]
+
+
+def test_the_budget_is_never_exceeded_and_always_spent_on_failure(tiny_tokenizer, tmp_path):
+    never = policy(solve_with_experience=False)
+    for strategy in ("independent", "refine", "leafe"):
+        summary, trees, _ = run(tiny_tokenizer, tmp_path / strategy, never, strategy=strategy, budget=23)
+        assert summary["success_rate"] == 0.0
+        for tree in trees:
+            assert tree["env_steps"] == 23
+            assert sum(n.env_steps for n in tree["nodes"]) == 23
+    _, trees, _ = run(tiny_tokenizer, tmp_path / "ind", never, strategy="independent", budget=40, tasks=1)
+    assert [(n.env_steps, n.outcome) for n in trees[0]["nodes"]] == [(15, "failed"), (15, "failed"), (10, "budget")]
+    assert trees[0]["reflections"] == 0
+
+
+def test_branches_are_served_breadth_first_within_depth_and_branch_limits(tiny_tokenizer, tmp_path):
+    never = policy("Step: 1\nExperience: try again.", solve_with_experience=False)
+    _, trees, _ = run(tiny_tokenizer, tmp_path, never, budget=300, max_depth=2, max_branches=4, tasks=1)
+    nodes = trees[0]["nodes"]
+    branches = [n for n in nodes if n.parent is not None]
+    assert len(branches) == 4
+    assert max(n.depth for n in nodes) == 2
+    assert [n.depth for n in branches] == sorted(n.depth for n in branches)  # all of depth 1 before depth 2
+    for n in branches:
+        assert n.parent < n.id and n.depth == nodes[n.parent].depth + 1
+    assert trees[0]["env_steps"] == 300  # new roots spend the rest of the budget
+
+
+def test_unparseable_or_out_of_range_reflections_are_recorded_and_make_no_branch(tiny_tokenizer, tmp_path):
+    for reply, valid_parse in (("I am not sure.", False), ("Step: 99\nExperience: too late.", True)):
+        out = tmp_path / str(valid_parse)
+        summary, trees, _ = run(tiny_tokenizer, out, policy(reply), budget=15, tasks=1, reflect_every=5)
+        assert summary["branches"] == 0
+        reflections = trees[0]["nodes"][0].reflections
+        assert [r["after_step"] for r in reflections] == [5, 10]  # none at 15: no budget left to use it
+        assert all(r["parsed"] == valid_parse and not r["valid"] and not r["branched"] for r in reflections)
+        assert trees[0]["nodes"][0].outcome == "failed"
+
+
+def test_refine_restarts_with_every_experience_so_far_in_context(tiny_tokenizer, tmp_path):
+    lessons = iter(f"Step: 0\nExperience: lesson {i}." for i in range(100))
+    never = policy(solve_with_experience=False)
+
+    def reply(text, i):
+        out = never(text, i)
+        return next(lessons) if out.startswith("Step:") else out
+
+    _, trees, _ = run(tiny_tokenizer, tmp_path, reply, strategy="refine", budget=45, tasks=1)
+    nodes = trees[0]["nodes"]
+    assert [n.context_experiences for n in nodes] == [[], ["lesson 0."], ["lesson 0.", "lesson 1."]]
+    assert all(n.parent is None for n in nodes)
+    text = tiny_tokenizer.decode(nodes[2].episode.token_ids[: nodes[2].episode.steps[0].context_len])
+    assert text.count(EXPERIENCE_MARK) == 2
+    _, solved, _ = run(tiny_tokenizer, tmp_path / "solves", policy(), strategy="refine", budget=60, tasks=2)
+    assert all(t["success"] and len(t["nodes"]) == 2 for t in solved)
+
+
+def test_tree_records_follow_the_schema_and_resume_refuses_other_settings(tiny_tokenizer, tmp_path):
+    summary, trees, backend = run(tiny_tokenizer, tmp_path, policy(), budget=30)
+    assert set(summary) >= {"strategy", "tasks", "budget", "success_rate", "ci95", "env_steps", "replayed_steps",
+                            "generated_tokens", "prefill_tokens", "reflections", "reflections_parsed", "branches",
+                            "branches_succeeded", "wall_s"}
+    raw = [json.loads(line) for line in (tmp_path / "trees.jsonl").read_text().splitlines()]
+    assert len(raw) == 3 and {r["task_id"] for r in raw} == {f"sokoban-{i}" for i in range(40, 43)}
+    node = raw[0]["nodes"][1]
+    assert set(node) >= {"id", "parent", "depth", "tau", "prefix_len", "experience", "reflection", "episode",
+                         "outcome", "reflections", "env_steps", "replayed_steps", "generated_tokens", "wall_s"}
+    assert summary["generated_tokens"] == backend.stats.generated_tokens
+    calls = backend.stats.calls
+    again = explore(backend, "scripted", ExploreSettings(tasks=3, task_seed=40, budget=30), tmp_path)
+    assert backend.stats.calls == calls and again["tasks"] == 3  # everything was done: nothing rerun
+    with pytest.raises(LeafeError, match="different settings \\(budget\\)"):
+        explore(backend, "scripted", ExploreSettings(tasks=3, task_seed=40, budget=31), tmp_path)
+
+
+def test_settings_are_validated():
+    with pytest.raises(LeafeError, match="unknown --strategy 'tree'"):
+        ExploreSettings(strategy="tree").validate()
+    with pytest.raises(LeafeError, match="--budget must be >= 1"):
+        ExploreSettings(budget=0).validate()
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "leafe", *args]
+
+
+def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = _cli("explore", "--model", str(tiny_model_dir), "--tasks", "6", "--task-seed", "70", "--budget", "8",
+               "--max-new-tokens", "6", "--reflection-tokens", "8", "--parallel-tasks", "1", "--out", str(out))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    trees = out / "trees.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (trees.exists() and trees.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = trees.read_text().count("\n")
+    assert 2 <= written < 6, proc.stderr.read().decode()[-2000:]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in trees.read_text().splitlines()]
+    assert sorted(r["task_id"] for r in records) == [f"sokoban-{i}" for i in range(70, 76)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tasks"] == 6 and summary["env_steps"] == sum(r["env_steps"] for r in records)
+    assert len({r["session"]["id"] for r in records}) == 2
+
+    shown = subprocess.run(_cli("show-tree", str(trees), "--task", "sokoban-71"), capture_output=True, text=True)
+    assert shown.returncode == 0 and "sokoban-71" in shown.stdout and "#0 root episode" in shown.stdout
+    missing = subprocess.run(_cli("show-tree", str(trees), "--task", "nope"), capture_output=True, text=True)
+    assert missing.returncode == 2 and "no tree for task 'nope'" in missing.stderr

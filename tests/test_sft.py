@@ -1,0 +1,69 @@
+"""The SFT path: batching by length and token budget, and that training fits the labelled tokens."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from leafe.sft import Row, SFTSettings, make_batches, row_from_mask, train, weighted_nll
+
+
+def test_batches_cover_every_row_once_within_the_limits():
+    rng = random.Random(0)
+    lengths = [rng.choice([20, 30, 40, 900, 1500]) for _ in range(500)]
+    batches = make_batches(lengths, batch_size=16, max_tokens=2000, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    for b in batches:
+        assert len(b) <= 16
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 2000
+    # Short rows fill whole batches; long ones come a single row at a time here.
+    assert any(len(b) == 16 for b in batches)
+    assert all(len(b) == 1 for b in batches if max(lengths[i] for i in b) == 1500)
+    assert make_batches(lengths, 16, 2000, seed=3) == batches  # deterministic for a seed
+    assert make_batches(lengths, 16, 2000, seed=4) != batches
+
+
+def test_weighted_nll_is_the_weighted_sum_over_loss_tokens():
+    logits = torch.zeros(2, 3, 4)  # uniform: NLL of any token is log 4
+    labels = torch.tensor([[-100, 1, 2], [-100, -100, 3]])
+    loss = weighted_nll(logits, labels, torch.tensor([1.0, 0.5]), normalizer=3)
+    assert loss.item() == pytest.approx((2 * 1.0 + 1 * 0.5) * torch.log(torch.tensor(4.0)).item() / 3)
+
+
+def test_row_from_mask_labels_exactly_the_masked_tokens():
+    row = row_from_mask([5, 6, 7, 8], [0, 1, 1, 0])
+    assert row.labels == [-100, 6, 7, -100] and row.loss_tokens == 2
+    with pytest.raises(ValueError, match="differ in length"):
+        row_from_mask([1, 2], [1])
+
+
+def test_training_fits_the_labelled_tokens_and_saves_a_loadable_model(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tokenizer.encode("Thought: go up.\nAction: up")
+    rows = [row_from_mask(ids, [0] * 4 + [1] * (len(ids) - 4)) for _ in range(16)]
+
+    def loss_of(model) -> float:
+        batch = torch.tensor([rows[0].input_ids])
+        with torch.no_grad():
+            logits = model(batch).logits
+        return weighted_nll(logits, torch.tensor([rows[0].labels]), torch.ones(1), rows[0].loss_tokens).item()
+
+    before = loss_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    stats = train(str(tiny_model_dir), tokenizer, rows, tmp_path / "out",
+                  SFTSettings(learning_rate=3e-3, epochs=4, batch_size=4, max_batch_tokens=256, logging_steps=1))
+    assert stats["steps"] == 16 and stats["loss_tokens"] == 16 * (len(ids) - 4)
+    after = loss_of(AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
+    assert after < 0.5 * before
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").encode("Action: up") == tokenizer.encode("Action: up")
+
+
+def test_training_without_rows_is_a_clear_error(tiny_model_dir, tmp_path):
+    from leafe.errors import LeafeError
+
+    with pytest.raises(LeafeError, match="no training rows"):
+        train(str(tiny_model_dir), None, [], tmp_path, SFTSettings())
+    assert Row([1], [-100]).loss_tokens == 0
