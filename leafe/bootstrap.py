@@ -32,8 +32,9 @@ BOOTSTRAP_SEED_BASE = 10_000_000
 @dataclass(frozen=True)
 class BootstrapConfig:
     seed: int = 0
-    fragments: int = 12000
-    episodes: int = 900
+    fragments: int = 10000
+    reflection_fragments: int = 3000
+    episodes: int = 500
     max_steps: int = 15
     mistake_rate: float = 0.25
     reflect_every: int = 5
@@ -66,7 +67,8 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
     from leafe.prompts import REFLECTION_PROMPT, SYSTEM_PROMPT, experience_message
     from leafe.rollout import Recorder
     from leafe.sft import SFTSettings, row_from_mask, train
-    from leafe.synthetic import fragment_ids, make_fragment, make_script, materialize, texts_of
+    from leafe.synthetic import (fragment_ids, make_fragment, make_reflection_fragment, make_script, materialize,
+                                 texts_of)
     from leafe.tokenizer import train_tokenizer
 
     report = report or (lambda phase, done, total: None)
@@ -77,26 +79,28 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
 
     rng = random.Random(f"leafe-bootstrap:{config.seed}")
     env = SokobanEnv(max_steps=config.max_steps)
-    first = BOOTSTRAP_SEED_BASE + config.seed * (config.fragments + config.episodes)
-    fragments = []
-    for i, task in enumerate(env.make_tasks(config.fragments, first)):
-        fragment = make_fragment(task, config.max_steps, rng, config.mistake_rate)
-        if fragment is not None:
-            fragments.append(fragment)
-        if i % 1000 == 0 or i == config.fragments - 1:
-            report("generating play", i + 1, config.fragments + config.episodes)
-    tasks = env.make_tasks(config.episodes, first + config.fragments)
-    scripts = []
-    for i, task in enumerate(tasks):
-        scripts.append(make_script(task, config.max_steps, rng, config.mistake_rate, config.reflect_every))
-        if i % 100 == 0 or i == len(tasks) - 1:
-            report("generating play", config.fragments + i + 1, config.fragments + config.episodes)
+    counts = (config.fragments, config.reflection_fragments, config.episodes)
+    first = BOOTSTRAP_SEED_BASE + config.seed * sum(counts)
+    levels = env.make_tasks(sum(counts), first)
+    fragments, scripts = [], []
+    for i, task in enumerate(levels):
+        if i < counts[0]:
+            made = make_fragment(task, config.max_steps, rng, config.mistake_rate)
+        elif i < counts[0] + counts[1]:
+            made = make_reflection_fragment(task, config.max_steps, rng, config.mistake_rate)
+        else:
+            scripts.append(make_script(task, config.max_steps, rng, config.mistake_rate, config.reflect_every))
+            made = None
+        if made is not None:
+            fragments.append(made)
+        if i % 500 == 0 or i == len(levels) - 1:
+            report("generating play", i + 1, len(levels))
 
     corpus = [SYSTEM_PROMPT, REFLECTION_PROMPT, experience_message("")]
     for script in scripts:
         corpus.extend(texts_of(script, config.max_steps))
-    for fragment in fragments[:2000]:
-        corpus.extend(fragment.messages + [fragment.reply])
+    for fragment in fragments[::5]:
+        corpus.extend([text for _, text in fragment.messages] + [fragment.reply])
     report("training tokenizer", 0, 1)
     tokenizer = train_tokenizer(corpus, vocab_size=config.vocab_size)
     tokenizer.model_max_length = config.context
@@ -104,7 +108,7 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
 
     fmt = ChatFormat(tokenizer)
     recorder = Recorder(fmt)
-    fragment_rows = [row_from_mask(*fragment_ids(f, fmt), kind="fragment") for f in fragments]
+    fragment_rows = [row_from_mask(*fragment_ids(f, fmt), kind=f.kind) for f in fragments]
     episode_rows, dropped = [], 0
     for script in scripts:
         ids, mask = materialize(script, recorder, config.max_steps)
@@ -130,9 +134,9 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
             bos_token_id=None,
         )
     )
-    # One phase over fragments and episodes together: trained one after the other, the episode
-    # phase erased the experience-following that fragments had taught (copy accuracy 71% -> 22%).
-    # Batches hold rows of similar length under a token budget: 32 fragments, or a few episodes.
+    # One run over fragments and episodes together: trained one after the other, the episodes
+    # erased what the fragments taught (copy accuracy 71% -> 22%). Batches hold rows of similar
+    # length under a token budget: 32 fragments, or a few episodes.
     phase = "pretraining"
     settings = SFTSettings(learning_rate=config.learning_rate, epochs=1.0, batch_size=config.batch_size,
                            max_batch_tokens=config.max_batch_tokens, warmup_ratio=0.05, seed=config.seed,
@@ -157,7 +161,7 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
         "config_hash": config.digest(),
         "parameters": sum(p.numel() for p in trained.parameters()),
         "data": {"fragments": len(fragment_rows), "episodes": len(episode_rows), "dropped_over_context": dropped,
-                 "by_kind": kinds, "level_seeds": [first, first + config.fragments + config.episodes - 1]},
+                 "by_kind": kinds, "level_seeds": [first, first + sum(counts) - 1]},
         "training": {phase: {k: v for k, v in st.items() if k != "log"} for phase, st in stats.items()},
         "loss_log": {phase: st["log"] for phase, st in stats.items()},
         "wall_s": round(time.perf_counter() - started, 1),

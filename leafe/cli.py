@@ -255,6 +255,48 @@ def explore_cmd(
     console.print(f"-> {out / 'trees.jsonl'}, {out / 'summary.json'}")
 
 
+@app.command("distill")
+@_cli_errors
+def distill_cmd(
+    model: Annotated[str, typer.Option("--model", help="Starting checkpoint (a model directory).")],
+    trees: Annotated[list[Path], typer.Option("--trees", help="trees.jsonl from leafe explore (repeatable).")],
+    out: Annotated[Path, typer.Option(help="Output model directory (with distill.json).")],
+    beta: Annotated[float, typer.Option(help="Weight of the rehearsal loss: L = L_cf + beta * L_reh.")] = 1.0,
+    reh_fraction: Annotated[float, typer.Option(help="Share of successful episodes rehearsed.")] = 0.2,
+    cf_from: Annotated[str, typer.Option(help="Branches for D_cf: successful (went on to succeed) or all.")] = "successful",
+    no_cf: Annotated[bool, typer.Option("--no-cf", help="Leave D_cf out (the L_reh-only ablation).")] = False,
+    lora: Annotated[bool, typer.Option(help="Train LoRA adapters (merged into the saved weights).")] = False,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-5,
+    epochs: float = 2.0,
+    batch_size: Annotated[int, typer.Option(help="Most rows per batch.")] = 8,
+    max_batch_tokens: Annotated[Optional[int], typer.Option(help="Most padded tokens per batch.")] = 8192,
+    seed: int = 0,
+) -> None:
+    """LEAFE stage 2: fine-tune on the corrections (D_cf) and rehearsal (D_reh) cut from exploration trees."""
+    from leafe.distill import DistillSettings, distill
+    from leafe.sft import SFTSettings
+
+    _quiet_transformers()
+    if not Path(model).is_dir():
+        raise LeafeError(f"--model {model} is not a model directory")
+    settings = DistillSettings(beta=beta, reh_fraction=reh_fraction, cf_from=cf_from, seed=seed, use_cf=not no_cf)
+    sft = SFTSettings(learning_rate=lr, epochs=epochs, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                      seed=seed, lora=lora, logging_steps=1)
+    with progress_bar() as bar:
+        task = bar.add_task("distilling", total=None, status="")
+
+        def on_log(entry: dict) -> None:
+            bar.update(task, completed=entry["step"], total=entry["max_steps"], status=f"loss {entry['loss']:.3f}")
+
+        summary = distill(model, [str(t) for t in trees], out, settings, sft, on_log=on_log)
+    cf, reh = summary["sets"]["cf"], summary["sets"]["reh"]
+    console.print(
+        f"D_cf {cf['rows']} rows ({cf['tokens']} tokens), D_reh {reh['rows']} rows ({reh['tokens']} tokens); "
+        f"dropped over context: {cf['dropped_over_context'] + reh['dropped_over_context']}; "
+        f"{summary['training']['steps']} steps, {summary['wall_s']:.0f}s -> {out}"
+    )
+
+
 @app.command("show-tree")
 @_cli_errors
 def show_tree_cmd(
@@ -285,6 +327,7 @@ def bootstrap_cmd(
     out: Annotated[Path, typer.Option(help="Where to write the model directory.")],
     seed: Annotated[int, typer.Option(help="Seed of the data, tokenizer and weights.")] = 0,
     fragments: Annotated[Optional[int], typer.Option(help="Short examples (default: the config's).")] = None,
+    reflection_fragments: Annotated[Optional[int], typer.Option(help="Short reflection examples (default: the config's).")] = None,
     episodes: Annotated[Optional[int], typer.Option(help="Whole-episode examples (default: the config's).")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite OUT even if it is not a leafe model directory.")] = False,
 ) -> None:
@@ -299,6 +342,8 @@ def bootstrap_cmd(
         config = replace(config, fragments=fragments)
     if episodes is not None:
         config = replace(config, episodes=episodes)
+    if reflection_fragments is not None:
+        config = replace(config, reflection_fragments=reflection_fragments)
     check_output_dir(out, force)
     with progress_bar() as bar:
         tasks: dict[str, int] = {}

@@ -133,12 +133,13 @@ class _Search:
         self.live: dict[int, Live] = {}  # node id -> its running episode, in BFS (id) order
         self.budget_left = settings.budget
         self.success = False
+        self.stalled = False  # an episode could not take a single turn (prompt beyond the context)
         self.experiences: list[str] = []  # refine: everything learnt so far
         self.started = time.perf_counter()
 
     @property
     def done(self) -> bool:
-        return not self.live and (self.success or self.budget_left <= 0)
+        return not self.live and (self.success or self.stalled or self.budget_left <= 0)
 
     def branches(self) -> int:
         return sum(1 for n in self.nodes if n.parent is not None)
@@ -179,7 +180,7 @@ class Explorer:
             temperature=settings.temperature,
             top_p=settings.top_p,
             max_new_tokens=settings.max_new_tokens,
-            max_batch=1 << 30,  # `run_tasks` bounds the batch through parallel_tasks
+            max_batch=1 << 30,  # `explore` bounds the batch through parallel_tasks
             seed=settings.seed,
             keep_snapshots=settings.snapshots,
         )
@@ -256,6 +257,7 @@ class Explorer:
                     search.success = True
                     self._close(search, node_id, "success")
                 elif live.episode.finish == "context":
+                    search.stalled = search.stalled or (node.parent is None and node.env_steps == 0)
                     self._close(search, node_id, "context")
                 elif search.budget_left > 0 and (self.settings.strategy == "refine" or search.can_branch(node)):
                     due.append((search, node_id, live, "failure"))
@@ -263,15 +265,12 @@ class Explorer:
                     self._close(search, node_id, "failed")
             elif search.can_branch(node) and len(live.episode.steps) % self.settings.reflect_every == 0:
                 due.append((search, node_id, live, "interval"))
+        reflecting = {(id(search), node_id) for search, node_id, _, _ in due}
         for search in searches:
-            if search.success:  # first success ends the task: stop its other episodes
+            if search.success or search.budget_left <= 0:  # the first success ends the task
                 for node_id in list(search.live):
-                    if not any(d[0] is search and d[1] == node_id for d in due):
-                        self._close(search, node_id, "stopped")
-            elif search.budget_left <= 0:
-                for node_id in list(search.live):
-                    if not any(d[0] is search and d[1] == node_id for d in due):
-                        self._close(search, node_id, "budget")
+                    if (id(search), node_id) not in reflecting:
+                        self._close(search, node_id, "stopped" if search.success else "budget")
         if due:
             self._reflect(due)
 

@@ -172,6 +172,7 @@ def train(
 ) -> dict[str, Any]:
     """Train `model` (a transformers model, or a path to one) on `rows`; save a plain HF directory.
 
+    Batches of similar-length rows (see `make_batches`) come in a fresh random order every epoch.
     With `settings.lora`, LoRA adapters are trained and merged into the saved weights, so every
     backend loads the result like any other checkpoint. Returns a summary with the loss log.
     """
@@ -197,7 +198,6 @@ def train(
                 task_type="CAUSAL_LM",
             ),
         )
-    # Batches are made here, by length and token budget; the Trainer shuffles and steps through them.
     batches = make_batches([len(r.input_ids) for r in rows], settings.batch_size, settings.max_batch_tokens,
                            settings.seed)
     dataset = Dataset.from_dict({"members": batches})

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from leafe.envs.base import Task
 from leafe.envs.sokoban import ACTIONS, Room, SokobanEnv, State, distance_table, move, parse_xsb
-from leafe.prompts import experience_message, format_reply, observation_message
+from leafe.prompts import REFLECTION_PROMPT, experience_message, format_reply, observation_message
 
 KINDS = ("demo", "reflect", "experience")
 
@@ -92,7 +92,8 @@ def describe_mistake(expert: Expert, state: State, step: int, wrong: str) -> str
     """The experience for having played `wrong` (a direction, or "" for an invalid action) at
     `step` from `state`: the damage done, then the expert's move there."""
     fixes = expert.optimal(state)
-    fix = f"Move {fixes[0]} instead." if fixes else "Go back and approach the box from the other side."
+    # "go X" is also how the expert's thought starts, so following the experience is a plain copy.
+    fix = f"Instead, go {fixes[0]}." if fixes else "Instead, approach the box from the other side."
     if not wrong:
         return f"At step {step}, the action was invalid and wasted a move. {fix}"
     after, what = move(expert.room, state, wrong)
@@ -156,16 +157,13 @@ class NoisyExpert:
 
 
 def make_script(task: Task, max_steps: int, rng: random.Random, mistake_rate: float, reflect_every: int) -> Script:
-    """One example of a kind drawn by `rng` (demo 15%, reflect 55%, experience 30%).
-
-    Reflections get the largest share: each is a whole episode for some 30 target tokens, and with a
-    quarter of 500 episodes the model never learnt the reply format (11% parsed).
+    """One example of a kind drawn by `rng` (demo 40%, reflect 30%, experience 30%).
 
     Reflection and experience examples need failures, which a noisy expert rarely produces on easy
     levels, so for those kinds the level is replayed (up to 30 times) until an attempt fails.
     """
     expert = Expert.of(task, max_steps)
-    kind = rng.choices(KINDS, weights=(0.15, 0.55, 0.3))[0]
+    kind = rng.choices(KINDS, weights=(0.4, 0.3, 0.3))[0]
     play = NoisyExpert(expert, rng, mistake_rate)
     replies = play.play(expert.start, max_steps)
     if kind == "reflect" and rng.random() < 0.3:
@@ -239,14 +237,16 @@ def materialize(script: Script, recorder, max_steps: int) -> tuple[list[int], li
 
 @dataclass
 class Fragment:
-    """A short example: one observation (and maybe an experience) -> the expert's reply.
+    """A short example: a few turns (starting mid-episode, as the env shows it) -> a target reply.
 
-    Cheap to train on, so the base agent learns to read a board and to follow an experience
-    from many of them before it sees whole episodes.
+    Cheap to train on, so the base agent learns to read a board, to follow an experience and to
+    point a reflection at the step that lost the level from many of them, not only from the few
+    whole episodes the build can afford.
     """
 
-    messages: list[str]  # user messages, in order
+    messages: list[tuple[str, str]]  # (role, text), starting with a user message
     reply: str
+    kind: str = "fragment"
 
 
 def make_fragment(task: Task, max_steps: int, rng: random.Random, mistake_rate: float,
@@ -259,37 +259,79 @@ def make_fragment(task: Task, max_steps: int, rng: random.Random, mistake_rate: 
     expert = Expert.of(task, max_steps)
     replies = NoisyExpert(expert, rng, mistake_rate).play(expert.start, max_steps)
     cut = rng.randrange(len(replies)) if replies else 0
-    env = SokobanEnv(max_steps=max_steps)
-    message = f"Start:\n{env.reset(task)}"
-    state = expert.start
-    for t, reply in enumerate(replies[:cut]):
-        action = reply.rsplit("Action: ", 1)[1]
-        message = observation_message(t, action, env.step(action).observation)
-        state = move(expert.room, state, action)[0]
+    shown = _shown_observations(task, replies[:cut], max_steps)
+    state = expert.states(_actions(replies[:cut]))[-1]
     fixes = expert.optimal(state)
     if not fixes:
         return None
-    messages = [message]
+    messages = [("user", shown[-1])]
     correct = rng.choice(fixes)
     if rng.random() < experience_rate:
         wrong = rng.choice([a for a in ACTIONS if a not in fixes] or list(ACTIONS))
-        messages.append(experience_message(describe_mistake(expert, state, cut, wrong)))
+        messages.append(("user", experience_message(describe_mistake(expert, state, cut, wrong))))
         correct = fixes[0]  # the move the experience names
     return Fragment(messages, format_reply(thought(expert, state, correct), correct))
 
 
+def make_reflection_fragment(task: Task, max_steps: int, rng: random.Random, mistake_rate: float) -> Fragment | None:
+    """The last few turns of a noisy attempt, the reflection prompt -> the oracle's reflection.
+
+    Mostly windows around a failed attempt's first irreversible mistake (the feedback there says
+    the level is lost), some on attempts still on track ("Step: none").
+    """
+    expert = Expert.of(task, max_steps)
+    play = NoisyExpert(expert, rng, mistake_rate)
+    for _ in range(30):
+        replies = play.play(expert.start, max_steps)
+        mistake = first_mistake(expert, _actions(replies))
+        if mistake is not None or rng.random() < 0.1:
+            break
+    else:
+        return None
+    if mistake is None:
+        if len(replies) < 2:
+            return None
+        end = rng.randrange(1, len(replies))  # unfinished and on track
+        text = reflection_reply(None, NO_MISTAKE)
+    else:
+        end = min(len(replies), mistake + 1 + rng.randint(0, 3))
+        text = reflection_reply(mistake, oracle_experience(expert, _actions(replies), mistake))
+    start = max(0, (mistake if mistake is not None else end - 1) - rng.randint(0, 3))
+    shown = _shown_observations(task, replies[:end], max_steps)
+    messages = [("user", shown[start])]
+    for t in range(start, end):
+        messages += [("assistant", replies[t]), ("user", shown[t + 1])]
+    messages.append(("user", REFLECTION_PROMPT))
+    return Fragment(messages, text, kind="reflect-fragment")
+
+
+def _shown_observations(task: Task, replies: list[str], max_steps: int) -> list[str]:
+    """The user message before each turn: "Start: ..." then "Step t: action" + observation."""
+    env = SokobanEnv(max_steps=max_steps)
+    shown = [f"Start:\n{env.reset(task)}"]
+    for t, action in enumerate(_actions(replies)):
+        shown.append(observation_message(t, action, env.step(action).observation))
+    return shown
+
+
 def fragment_ids(fragment: Fragment, fmt) -> tuple[list[int], list[int]]:
-    """Token ids and loss mask of a fragment, through the same chat path as episodes."""
+    """Token ids and loss mask of a fragment, through the same chat path as episodes; only the
+    target reply carries loss."""
     from leafe.chat import Conversation
 
-    conv = Conversation.start(fmt, [{"role": "user", "content": fragment.messages[0]}])
-    for message in fragment.messages[1:]:
-        conv.add_message("user", message)
+    role, first = fragment.messages[0]
+    conv = Conversation.start(fmt, [{"role": role, "content": first}])
+    for role, text in fragment.messages[1:]:
+        if role == "assistant":
+            ids = fmt.encode(text) + ([fmt.end_of_turn_id] if fmt.end_of_turn_id is not None else [])
+            conv.add_generation(ids, stopped=True)
+        else:
+            conv.add_message(role, text)
     ids = fmt.encode(fragment.reply)
     if fmt.end_of_turn_id is not None:
         ids.append(fmt.end_of_turn_id)
-    conv.add_generation(ids, stopped=True)
-    return conv.ids, conv.mask
+    start, _ = conv.add_generation(ids, stopped=True)
+    return conv.ids, [0] * start + conv.mask[start:]
 
 
 def texts_of(script: Script, max_steps: int) -> list[str]:

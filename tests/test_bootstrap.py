@@ -11,7 +11,7 @@ from leafe.bootstrap import BootstrapConfig, build
 from leafe.envs import Task, make
 from leafe.synthetic import Expert, first_mistake, oracle_experience, reflection_reply
 
-TINY = BootstrapConfig(fragments=64, episodes=24, vocab_size=400, hidden_size=32, layers=1, heads=2,
+TINY = BootstrapConfig(fragments=64, reflection_fragments=24, episodes=24, vocab_size=400, hidden_size=32, layers=1, heads=2,
                        intermediate_size=64, batch_size=16)
 
 
@@ -30,8 +30,9 @@ def test_bootstrap_writes_a_loadable_model_directory(tiny_agent):
     fmt = ChatFormat(backend.tokenizer)
     assert fmt.end_of_turn_id == backend.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert summary["data"]["episodes"] == 24 - summary["data"]["dropped_over_context"]
-    assert 0 < summary["data"]["fragments"] <= 64
-    assert set(summary["data"]["by_kind"]) <= {"fragment", "demo", "reflect", "experience"}
+    assert 0 < summary["data"]["fragments"] <= 64 + 24
+    assert {"fragment", "reflect-fragment"} <= set(summary["data"]["by_kind"])
+    assert set(summary["data"]["by_kind"]) <= {"fragment", "reflect-fragment", "demo", "reflect", "experience"}
     assert all(phase["steps"] >= 1 for phase in summary["training"].values())
     assert json.loads((out / "bootstrap.json").read_text())["config_hash"] == TINY.digest()
     assert backend.model.config.model_type == "llama"
@@ -62,7 +63,7 @@ def test_bootstrap_is_deterministic_for_a_seed(tiny_agent, tmp_path):
 def test_bootstrap_cli_builds_into_out(tmp_path):
     out = tmp_path / "agent"
     run = subprocess.run(
-        [sys.executable, "-m", "leafe", "bootstrap", "--out", str(out), "--fragments", "32", "--episodes", "8"],
+        [sys.executable, "-m", "leafe", "bootstrap", "--out", str(out), "--fragments", "32", "--reflection-fragments", "8", "--episodes", "8"],
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr
@@ -71,7 +72,8 @@ def test_bootstrap_cli_builds_into_out(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     refused = subprocess.run(
-        [sys.executable, "-m", "leafe", "bootstrap", "--out", str(tmp_path / "other"), "--fragments", "32"],
+        [sys.executable, "-m", "leafe", "bootstrap", "--out", str(tmp_path / "other"), "--fragments", "32",
+         "--reflection-fragments", "8", "--episodes", "8"],
         capture_output=True, text=True, timeout=600,
     )
     assert refused.returncode == 2 and "not a leafe model directory" in refused.stderr
@@ -93,7 +95,7 @@ def test_pushing_the_box_against_the_top_wall_is_the_first_irreversible_mistake(
     assert first_mistake(ex, actions) == 2
     text = oracle_experience(ex, actions, 2)
     assert text.startswith("At step 2, pushing the box up got it stuck for good.")
-    assert text.endswith(f"Move {ex.optimal(ex.states(actions)[2])[0]} instead.")
+    assert text.endswith(f"Instead, go {ex.optimal(ex.states(actions)[2])[0]}.")
 
 
 def test_wasting_moves_is_irreversible_when_the_limit_is_tight():
@@ -122,12 +124,12 @@ def test_fragments_show_the_env_observation_and_target_an_expert_move():
     assert fragments
     ex = expert(task.spec["xsb"])
     for f in fragments:
-        assert f.messages[0].startswith(("Start:\n", "Step "))
+        assert f.messages[0][0] == "user" and f.messages[0][1].startswith(("Start:\n", "Step "))
         action = f.reply.rsplit("Action: ", 1)[1]
         if len(f.messages) == 2:  # with an experience, the reply does what the experience says
-            assert f.messages[1].startswith("Experience from an earlier attempt")
-            assert f.messages[1].rstrip().endswith(f"Move {action} instead.")
-    starts = [f for f in fragments if f.messages[0].startswith("Start:")]
+            assert f.messages[1][1].startswith("Experience from an earlier attempt")
+            assert f.messages[1][1].rstrip().endswith(f"Instead, go {action}.")
+    starts = [f for f in fragments if f.messages[0][1].startswith("Start:")]
     for f in starts:
         assert f.reply.rsplit("Action: ", 1)[1] in ex.optimal(ex.start)
 
@@ -151,7 +153,28 @@ def test_experience_examples_play_the_move_the_experience_names():
     experience = [s for s in scripts if s.kind == "experience"]
     assert len(experience) >= 5
     for s in experience:
-        named = s.experience.rsplit("Move ", 1)[1].split(" ")[0]
+        named = s.experience.rsplit("go ", 1)[1].rstrip(".")
         first = s.continuation[0]
         assert first.endswith(f"Action: {named}")
         assert first.startswith(f"Thought: go {named}")
+
+
+def test_reflection_fragments_end_in_the_prompt_and_name_the_step_the_feedback_marks():
+    import random
+
+    from leafe.prompts import REFLECTION_PROMPT, parse_reflection
+    from leafe.synthetic import make_reflection_fragment
+
+    rng = random.Random(2)
+    fragments = [f for f in (make_reflection_fragment(t, 15, rng, 0.3) for t in make("sokoban").make_tasks(40, 999))
+                 if f]
+    assert len(fragments) >= 30
+    named = 0
+    for f in fragments:
+        assert f.messages[-1] == ("user", REFLECTION_PROMPT)
+        assert [role for role, _ in f.messages[:-1]] == ["user"] + ["assistant", "user"] * ((len(f.messages) - 2) // 2)
+        step = parse_reflection(f.reply).step
+        if step is not None:  # the window shows the feedback that marks that step as the losing one
+            named += 1
+            assert any(f"From step {step} on, the level can no longer be solved" in text for _, text in f.messages)
+    assert named >= len(fragments) // 2

@@ -212,3 +212,11 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(tiny_model_dir, 
     assert shown.returncode == 0 and "sokoban-71" in shown.stdout and "#0 root episode" in shown.stdout
     missing = subprocess.run(_cli("show-tree", str(trees), "--task", "nope"), capture_output=True, text=True)
     assert missing.returncode == 2 and "no tree for task 'nope'" in missing.stderr
+
+
+def test_a_task_whose_prompt_outgrows_the_context_ends_instead_of_looping(tiny_tokenizer, tmp_path):
+    backend = ScriptedBackend(tiny_tokenizer, policy(), max_context=100)
+    summary = explore(backend, "scripted", ExploreSettings(tasks=2, task_seed=40, budget=30), tmp_path)
+    trees = read_trees(tmp_path / "trees.jsonl")
+    assert summary["env_steps"] == 0 and all(t["nodes"][0].outcome == "context" for t in trees)
+    assert all(len(t["nodes"]) == 1 for t in trees)

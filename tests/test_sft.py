@@ -54,8 +54,8 @@ def test_training_fits_the_labelled_tokens_and_saves_a_loadable_model(tiny_model
 
     before = loss_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     stats = train(str(tiny_model_dir), tokenizer, rows, tmp_path / "out",
-                  SFTSettings(learning_rate=3e-3, epochs=4, batch_size=4, max_batch_tokens=256, logging_steps=1))
-    assert stats["steps"] == 16 and stats["loss_tokens"] == 16 * (len(ids) - 4)
+                  SFTSettings(learning_rate=3e-3, epochs=8, batch_size=4, max_batch_tokens=256, logging_steps=1))
+    assert stats["steps"] == 32 and stats["loss_tokens"] == 16 * (len(ids) - 4)
     after = loss_of(AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
     assert after < 0.5 * before
     assert AutoTokenizer.from_pretrained(tmp_path / "out").encode("Action: up") == tokenizer.encode("Action: up")
@@ -67,3 +67,4 @@ def test_training_without_rows_is_a_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(LeafeError, match="no training rows"):
         train(str(tiny_model_dir), None, [], tmp_path, SFTSettings())
     assert Row([1], [-100]).loss_tokens == 0
+

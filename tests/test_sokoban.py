@@ -212,7 +212,8 @@ def test_feedback_marks_the_one_step_that_loses_the_level():
         for t in range(15):
             actions.append(rng.choice(["up", "down", "left", "right", "wait"]))
             result = env.step(actions[-1])
-            if "can no longer be solved" in result.observation.splitlines()[0] and result.info.get("lost"):
+            if f"From step {t} on, the level can no longer be solved" in result.observation:
+                assert result.info["lost"]
                 lost_at.append(t)
             if result.done:
                 break

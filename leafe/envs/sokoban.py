@@ -12,6 +12,7 @@ unsolvable: that feedback is the signal LEAFE reflects on.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -379,6 +380,16 @@ INSTRUCTION = (
 )
 
 
+@functools.lru_cache(maxsize=512)
+def _level_table(xsb: str) -> dict[State, int] | None:
+    """The distance table of a level, or None for rooms too big to tabulate. Cached: every episode,
+    replay and branch resets a fresh env on the same few levels."""
+    try:
+        return distance_table(parse_xsb(xsb)[0], _DISTANCE_TABLE_STATES)
+    except SolverLimit:
+        return None
+
+
 @register
 class SokobanEnv(Env):
     """Sokoban with a step limit; rollback by snapshot (the state is a player cell and a box set)."""
@@ -401,8 +412,7 @@ class SokobanEnv(Env):
         self._state: State | None = None
         self._steps = 0
         self._done = False
-        self._tables: dict[str, dict[State, int] | None] = {}  # distance tables by level, for feedback
-        self._table: dict[State, int] | None = None
+        self._table: dict[State, int] | None = None  # the level's distance table, for feedback
 
     # -- tasks ---------------------------------------------------------------------------------
     def make_tasks(self, n: int, seed: int) -> list[Task]:
@@ -440,16 +450,8 @@ class SokobanEnv(Env):
             raise EnvError(f"Sokoban task {task.task_id!r} has no 'xsb' level in its spec")
         self._room, self._state = parse_xsb(task.spec["xsb"])
         self._steps, self._done = 0, False
-        self._table = self._distance_table(task.spec["xsb"])
+        self._table = _level_table(task.spec["xsb"])
         return self._observation("A new level.")
-
-    def _distance_table(self, xsb: str) -> dict[State, int] | None:
-        if xsb not in self._tables:  # replays reset often; a table is computed once per level
-            try:
-                self._tables[xsb] = distance_table(self._room, _DISTANCE_TABLE_STATES)
-            except SolverLimit:
-                self._tables[xsb] = None
-        return self._tables[xsb]
 
     def _winnable(self, state: State, moves_left: int) -> bool | None:
         """Whether `state` can still be solved in `moves_left` moves (None: room too big to know)."""
@@ -477,10 +479,10 @@ class SokobanEnv(Env):
         # Say so at the one step that loses the level (a box stuck, or too many moves wasted): this
         # is the feedback a reflection can point back to.
         left = self.max_steps - self._steps
+        # It names the step, as the "Step t: action" header before this observation does.
         if not success and self._winnable(state, left + 1) and self._winnable(self._state, left) is False:
             info["lost"] = True
-            if "can no longer be solved" not in feedback:
-                feedback += f" The level can no longer be solved in the {left} moves left."
+            feedback += f" From step {self._steps - 1} on, the level can no longer be solved in the {left} moves left."
         self._done = success or self._steps >= self.max_steps
         if success:
             feedback += " All boxes are on goals: solved!"
@@ -505,15 +507,20 @@ class SokobanEnv(Env):
         text = f"You pushed a box {direction}" + (" onto a goal." if box in room.goals else ".")
         if box in dead_squares(room) and box not in room.goals:
             info["solvable"] = False
-            return text + " That box is now stuck where it can never reach a goal: the level can no longer be solved."
+            return text + " That box is now stuck where it can never reach a goal." + self._lost_without_table
         try:
             solvable = solve_state(room, after, max_states=_SOLVABILITY_CHECK_STATES) is not None
         except SolverLimit:
             solvable = None
         info["solvable"] = solvable
         if solvable is False:
-            return text + " The boxes are now jammed: the level can no longer be solved."
+            return text + " The boxes are now jammed." + self._lost_without_table
         return text
+
+    @property
+    def _lost_without_table(self) -> str:
+        """Where no distance table marks the losing step, a stuck box says the level is lost itself."""
+        return " The level can no longer be solved." if self._table is None else ""
 
     def _observation(self, feedback: str) -> str:
         room, state = self._require_started()

@@ -1,0 +1,170 @@
+"""LEAFE stage 2: distil the corrections found by exploration into the weights, by SFT.
+
+Two data sets, cut from the exact token ids that exploration recorded (nothing is re-encoded):
+- D_cf, one row per branch (a branching event sampled twice gives two rows): the context is h_tau as the policy saw it before any
+  reflection, i.e. the branch's ids with every experience message taken out (its own and any
+  inherited from ancestor branches); the target is the corrected action a'_tau as it was sampled.
+  Without e, the model must infer the fix from the environment's feedback alone, which is what it
+  will have at test time. By default only events whose branch went on to succeed (the branch or a
+  branch below it solved the task) count; `cf_from="all"` takes every event.
+- D_reh, rehearsal: a sampled fraction of successful episodes (successful branches included, their
+  experience messages taken out the same way); each agent turn t becomes a row (h_t -> a_t).
+
+Loss: L = L_cf + beta * L_reh, as per-row weights (1 for D_cf rows, beta for D_reh rows) in the
+weighted token NLL of `sft.py`; only the target action's tokens carry loss.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from leafe.errors import LeafeError
+from leafe.explore import Node, read_trees
+from leafe.files import write_json
+from leafe.sft import Row, SFTSettings, train
+
+
+@dataclass
+class DistillSettings:
+    beta: float = 1.0
+    reh_fraction: float = 0.2
+    cf_from: str = "successful"  # successful | all
+    use_cf: bool = True  # False: the L_reh-only ablation (D_cf empty)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.beta < 0:
+            raise LeafeError(f"--beta must be >= 0 (got {self.beta})")
+        if not 0 <= self.reh_fraction <= 1:
+            raise LeafeError(f"--reh-fraction must be in [0, 1] (got {self.reh_fraction})")
+        if self.cf_from not in ("successful", "all"):
+            raise LeafeError(f"--cf-from must be 'successful' or 'all' (got {self.cf_from!r})")
+
+
+def experience_spans(node: Node, nodes: Sequence[Node]) -> list[tuple[int, int]]:
+    """[start, end) of every experience message in `node.episode.token_ids`, in order.
+
+    A branch's own experience sits between h_tau (prefix_len) and the context of its step tau; an
+    ancestor's experience is inherited when it lies inside the shared prefix.
+    """
+    if node.parent is None:
+        if node.context_experiences:
+            raise LeafeError("episodes that start with experiences in context (refine) cannot be cleaned; "
+                             "distil trees explored with --strategy leafe")
+        return []
+    parent = nodes[node.parent]
+    spans = [s for s in experience_spans(parent, nodes) if s[1] <= node.prefix_len]
+    spans.append((node.prefix_len, node.episode.steps[node.tau].context_len))
+    return spans
+
+
+def clean_episode(node: Node, nodes: Sequence[Node]) -> tuple[list[int], list[tuple[int, int]]]:
+    """The episode's ids without experience messages, and each step's action span in them."""
+    ids = node.episode.token_ids
+    spans = experience_spans(node, nodes)
+    keep, cursor = [], 0
+    for start, end in spans:
+        keep.append((cursor, start))
+        cursor = end
+    keep.append((cursor, len(ids)))
+
+    def shift(position: int) -> int:
+        return position - sum(end - start for start, end in spans if end <= position)
+
+    cleaned = [t for start, end in keep for t in ids[start:end]]
+    actions = [(shift(s.action_start), shift(s.action_end)) for s in node.episode.steps]
+    return cleaned, actions
+
+
+def _target_row(ids: list[int], span: tuple[int, int], weight: float, kind: str) -> Row:
+    start, end = span
+    return Row(ids[:end], [-100] * start + ids[start:end], weight, kind)
+
+
+def _went_on_to_succeed(node: Node, children: dict[int, list[Node]]) -> bool:
+    return node.outcome == "success" or any(_went_on_to_succeed(c, children) for c in children.get(node.id, []))
+
+
+def build_rows(trees: Sequence[dict[str, Any]], settings: DistillSettings) -> tuple[list[Row], dict[str, int]]:
+    """D_cf and D_reh rows from tree records (as `read_trees` returns them), and counts."""
+    settings.validate()
+    rng = random.Random(settings.seed)
+    rows: list[Row] = []
+    counts = {"branches": 0, "cf_branches_used": 0, "successful_episodes": 0, "reh_episodes": 0}
+    for tree in trees:
+        nodes: list[Node] = tree["nodes"]
+        children: dict[int, list[Node]] = {}
+        for node in nodes:
+            if node.parent is not None:
+                children.setdefault(node.parent, []).append(node)
+        for node in nodes:
+            if node.episode is None or len(node.episode.steps) <= (node.tau or 0):
+                continue
+            if node.parent is not None:
+                counts["branches"] += 1
+                if settings.use_cf and (settings.cf_from == "all" or _went_on_to_succeed(node, children)):
+                    counts["cf_branches_used"] += 1
+                    ids, actions = clean_episode(node, nodes)
+                    rows.append(_target_row(ids, actions[node.tau], 1.0, "cf"))
+            if node.outcome == "success" and not node.context_experiences:
+                counts["successful_episodes"] += 1
+                if rng.random() < settings.reh_fraction:
+                    counts["reh_episodes"] += 1
+                    ids, actions = clean_episode(node, nodes)
+                    rows.extend(_target_row(ids, span, settings.beta, "reh") for span in actions)
+    return rows, counts
+
+
+def distill(
+    model: str,
+    tree_files: Sequence[str | Path],
+    out_dir: str | Path,
+    settings: DistillSettings,
+    sft: SFTSettings,
+    on_log: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Build D_cf and D_reh from `tree_files`, fine-tune `model` on them into `out_dir`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    settings.validate()
+    trees = []
+    for path in tree_files:
+        if not Path(path).exists():
+            raise LeafeError(f"{path} does not exist; pass the trees.jsonl files that leafe explore wrote")
+        trees.extend(read_trees(path))
+    rows, counts = build_rows(trees, settings)
+    if settings.beta == 0:  # L = L_cf only: rehearsal rows would carry no loss, so leave them out
+        rows = [r for r in rows if r.kind != "reh"]
+    config = AutoConfig.from_pretrained(model)
+    limit = getattr(config, "max_position_embeddings", None) or 1 << 30
+    kept = [r for r in rows if len(r.input_ids) <= limit]
+    dropped = {kind: sum(1 for r in rows if r.kind == kind and len(r.input_ids) > limit) for kind in ("cf", "reh")}
+    if not kept:
+        raise LeafeError(f"no distillation rows in {len(trees)} trees ({counts['branches']} branches, "
+                         f"{counts['successful_episodes']} successful episodes); explore more tasks or use --cf-from all")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    started = time.perf_counter()
+    stats = train(model, tokenizer, kept, out_dir, sft, on_log=on_log)
+    stats.pop("model")
+    sets = {}
+    for kind in ("cf", "reh"):
+        of_kind = [r for r in kept if r.kind == kind]
+        sets[kind] = {"rows": len(of_kind), "tokens": sum(len(r.input_ids) for r in of_kind),
+                      "loss_tokens": sum(r.loss_tokens for r in of_kind), "dropped_over_context": dropped[kind]}
+    summary = {
+        "model": str(model),
+        "trees": [str(p) for p in tree_files],
+        "tasks": len(trees),
+        "sets": sets,
+        "counts": counts,
+        "settings": asdict(settings),
+        "training": {**asdict(sft), **{k: v for k, v in stats.items() if k != "log"}},
+        "loss_log": stats["log"],
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    write_json(Path(out_dir) / "distill.json", summary)
+    return summary
