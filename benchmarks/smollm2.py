@@ -48,9 +48,9 @@ def main() -> None:
     report["load_s"] = round(time.perf_counter() - started, 1)
     report["parameters"] = sum(p.numel() for p in backend.model.parameters())
 
-    prompt = backend.tokenizer.apply_chat_template([{"role": "user", "content": "Describe Sokoban."}],
-                                                   add_generation_prompt=True)
-    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    from leafe.chat import ChatFormat, Conversation
+
+    prompt = Conversation.start(ChatFormat(backend.tokenizer), [{"role": "user", "content": "Describe Sokoban."}]).prompt_ids()
     for batch in (1, 16):
         backend.generate([prompt], SamplingParams(max_new_tokens=8, seed=batch))  # warm-up
         started = time.perf_counter()
