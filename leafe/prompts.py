@@ -84,7 +84,7 @@ def parse_reflection(reply: str) -> Reflection | None:
     if step is None or experience is None:
         return None
     text = " ".join(experience.group(1).split()).strip(" *`\"'")
-    if not text:
+    if not re.search(r"[A-Za-z0-9]", text):  # "Experience: ." says nothing to act on
         return None
     value = step.group(1).lower()
     return Reflection(None if value == "none" else int(value), text)

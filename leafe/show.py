@@ -75,9 +75,12 @@ def _node_body(node: Node, steps: bool) -> list[Any]:
     if steps and episode.steps[first:]:
         parts.append(Group(Text("board at the end:", style="dim"), Text(episode.steps[-1].observation)))
     for r in node.reflections:
-        head = Text.assemble((f"reflection after step {r['after_step']} ({r['why']}): ", "bold yellow"))
+        why = "the episode failed" if r["why"] == "failure" else "interval"
+        head = Text.assemble((f"reflection after {r['after_step']} steps ({why}): ", "bold yellow"))
         if not r["parsed"]:
             head.append("unparseable", style="red")
+        elif r["step"] is None:
+            head.append("nothing lost yet (Step: none)")
         elif not r["valid"]:
             head.append(f"step {r['step']} is not a step to roll back to", style="red")
         else:

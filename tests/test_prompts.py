@@ -37,6 +37,7 @@ def test_parse_reflection_accepts_variants(reply, expected):
     assert parse_reflection(reply) == expected
 
 
-@pytest.mark.parametrize("reply", ["Experience: do better", "Step: 2", "Step: x\nExperience: y", "Step: 1\nExperience:  "])
+@pytest.mark.parametrize("reply", ["Experience: do better", "Step: 2", "Step: x\nExperience: y", "Step: 1\nExperience:  ",
+                                   "Step: 3 st Experience:."])
 def test_parse_reflection_rejects_incomplete_replies(reply):
     assert parse_reflection(reply) is None
