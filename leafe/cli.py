@@ -229,19 +229,9 @@ def explore_cmd(
     settings.validate()
     make(env, **settings.env_params)  # fail on a bad env before the model loads
     backend = load_backend_for(model, device, dtype, trust_remote_code, gguf_file)
-    with progress_bar() as bar:
-        task = bar.add_task(f"explore ({strategy}, budget {budget})", total=tasks, status="")
-        solved = [0, 0]
-
-        def on_start(total: int, done: int) -> None:
-            bar.update(task, total=total, completed=done)
-
-        def on_task(record: dict) -> None:
-            solved[0] += record["success"]
-            solved[1] += 1
-            bar.update(task, advance=1, status=f"solved {solved[0]}/{solved[1]}")
-
-        summary = explore(backend, model, settings, out, on_task=on_task, on_start=on_start)
+    summary = run_with_progress(f"explore ({strategy}, budget {budget})", lambda hooks: explore(
+        backend, model, settings, out, **hooks
+    ), item="on_task", succeeded=lambda record: record["success"])
     table = Table(title=f"{strategy} on {env}: {summary['tasks']} tasks, budget {budget} env steps each")
     for key in ("success_rate", "ci95", "env_steps", "replayed_steps", "reflections", "reflections_parsed",
                 "branches", "branches_succeeded", "generated_tokens", "prompt_tokens", "prefill_tokens", "wall_s"):
@@ -426,8 +416,10 @@ def demo_cmd(
         )
 
 
-def run_with_progress(description: str, job: Callable[[dict], Any]) -> Any:
-    """Run `job(hooks)` under a progress bar; hooks are evaluate()'s on_start/on_episode."""
+def run_with_progress(description: str, job: Callable[[dict], Any], item: str = "on_episode",
+                      succeeded: Callable[[Any], bool] = lambda episode: episode.success) -> Any:
+    """Run `job(hooks)` under a progress bar that counts solved items. The hooks are `on_start`
+    and `item` (evaluate()'s on_episode, explore()'s on_task); `succeeded` reads an item."""
     with progress_bar() as bar:
         task = bar.add_task(description, total=None, status="")
         solved = [0, 0]
@@ -435,12 +427,12 @@ def run_with_progress(description: str, job: Callable[[dict], Any]) -> Any:
         def on_start(total: int, done: int) -> None:
             bar.update(task, total=total, completed=done)
 
-        def on_episode(episode) -> None:
-            solved[0] += episode.success
+        def on_item(done_item) -> None:
+            solved[0] += succeeded(done_item)
             solved[1] += 1
             bar.update(task, advance=1, status=f"solved {solved[0]}/{solved[1]}")
 
-        return job({"on_start": on_start, "on_episode": on_episode})
+        return job({"on_start": on_start, item: on_item})
 
 
 def main() -> None:
