@@ -154,6 +154,7 @@ def eval_cmd(
     seed: int = 0,
     batch_size: Annotated[int, typer.Option(help="Episodes advanced together per generate call.")] = 64,
     save_episodes: Annotated[bool, typer.Option(help="Also write every episode to episodes.jsonl.")] = False,
+    playbook: Annotated[Optional[Path], typer.Option(help="ACE playbook.json: its lessons go in the system prompt.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
@@ -174,6 +175,10 @@ def eval_cmd(
         seed=seed,
         ks=parse_ks(k),
     )
+    if playbook is not None:
+        from leafe.ace import load_playbook
+
+        settings.playbook = load_playbook(playbook)
     settings.validate()
     from leafe.envs import make
 
@@ -348,6 +353,104 @@ def bootstrap_cmd(
         f"base agent: {summary['parameters'] / 1e6:.2f}M parameters, {summary['data']['fragments']} fragments and "
         f"{summary['data']['episodes']} episodes, {summary['wall_s']:.0f}s -> {out}"
     )
+
+
+METHODS = ("grpo", "early-experience", "ace")
+
+
+@app.command("train")
+@_cli_errors
+def train_cmd(
+    method: Annotated[str, typer.Option(help="grpo, early-experience or ace.")],
+    model: Annotated[str, typer.Option("--model", help="Starting checkpoint (a model directory).")],
+    out: Annotated[Path, typer.Option(help="Output directory: the trained model (or playbook.json) and train.json.")],
+    env: EnvOpt = "sokoban",
+    env_param: EnvParamOpt = [],
+    tasks: Annotated[int, typer.Option(help="Training tasks (consecutive seeds).")] = 64,
+    task_seed: Annotated[int, typer.Option(help="Seed of the first training task.")] = 5000,
+    lr: Annotated[float, typer.Option(help="Learning rate (grpo, early-experience).")] = 1e-5,
+    steps: Annotated[int, typer.Option(help="grpo: optimiser steps.")] = 50,
+    tasks_per_step: Annotated[int, typer.Option(help="grpo: tasks per step.")] = 8,
+    group_size: Annotated[int, typer.Option(help="grpo: episodes per task (G).")] = 8,
+    kl_coef: Annotated[float, typer.Option(help="grpo: weight of the k3 KL to the starting model.")] = 0.01,
+    clip_eps: Annotated[float, typer.Option(help="grpo: ratio clip.")] = 0.2,
+    invalid_penalty: Annotated[float, typer.Option(help="grpo: reward penalty per invalid action.")] = 0.0,
+    updates_per_batch: Annotated[int, typer.Option(help="grpo: optimiser steps per batch of episodes.")] = 1,
+    save_every: Annotated[int, typer.Option(help="grpo: checkpoint every N steps (0: never).")] = 10,
+    variant: Annotated[str, typer.Option(help="early-experience: iwm (world model) or sr (self-reflection).")] = "iwm",
+    alternatives: Annotated[int, typer.Option(help="early-experience: alternative actions per expert state.")] = 3,
+    epochs: Annotated[float, typer.Option(help="early-experience: SFT epochs; ace: passes over the tasks.")] = 2.0,
+    batch_size: Annotated[int, typer.Option(help="early-experience: most rows per SFT batch.")] = 16,
+    tasks_per_round: Annotated[int, typer.Option(help="ace: tasks played between curations.")] = 16,
+    max_lessons: Annotated[int, typer.Option(help="ace: playbook cap.")] = 20,
+    similarity: Annotated[float, typer.Option(help="ace: word overlap at which a lesson is a duplicate.")] = 0.6,
+    temperature: float = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Token limit of one agent turn.")] = 64,
+    seed: int = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train a baseline on the training tasks: multi-turn GRPO, Early Experience (IWM/SR) or ACE."""
+    from leafe.envs import make
+
+    if method not in METHODS:
+        raise LeafeError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
+    if not Path(model).is_dir():
+        raise LeafeError(f"--model {model} is not a model directory")
+    params = parse_env_params(env_param)
+    make(env, **params)  # fail on a bad env before the model loads
+    _quiet_transformers()
+    if method == "grpo":
+        from leafe.grpo import GRPOSettings, train_grpo
+
+        settings = GRPOSettings(env=env, env_params=params, tasks=tasks, task_seed=task_seed, steps=steps,
+                                tasks_per_step=tasks_per_step, group_size=group_size, learning_rate=lr,
+                                kl_coef=kl_coef, clip_eps=clip_eps, invalid_penalty=invalid_penalty,
+                                updates_per_batch=updates_per_batch, temperature=temperature,
+                                max_new_tokens=max_new_tokens, save_every=save_every, seed=seed)
+        settings.validate()
+        with progress_bar() as bar:
+            task = bar.add_task("grpo", total=steps, status="")
+
+            def on_step(r: dict) -> None:
+                bar.update(task, completed=r["step"], status=(
+                    f"success {100 * r['success']:.0f}% kl {r.get('kl', 0):.4f} skip {100 * r['skip_rate']:.0f}%"))
+
+            summary = train_grpo(model, settings, out, device=device, on_step=on_step,
+                                 on_start=lambda total, done: bar.update(task, completed=done))
+    elif method == "early-experience":
+        from leafe.early_experience import EarlyExperienceSettings, train_early_experience
+        from leafe.sft import SFTSettings
+
+        settings = EarlyExperienceSettings(variant=variant, env=env, env_params=params, tasks=tasks,
+                                           task_seed=task_seed, alternatives=alternatives, temperature=temperature,
+                                           max_new_tokens=max_new_tokens, seed=seed)
+        settings.validate()
+        sft = SFTSettings(learning_rate=lr, epochs=epochs, batch_size=batch_size, max_batch_tokens=8192, seed=seed,
+                          logging_steps=1)
+        backend = load_backend_for(model, device, "auto", False, None)
+        with console.status("early experience") as status:
+            summary = train_early_experience(
+                backend, model, settings, sft, out,
+                on_phase=lambda name: status.update(f"early experience ({variant}): {name}"),
+                on_log=lambda e: status.update(f"early experience ({variant}): step {e['step']}/{e['max_steps']} "
+                                               f"loss {e['loss']:.3f}"))
+    else:
+        from leafe.ace import ACESettings, train_ace
+
+        if epochs != int(epochs):
+            raise LeafeError(f"ace: --epochs counts passes over the tasks and must be a whole number (got {epochs})")
+        settings = ACESettings(env=env, env_params=params, tasks=tasks, task_seed=task_seed, epochs=int(epochs),
+                               tasks_per_round=tasks_per_round, max_lessons=max_lessons, similarity=similarity,
+                               temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        settings.validate()
+        backend = load_backend_for(model, device, "auto", False, None)
+        with progress_bar() as bar:
+            task = bar.add_task("ace rounds", total=None, status="")
+            summary = train_ace(backend, model, settings, out, on_round=lambda r: bar.update(
+                task, completed=r["round"], total=r["total"], status=f"{r['lessons']} lessons"))
+    cost = summary["cost"]
+    console.print(f"{summary['method']}: env steps {cost['env_steps']}, generated tokens {cost['generated_tokens']}, "
+                  f"wall {cost['wall_s']:.0f}s -> {out} (train.json)")
 
 
 models_app = typer.Typer(help="Fetch real pretrained models without a model hub.", no_args_is_help=True)

@@ -20,6 +20,7 @@ from leafe.episode import Episode
 from leafe.errors import LeafeError
 from leafe.files import append_jsonl, read_jsonl, write_json
 from leafe.passk import default_ks, summarize
+from leafe.prompts import playbook_system_prompt
 from leafe.rollout import RolloutEngine
 
 
@@ -35,6 +36,8 @@ class EvalSettings:
     max_new_tokens: int = 64
     seed: int = 0
     ks: list[int] | None = None
+    #: ACE lessons put in the system prompt (empty: the plain system prompt).
+    playbook: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.tasks < 1:
@@ -53,6 +56,8 @@ class EvalSettings:
         """What must match for an existing partial evaluation to be resumed."""
         data = asdict(self)
         data.pop("ks")
+        if not data["playbook"]:  # runs from before playbooks existed stay resumable
+            data.pop("playbook")
         data["model"] = model
         return data
 
@@ -95,6 +100,7 @@ def evaluate(
         max_new_tokens=settings.max_new_tokens,
         max_batch=max_batch,
         seed=settings.seed,
+        system=playbook_system_prompt(settings.playbook),
     )
     session, started = uuid.uuid4().hex[:8], time.perf_counter()
     pending: dict[str, list[Episode]] = defaultdict(list)
@@ -142,6 +148,7 @@ def evaluate(
         "task_seed": settings.task_seed,
         "samples": settings.samples,
         "temperature": settings.temperature,
+        "playbook_lessons": len(settings.playbook),
         **summarize(counts, ks),
         "tasks": [{"task_id": r["task_id"], "n": r["n"], "c": r["c"]} for r in records],
         "env_steps": sum(r["env_steps"] for r in records),

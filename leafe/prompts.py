@@ -88,3 +88,44 @@ def parse_reflection(reply: str) -> Reflection | None:
         return None
     value = step.group(1).lower()
     return Reflection(None if value == "none" else int(value), text)
+
+
+# -- baselines: Early Experience (world model, self-reflection) and ACE (playbook) ---------------
+
+WORLD_MODEL_PROMPT = "Predict what you will observe after that action."
+
+
+def self_reflection_prompt(expert: str, outcomes: list[tuple[str, str]]) -> str:
+    """Early Experience SR: the observed outcome of the expert action and of each alternative, and a
+    request for a rationale that ends in the expert's action (the paper's prompt, in our words)."""
+    lines = [f"- {action}: {' '.join(observation.split())}" for action, observation in outcomes]
+    return (
+        "Here is what each candidate action leads to from this state:\n" + "\n".join(lines) + "\n"
+        f"An expert chose '{expert}'. Explain briefly, from these outcomes, why it is the best choice, "
+        "then end with the line 'Action: <action>'."
+    )
+
+
+ACE_REFLECTOR_PROMPT = (
+    "Reflect on this attempt and its feedback. Write one general lesson that would help on other tasks "
+    "of this kind, in one line:\nLesson: <the lesson>"
+)
+
+
+def playbook_system_prompt(lessons: list[str], system: str = SYSTEM_PROMPT) -> str:
+    """The system prompt with a playbook of lessons appended (ACE); unchanged when there are none."""
+    if not lessons:
+        return system
+    return system + "\n\nPlaybook (lessons from earlier tasks):\n" + "\n".join(f"- {x}" for x in lessons)
+
+
+def parse_lesson(reply: str, max_chars: int = 200) -> str | None:
+    """The lesson in a reflector reply ('Lesson:' or 'Experience:' line), or None when there is none."""
+    found = _EXPERIENCE.search(reply)
+    if found is None:
+        return None
+    first_line = next((line for line in found.group(1).splitlines() if line.strip()), "")
+    text = " ".join(first_line.split()).strip(" *`\"'")
+    if not re.search(r"[A-Za-z]{2}", text):
+        return None
+    return text[:max_chars]

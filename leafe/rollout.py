@@ -138,14 +138,14 @@ class Recorder:
         return live.episode
 
     # -- LEAFE stage 1 building blocks ---------------------------------------------------------
-    def reflection_prompt(self, live: Live) -> Conversation:
+    def reflection_prompt(self, live: Live, prompt: str = REFLECTION_PROMPT) -> Conversation:
         """The history so far (with the last observation) followed by the reflection prompt."""
         conv = live.conv.copy()
         steps = live.episode.steps
         if conv.last_role == "assistant":  # the episode ended: its last observation is not in yet
             last = steps[-1]
             conv.add_message("user", observation_message(last.index, last.action, last.observation))
-        conv.add_message("user", REFLECTION_PROMPT)
+        conv.add_message("user", prompt)
         return conv
 
     def branch(self, live: Live, tau: int, experience: str | None, env: Env, meta: dict[str, Any] | None = None) -> Live:

@@ -410,7 +410,8 @@ class HFBackend(Backend):
                 # The cache holds the prompt and every sampled id but the last (not yet run).
                 ids = np.concatenate([prompts[source[out]], np.asarray(tokens[out][:-1], dtype=np.int64)])
                 keep = mask[r].bool()
-                kv = [(layer.keys[r][:, keep].clone(), layer.values[r][:, keep].clone()) for layer in cache.layers]
+                # Boolean indexing copies, so the entry does not pin the batch's buffers.
+                kv = [(layer.keys[r][:, keep], layer.values[r][:, keep]) for layer in cache.layers]
                 self.cache.insert(ids, kv)
             live &= ~ended
             if last or not bool(live.any()):

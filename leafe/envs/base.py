@@ -78,6 +78,10 @@ class Env(ABC):
         """A successful action sequence for `task` when the env has an expert (solver, gold path)."""
         return None
 
+    def expert_thought(self, action: str) -> str:
+        """The thought written before an expert action in demonstrations (Early Experience)."""
+        return f"next, {action}."
+
     def snapshot(self) -> Any:
         raise NotImplementedError(f"env {self.name!r} cannot copy its state; roll back with replay()")
 

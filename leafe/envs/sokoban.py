@@ -444,6 +444,9 @@ class SokobanEnv(Env):
     def expert_actions(self, task: Task) -> list[str] | None:
         return solve(task.spec["xsb"])
 
+    def expert_thought(self, action: str) -> str:
+        return f"go {action}."  # the embedded agent's own phrasing (synthetic.thought)
+
     # -- episode -------------------------------------------------------------------------------
     def reset(self, task: Task) -> str:
         if "xsb" not in task.spec:

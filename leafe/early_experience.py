@@ -1,0 +1,254 @@
+"""The Early Experience baseline (arXiv 2510.08558): learn from the outcomes of one's own alternatives
+to expert actions, then imitate the expert.
+
+Expert demonstrations come from the env's expert (`Env.expert_actions`: Sokoban's solver, gold paths
+or walkthroughs elsewhere), played through the same Recorder as every other episode, so an expert
+turn is 'Thought: ...' + 'Action: ...' in the agent's own chat format. At each expert state s_i the
+model samples K alternative replies; each is executed from a copy of s_i (snapshot, or verified
+replay) to observe where it leads. Alternatives that name the expert's own action are dropped.
+
+- IWM (implicit world modelling): rows (h_i, the alternative reply exactly as sampled, "predict what
+  you will observe") -> the observation the env returned. Trained first; then imitation on the
+  expert rows, starting from the IWM model.
+- SR (self-reflection): the model is shown the outcome of the expert action and of each alternative
+  and asked why the expert's choice is best, ending with 'Action: <action>'. Rationales whose
+  final action is not the expert's (or that ran out of tokens) are dropped; the kept ones become rows
+  h_i -> the rationale's ids as sampled, trained in one SFT run mixed with the expert rows.
+
+Both use the SFT path of distillation (`sft.train`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from leafe.backends.base import Backend
+from leafe.chat import Conversation
+from leafe.envs import make
+from leafe.envs.base import Env, Task, replay
+from leafe.errors import LeafeError
+from leafe.files import write_json
+from leafe.prompts import WORLD_MODEL_PROMPT, format_reply, observation_message, parse_action, self_reflection_prompt
+from leafe.rollout import RolloutEngine
+from leafe.sft import Row, SFTSettings, row_from_mask, train
+
+VARIANTS = ("iwm", "sr")
+
+
+@dataclass
+class EarlyExperienceSettings:
+    variant: str = "iwm"
+    env: str = "sokoban"
+    env_params: dict[str, Any] = field(default_factory=dict)
+    tasks: int = 64
+    task_seed: int = 5000
+    alternatives: int = 3  # K replies sampled at each expert state
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    rationale_tokens: int = 128
+    states_per_call: int = 64  # expert states whose alternatives are sampled in one generate call
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise LeafeError(f"--variant must be one of {', '.join(VARIANTS)} (got {self.variant!r})")
+        if self.tasks < 1 or self.alternatives < 1 or self.states_per_call < 1:
+            raise LeafeError("--tasks, --alternatives and --states-per-call must be >= 1")
+
+
+@dataclass
+class ExpertState:
+    """Expert state s_i of one demonstration: the history h_i and what the expert did next."""
+
+    task: Task
+    index: int
+    conv: Conversation  # h_i, ready for the next agent turn
+    expert_action: str
+    expert_outcome: str  # observation message after the expert action
+    actions: list[str]  # the expert actions before s_i (for rollback by replay)
+    hashes: list[str]
+    snapshot: Any = None
+
+
+@dataclass
+class Alternative:
+    state: ExpertState
+    token_ids: list[int]
+    stopped: bool
+    action: str
+    outcome: str  # observation message after executing it from s_i
+
+
+def same_action(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+def demonstrations(engine: RolloutEngine, env_name: str, env_params: dict, tasks: list[Task]) -> tuple[list[ExpertState], list[Row], int]:
+    """Play the expert on every task that has one: its states, one imitation row per demonstration
+    (loss on every expert turn), and the number of tasks without an expert path."""
+    recorder = engine.recorder
+    states, rows, missing = [], [], 0
+    for task in tasks:
+        env = make(env_name, **env_params)
+        plan = env.expert_actions(task)
+        if not plan:
+            missing += 1
+            continue
+        live = recorder.start(env, task)
+        for i, action in enumerate(plan):
+            snapshot = env.snapshot() if env.supports_snapshot else None
+            before = live.conv.copy()
+            recorder.apply(live, recorder.scripted(format_reply(env.expert_thought(action), action)))
+            step = live.episode.steps[-1]
+            states.append(ExpertState(task, i, before, step.action, observation_message(i, step.action, step.observation),
+                                      live.episode.actions[:i], live.episode.observation_hashes[: i + 1], snapshot))
+            if live.done:
+                break
+        episode = recorder.finish(live)
+        if not episode.success:
+            raise LeafeError(f"the {env_name} expert did not solve task {task.task_id}; its expert_actions() is wrong")
+        rows.append(row_from_mask(episode.token_ids, episode.loss_mask(), kind="expert"))
+    return states, rows, missing
+
+
+def _at_state(state: ExpertState, env_name: str, env_params: dict) -> Env:
+    env = make(env_name, **env_params)
+    if state.snapshot is not None:
+        env.restore(state.snapshot)
+    else:
+        replay(env, state.task, state.actions, state.hashes)
+    return env
+
+
+def sample_alternatives(engine: RolloutEngine, states: list[ExpertState], settings: EarlyExperienceSettings) -> tuple[list[Alternative], int]:
+    """K replies per state, executed from a copy of the state; those naming the expert action dropped."""
+    out, same = [], 0
+    for start in range(0, len(states), settings.states_per_call):
+        chunk = states[start : start + settings.states_per_call]
+        completions = engine.generate([s.conv.prompt_ids() for s in chunk], n=settings.alternatives)
+        for state, replies in zip(chunk, completions):
+            for c in replies:
+                action = parse_action(c.text)
+                if same_action(action, state.expert_action):
+                    same += 1
+                    continue
+                env = _at_state(state, settings.env, settings.env_params)
+                result = env.step(action)
+                engine.counters.env_steps += 1
+                out.append(Alternative(state, c.token_ids, c.finish_reason == "stop", action,
+                                       observation_message(state.index, action, result.observation)))
+    return out, same
+
+
+def iwm_row(engine: RolloutEngine, alt: Alternative) -> Row:
+    """h_i + the alternative reply + the world-model question -> the observed outcome (loss on it only)."""
+    conv = alt.state.conv.copy()
+    conv.add_generation(alt.token_ids, alt.stopped)
+    conv.add_message("user", WORLD_MODEL_PROMPT)
+    start, end = conv.add_generation(engine.recorder.scripted(alt.outcome).token_ids, True)
+    mask = [0] * start + [1] * (end - start)
+    return row_from_mask(conv.ids, mask, kind="iwm")
+
+
+def self_reflection_rows(engine: RolloutEngine, alternatives: list[Alternative], settings: EarlyExperienceSettings) -> tuple[list[Row], dict[str, int]]:
+    """One rationale per expert state that has alternatives; kept when it concludes with the expert action."""
+    by_state: dict[int, list[Alternative]] = {}
+    for alt in alternatives:
+        by_state.setdefault(id(alt.state), []).append(alt)
+    groups = list(by_state.values())
+    rows, kept, disagreed, truncated = [], 0, 0, 0
+    for start in range(0, len(groups), settings.states_per_call):
+        chunk = groups[start : start + settings.states_per_call]
+        prompts = []
+        for alts in chunk:
+            state = alts[0].state
+            outcomes = [(state.expert_action, state.expert_outcome)] + [(a.action, a.outcome) for a in alts]
+            conv = state.conv.copy()
+            conv.add_message("user", self_reflection_prompt(state.expert_action, outcomes))
+            prompts.append(conv.prompt_ids())
+        completions = engine.generate(prompts, max_new_tokens=settings.rationale_tokens)
+        for alts, (c,) in zip(chunk, completions):
+            state = alts[0].state
+            if c.finish_reason != "stop":
+                truncated += 1
+                continue
+            if not same_action(parse_action(c.text), state.expert_action):
+                disagreed += 1
+                continue
+            conv = state.conv.copy()
+            start_at, end = conv.add_generation(c.token_ids, True)
+            rows.append(row_from_mask(conv.ids, [0] * start_at + [1] * (end - start_at), kind="sr"))
+            kept += 1
+    return rows, {"rationales": len(groups), "kept": kept, "dropped_disagree": disagreed, "dropped_truncated": truncated}
+
+
+def train_early_experience(
+    backend: Backend,
+    model: str,
+    settings: EarlyExperienceSettings,
+    sft: SFTSettings,
+    out_dir: str | Path,
+    on_log: Callable[[dict], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Collect the rows with `backend` (the starting model), train `model` into `out_dir`."""
+    from transformers import AutoTokenizer
+
+    settings.validate()
+    out = Path(out_dir)
+    started = time.perf_counter()
+    generated_before = backend.stats.generated_tokens  # sampled tokens only (expert turns are scripted)
+    engine = RolloutEngine(backend, temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
+                           seed=settings.seed)
+    tasks = make(settings.env, **settings.env_params).make_tasks(settings.tasks, settings.task_seed)
+    phase = on_phase or (lambda name: None)
+    phase("expert demonstrations")
+    states, expert_rows, missing = demonstrations(engine, settings.env, settings.env_params, tasks)
+    if not states:
+        raise LeafeError(f"env {settings.env!r} gave no expert path for any of the {len(tasks)} tasks; "
+                         "Early Experience needs an env with expert_actions()")
+    phase("alternatives")
+    alternatives, same = sample_alternatives(engine, states, settings)
+    data: dict[str, Any] = {"tasks": len(tasks), "tasks_without_expert": missing, "expert_states": len(states),
+                            "expert_rows": len(expert_rows), "alternatives": len(alternatives),
+                            "alternatives_same_as_expert": same}
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    trainings = {}
+    if settings.variant == "iwm":
+        iwm_rows = [iwm_row(engine, a) for a in alternatives]
+        data["iwm_rows"] = len(iwm_rows)
+        collect_s = time.perf_counter() - started
+        if not iwm_rows:
+            raise LeafeError("no world-model rows: every sampled alternative was the expert's action")
+        phase("training: world model")
+        first = train(model, tokenizer, iwm_rows, out / "iwm", sft, on_log=on_log, save=False)
+        phase("training: imitation")
+        second = train(first.pop("model"), tokenizer, expert_rows, out, sft, on_log=on_log)
+        second.pop("model")
+        trainings = {"iwm": first, "imitation": second}
+    else:
+        phase("self-reflection")
+        sr_rows, sr_stats = self_reflection_rows(engine, alternatives, settings)
+        data["sr"] = sr_stats
+        collect_s = time.perf_counter() - started
+        phase("training: rationales + imitation")
+        mixed = train(model, tokenizer, sr_rows + expert_rows, out, sft, on_log=on_log)
+        mixed.pop("model")
+        trainings = {"sr+imitation": mixed}
+    counters = engine.counters
+    summary = {
+        "method": f"early-experience-{settings.variant}",
+        "model": str(model),
+        "settings": asdict(settings),
+        "sft": asdict(sft),
+        "data": data,
+        "training": {name: {k: v for k, v in t.items() if k != "log"} for name, t in trainings.items()},
+        "loss_log": {name: t["log"] for name, t in trainings.items()},
+        "cost": {"env_steps": counters.env_steps, "generated_tokens": backend.stats.generated_tokens - generated_before,
+                 "collect_wall_s": round(collect_s, 2), "wall_s": round(time.perf_counter() - started, 2)},
+    }
+    write_json(out / "train.json", summary)
+    return summary

@@ -1,0 +1,412 @@
+"""Multi-turn GRPO, the outcome-reward baseline: G episodes per task, group-normalised advantages,
+a clipped policy-gradient loss on the agent's own tokens, and a k3 KL penalty to the starting model.
+
+Per step: `tasks_per_step` training tasks, G episodes each from the rollout engine (the prompts, step
+limits and token accounting of every other method). Reward = success (minus an optional penalty per
+invalid action); advantage A = (r - mean) / (std + eps) within a task's group, std unbiased; a group
+whose rewards are all equal teaches nothing and leaves the batch entirely (counted as skipped). Each
+agent token t of an episode then contributes
+
+    -min(rho_t A, clip(rho_t, 1 - eps_clip, 1 + eps_clip) A) + kl_coef * (exp(q_t) - q_t - 1),
+    rho_t = exp(logp_t - logp_old_t),  q_t = logp_ref_t - logp_t,
+
+and the loss is the mean over every agent token of the batch (token-level mean); observation,
+prompt and system tokens contribute nothing. Log-probs are recomputed by a full forward pass over
+the exact ids the sampler produced (never re-encoded text).
+
+Why not TRL's GRPOTrainer: its `rollout_func`/`env_mask` path (experimental in TRL 1.16) could carry
+our multi-turn episodes, but zero-variance groups stay in its batch (their tokens still count in the
+loss normaliser and still carry the KL term), and its sampling without vLLM is its own `generate`
+call, not our backend with its prefix cache. So this is a compact trainer on accelerate: sampling
+goes through `rollout.py` with the backend holding the very weights being trained (its KV cache is
+dropped after each update), and the loss, logging and checkpoints live here.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from leafe.envs import make
+from leafe.envs.base import Task
+from leafe.episode import Episode
+from leafe.errors import LeafeError
+from leafe.files import append_jsonl, read_json, read_jsonl, write_json
+from leafe.rollout import RolloutEngine
+from leafe.sft import make_batches
+
+
+@dataclass
+class GRPOSettings:
+    env: str = "sokoban"
+    env_params: dict[str, Any] = field(default_factory=dict)
+    tasks: int = 64  # training tasks (consecutive seeds)
+    task_seed: int = 5000
+    steps: int = 50  # optimiser steps
+    tasks_per_step: int = 8
+    group_size: int = 8  # G episodes per task
+    learning_rate: float = 1e-5
+    kl_coef: float = 0.01
+    clip_eps: float = 0.2
+    adv_eps: float = 1e-6
+    invalid_penalty: float = 0.0  # subtracted from the reward per invalid action (0: off)
+    updates_per_batch: int = 1  # optimiser steps on one batch of episodes (1: on-policy, rho = 1)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    max_batch_tokens: int = 16384  # padded tokens per forward pass (micro-batch)
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    save_every: int = 10  # checkpoint every N steps (0: only the final model)
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("tasks", "steps", "tasks_per_step", "updates_per_batch", "max_new_tokens", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise LeafeError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.group_size < 2:
+            raise LeafeError(f"--group-size must be >= 2: advantages compare episodes of one task (got {self.group_size})")
+        if self.tasks_per_step > self.tasks:
+            raise LeafeError(f"--tasks-per-step ({self.tasks_per_step}) cannot exceed --tasks ({self.tasks})")
+        if self.learning_rate <= 0:
+            raise LeafeError(f"--lr must be > 0 (got {self.learning_rate})")
+        if self.kl_coef < 0 or self.clip_eps <= 0 or self.invalid_penalty < 0:
+            raise LeafeError("--kl-coef and --invalid-penalty must be >= 0 and --clip-eps > 0")
+        if self.save_every < 0 or self.keep_checkpoints < 1:
+            raise LeafeError("--save-every must be >= 0 and --keep-checkpoints >= 1")
+
+    def fingerprint(self, model: str) -> dict[str, Any]:
+        """What must match for a checkpoint in the output directory to be resumed."""
+        data = asdict(self)
+        for free in ("steps", "save_every", "keep_checkpoints", "max_batch_tokens"):  # may change on resume
+            data.pop(free)
+        return data | {"model": model}
+
+
+# -- the pieces of the objective (pure functions, tested by hand) ---------------------------------
+
+def episode_reward(episode: Episode, invalid_penalty: float = 0.0) -> float:
+    """1 for success, 0 otherwise, minus `invalid_penalty` per step the env flagged invalid."""
+    invalid = sum(1 for s in episode.steps if s.info.get("invalid"))
+    return float(episode.success) - invalid_penalty * invalid
+
+
+def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float] | None:
+    """(r - mean) / (std + eps) over one task's group (unbiased std); None when all rewards are equal."""
+    if len(rewards) < 2:
+        raise ValueError("a group needs at least two episodes")
+    values = torch.tensor(rewards, dtype=torch.float64)
+    std = values.std(correction=1).item()
+    if std < 1e-12:
+        return None
+    return ((values - values.mean()) / (std + eps)).tolist()
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor  # this micro-batch's share of the batch loss (already divided by the batch's tokens)
+    pg: float  # sums over the micro-batch's agent tokens (for logging)
+    kl: float
+    clipped: float
+    tokens: int
+
+
+def token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    clip_eps: float,
+    kl_coef: float,
+    normalizer: float,
+) -> LossParts:
+    """The clipped surrogate plus k3 KL over flat agent tokens, summed and divided by `normalizer`.
+
+    All tensors are 1-D over the same agent tokens; `advantages` holds each token's episode advantage.
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
+    pg = -torch.minimum(unclipped, clipped)
+    per_token = pg
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and kl_coef > 0:
+        q = ref_logp - logp
+        kl = torch.exp(q) - q - 1
+        per_token = per_token + kl_coef * kl
+    was_clipped = ((ratio > 1 + clip_eps) & (advantages > 0)) | ((ratio < 1 - clip_eps) & (advantages < 0))
+    return LossParts(
+        loss=per_token.sum() / max(normalizer, 1.0),
+        pg=pg.detach().sum().item(),
+        kl=kl.detach().sum().item(),
+        clipped=was_clipped.sum().item(),
+        tokens=logp.numel(),
+    )
+
+
+def agent_logprobs(model, sequences: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the masked tokens of each sequence under `model`, flattened in sequence order.
+
+    Token j of a sequence is scored by the logits at j - 1, so a mask's first position never counts
+    (the first token of an episode is never the agent's). With `with_entropy`, also the entropy of
+    the full next-token distribution at each of those positions.
+    """
+    device = next(model.parameters()).device
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    select = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, (seq, mask) in enumerate(zip(sequences, masks)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attention[i, : len(seq)] = 1
+        select[i, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    ids, attention, select = ids.to(device), attention.to(device), select.to(device)
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+    targets = select[:, 1:]
+    chosen = logits[targets].float()  # (tokens, vocab): only agent positions go through the softmax
+    logp_all = torch.log_softmax(chosen, dim=-1)
+    logp = logp_all.gather(-1, ids[:, 1:][targets][:, None]).squeeze(-1)
+    entropy = None
+    if with_entropy:  # for logging only: no graph
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+# -- the trainer --------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    """One episode as the loss sees it: its exact ids, the agent-token mask, its advantage."""
+
+    ids: list[int]
+    mask: list[int]
+    advantage: float
+
+
+def group_samples(episodes: Sequence[Episode], invalid_penalty: float = 0.0,
+                  adv_eps: float = 1e-6) -> tuple[list[Sample], dict[str, Any]]:
+    """Episodes -> loss samples with their group's advantages; zero-variance groups left out, counted."""
+    groups: dict[str, list[Episode]] = {}
+    for e in episodes:
+        groups.setdefault(e.task_id, []).append(e)
+    out, skipped, rewards = [], 0, []
+    for group in groups.values():
+        r = [episode_reward(e, invalid_penalty) for e in group]
+        rewards.extend(r)
+        adv = group_advantages(r, adv_eps)
+        if adv is None:
+            skipped += 1
+            continue
+        for e, a in zip(group, adv):
+            mask = e.loss_mask()
+            if any(mask):
+                out.append(Sample(e.token_ids, mask, a))
+    stats = {"groups": len(groups), "skipped_groups": skipped, "skip_rate": skipped / max(len(groups), 1),
+             "reward": sum(rewards) / max(len(rewards), 1),
+             "success": sum(e.success for e in episodes) / max(len(episodes), 1)}
+    return out, stats
+
+
+def task_schedule(n_tasks: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Indices of the tasks of `step`: every task once per epoch, in a seeded order per epoch."""
+    out = []
+    for slot in range(step * per_step, (step + 1) * per_step):
+        epoch, index = divmod(slot, n_tasks)
+        order = list(range(n_tasks))
+        random.Random(seed * 7919 + epoch).shuffle(order)
+        out.append(order[index])
+    return out
+
+
+class GRPOTrainer:
+    """Owns the policy (shared with the sampling backend), the frozen reference and the optimiser."""
+
+    def __init__(self, backend, settings: GRPOSettings, ref_model=None):
+        from accelerate import Accelerator
+
+        self.backend = backend
+        self.settings = settings
+        cuda = backend.device.type == "cuda"
+        self.accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
+        self.policy = backend.model
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=settings.learning_rate,
+                                           weight_decay=settings.weight_decay)
+        self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
+        self.ref = ref_model
+        if self.ref is not None:
+            self.ref.to(backend.device).eval().requires_grad_(False)
+        self.pad_id = backend.pad_id
+
+    def rollout(self, tasks: list[Task], step: int) -> list[Episode]:
+        s = self.settings
+        engine = RolloutEngine(self.backend, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                               max_batch=len(tasks) * s.group_size, seed=s.seed * 100_003 + step)
+        lives = (engine.start(make(s.env, **s.env_params), task, {"sample": j})
+                 for task in tasks for j in range(s.group_size))
+        self.policy.eval()
+        return engine.run(lives)
+
+    def _micro_batches(self, samples: list[Sample], seed: int) -> list[list[Sample]]:
+        order = make_batches([len(x.ids) for x in samples], batch_size=len(samples),
+                             max_tokens=self.settings.max_batch_tokens, seed=seed)
+        return [[samples[i] for i in batch] for batch in order]
+
+    def update(self, samples: list[Sample], seed: int) -> dict[str, float]:
+        """`updates_per_batch` optimiser steps on one batch of samples; returns the last step's stats."""
+        s = self.settings
+        batches = self._micro_batches(samples, seed)
+        total = float(sum(sum(x.mask[1:]) for x in samples))
+        old: list[torch.Tensor] | None = None
+        if s.updates_per_batch > 1:  # later passes need the log-probs of the weights that sampled
+            with torch.no_grad():
+                old = [agent_logprobs(self.policy, [x.ids for x in b], [x.mask for x in b], self.pad_id)[0] for b in batches]
+        refs = []
+        if self.ref is not None and s.kl_coef > 0:
+            with torch.no_grad(), self.accelerator.autocast():
+                refs = [agent_logprobs(self.ref, [x.ids for x in b], [x.mask for x in b], self.pad_id)[0] for b in batches]
+        self.policy.train()
+        for _ in range(s.updates_per_batch):
+            sums = {"pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0}
+            for i, batch in enumerate(batches):
+                with self.accelerator.autocast():
+                    logp, entropy = agent_logprobs(self.policy, [x.ids for x in batch], [x.mask for x in batch],
+                                                   self.pad_id, with_entropy=True)
+                adv = torch.cat([torch.full((sum(x.mask[1:]),), x.advantage) for x in batch]).to(logp.device)
+                parts = token_loss(logp, old[i] if old is not None else logp.detach(), refs[i] if refs else None,
+                                   adv, s.clip_eps, s.kl_coef, total)
+                self.accelerator.backward(parts.loss)
+                sums["pg"] += parts.pg
+                sums["kl"] += parts.kl
+                sums["clipped"] += parts.clipped
+                sums["entropy"] += entropy.sum().item()
+                sums["tokens"] += parts.tokens
+            grad_norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), s.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.policy.eval()
+        self.backend.cache.clear()  # cached keys/values belong to the old weights
+        n = max(sums["tokens"], 1)
+        return {"loss": (sums["pg"] + s.kl_coef * sums["kl"]) / n, "pg_loss": sums["pg"] / n, "kl": sums["kl"] / n,
+                "entropy": sums["entropy"] / n, "clip_frac": sums["clipped"] / n, "grad_norm": float(grad_norm),
+                "agent_tokens": sums["tokens"]}
+
+
+# -- the run: resumable, logged, checkpointed -----------------------------------------------------
+
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in (out / "checkpoints").glob("step-*"):
+        if (path / "state.pt").exists() and path.name[5:].isdigit():
+            found.append((int(path.name[5:]), path))
+    return sorted(found)
+
+
+def train_grpo(
+    model: str,
+    settings: GRPOSettings,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    on_step: Callable[[dict], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Train `model` with GRPO into `out_dir` (a model directory with train.json and log.jsonl).
+
+    Checkpoints (`out_dir/checkpoints/step-N`: weights, optimiser state) are written every
+    `save_every` steps; a rerun with the same settings resumes from the latest one.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from leafe.backends.hf import HFBackend
+
+    settings.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = settings.fingerprint(str(model))
+    header_path = out / "grpo_settings.json"
+    if header_path.exists() and read_json(header_path) != fingerprint:
+        raise LeafeError(f"{out} holds a GRPO run with other settings; use another --out or delete it to start over")
+    write_json(header_path, fingerprint)
+    if (out / "train.json").exists() and read_json(out / "train.json")["settings"] == asdict(settings):
+        return read_json(out / "train.json")  # finished already
+    checkpoints = _checkpoints(out)
+    start_step, resume_from = (checkpoints[-1] if checkpoints else (0, None))
+
+    torch.manual_seed(settings.seed)
+    backend = HFBackend(str(resume_from or model), device=device, dtype="float32")
+    ref = None
+    if settings.kl_coef > 0:
+        ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    trainer = GRPOTrainer(backend, settings, ref)
+    log_path = out / "log.jsonl"
+    log = [r for r in read_jsonl(log_path) if r["step"] <= start_step] if log_path.exists() else []
+    if resume_from is not None:
+        state = torch.load(resume_from / "state.pt", weights_only=False)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    if log_path.exists():  # drop steps logged after the checkpoint we resume from (they are redone)
+        log_path.unlink()
+        for record in log:
+            append_jsonl(log_path, record)
+    if on_start is not None:
+        on_start(settings.steps, start_step)
+
+    env = make(settings.env, **settings.env_params)
+    tasks = env.make_tasks(settings.tasks, settings.task_seed)
+    for step in range(start_step, settings.steps):
+        started = time.perf_counter()
+        chosen = [tasks[i] for i in task_schedule(len(tasks), settings.tasks_per_step, step, settings.seed)]
+        episodes = trainer.rollout(chosen, step)
+        samples, stats = group_samples(episodes, settings.invalid_penalty, settings.adv_eps)
+        record: dict[str, Any] = {"step": step + 1, **stats}
+        if samples:
+            record |= trainer.update(samples, seed=settings.seed * 1_000_033 + step)
+        record |= {"env_steps": sum(len(e.steps) for e in episodes),
+                   "generated_tokens": sum(e.generated_tokens for e in episodes),
+                   "wall_s": round(time.perf_counter() - started, 3)}
+        append_jsonl(log_path, record)
+        log.append(record)
+        if on_step is not None:
+            on_step(record)
+        done = step + 1
+        if settings.save_every and done % settings.save_every == 0 and done < settings.steps:
+            _save_checkpoint(trainer, out, done, settings.keep_checkpoints)
+
+    trainer.accelerator.unwrap_model(trainer.policy).save_pretrained(out)
+    backend.tokenizer.save_pretrained(out)
+    summary = {
+        "method": "grpo",
+        "model": str(model),
+        "settings": asdict(settings),
+        "data": {"tasks": settings.tasks, "episodes": sum(r["groups"] for r in log) * settings.group_size,
+                 "groups": sum(r["groups"] for r in log), "skipped_groups": sum(r["skipped_groups"] for r in log),
+                 "agent_tokens": sum(r.get("agent_tokens", 0) for r in log)},
+        "cost": {"env_steps": sum(r["env_steps"] for r in log),
+                 "generated_tokens": sum(r["generated_tokens"] for r in log),
+                 "wall_s": round(sum(r["wall_s"] for r in log), 2)},
+        "final": {k: log[-1].get(k) for k in ("reward", "success", "kl", "entropy")} if log else {},
+    }
+    write_json(out / "train.json", summary)
+    return summary
+
+
+def _save_checkpoint(trainer: GRPOTrainer, out: Path, step: int, keep: int) -> None:
+    """Weights and optimiser state of `step`, written to a temporary name and renamed when complete."""
+    final = out / "checkpoints" / f"step-{step}"
+    tmp = out / "checkpoints" / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.unwrap_model(trainer.policy).save_pretrained(tmp)
+    trainer.backend.tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": trainer.optimizer.state_dict(), "step": step}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for _, old in _checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,148 @@
+"""GRPO: advantages and loss on hand-computable groups, exact log-probs, and real training steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from leafe.episode import Episode, Step
+from leafe.errors import LeafeError
+from leafe.grpo import (
+    GRPOSettings,
+    agent_logprobs,
+    episode_reward,
+    group_advantages,
+    group_samples,
+    task_schedule,
+    token_loss,
+    train_grpo,
+)
+
+
+def _episode(task: str, success: bool, invalid: int = 0, ids: list[int] | None = None) -> Episode:
+    steps = [Step(index=i, context_len=0, action_start=2, action_end=4, reply="", action="up", finish_reason="stop",
+                  observation="", observation_hash="", reward=0.0, done=False, success=False,
+                  info={"invalid": i < invalid}) for i in range(max(invalid, 1))]
+    return Episode(task_id=task, env="sokoban", token_ids=ids or [5, 6, 7, 8, 9], first_observation="",
+                   first_observation_hash="", steps=steps, success=success)
+
+
+def test_group_advantages_by_hand():
+    # rewards 1, 0, 0, 1: mean 0.5, unbiased std sqrt(1/3)
+    adv = group_advantages([1.0, 0.0, 0.0, 1.0], eps=0.0)
+    s = math.sqrt(1 / 3)
+    assert adv == pytest.approx([0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s])
+    assert group_advantages([0.0, 0.0, 0.0]) is None  # nothing to learn: skipped
+    assert group_advantages([1.0, 1.0]) is None
+
+
+def test_invalid_penalty_is_per_invalid_action():
+    assert episode_reward(_episode("a", True, invalid=2), 0.1) == pytest.approx(0.8)
+    assert episode_reward(_episode("a", False, invalid=3), 0.0) == 0.0
+
+
+def test_token_loss_by_hand():
+    # Two tokens of an episode with A = +1 and one of an episode with A = -2; ratios 1.5, 1.0, 0.5.
+    old = torch.log(torch.tensor([0.2, 0.5, 0.4]))
+    logp = torch.log(torch.tensor([0.3, 0.5, 0.2]))
+    ref = torch.log(torch.tensor([0.3, 0.25, 0.2]))
+    adv = torch.tensor([1.0, 1.0, -2.0])
+    parts = token_loss(logp, old, ref, adv, clip_eps=0.2, kl_coef=0.5, normalizer=4.0)
+    # pg: token 0 clipped at 1.2 -> -1.2; token 1 -> -1.0; token 2: min(0.5*-2, 0.8*-2) = -1.6 -> +1.6
+    pg = [-1.2, -1.0, 1.6]
+    q = [0.0, math.log(0.5), 0.0]  # log(ref / p)
+    kl = [math.exp(x) - x - 1 for x in q]
+    expected = sum(p + 0.5 * k for p, k in zip(pg, kl)) / 4.0
+    assert parts.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert parts.clipped == 2  # token 0 (ratio above 1.2 with A > 0) and token 2 (below 0.8 with A < 0)
+    assert parts.kl == pytest.approx(sum(kl), rel=1e-5)
+
+
+def test_on_policy_gradient_is_advantage_weighted_score():
+    # With old = logp (one update per batch) and no KL, d loss / d logp_t = -A_t / N.
+    logp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    adv = torch.tensor([2.0, -1.0, 0.5])
+    token_loss(logp, logp.detach(), None, adv, 0.2, 0.0, normalizer=3.0).loss.backward()
+    assert logp.grad.tolist() == pytest.approx([-2 / 3, 1 / 3, -0.5 / 3])
+
+
+def test_zero_variance_groups_are_skipped_and_counted():
+    episodes = [_episode("a", True), _episode("a", False), _episode("b", False), _episode("b", False)]
+    samples, stats = group_samples(episodes)
+    assert stats["groups"] == 2 and stats["skipped_groups"] == 1 and stats["skip_rate"] == 0.5
+    assert [round(s.advantage, 4) for s in samples] == [0.7071, -0.7071]  # only group "a" is left
+
+
+def test_only_agent_tokens_are_scored(tiny_backend):
+    # agent_logprobs must return exactly log p(ids[j] | ids[:j]) at the masked positions, nothing else.
+    ids = list(range(10, 40))
+    mask = [0] * 30
+    mask[5:8] = [1, 1, 1]
+    mask[20:22] = [1, 1]
+    model = tiny_backend.model
+    with torch.no_grad():
+        got, entropy = agent_logprobs(model, [ids, ids[:12]], [mask, mask[:12]], tiny_backend.pad_id, with_entropy=True)
+        full = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    expected = [full[j - 1, ids[j]].item() for j in (5, 6, 7, 20, 21)] + [full[j - 1, ids[j]].item() for j in (5, 6, 7)]
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+    assert entropy.shape == got.shape and bool((entropy > 0).all())
+
+
+def test_sampler_logprobs_match_recomputed(tiny_backend):
+    from leafe.envs import make
+    from leafe.rollout import RolloutEngine
+
+    engine = RolloutEngine(tiny_backend, max_new_tokens=12, logprobs=True, seed=3)
+    env = make("sokoban", max_steps=3)
+    tasks = env.make_tasks(2, 11)
+    episodes = engine.run([engine.start(make("sokoban", max_steps=3), t) for t in tasks for _ in range(2)])
+    model = tiny_backend.model
+    for e in episodes:
+        sampled = [lp for s in e.steps for lp in s.logprobs]
+        with torch.no_grad():
+            recomputed, _ = agent_logprobs(model, [e.token_ids], [e.loss_mask()], tiny_backend.pad_id)
+        assert len(sampled) == recomputed.numel() > 0
+        assert recomputed.tolist() == pytest.approx(sampled, abs=2e-4)
+
+
+def test_task_schedule_covers_every_task_each_epoch():
+    seen = [i for step in range(5) for i in task_schedule(10, 2, step, seed=1)]
+    assert sorted(seen) == list(range(10))
+    assert task_schedule(10, 2, 0, seed=1) != task_schedule(10, 2, 0, seed=2)
+
+
+def test_settings_are_validated():
+    with pytest.raises(LeafeError, match="group-size"):
+        GRPOSettings(group_size=1).validate()
+    with pytest.raises(LeafeError, match="tasks-per-step"):
+        GRPOSettings(tasks=2, tasks_per_step=4).validate()
+
+
+def test_grpo_steps_change_weights_checkpoint_and_resume(tiny_model_dir, tmp_path):
+    from leafe.backends.hf import HFBackend
+
+    settings = GRPOSettings(tasks=4, task_seed=3, steps=3, tasks_per_step=2, group_size=4, learning_rate=1e-2,
+                            max_new_tokens=8, env_params={"max_steps": 4}, save_every=2, invalid_penalty=0.1)
+    out = tmp_path / "grpo"
+    summary = train_grpo(str(tiny_model_dir), settings, out, device="cpu")
+    log = [line for line in (out / "log.jsonl").read_text().splitlines() if line]
+    assert len(log) == 3
+    assert summary["cost"]["env_steps"] > 0 and summary["data"]["groups"] == 6
+    assert (out / "checkpoints" / "step-2" / "state.pt").exists()
+    HFBackend(str(out / "checkpoints" / "step-2"), device="cpu")  # a checkpoint loads like any model
+    trained = HFBackend(str(out), device="cpu").model.state_dict()
+    start = HFBackend(str(tiny_model_dir), device="cpu").model.state_dict()
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # the invalid penalty gives variance
+    # A longer run with the same settings resumes from step 2 and redoes only step 3 onwards.
+    settings.steps = 4
+    train_grpo(str(tiny_model_dir), settings, out, device="cpu")
+    steps = [__import__("json").loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    before = (out / "log.jsonl").read_text()
+    again = train_grpo(str(tiny_model_dir), settings, out, device="cpu")  # finished: nothing is redone
+    assert (out / "log.jsonl").read_text() == before and again["settings"]["steps"] == 4
+    settings.learning_rate = 1e-3
+    with pytest.raises(LeafeError, match="other settings"):
+        train_grpo(str(tiny_model_dir), settings, out, device="cpu")
