@@ -13,6 +13,7 @@ import argparse
 import json
 import platform
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from leafe.ace import ACESettings, load_playbook, train_ace
@@ -55,7 +56,7 @@ def main() -> None:
     evaluation = EvalSettings(tasks=args.eval_tasks, task_seed=args.eval_seed, samples=args.samples, temperature=1.0)
 
     def record(name: str, model: str, train: dict | None, playbook: list[str] | None = None) -> None:
-        settings = EvalSettings(**{**evaluation.__dict__, "playbook": playbook or []})
+        settings = replace(evaluation, playbook=playbook or [])
         result = evaluate(HFBackend(model, device="cpu"), model, settings, args.work / f"eval-{name}")
         report["methods"][name] = {"pass_at_k": result["pass_at_k"], "ci95": result["ci95"],
                                    "eval_wall_s": result["wall_s"], "train": train}

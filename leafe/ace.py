@@ -66,9 +66,10 @@ class Playbook:
 
     def credit(self, successes: Sequence[bool]) -> None:
         """Outcome attribution: every lesson in the context of an attempt shares its result."""
+        won = sum(1 for s in successes if s)
         for lesson in self.lessons:
-            lesson.helpful += sum(1 for s in successes if s)
-            lesson.harmful += sum(1 for s in successes if not s)
+            lesson.helpful += won
+            lesson.harmful += len(successes) - won
 
     def curate(self, proposals: Sequence[str], round_index: int, max_lessons: int, threshold: float) -> dict[str, int]:
         """Merge proposals (dedupe against the playbook and each other), then cap. Returns counts."""

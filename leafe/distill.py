@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 from leafe.errors import LeafeError
 from leafe.explore import Node, read_trees
 from leafe.files import write_json
-from leafe.sft import Row, SFTSettings, train
+from leafe.sft import Row, SFTSettings, span_row, train
 
 
 @dataclass
@@ -80,11 +80,6 @@ def clean_episode(node: Node, nodes: Sequence[Node]) -> tuple[list[int], list[tu
     return cleaned, actions
 
 
-def _target_row(ids: list[int], span: tuple[int, int], weight: float, kind: str) -> Row:
-    start, end = span
-    return Row(ids[:end], [-100] * start + ids[start:end], weight, kind)
-
-
 def _went_on_to_succeed(node: Node, children: dict[int, list[Node]]) -> bool:
     return node.outcome == "success" or any(_went_on_to_succeed(c, children) for c in children.get(node.id, []))
 
@@ -109,13 +104,13 @@ def build_rows(trees: Sequence[dict[str, Any]], settings: DistillSettings) -> tu
                 if settings.use_cf and (settings.cf_from == "all" or _went_on_to_succeed(node, children)):
                     counts["cf_branches_used"] += 1
                     ids, actions = clean_episode(node, nodes)
-                    rows.append(_target_row(ids, actions[node.tau], 1.0, "cf"))
+                    rows.append(span_row(ids, actions[node.tau], 1.0, "cf"))
             if node.outcome == "success" and not node.context_experiences:
                 counts["successful_episodes"] += 1
                 if rng.random() < settings.reh_fraction:
                     counts["reh_episodes"] += 1
                     ids, actions = clean_episode(node, nodes)
-                    rows.extend(_target_row(ids, span, settings.beta, "reh") for span in actions)
+                    rows.extend(span_row(ids, span, settings.beta, "reh") for span in actions)
     return rows, counts
 
 

@@ -33,7 +33,7 @@ from leafe.errors import LeafeError
 from leafe.files import write_json
 from leafe.prompts import WORLD_MODEL_PROMPT, format_reply, observation_message, parse_action, self_reflection_prompt
 from leafe.rollout import RolloutEngine
-from leafe.sft import Row, SFTSettings, row_from_mask, train
+from leafe.sft import Row, SFTSettings, row_from_mask, span_row, train
 
 VARIANTS = ("iwm", "sr")
 
@@ -148,9 +148,8 @@ def iwm_row(engine: RolloutEngine, alt: Alternative) -> Row:
     conv = alt.state.conv.copy()
     conv.add_generation(alt.token_ids, alt.stopped)
     conv.add_message("user", WORLD_MODEL_PROMPT)
-    start, end = conv.add_generation(engine.recorder.scripted(alt.outcome).token_ids, True)
-    mask = [0] * start + [1] * (end - start)
-    return row_from_mask(conv.ids, mask, kind="iwm")
+    span = conv.add_generation(engine.recorder.scripted(alt.outcome).token_ids, True)
+    return span_row(conv.ids, span, kind="iwm")
 
 
 def self_reflection_rows(engine: RolloutEngine, alternatives: list[Alternative], settings: EarlyExperienceSettings) -> tuple[list[Row], dict[str, int]]:
@@ -179,8 +178,7 @@ def self_reflection_rows(engine: RolloutEngine, alternatives: list[Alternative],
                 disagreed += 1
                 continue
             conv = state.conv.copy()
-            start_at, end = conv.add_generation(c.token_ids, True)
-            rows.append(row_from_mask(conv.ids, [0] * start_at + [1] * (end - start_at), kind="sr"))
+            rows.append(span_row(conv.ids, conv.add_generation(c.token_ids, True), kind="sr"))
             kept += 1
     return rows, {"rationales": len(groups), "kept": kept, "dropped_disagree": disagreed, "dropped_truncated": truncated}
 

@@ -9,21 +9,30 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically: readers see the old file or the new one, never a half-written one."""
+def _write_atomic(path: str | Path, text: str) -> None:
+    """Readers see the old file or the new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically."""
+    _write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path: str | Path, records: list[Any]) -> None:
+    """Replace a JSONL file atomically (to cut records off its end; appends use `append_jsonl`)."""
+    _write_atomic(path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
 
 
 def read_json(path: str | Path) -> Any:

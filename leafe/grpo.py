@@ -37,7 +37,7 @@ from leafe.envs import make
 from leafe.envs.base import Task
 from leafe.episode import Episode
 from leafe.errors import LeafeError
-from leafe.files import append_jsonl, read_json, read_jsonl, write_json
+from leafe.files import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
 from leafe.rollout import RolloutEngine
 from leafe.sft import make_batches
 
@@ -260,6 +260,9 @@ class GRPOTrainer:
                              max_tokens=self.settings.max_batch_tokens, seed=seed)
         return [[samples[i] for i in batch] for batch in order]
 
+    def _logprobs(self, model, batch: list[Sample], with_entropy: bool = False):
+        return agent_logprobs(model, [x.ids for x in batch], [x.mask for x in batch], self.pad_id, with_entropy)
+
     def update(self, samples: list[Sample], seed: int) -> dict[str, float]:
         """`updates_per_batch` optimiser steps on one batch of samples; returns the last step's stats."""
         s = self.settings
@@ -268,18 +271,17 @@ class GRPOTrainer:
         old: list[torch.Tensor] | None = None
         if s.updates_per_batch > 1:  # later passes need the log-probs of the weights that sampled
             with torch.no_grad():
-                old = [agent_logprobs(self.policy, [x.ids for x in b], [x.mask for x in b], self.pad_id)[0] for b in batches]
+                old = [self._logprobs(self.policy, b)[0] for b in batches]
         refs = []
         if self.ref is not None and s.kl_coef > 0:
             with torch.no_grad(), self.accelerator.autocast():
-                refs = [agent_logprobs(self.ref, [x.ids for x in b], [x.mask for x in b], self.pad_id)[0] for b in batches]
+                refs = [self._logprobs(self.ref, b)[0] for b in batches]
         self.policy.train()
         for _ in range(s.updates_per_batch):
             sums = {"pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0}
             for i, batch in enumerate(batches):
                 with self.accelerator.autocast():
-                    logp, entropy = agent_logprobs(self.policy, [x.ids for x in batch], [x.mask for x in batch],
-                                                   self.pad_id, with_entropy=True)
+                    logp, entropy = self._logprobs(self.policy, batch, with_entropy=True)
                 adv = torch.cat([torch.full((sum(x.mask[1:]),), x.advantage) for x in batch]).to(logp.device)
                 parts = token_loss(logp, old[i] if old is not None else logp.detach(), refs[i] if refs else None,
                                    adv, s.clip_eps, s.kl_coef, total)
@@ -336,8 +338,9 @@ def train_grpo(
     if header_path.exists() and read_json(header_path) != fingerprint:
         raise LeafeError(f"{out} holds a GRPO run with other settings; use another --out or delete it to start over")
     write_json(header_path, fingerprint)
-    if (out / "train.json").exists() and read_json(out / "train.json")["settings"] == asdict(settings):
-        return read_json(out / "train.json")  # finished already
+    finished = read_json(out / "train.json") if (out / "train.json").exists() else None
+    if finished is not None and finished["settings"] == asdict(settings):
+        return finished
     checkpoints = _checkpoints(out)
     start_step, resume_from = (checkpoints[-1] if checkpoints else (0, None))
 
@@ -348,14 +351,13 @@ def train_grpo(
         ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     trainer = GRPOTrainer(backend, settings, ref)
     log_path = out / "log.jsonl"
-    log = [r for r in read_jsonl(log_path) if r["step"] <= start_step] if log_path.exists() else []
+    logged = list(read_jsonl(log_path))
+    log = [r for r in logged if r["step"] <= start_step]
+    if len(log) < len(logged):  # steps logged after the checkpoint we resume from are redone
+        write_jsonl(log_path, log)
     if resume_from is not None:
         state = torch.load(resume_from / "state.pt", weights_only=False)
         trainer.optimizer.load_state_dict(state["optimizer"])
-    if log_path.exists():  # drop steps logged after the checkpoint we resume from (they are redone)
-        log_path.unlink()
-        for record in log:
-            append_jsonl(log_path, record)
     if on_start is not None:
         on_start(settings.steps, start_step)
 

@@ -43,6 +43,12 @@ def row_from_mask(input_ids: Sequence[int], mask: Sequence[int], weight: float =
     return Row(list(input_ids), labels, weight, kind)
 
 
+def span_row(ids: Sequence[int], span: tuple[int, int], weight: float = 1.0, kind: str = "") -> Row:
+    """A row that ends at `span`'s end with loss on the span only (one target turn after its context)."""
+    start, end = span
+    return Row(list(ids[:end]), [-100] * start + list(ids[start:end]), weight, kind)
+
+
 @dataclass
 class SFTSettings:
     learning_rate: float = 1e-5

@@ -2,7 +2,7 @@
 
 import json
 
-from leafe.files import append_jsonl, read_jsonl, write_json
+from leafe.files import append_jsonl, read_jsonl, write_json, write_jsonl
 
 
 def test_torn_last_line_is_dropped_and_appends_continue_cleanly(tmp_path):
@@ -22,3 +22,13 @@ def test_write_json_replaces_atomically(tmp_path):
     write_json(path, {"v": 2})
     assert json.loads(path.read_text()) == {"v": 2}
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temp files left behind
+
+
+def test_write_jsonl_replaces_and_appends_continue(tmp_path):
+    path = tmp_path / "log.jsonl"
+    for i in range(3):
+        append_jsonl(path, {"step": i})
+    write_jsonl(path, [{"step": 0}])
+    append_jsonl(path, {"step": 5})
+    assert list(read_jsonl(path)) == [{"step": 0}, {"step": 5}]
+    assert [p.name for p in tmp_path.iterdir()] == ["log.jsonl"]
