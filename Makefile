@@ -6,23 +6,31 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: demo test install clean bench
+# The report test drives a real headless browser: Debian's chromium, installed here when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test install clean bench chromium
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test,gguf]" "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test,gguf,code]" "$(TORCH)"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/leafe demo
+	$(BIN)/leafe run configs/sokoban-demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q tests
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium (for the report test)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/rollout_throughput.py

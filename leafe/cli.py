@@ -6,6 +6,7 @@ Bad input ends in one line on stderr and exit status 2 (every library error deri
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -30,10 +31,6 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-#: Held-out evaluation levels of the demo (seeds disjoint from training and bootstrap ranges).
-DEMO_EVAL_SEED = 900_000
-#: Levels the demo explores (a training range).
-DEMO_EXPLORE_SEED = 5000
 
 
 def _print_version(value: bool) -> None:
@@ -174,6 +171,7 @@ def eval_cmd(
         max_new_tokens=max_new_tokens,
         seed=seed,
         ks=parse_ks(k),
+        max_batch=batch_size,
     )
     if playbook is not None:
         from leafe.ace import load_playbook
@@ -185,7 +183,7 @@ def eval_cmd(
     make(env, **settings.env_params)  # fail on a bad env before the model loads
     backend = load_backend_for(model, device, dtype, trust_remote_code, gguf_file)
     result = run_with_progress(f"eval {Path(model).name} on {env}", lambda hooks: evaluate(
-        backend, model, settings, out, max_batch=batch_size, save_episodes=save_episodes, **hooks
+        backend, model, settings, out, save_episodes=save_episodes, **hooks
     ))
     console.print(passk_table(f"{env}: {tasks} tasks x {samples} samples, T={temperature}", result))
     console.print(
@@ -290,6 +288,36 @@ def distill_cmd(
         f"dropped over context: {cf['dropped_over_context'] + reh['dropped_over_context']}; "
         f"{summary['training']['steps']} steps, {summary['wall_s']:.0f}s -> {out}"
     )
+
+
+@app.command("judge")
+@_cli_errors
+def judge_cmd(
+    problem: Annotated[Path, typer.Option("--problem", help="Problem JSON: public_tests / private_tests (or a HumanEval-style function problem).")],
+    solution: Annotated[Path, typer.Option("--solution", help="The Python program to judge.")],
+    tests: Annotated[str, typer.Option(help="Which tests: public, private or all.")] = "all",
+    time_limit: Annotated[float, typer.Option("--time-limit", help="CPU seconds per test.")] = 2.0,
+    memory_mb: Annotated[int, typer.Option("--memory-mb", help="Address space per process (MB).")] = 512,
+    unsafe_no_sandbox: Annotated[bool, typer.Option("--unsafe-no-sandbox", help="Run without bubblewrap (rlimits and a timeout only).")] = False,
+) -> None:
+    """Judge a program on a problem's tests in the sandbox; print the verdict as JSON."""
+    from leafe.envs.code import default_sandbox, judge
+
+    for path in (problem, solution):
+        if not path.exists():
+            raise LeafeError(f"{path} does not exist")
+    try:
+        spec = json.loads(problem.read_text())
+    except json.JSONDecodeError as e:
+        raise LeafeError(f"{problem} is not JSON ({e.msg} at line {e.lineno})") from None
+    if tests not in ("public", "private", "all"):
+        raise LeafeError(f"--tests must be public, private or all (got {tests!r})")
+    chosen = [*(spec.get("public_tests", []) if tests != "private" else []),
+              *(spec.get("private_tests", []) if tests != "public" else [])]
+    if not chosen:
+        raise LeafeError(f"{problem} has no {tests} tests (keys public_tests / private_tests)")
+    verdict = judge(solution.read_text(), chosen, time_limit, memory_mb, sandbox=default_sandbox(unsafe_no_sandbox))
+    print(json.dumps(verdict.to_dict(), indent=2))
 
 
 @app.command("show-tree")
@@ -472,51 +500,127 @@ def smollm2_cmd(
     console.print(f"SmolLM2-135M-Instruct -> {path}")
 
 
-@app.command("demo")
+@app.command("run")
 @_cli_errors
-def demo_cmd(
-    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
-    tasks: Annotated[int, typer.Option(help="Held-out levels to evaluate on.")] = 50,
-    samples: Annotated[int, typer.Option(help="Episodes per level.")] = 16,
-    explore_tasks: Annotated[int, typer.Option(help="Training levels to explore with LEAFE's tree.")] = 20,
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="Study config (YAML), e.g. configs/sokoban-demo.yaml.")],
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<name>).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Base model directory (overrides the config's).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a config key, e.g. --set leafe.start=base --set eval.tasks=50 (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the config and print the stage plan; run nothing.")] = False,
 ) -> None:
-    """The main job on the embedded default: build the base agent (once, cached), evaluate it by
-    Pass@k on held-out Sokoban levels, then explore training levels with LEAFE's stage 1."""
-    from leafe.bootstrap import ensure_base_agent
-    from leafe.evaluate import EvalSettings, evaluate
-    from leafe.explore import ExploreSettings, explore
+    """The whole study: bootstrap -> base eval -> GRPO -> LEAFE (explore, distil) -> Early Experience ->
+    ACE -> eval of every method -> results.json -> report.html. Stages already done are skipped, so
+    re-running after an interruption continues where it stopped."""
+    import time
 
+    from rich.live import Live
+    from rich.progress import SpinnerColumn
+
+    from leafe.config import load_config
+    from leafe.study import Study, Ticker
+
+    study_config = load_config(config, overrides or [])
+    if model is not None:
+        study_config = study_config.model_copy(update={"model": model})
+    run_dir = out or Path("runs") / study_config.name
+    study = Study(study_config, run_dir)
+    stages = study.plan()
+    if dry_run:
+        console.print(stage_plan_table(study, stages))
+        return
     _quiet_transformers()
-    with progress_bar() as bar:
-        phases: dict[str, int] = {}
+    started = time.perf_counter()
+    progress = Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("[bold]{task.description}"),
+                        BarColumn(bar_width=16), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[status]}"), console=console)
+    overall = progress.add_task(f"study {study_config.name}", total=len(stages), status="")
 
-        def report(phase: str, done: int, total: int) -> None:
-            if phase not in phases:
-                phases[phase] = bar.add_task(f"bootstrap: {phase}", total=total, status="")
-            bar.update(phases[phase], completed=done, total=total)
+    class RichTicker(Ticker):
+        def __init__(self, task_id) -> None:
+            self.task_id = task_id
 
-        model = ensure_base_agent(report=report)
-    console.print(f"base agent: {model}")
-    settings = EvalSettings(tasks=tasks, task_seed=DEMO_EVAL_SEED, samples=samples, temperature=1.0)
-    backend = load_backend_for(str(model), "auto", "auto", False, None)
-    result = run_with_progress("eval base agent on sokoban", lambda hooks: evaluate(
-        backend, str(model), settings, out / "base", **hooks
-    ))
-    console.print(passk_table(f"base agent on sokoban: {tasks} held-out levels x {samples} samples, T=1.0", result))
-    if explore_tasks > 0:
-        exploring = ExploreSettings(strategy="leafe", tasks=explore_tasks, task_seed=DEMO_EXPLORE_SEED, budget=60)
-        with progress_bar() as bar:
-            task = bar.add_task("explore with reflection and rollback", total=explore_tasks, status="")
-            summary = explore(backend, str(model), exploring, out / "explore",
-                              on_task=lambda record: bar.update(task, advance=1),
-                              on_start=lambda total, done: bar.update(task, completed=done))
-        lo, hi = summary["ci95"]
-        console.print(
-            f"LEAFE stage 1 on {explore_tasks} levels, budget 60 env steps each: solved "
-            f"{100 * summary['success_rate']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}], {summary['branches']} branches "
-            f"({summary['branches_succeeded']} succeeded), {summary['reflections_parsed']}/{summary['reflections']} "
-            f"reflections parsed -> {out / 'explore' / 'trees.jsonl'} (leafe show-tree to read one)"
-        )
+        def start(self, total: int | None, done: int = 0) -> None:
+            progress.update(self.task_id, total=total, completed=done)
+
+        def advance(self, n: int = 1, status: str = "") -> None:
+            progress.update(self.task_id, advance=n, **({"status": status} if status else {}))
+
+    current: list[Any] = []
+    live = console.is_terminal  # a log file gets one plain line per stage instead of a live display
+
+    def finish_current() -> None:
+        if current:
+            total = progress.tasks[current[-1]].total or 1
+            progress.update(current[-1], total=total, completed=total)
+
+    def ticker_for(index: int, total: int, stage, state: str) -> Ticker:
+        finish_current()
+        progress.update(overall, completed=index, status=f"stage {index + 1}/{total}: {stage.key}")
+        label = f"{index + 1}. {stage.title}"
+        note = {"done": "done earlier, skipped", "partial": "resuming", "stale": "config changed: redoing"}.get(state, "")
+        if not live:
+            console.print(f"[{_clock(time.perf_counter() - started)}] stage {index + 1}/{total} {stage.key}"
+                          + (f": {note}" if note else ""))
+        if state == "done":
+            current.append(progress.add_task(label, total=1, completed=1, status=f"[dim]{note}"))
+            return Ticker()
+        current.append(progress.add_task(label, total=None, status=note))
+        return RichTicker(current[-1])
+
+    with Live(progress, console=console, refresh_per_second=4) if live else contextlib.nullcontext():
+        results = study.run(ticker_for)
+        finish_current()
+        progress.update(overall, completed=len(stages), status="done")
+    console.print(results_table(results))
+    console.print(f"{_clock(time.perf_counter() - started)} in all; results: {run_dir / 'results.json'}; "
+                  f"report: {run_dir / 'report.html'}")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@app.command("report")
+@_cli_errors
+def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A run directory that holds results.json.")]) -> None:
+    """(Re)write RUN_DIR/report.html from its results.json and exploration trees."""
+    from leafe.report import write_report
+
+    console.print(f"report: {write_report(run_dir)}")
+
+
+def stage_plan_table(study, stages) -> Table:
+    table = Table(title=f"stage plan of {study.config.name} -> {study.out}")
+    table.add_column("#")
+    table.add_column("stage", no_wrap=True)  # keys are what --set and the run directory use: never cut
+    table.add_column("what")
+    table.add_column("status", no_wrap=True)
+    table.add_column("directory", overflow="fold")
+    for i, stage in enumerate(stages, 1):
+        where = study.stage_dir(stage.key) if stage.key != "bootstrap" else study.base_model()
+        table.add_row(str(i), stage.key, stage.title, study.status(stage), str(where))
+    return table
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    from leafe.report import NAMES
+
+    methods = results["methods"]
+    ks = sorted({k for m in methods.values() for k in m["pass_at_k"]}, key=int)
+    table = Table(title=f"{results['env']}: {results['tasks']} held-out tasks x {results['samples']} samples")
+    table.add_column("method")
+    for k in ks:
+        table.add_column(f"Pass@{k}", justify="right")
+    for name, m in methods.items():
+        table.add_row(NAMES.get(name, name), *(f"{100 * m['pass_at_k'][k]:.1f}" if k in m["pass_at_k"] else "-"
+                                               for k in ks))
+    notes = [f"{NAMES.get(name, name)}: {m['note']}" for name, m in methods.items() if m.get("note")]
+    if notes:
+        table.caption = "; ".join(notes)
+    return table
 
 
 def run_with_progress(description: str, job: Callable[[dict], Any], item: str = "on_episode",

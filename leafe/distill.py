@@ -87,9 +87,9 @@ def _went_on_to_succeed(node: Node, children: dict[int, list[Node]]) -> bool:
 def build_rows(trees: Sequence[dict[str, Any]], settings: DistillSettings) -> tuple[list[Row], dict[str, int]]:
     """D_cf and D_reh rows from tree records (as `read_trees` returns them), and counts."""
     settings.validate()
-    rng = random.Random(settings.seed)
     rows: list[Row] = []
     counts = {"branches": 0, "cf_branches_used": 0, "successful_episodes": 0, "reh_episodes": 0}
+    successful: list[tuple[Node, list[Node]]] = []
     for tree in trees:
         nodes: list[Node] = tree["nodes"]
         children: dict[int, list[Node]] = {}
@@ -106,11 +106,16 @@ def build_rows(trees: Sequence[dict[str, Any]], settings: DistillSettings) -> tu
                     ids, actions = clean_episode(node, nodes)
                     rows.append(span_row(ids, actions[node.tau], 1.0, "cf"))
             if node.outcome == "success" and not node.context_experiences:
-                counts["successful_episodes"] += 1
-                if rng.random() < settings.reh_fraction:
-                    counts["reh_episodes"] += 1
-                    ids, actions = clean_episode(node, nodes)
-                    rows.extend(span_row(ids, span, settings.beta, "reh") for span in actions)
+                successful.append((node, nodes))
+    # Exactly reh_fraction of the successful episodes (at least one when the fraction is not 0): a
+    # coin per episode leaves D_reh empty by chance on small runs (seed 0 draws 25 coins above 0.2).
+    counts["successful_episodes"] = len(successful)
+    wanted = max(1, round(settings.reh_fraction * len(successful))) if settings.reh_fraction and successful else 0
+    for i in sorted(random.Random(settings.seed).sample(range(len(successful)), wanted)):
+        node, nodes = successful[i]
+        ids, actions = clean_episode(node, nodes)
+        rows.extend(span_row(ids, span, settings.beta, "reh") for span in actions)
+    counts["reh_episodes"] = wanted
     return rows, counts
 
 

@@ -38,12 +38,17 @@ class EvalSettings:
     ks: list[int] | None = None
     #: ACE lessons put in the system prompt (empty: the plain system prompt).
     playbook: list[str] = field(default_factory=list)
+    #: Episodes advanced together per generate call: speed and memory. Another value draws other
+    #: random numbers (not another distribution), so a run resumes under any value.
+    max_batch: int = 64
 
     def validate(self) -> None:
         if self.tasks < 1:
             raise LeafeError(f"--tasks must be >= 1 (got {self.tasks})")
         if self.samples < 1:
             raise LeafeError(f"--samples must be >= 1 (got {self.samples})")
+        if self.max_batch < 1:
+            raise LeafeError(f"--batch-size must be >= 1 (got {self.max_batch})")
         for k in self.ks or []:
             if k < 1:
                 raise LeafeError(f"every k must be >= 1 (got {k})")
@@ -56,6 +61,7 @@ class EvalSettings:
         """What must match for an existing partial evaluation to be resumed."""
         data = asdict(self)
         data.pop("ks")
+        data.pop("max_batch")  # how many episodes run at once changes no episode's meaning
         if not data["playbook"]:  # runs from before playbooks existed stay resumable
             data.pop("playbook")
         data["model"] = model
@@ -68,7 +74,6 @@ def evaluate(
     settings: EvalSettings,
     out_dir: str | Path,
     *,
-    max_batch: int = 64,
     save_episodes: bool = False,
     on_episode: Callable[[Episode], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
@@ -98,7 +103,7 @@ def evaluate(
         temperature=settings.temperature,
         top_p=settings.top_p,
         max_new_tokens=settings.max_new_tokens,
-        max_batch=max_batch,
+        max_batch=settings.max_batch,
         seed=settings.seed,
         system=playbook_system_prompt(settings.playbook),
     )

@@ -8,8 +8,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+# mkstemp makes files 0600; written files get the mode open() would give them (0666 less the umask).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
-def _write_atomic(path: str | Path, text: str) -> None:
+
+def write_text(path: str | Path, text: str) -> None:
     """Readers see the old file or the new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -19,6 +23,7 @@ def _write_atomic(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -27,12 +32,12 @@ def _write_atomic(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically."""
-    _write_atomic(path, json.dumps(obj, indent=2) + "\n")
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: str | Path, records: list[Any]) -> None:
     """Replace a JSONL file atomically (to cut records off its end; appends use `append_jsonl`)."""
-    _write_atomic(path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+    write_text(path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
 
 
 def read_json(path: str | Path) -> Any:

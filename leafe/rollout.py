@@ -27,7 +27,6 @@ from leafe.prompts import (
     experience_message,
     first_message,
     observation_message,
-    parse_action,
 )
 
 
@@ -93,7 +92,7 @@ class Recorder:
         t = len(live.episode.steps)
         context_len = len(live.conv.ids)
         start, end = live.conv.add_generation(completion.token_ids, completion.finish_reason == "stop")
-        action = parse_action(completion.text)
+        action = live.env.parse_action(completion.text)
         result = live.env.step(action)
         self.counters.env_steps += 1
         self.counters.generated_tokens += len(completion.token_ids)

@@ -161,3 +161,13 @@ def test_distill_cli_end_to_end_then_eval_the_result(trees_file, tiny_model_dir,
     bad = subprocess.run([sys.executable, "-m", "leafe", "distill", "--model", str(tmp_path / "none"), "--trees",
                           str(trees_file), "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and "is not a model directory" in bad.stderr
+
+
+def test_rehearsal_takes_exactly_its_share_of_successful_episodes(trees_file, tiny_tokenizer):
+    trees = read_trees(trees_file)  # 3 successful episodes (one per task)
+    for fraction, wanted in [(0.0, 0), (0.2, 1), (0.5, 2), (1.0, 3)]:
+        rows, counts = build_rows(trees, DistillSettings(reh_fraction=fraction, use_cf=False))
+        assert counts["successful_episodes"] == 3 and counts["reh_episodes"] == wanted
+        # One first-turn row (no step feedback in its context yet) per rehearsed episode.
+        first_turns = [r for r in rows if "Step 0:" not in tiny_tokenizer.decode(r.input_ids)]
+        assert len(first_turns) == wanted and all(r.kind == "reh" for r in rows)

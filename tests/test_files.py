@@ -32,3 +32,12 @@ def test_write_jsonl_replaces_and_appends_continue(tmp_path):
     append_jsonl(path, {"step": 5})
     assert list(read_jsonl(path)) == [{"step": 0}, {"step": 5}]
     assert [p.name for p in tmp_path.iterdir()] == ["log.jsonl"]
+
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    from leafe import files
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    # mkstemp's 0600 would hide reports and results from other users; open() gives 0666 - umask.
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~files._UMASK

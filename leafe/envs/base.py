@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 from leafe.errors import LeafeError
+from leafe.prompts import parse_action
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ class Env(ABC):
     @abstractmethod
     def make_tasks(self, n: int, seed: int) -> list[Task]:
         """`n` tasks from consecutive seeds starting at `seed` (deterministic)."""
+
+    def parse_action(self, reply: str) -> str:
+        """The action in a model's reply: its 'Action:' line (prompts.parse_action). Envs whose
+        actions span lines (a whole program) override this."""
+        return parse_action(reply)
 
     def expert_actions(self, task: Task) -> list[str] | None:
         """A successful action sequence for `task` when the env has an expert (solver, gold path)."""

@@ -1,0 +1,195 @@
+"""A study's configuration: one YAML file -> the settings of every stage `leafe run` executes.
+
+The settings dataclasses of the stage modules (`EvalSettings`, `GRPOSettings`, `ExploreSettings`,
+...) stay the one definition of each knob and its default; a config section is just a mapping onto
+one of them, checked here (unknown keys, wrong types) before anything runs. What every stage shares
+is set once at the top: the environment, the model, and the training tasks.
+
+    name: sokoban-demo
+    env: sokoban
+    model: embedded            # the base agent `leafe bootstrap` builds and caches; or a model dir
+    methods: [base, grpo, leafe, early_experience, ace]
+    train: {tasks: 64, task_seed: 5000}
+    eval: {tasks: 16, task_seed: 900000, samples: 32}
+    grpo: {steps: 8, learning_rate: 1.0e-4}
+    leafe: {start: grpo, explore: {budget: 60}, distill: {beta: 1.0}, sft: {learning_rate: 3.0e-4}}
+    early_experience: {variant: iwm, tasks: 32, sft: {learning_rate: 3.0e-4}}
+    ace: {tasks: 32}
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from leafe.ace import ACESettings
+from leafe.distill import DistillSettings
+from leafe.early_experience import EarlyExperienceSettings
+from leafe.errors import LeafeError
+from leafe.evaluate import EvalSettings
+from leafe.explore import ExploreSettings
+from leafe.grpo import GRPOSettings
+from leafe.sft import SFTSettings
+
+METHODS = ("base", "grpo", "leafe", "early_experience", "ace")
+#: `model: embedded` means the base agent that `leafe bootstrap` builds (cached by its config hash).
+EMBEDDED = "embedded"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainTasks(_Section):
+    tasks: int = Field(64, ge=1)
+    task_seed: int = 5000
+
+
+class LeafeSection(_Section):
+    #: The checkpoint stage 1 explores with and stage 2 fine-tunes (the paper: GRPO's).
+    start: Literal["grpo", "base"] = "grpo"
+    explore: dict[str, Any] = {}
+    distill: dict[str, Any] = {}
+    sft: dict[str, Any] = {}
+
+
+class EarlyExperienceSection(_Section):
+    variant: str = "iwm"
+    tasks: int | None = None
+    sft: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
+
+
+class StudyConfig(_Section):
+    name: str
+    env: str = "sokoban"
+    env_params: dict[str, Any] = {}
+    model: str = EMBEDDED
+    gguf_file: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    methods: list[Literal["base", "grpo", "leafe", "early_experience", "ace"]] = list(METHODS)
+    train: TrainTasks = TrainTasks()
+    eval: dict[str, Any] = {}
+    grpo: dict[str, Any] = {}
+    leafe: LeafeSection = LeafeSection()
+    early_experience: EarlyExperienceSection = EarlyExperienceSection()
+    ace: dict[str, Any] = {}
+
+    # -- the settings of each stage ------------------------------------------------------------
+    def eval_settings(self) -> EvalSettings:
+        # The playbook is ACE's: its evaluation adds it.
+        return _settings(EvalSettings, self.eval, "eval", env=self.env, env_params=self.env_params, playbook=[])
+
+    def grpo_settings(self) -> GRPOSettings:
+        return _settings(GRPOSettings, {**self.train.model_dump(), **self.grpo}, "grpo",
+                         env=self.env, env_params=self.env_params)
+
+    def explore_settings(self) -> ExploreSettings:
+        return _settings(ExploreSettings, {**self.train.model_dump(), **self.leafe.explore}, "leafe.explore",
+                         env=self.env, env_params=self.env_params, strategy="leafe")
+
+    def distill_settings(self) -> DistillSettings:
+        return _settings(DistillSettings, self.leafe.distill, "leafe.distill")
+
+    def distill_sft(self) -> SFTSettings:
+        return _settings(SFTSettings, self.leafe.sft, "leafe.sft")
+
+    def early_experience_settings(self) -> EarlyExperienceSettings:
+        section = self.early_experience
+        tasks = {**self.train.model_dump(), **({"tasks": section.tasks} if section.tasks else {})}
+        return _settings(EarlyExperienceSettings, {**tasks, **section.settings, "variant": section.variant},
+                         "early_experience", env=self.env, env_params=self.env_params)
+
+    def early_experience_sft(self) -> SFTSettings:
+        return _settings(SFTSettings, self.early_experience.sft, "early_experience.sft")
+
+    def ace_settings(self) -> ACESettings:
+        return _settings(ACESettings, {**self.train.model_dump(), **self.ace}, "ace",
+                         env=self.env, env_params=self.env_params)
+
+    def check(self) -> None:
+        """Build every stage's settings once, so a bad key fails before the first stage runs."""
+        if "base" not in self.methods:
+            raise LeafeError("methods must include base: every method is compared with the model it started from")
+        self.eval_settings()
+        for method, builders in {
+            "grpo": [self.grpo_settings],
+            "leafe": [self.explore_settings, self.distill_settings, self.distill_sft],
+            "early_experience": [self.early_experience_settings, self.early_experience_sft],
+            "ace": [self.ace_settings],
+        }.items():
+            if method in self.methods:
+                for build in builders:
+                    build()
+        if "leafe" in self.methods and self.leafe.start == "grpo" and "grpo" not in self.methods:
+            raise LeafeError("leafe.start is grpo but grpo is not in methods; add grpo or set leafe.start: base")
+
+
+def _settings(cls: type, section: dict[str, Any], where: str, **fixed: Any) -> Any:
+    """`cls(**section, **fixed)`, type-checked, with a one-line error naming the bad key."""
+    known = {f.name for f in fields(cls)}
+    for key in section:
+        if key in fixed:
+            raise LeafeError(f"{where}.{key} cannot be set here: it is the study's own (set it at the top level)")
+        if key not in known:
+            raise LeafeError(f"{where}.{key} is not a setting; known: {', '.join(sorted(known - set(fixed)))}")
+    try:
+        settings = TypeAdapter(cls).validate_python({**section, **fixed})
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise LeafeError(f"{where}.{key}: {first['msg']} (got {first.get('input')!r})") from None
+    if hasattr(settings, "validate"):
+        settings.validate()
+    return settings
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """`key.sub=value` (value parsed as YAML) set into `data`, e.g. `leafe.explore.budget=90`."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise LeafeError(f"--set expects KEY=VALUE, e.g. leafe.start=base (got {item!r})")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    *parents, last = key.strip().split(".")
+    node = data
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise LeafeError(f"--set {item}: {name} is not a section")
+        node = child
+    node[last] = value
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
+    """Parse and check a study config (plus `--set KEY=VALUE` overrides); every problem is one
+    LeafeError line naming the key."""
+    path = Path(path)
+    if not path.exists():
+        raise LeafeError(f"config {path} does not exist; see configs/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise LeafeError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise LeafeError(f"{path} must be a YAML mapping with at least a 'name'")
+    for item in overrides:
+        apply_override(data, item)
+    try:
+        config = StudyConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise LeafeError(f"{path}: {key}: {first['msg']}") from None
+    try:
+        config.check()
+    except LeafeError as e:
+        raise LeafeError(f"{path}: {e}") from None
+    return config

@@ -1,0 +1,133 @@
+"""`leafe run`: config checking, the stage plan, a whole study on a tiny Llama, skip and resume rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from test_cli_eval import leafe
+
+from leafe.config import load_config
+from leafe.errors import LeafeError
+from leafe.study import Study
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+STAGES = ["base.eval", "grpo.train", "leafe.explore", "leafe.distill", "early_experience.train", "ace.train",
+          "grpo.eval", "leafe.eval", "early_experience.eval", "ace.eval"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_shipped_config_parses_and_prints_its_plan(config, tmp_path):
+    run = leafe("run", config, "--dry-run", "--out", tmp_path / "run", "--model", tmp_path / "model-dir")
+    assert run.returncode == 0, run.stderr
+    for key in STAGES:
+        assert key in run.stdout
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    study = Study(load_config(config), tmp_path)
+    assert [s.key for s in study.plan()][-len(STAGES):] == STAGES
+
+
+def test_demo_config_is_the_embedded_default():
+    config = load_config(Path(__file__).parent.parent / "configs" / "sokoban-demo.yaml")
+    assert config.model == "embedded" and set(config.methods) == {"base", "grpo", "leafe", "early_experience", "ace"}
+    assert [s.key for s in Study(config, "x").plan()][0] == "bootstrap"
+    assert config.eval_settings().samples >= 32  # the acceptance compares Pass@32
+
+
+def write_config(path: Path, **overrides) -> Path:
+    data = {"name": "t", **overrides}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"grpo": {"stepz": 3}}, "grpo.stepz is not a setting; known:"),
+    ({"eval": {"tasks": "many"}}, "eval.tasks: Input should be a valid integer"),
+    ({"eval": {"tasks": 0}}, "--tasks must be >= 1"),
+    ({"grpo": {"env": "code"}}, "grpo.env cannot be set here"),
+    ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
+    ({"methods": ["grpo"]}, "methods must include base"),
+    ({"methods": ["base", "leafe"], "leafe": {"start": "grpo"}}, "leafe.start is grpo but grpo is not in methods"),
+    ({"methods": ["base", "ppo"]}, "methods.1: Input should be"),
+])
+def test_a_bad_config_is_one_line_naming_the_key(tmp_path, overrides, message):
+    path = write_config(tmp_path / "c.yaml", **overrides)
+    with pytest.raises(LeafeError) as err:
+        load_config(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_run_rejects_missing_and_malformed_configs(tmp_path):
+    run = leafe("run", tmp_path / "none.yaml")
+    assert run.returncode == 2 and "does not exist" in run.stderr
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    run = leafe("run", tmp_path / "bad.yaml")
+    assert run.returncode == 2 and "is not valid YAML" in run.stderr
+    run = leafe("run", write_config(tmp_path / "c.yaml", model=str(tmp_path / "nowhere")), "--out", tmp_path / "r")
+    assert run.returncode == 2 and "nowhere does not exist" in run.stderr
+
+
+def tiny_study(tmp_path: Path, model: Path, **overrides) -> Path:
+    short = {"max_new_tokens": 8}
+    data = {
+        "name": "tiny", "model": str(model), "device": "cpu", "env_params": {"max_steps": 4},
+        "train": {"tasks": 4, "task_seed": 40},
+        "eval": {"tasks": 2, "task_seed": 900, "samples": 4, **short},
+        "grpo": {"steps": 1, "tasks_per_step": 2, "group_size": 2, **short},
+        "leafe": {"explore": {"tasks": 2, "budget": 8, **short, "reflection_tokens": 8}, "sft": {"epochs": 1}},
+        "early_experience": {"tasks": 2, "settings": short, "sft": {"epochs": 1}},
+        "ace": {"tasks": 2, "tasks_per_round": 2, **short, "reflection_tokens": 8},
+    }
+    for key, value in overrides.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    return write_config(tmp_path / "study.yaml", **data)
+
+
+def stamps(run: Path) -> dict[str, float]:
+    return {key: (run / key.replace(".", "/") / "stage.json").stat().st_mtime_ns for key in STAGES}
+
+
+def test_a_study_runs_every_stage_then_skips_resumes_and_redoes_what_changed(tiny_model_dir, tmp_path):
+    config, run_dir = tiny_study(tmp_path, tiny_model_dir), tmp_path / "run"
+    first = leafe("run", config, "--out", run_dir)
+    assert first.returncode == 0, first.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["env"] == "sokoban" and results["model"] == str(tiny_model_dir)
+    assert (results["tasks"], results["samples"]) == (2, 4)
+    assert list(results["methods"]) == ["base", "grpo", "leafe", "early_experience", "ace"]
+    for method in results["methods"].values():
+        assert list(method["pass_at_k"]) == ["1", "2", "4"] and list(method["ci95"]) == ["1", "2", "4"]
+    assert list(results["cost"]) == STAGES
+    for cost in results["cost"].values():
+        assert set(cost) == {"env_steps", "generated_tokens", "wall_s"}
+    assert results["cost"]["base.eval"]["env_steps"] == 2 * 4 * 4  # 2 tasks x 4 samples x 4 steps (never solved)
+    assert results["cost"]["grpo.train"]["env_steps"] > 0 and results["cost"]["leafe.explore"]["env_steps"] > 0
+    assert (run_dir / "report.html").stat().st_size > 1000
+    assert "Pass@4" in first.stdout  # the final table
+
+    before = stamps(run_dir)
+    again = leafe("run", config, "--out", run_dir)
+    assert again.returncode == 0, again.stderr
+    assert stamps(run_dir) == before  # every stage was done: nothing reran
+
+    # Killed inside the GRPO evaluation: its record says not done, so it (and only it) runs again.
+    record_path = run_dir / "grpo" / "eval" / "stage.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "done": False}))
+    assert leafe("run", config, "--out", run_dir).returncode == 0
+    after = stamps(run_dir)
+    assert [k for k in STAGES if after[k] != before[k]] == ["grpo.eval"]
+
+    # A changed GRPO setting makes GRPO and everything downstream of it stale; nothing else.
+    changed = tiny_study(tmp_path, tiny_model_dir, grpo={"learning_rate": 3e-5})
+    study = Study(load_config(changed), run_dir)
+    status = {s.key: study.status(s) for s in study.plan()}
+    assert {k for k, v in status.items() if v == "stale"} == {"grpo.train", "leafe.explore", "leafe.distill",
+                                                              "grpo.eval", "leafe.eval"}
+    assert {k for k, v in status.items() if v == "done"} == set(STAGES) - {k for k, v in status.items() if v == "stale"}
+    assert leafe("run", changed, "--out", run_dir).returncode == 0
+    redone = stamps(run_dir)
+    assert {k for k in STAGES if redone[k] != after[k]} == {k for k, v in status.items() if v == "stale"}
+    assert json.loads((run_dir / "grpo" / "train" / "train.json").read_text())["settings"]["learning_rate"] == 3e-5
