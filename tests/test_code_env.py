@@ -30,10 +30,10 @@ def test_an_episode_fails_then_is_accepted_and_hidden_tests_stay_hidden():
     naive = "input()\nv = sorted(set(map(int, input().split())))\nprint(v[-2] if len(v) > 1 else -1 if v[0] == 7 else v[0])\n"
     step = env.step(naive)
     assert not step.done and not step.success and step.info["status"] == "wrong_answer"
-    assert "All 2 public tests passed. But a hidden test failed (wrong answer). 2 submissions left." == step.observation
+    assert "All 2 public tests passed. But a hidden test failed (wrong answer).\n2 submissions left." == step.observation
     assert "42" not in step.observation
     step = env.step("print(")
-    assert step.info["status"] == "syntax_error" and "1 submissions left" in step.observation
+    assert step.info["status"] == "syntax_error" and step.observation.endswith("\n1 submission left.")
     snapshot = env.snapshot()
     step = env.step(env.parse_action(f"Thought: fix it.\n```python\n{task.spec['solutions'][0]}```"))
     assert step.done and step.success and step.reward == 1.0 and step.observation.startswith("Accepted")

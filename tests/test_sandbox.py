@@ -230,3 +230,11 @@ def test_missing_bwrap_is_refused_unless_unsafe_is_asked_for(monkeypatch):
     assert judge(ADD, STDIO, sandbox=unsafe).passed
     verdict = judge("while True:\n    pass\n", STDIO, time_limit_s=1.0, sandbox=unsafe)
     assert verdict.status == "time_limit"  # rlimits and the timeout still hold
+
+
+def test_a_program_that_writes_before_reading_a_large_input_does_not_deadlock(box):
+    big = "1 " * 400_000  # far more than a pipe buffer
+    source = "import sys\nsys.stdout.write('x' * 200000)\nsys.stdout.write(str(len(sys.stdin.read().split())))\n"
+    started = time.perf_counter()
+    verdict = judge(source, [{"input": big, "output": "x" * 200000 + "400000"}], sandbox=box)
+    assert verdict.status == "accepted" and time.perf_counter() - started < 3

@@ -323,8 +323,8 @@ class CodeEnv(Env):
             text = verdict.feedback
             info["status"] = verdict.status
         self._done = success or left <= 0
-        if not success:
-            text += f" {left} submissions left." if left > 0 else " No submissions left."
+        if not success:  # on its own line: feedback often ends with a quoted program line
+            text += f"\n{left} submission{'s' if left != 1 else ''} left." if left > 0 else "\nNo submissions left."
         return StepResult(text, 1.0 if success else 0.0, self._done, success, info)
 
     def snapshot(self) -> tuple:

@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -182,11 +183,10 @@ class Sandbox:
         selector = selectors.DefaultSelector()
         selector.register(proc.stdout, selectors.EVENT_READ, out)
         selector.register(proc.stderr, selectors.EVENT_READ, err)
-        try:
-            proc.stdin.write(stdin.encode())
-            proc.stdin.close()
-        except (BrokenPipeError, OSError):  # the program exited (or closed stdin) before reading it all
-            pass
+        # Fed from a thread: a program that writes before it reads would otherwise block on a full
+        # stdout pipe while we block on a full stdin pipe.
+        feeder = threading.Thread(target=_feed, args=(proc.stdin, stdin.encode()), daemon=True)
+        feeder.start()
         deadline = started + limits.wall_s
         while selector.get_map():
             left = deadline - time.perf_counter()
@@ -227,6 +227,14 @@ class Sandbox:
             output_limit=flooded,
             signal=_signal_of(code),
         )
+
+
+def _feed(pipe, data: bytes) -> None:
+    try:
+        pipe.write(data)
+        pipe.close()
+    except (BrokenPipeError, OSError, ValueError):  # the program exited or closed stdin first
+        pass
 
 
 def _signal_of(code: int | None) -> int | None:
