@@ -16,7 +16,8 @@ Layers, outermost first:
 
 `Sandbox(unsafe=True)` (the CLI's `--unsafe-no-sandbox`) keeps the rlimits, the timeout, the
 scratch directory and the process-group kill, and drops the namespaces: for machines where bwrap
-cannot run, with a warning, never silently.
+cannot run, with a warning, never silently. Without a PID namespace a process that leaves the
+session (`setsid`) is out of reach of the kill, and the file system is the judge's own.
 """
 
 from __future__ import annotations
