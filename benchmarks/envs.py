@@ -74,7 +74,7 @@ def code(box: Sandbox, reps: int) -> dict:
 
 
 def judge_throughput(reps: int) -> dict:
-    problems = [p for p in load_problems("leafe")]
+    problems = load_problems("leafe")
     runs = sum(len(p["public_tests"]) + len(p["private_tests"]) for p in problems) * reps
     out = {}
     with warnings.catch_warnings():

@@ -606,10 +606,10 @@ def stage_plan_table(study, stages) -> Table:
 
 
 def results_table(results: dict[str, Any]) -> Table:
-    from leafe.report import NAMES
+    from leafe.report import NAMES, ks_of
 
     methods = results["methods"]
-    ks = sorted({k for m in methods.values() for k in m["pass_at_k"]}, key=int)
+    ks = ks_of(methods)
     table = Table(title=f"{results['env']}: {results['tasks']} held-out tasks x {results['samples']} samples")
     table.add_column("method")
     for k in ks:

@@ -141,12 +141,17 @@ def _settings(cls: type, section: dict[str, Any], where: str, **fixed: Any) -> A
     try:
         settings = TypeAdapter(cls).validate_python({**section, **fixed})
     except ValidationError as e:
-        first = e.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
+        key, first = _first_error(e)
         raise LeafeError(f"{where}.{key}: {first['msg']} (got {first.get('input')!r})") from None
     if hasattr(settings, "validate"):
         settings.validate()
     return settings
+
+
+def _first_error(e: ValidationError) -> tuple[str, dict[str, Any]]:
+    """The dotted key and the details of pydantic's first complaint (one line is all we print)."""
+    first = e.errors()[0]
+    return ".".join(str(p) for p in first["loc"]), first
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
@@ -185,8 +190,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     try:
         config = StudyConfig.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
+        key, first = _first_error(e)
         raise LeafeError(f"{path}: {key}: {first['msg']}") from None
     try:
         config.check()

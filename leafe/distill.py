@@ -28,6 +28,15 @@ from leafe.files import write_json
 from leafe.sft import Row, SFTSettings, span_row, train
 
 
+class NoDistillationRows(LeafeError):
+    """Stage 1 left nothing to distil (no branch led to a success, no successful episode)."""
+
+    def __init__(self, trees: int, counts: dict[str, int]):
+        self.counts = counts
+        super().__init__(f"no distillation rows in {trees} trees ({counts['branches']} branches, "
+                         f"{counts['successful_episodes']} successful episodes); explore more tasks or use --cf-from all")
+
+
 @dataclass
 class DistillSettings:
     beta: float = 1.0
@@ -144,8 +153,7 @@ def distill(
     kept = [r for r in rows if len(r.input_ids) <= limit]
     dropped = {kind: sum(1 for r in rows if r.kind == kind and len(r.input_ids) > limit) for kind in ("cf", "reh")}
     if not kept:
-        raise LeafeError(f"no distillation rows in {len(trees)} trees ({counts['branches']} branches, "
-                         f"{counts['successful_episodes']} successful episodes); explore more tasks or use --cf-from all")
+        raise NoDistillationRows(len(trees), counts)
     tokenizer = AutoTokenizer.from_pretrained(model)
     started = time.perf_counter()
     stats = train(model, tokenizer, kept, out_dir, sft, on_log=on_log)

@@ -12,7 +12,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from leafe.backends.base import Backend
 from leafe.envs import make
@@ -42,6 +42,10 @@ class EvalSettings:
     #: random numbers (not another distribution), so a run resumes under any value.
     max_batch: int = 64
 
+    #: Fields that change speed or memory, not results: a run resumes (and a study stage stays
+    #: done) whatever their value.
+    speed_only: ClassVar[tuple[str, ...]] = ("max_batch",)
+
     def validate(self) -> None:
         if self.tasks < 1:
             raise LeafeError(f"--tasks must be >= 1 (got {self.tasks})")
@@ -59,9 +63,8 @@ class EvalSettings:
 
     def fingerprint(self, model: str) -> dict[str, Any]:
         """What must match for an existing partial evaluation to be resumed."""
-        data = asdict(self)
+        data = {k: v for k, v in asdict(self).items() if k not in self.speed_only}
         data.pop("ks")
-        data.pop("max_batch")  # how many episodes run at once changes no episode's meaning
         if not data["playbook"]:  # runs from before playbooks existed stay resumable
             data.pop("playbook")
         data["model"] = model

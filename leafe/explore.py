@@ -24,7 +24,7 @@ import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from leafe.backends.base import Backend
 from leafe.envs import make
@@ -59,6 +59,9 @@ class ExploreSettings:
     parallel_tasks: int = 16
     seed: int = 0
 
+    #: How many tasks run at once changes no tree's meaning: a run resumes under any value.
+    speed_only: ClassVar[tuple[str, ...]] = ("parallel_tasks",)
+
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise LeafeError(f"unknown --strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -71,8 +74,7 @@ class ExploreSettings:
 
     def fingerprint(self, model: str) -> dict[str, Any]:
         """What must match for an existing partial exploration to be resumed."""
-        data = asdict(self)
-        data.pop("parallel_tasks")  # how many tasks run at once changes no tree's meaning
+        data = {k: v for k, v in asdict(self).items() if k not in self.speed_only}
         data["model"] = model
         return data
 

@@ -68,7 +68,8 @@ def render(results: dict[str, Any], trees: list[dict[str, Any]]) -> str:
     return PAGE.format(title=e(title), css=CSS, js=JS, body="\n".join(body))
 
 
-def _ks(methods: dict[str, Any]) -> list[str]:
+def ks_of(methods: dict[str, Any]) -> list[str]:
+    """Every k any method was evaluated at, in order (as results.json keys them: strings)."""
     ks = {k for m in methods.values() for k in m["pass_at_k"]}
     return sorted(ks, key=int)
 
@@ -76,7 +77,7 @@ def _ks(methods: dict[str, Any]) -> list[str]:
 def passk_table(methods: dict[str, Any]) -> str:
     if not methods:
         return "<p class=empty>No method has been evaluated yet.</p>"
-    ks = _ks(methods)
+    ks = ks_of(methods)
     best = {k: max(m["pass_at_k"].get(k, -1) for m in methods.values()) for k in ks}
     rows = ["<tr><th>method</th>" + "".join(f"<th>Pass@{k}</th>" for k in ks) + "</tr>"]
     for name, m in methods.items():
@@ -98,7 +99,7 @@ def curves_svg(methods: dict[str, Any], width: int = 720, height: int = 400) -> 
     """Pass@k against log2 k, one line per method, its 95% interval as a band."""
     if not methods:
         return ""
-    ks = [int(k) for k in _ks(methods)]
+    ks = [int(k) for k in ks_of(methods)]
     left, right, top, bottom = 56, 170, 16, 44
     plot_w, plot_h = width - left - right, height - top - bottom
     span = max(math.log2(max(ks)), 1.0)

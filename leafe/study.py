@@ -50,12 +50,9 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-#: Settings that change speed or memory, not results: changing them leaves a stage done.
-SPEED_ONLY = ("max_batch", "parallel_tasks")
-
-
 def _fp(settings: Any) -> dict[str, Any]:
-    return {k: v for k, v in asdict(settings).items() if k not in SPEED_ONLY}
+    """A stage's settings without the ones its class declares speed-only (changing those leaves it done)."""
+    return {k: v for k, v in asdict(settings).items() if k not in getattr(settings, "speed_only", ())}
 
 
 def _cost(env_steps: int = 0, generated_tokens: int = 0, wall_s: float = 0.0) -> dict[str, Any]:
@@ -305,27 +302,26 @@ class Study:
                 "cost": _cost(summary["env_steps"], summary["generated_tokens"], summary["wall_s"])}
 
     def _distill(self, ticker: Ticker) -> dict[str, Any]:
-        from leafe.distill import build_rows, distill
-        from leafe.explore import read_trees
+        from leafe.distill import NoDistillationRows, distill
 
         self._release()
         start = self.model_of(self.leafe_start())
-        out = self.stage_dir("leafe.distill")
-        trees = self.stage_dir("leafe.explore") / "trees.jsonl"
-        rows, counts = build_rows(read_trees(trees), self.config.distill_settings())
-        if not rows:
-            # Nothing succeeded in stage 1: there is no correction to distil, so LEAFE's model is its
-            # starting checkpoint. Said in the record, results.json and the report, never hidden.
-            note = (f"stage 1 produced no distillation rows ({counts['branches']} branches, "
-                    f"{counts['successful_episodes']} successful episodes): LEAFE is its starting checkpoint")
-            return {"model": str(start), "trained": False, "note": note, "cost": _cost()}
 
         def on_log(entry: dict) -> None:
             ticker.start(entry["max_steps"], entry["step"])
             ticker.advance(0, status=f"loss {entry['loss']:.3f}")
 
-        summary = distill(str(start), [trees], out, self.config.distill_settings(), self.config.distill_sft(),
-                          on_log=on_log)
+        try:
+            summary = distill(str(start), [self.stage_dir("leafe.explore") / "trees.jsonl"],
+                              self.stage_dir("leafe.distill"), self.config.distill_settings(),
+                              self.config.distill_sft(), on_log=on_log)
+        except NoDistillationRows as empty:
+            # Nothing succeeded in stage 1: there is no correction to distil, so LEAFE's model is its
+            # starting checkpoint. Said in the record, results.json and the report, never hidden.
+            counts = empty.counts
+            note = (f"stage 1 produced no distillation rows ({counts['branches']} branches, "
+                    f"{counts['successful_episodes']} successful episodes): LEAFE is its starting checkpoint")
+            return {"model": str(start), "trained": False, "note": note, "cost": _cost()}
         return {"model": str(start), "trained": True, "sets": summary["sets"], "cost": _cost(wall_s=summary["wall_s"])}
 
     def _early_experience(self, ticker: Ticker) -> dict[str, Any]:

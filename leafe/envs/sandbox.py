@@ -177,8 +177,17 @@ class Sandbox:
 
     def _execute(self, command: list[str], stdin: str, limits: Limits, cwd: Path) -> Outcome:
         started = time.perf_counter()
-        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, start_new_session=True, close_fds=True)
+        with _IN_FLIGHT_LOCK:  # registered before it can exec bwrap, so _reap_orphans never takes it
+            proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    cwd=cwd, start_new_session=True, close_fds=True)
+            _IN_FLIGHT.add(proc.pid)
+        try:
+            return self._collect(proc, stdin, limits, started)
+        finally:
+            with _IN_FLIGHT_LOCK:
+                _IN_FLIGHT.discard(proc.pid)
+
+    def _collect(self, proc: subprocess.Popen, stdin: str, limits: Limits, started: float) -> Outcome:
         out, err = bytearray(), bytearray()
         timed_out = flooded = False
         selector = selectors.DefaultSelector()
@@ -266,8 +275,13 @@ def _become_subreaper() -> None:
         pass
 
 
+#: Outer bwrap processes of runs in progress (in any thread): our own children, reaped by their Popen.
+_IN_FLIGHT: set[int] = set()
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
 def _reap_orphans(bwrap: str, wait_s: float = 1.0) -> None:
-    """Reap the bwrap processes orphaned to us (never another child: their owners reap those)."""
+    """Reap the bwrap processes orphaned to us (never a run's own child: its Popen reaps that)."""
     me, name = os.getpid(), os.path.basename(bwrap)[:15]
     deadline = time.perf_counter() + wait_s
     while True:
@@ -280,7 +294,7 @@ def _reap_orphans(bwrap: str, wait_s: float = 1.0) -> None:
             except OSError:
                 continue
             comm, rest = stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-            if comm == name and int(rest[1]) == me:
+            if comm == name and int(rest[1]) == me and int(entry.name) not in _IN_FLIGHT:
                 orphans.append((int(entry.name), rest[0]))
         for pid, state in orphans:
             if state == "Z":
