@@ -171,3 +171,15 @@ def test_rehearsal_takes_exactly_its_share_of_successful_episodes(trees_file, ti
         # One first-turn row (no step feedback in its context yet) per rehearsed episode.
         first_turns = [r for r in rows if "Step 0:" not in tiny_tokenizer.decode(r.input_ids)]
         assert len(first_turns) == wanted and all(r.kind == "reh" for r in rows)
+
+
+def test_trees_with_nothing_to_distil_raise_a_typed_error(tiny_tokenizer, tiny_model_dir, tmp_path):
+    from test_explore import policy
+
+    from leafe.distill import NoDistillationRows
+
+    never = ScriptedBackend(tiny_tokenizer, policy(solve_with_experience=False))
+    explore(never, "scripted", ExploreSettings(tasks=1, task_seed=40, budget=10), tmp_path / "x")
+    with pytest.raises(NoDistillationRows, match=r"no distillation rows in 1 trees \(\d+ branches, 0 successful") as e:
+        distill(str(tiny_model_dir), [tmp_path / "x" / "trees.jsonl"], tmp_path / "out", DistillSettings(), SFTSettings())
+    assert e.value.counts["successful_episodes"] == 0 and not (tmp_path / "out").exists()
