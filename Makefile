@@ -9,13 +9,13 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut 
 # The report test drives a real headless browser: Debian's chromium, installed here when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install clean bench chromium
+.PHONY: demo test install clean bench chromium java
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test,gguf,code]" "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test,gguf,envs]" "$(TORCH)"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -24,13 +24,19 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/leafe run configs/sokoban-demo.yaml
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium java
 	$(BIN)/python -m pytest -q tests
 
 chromium:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
 		echo "installing Debian's chromium (for the report test)"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+# ScienceWorld's simulator is a jar: Debian's headless JRE, installed here when Java is missing.
+java:
+	@command -v java >/dev/null 2>&1 || { \
+		echo "installing Debian's default-jre-headless (for ScienceWorld)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq default-jre-headless >/dev/null; }
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/rollout_throughput.py

@@ -2,7 +2,8 @@
 
     python benchmarks/envs.py [--reps 3] [--out benchmarks/results/envs.json]
 
-- steps/s: random (Sokoban) or reference/wrong (code) actions through `Env.step`, no model;
+- steps/s: random (Sokoban, TextWorld), reference/wrong (code) or gold-path (ScienceWorld) actions
+  through `Env.step`, no model; ALFWorld on a synthetic game of ALFRED's size (alfworld_speed.py);
 - rollback: `snapshot` + `restore` vs `replay` of the action prefix (reset + re-step, hash-checked);
 - judge: the reference solution of every shipped stdin/stdout problem on all its tests, run (a) in the
   bubblewrap sandbox, (b) with rlimits only (`--unsafe-no-sandbox`), (c) as a bare subprocess.
@@ -27,18 +28,24 @@ from leafe.envs.code import judge, load_problems
 from leafe.envs.sandbox import Sandbox
 
 
-def sokoban(steps: int = 3000) -> dict:
-    env, rng = make("sokoban"), random.Random(0)
-    tasks = env.make_tasks(50, 700_000)
+def random_walk(env, tasks, moves: list[str], steps: int) -> float:
+    """Steps/s of random `moves`, episode after episode over `tasks` (resets not timed apart)."""
+    rng = random.Random(0)
     done, started, i = 0, time.perf_counter(), 0
     while done < steps:
         env.reset(tasks[i % len(tasks)])
         i += 1
         finished = False
         while not finished and done < steps:
-            finished = env.step(rng.choice(["up", "down", "left", "right"])).done
+            finished = env.step(rng.choice(moves)).done
             done += 1
-    rate = done / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started)
+
+
+def sokoban(steps: int = 3000) -> dict:
+    env = make("sokoban")
+    tasks = env.make_tasks(50, 700_000)
+    rate = random_walk(env, tasks, ["up", "down", "left", "right"], steps)
     return {"steps_per_s": round(rate, 1), **rollback_cost(env, tasks[0], ["up", "left", "down", "right"] * 3)}
 
 
@@ -47,16 +54,49 @@ def rollback_cost(env, task, actions: list[str], reps: int = 20) -> dict:
     hashes = [observation_hash(first)]
     for a in actions:
         hashes.append(observation_hash(env.step(a).observation))
-    started = time.perf_counter()
-    for _ in range(reps):
-        env.restore(env.snapshot())
-    snap = (time.perf_counter() - started) / reps
+    out = {}
+    if env.supports_snapshot:
+        started = time.perf_counter()
+        for _ in range(reps):
+            env.restore(env.snapshot())
+        out["rollback_snapshot_ms"] = round(1000 * (time.perf_counter() - started) / reps, 4)
     started = time.perf_counter()
     for _ in range(reps):
         replay(env, task, actions, hashes)
-    rep = (time.perf_counter() - started) / reps
-    return {"rollback_snapshot_ms": round(1000 * snap, 4), "rollback_replay_ms": round(1000 * rep, 3),
-            "replayed_steps": len(actions)}
+    out["rollback_replay_ms"] = round(1000 * (time.perf_counter() - started) / reps, 3)
+    return {**out, "replayed_steps": len(actions)}
+
+
+def scienceworld(tasks: int = 6) -> dict:
+    env = make("scienceworld", split="dev", max_steps=1000)
+    chosen = env.make_tasks(tasks, 0)
+    paths = [env.expert_actions(t) for t in chosen]  # the simulator's gold paths (~5 s each to make)
+    started, steps = time.perf_counter(), 0
+    for task, path in zip(chosen, paths):
+        env.reset(task)
+        for action in path:
+            steps += 1
+            if env.step(action).done:
+                break
+    rate = steps / (time.perf_counter() - started)
+    return {"steps_per_s": round(rate, 1), "tasks": [t.task_id for t in chosen],
+            **rollback_cost(env, chosen[0], paths[0][:10], reps=5)}
+
+
+def textworld(steps: int = 2000) -> dict:
+    env = make("textworld")
+    tasks = env.make_tasks(5, 0)  # generated into the cache on the first run
+    moves = ["look", "inventory", "go north", "go south", "go east", "go west", "open door", "take key"]
+    rate = random_walk(env, tasks, moves, steps)
+    return {"steps_per_s": round(rate, 1), **rollback_cost(env, tasks[0], moves[:5] * 2, reps=10)}
+
+
+def alfworld() -> dict:
+    from alfworld_speed import measure, synthetic_game  # beside this script
+
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic_game(Path(tmp), receptacles=30, objects=40)
+        return {"game": "synthetic, 30 receptacles, 40 objects (no ALFWorld data here)", **measure(tmp, 1)}
 
 
 def code(box: Sandbox, reps: int) -> dict:
@@ -108,7 +148,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/envs.json"))
     args = parser.parse_args()
     report = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "reps": args.reps,
-              "sokoban": sokoban(), "code": code(Sandbox(), args.reps), "judge": judge_throughput(args.reps)}
+              "sokoban": sokoban(), "code": code(Sandbox(), args.reps), "judge": judge_throughput(args.reps),
+              "scienceworld": scienceworld(), "textworld": textworld(), "alfworld": alfworld()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

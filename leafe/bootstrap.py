@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from leafe.errors import LeafeError
-from leafe.files import write_json
+from leafe.files import cache_dir, write_json
 
 #: Bootstrap levels start here; every other seed range in leafe stays below it.
 BOOTSTRAP_SEED_BASE = 10_000_000
@@ -174,7 +174,7 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LEAFE_CACHE", Path.cwd() / ".leafe")) / "models"
+    return cache_dir("models")
 
 
 def ensure_base_agent(config: BootstrapConfig | None = None, cache_dir: str | Path | None = None,

@@ -13,6 +13,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def cache_dir(kind: str) -> Path:
+    """Where built artefacts of one kind live (`models`, `textworld` games): $LEAFE_CACHE/<kind>,
+    by default ./.leafe/<kind>."""
+    return Path(os.environ.get("LEAFE_CACHE", Path.cwd() / ".leafe")) / kind
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Readers see the old file or the new one, never a half-written one."""
     path = Path(path)

@@ -12,7 +12,9 @@ _REGISTRY: dict[str, type[Env]] = {}
 
 # Modules imported on first lookup; an env whose optional dependency is missing must still import
 # (it fails on construction with an install hint), so listing names never needs extras.
-_BUILTIN_MODULES = ("leafe.envs.sokoban", "leafe.envs.code")
+_BUILTIN_MODULES = (
+    "leafe.envs.sokoban", "leafe.envs.code", "leafe.envs.scienceworld", "leafe.envs.textworld", "leafe.envs.alfworld",
+)
 
 
 def register(cls: type[Env]) -> type[Env]:
