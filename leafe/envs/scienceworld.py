@@ -8,7 +8,8 @@ the episode as a failure.
 
 Rollback replays: the simulator has no save/restore, so `base.replay` reloads the task and re-plays
 the prefix, checking every observation's hash. Two things make the stock simulator differ from load
-to load, and both are pinned here (a test replays every task's gold path to prove it):
+to load, and both are pinned here (checked once on the gold paths of all 30 tasks; a test replays
+two of them, one with random pollination, while another episode steps in the same JVM):
 - object order (what a room lists, which flower a bee visits) follows Java identity hashes, which
   differ per load; the JVM runs with `-XX:hashCode=2` (one constant identity hash), so the order is
   insertion order, the same on every load;
