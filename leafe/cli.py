@@ -100,14 +100,23 @@ DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 (CPU: autoc
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a checkpoint's own Python code to run.")]
 GgufOpt = Annotated[Optional[str], typer.Option("--gguf-file", help="GGUF file name inside --model.")]
 EnvOpt = Annotated[str, typer.Option("--env", help="Environment name.")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="hf (transformers, in process) or openai (a server).")]
+BaseUrlOpt = Annotated[Optional[str], typer.Option("--base-url", help="openai backend: the server, e.g. "
+                                                   "http://127.0.0.1:8000/v1.")]
 EnvParamOpt = Annotated[list[str], typer.Option("--env-param", help="Env parameter key=value (repeatable).")]
 
 
-def load_backend_for(model: str, device: str, dtype: str, trust_remote_code: bool, gguf_file: str | None):
+def load_backend_for(model: str, device: str, dtype: str, trust_remote_code: bool, gguf_file: str | None,
+                     backend: str = "hf", base_url: str | None = None):
     _quiet_transformers()
     from leafe.backends import load_backend
 
-    return load_backend("hf", model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    if backend == "openai":  # the server holds the model; `model` only lends its tokenizer
+        return load_backend("openai", model, base_url=base_url)
+    if base_url is not None:
+        raise LeafeError(f"--base-url is for --backend openai (got --backend {backend})")
+    return load_backend(backend, model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                        gguf_file=gguf_file)
 
 
 def progress_bar() -> Progress:
@@ -156,6 +165,8 @@ def eval_cmd(
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
     gguf_file: GgufOpt = None,
+    backend_name: BackendOpt = "hf",
+    base_url: BaseUrlOpt = None,
 ) -> None:
     """Run n independent episodes per task and report Pass@k (writes OUT/eval.json)."""
     from leafe.evaluate import EvalSettings, evaluate
@@ -181,7 +192,7 @@ def eval_cmd(
     from leafe.envs import make
 
     make(env, **settings.env_params)  # fail on a bad env before the model loads
-    backend = load_backend_for(model, device, dtype, trust_remote_code, gguf_file)
+    backend = load_backend_for(model, device, dtype, trust_remote_code, gguf_file, backend_name, base_url)
     result = run_with_progress(f"eval {Path(model).name} on {env}", lambda hooks: evaluate(
         backend, model, settings, out, save_episodes=save_episodes, **hooks
     ))
@@ -218,6 +229,8 @@ def explore_cmd(
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
     gguf_file: GgufOpt = None,
+    backend_name: BackendOpt = "hf",
+    base_url: BaseUrlOpt = None,
 ) -> None:
     """LEAFE stage 1: explore tasks at a fixed env-step budget (writes OUT/trees.jsonl, OUT/summary.json)."""
     from leafe.envs import make
@@ -231,7 +244,7 @@ def explore_cmd(
     )
     settings.validate()
     make(env, **settings.env_params)  # fail on a bad env before the model loads
-    backend = load_backend_for(model, device, dtype, trust_remote_code, gguf_file)
+    backend = load_backend_for(model, device, dtype, trust_remote_code, gguf_file, backend_name, base_url)
     summary = run_with_progress(f"explore ({strategy}, budget {budget})", lambda hooks: explore(
         backend, model, settings, out, **hooks
     ), item="on_task", succeeded=lambda record: record["success"])

@@ -1,10 +1,11 @@
-"""Backends sample completions for token-id prompts: `hf` (transformers) here; others plug in by name."""
+"""Backends sample completions for token-id prompts: `hf` (transformers, in process) and `openai`
+(any OpenAI-compatible completions server); others plug in by name."""
 
 from __future__ import annotations
 
 from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams
 
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "openai")
 
 
 def load_backend(name: str, model: str, **options) -> Backend:
@@ -13,6 +14,12 @@ def load_backend(name: str, model: str, **options) -> Backend:
         from leafe.backends.hf import HFBackend
 
         return HFBackend(model, **options)
+    if name == "openai":
+        from leafe.backends.openai import OpenAIBackend
+
+        if not options.get("base_url"):
+            raise BackendError("the openai backend needs the server's address: --base-url http://HOST:PORT/v1")
+        return OpenAIBackend(model, **options)
     raise BackendError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
 
 

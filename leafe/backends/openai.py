@@ -1,0 +1,179 @@
+"""A backend for any OpenAI-compatible completions server (vLLM, SGLang, llama.cpp's server).
+
+Prompts go out as token ids (the completions API accepts a list of ints as `prompt`), so the server
+sees exactly the ids our chat layer built. What comes back depends on the server:
+- vLLM returns the sampled ids (`return_token_ids`), and log-probs per sampled token;
+- a server that returns text only is served by re-encoding that text with the model's tokenizer.
+  Those ids may differ from the ones the model sampled (a word split another way), which breaks
+  "the ids the model generated are the ids we train on"; every such completion is counted in
+  `stats.retokenized` and a warning says so once.
+
+Requests for the prompts of one call run concurrently (the server batches them). Connection errors,
+timeouts and 5xx answers are retried with exponential backoff; a 4xx answer or a malformed body fails
+at once with what the server said.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams
+
+
+@dataclass
+class OpenAIStats(BackendStats):
+    retokenized: int = 0  # completions whose ids were re-encoded from text (the server sent no ids)
+    retries: int = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.retokenized = self.retries = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {**super().as_dict(), "retokenized": self.retokenized, "retries": self.retries}
+
+
+def _request_seed(seed: int, call: int, index: int) -> int:
+    """A seed per request: one seed for all would make the n episodes of a task (separate requests
+    with the same first prompt) sample the very same replies."""
+    return zlib.crc32(f"{seed}/{call}/{index}".encode()) & 0x7FFFFFFF
+
+
+class OpenAIBackend(Backend):
+    """`model`: a local directory with the served model's tokenizer (the chat layer needs it);
+    `base_url`: the server, e.g. http://127.0.0.1:8000/v1; `served_model`: the name the server
+    knows the model by (default: the first model it lists)."""
+
+    def __init__(self, model: str, *, base_url: str, served_model: str | None = None, api_key: str | None = None,
+                 timeout_s: float = 120.0, retries: int = 4, backoff_s: float = 0.5, max_concurrency: int = 64):
+        from transformers import AutoTokenizer
+
+        self.base_url = base_url.rstrip("/")
+        self.api_key, self.timeout_s = api_key, timeout_s
+        self.retries, self.backoff_s, self.max_concurrency = retries, backoff_s, max_concurrency
+        self.stats = OpenAIStats()
+        self._warned = False
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+        except OSError as exc:
+            raise BackendError(f"the openai backend needs the model's tokenizer in a local directory; "
+                               f"could not load it from {model}: {exc}") from exc
+        listed = self._request("GET", "/models").get("data")
+        if not isinstance(listed, list) or not listed:
+            raise BackendError(f"{self.base_url}/models lists no model; is this an OpenAI-compatible server?")
+        names = [m.get("id") for m in listed]
+        if served_model is not None and served_model not in names:
+            raise BackendError(f"the server at {self.base_url} serves {', '.join(map(str, names))}, not {served_model!r}")
+        self.served_model = served_model or names[0]
+        entry = listed[names.index(self.served_model)]
+        # vLLM reports its context; otherwise trust the tokenizer's, then a conservative default.
+        tokenizer_max = getattr(self.tokenizer, "model_max_length", 0)
+        self.max_context = int(entry.get("max_model_len") or (tokenizer_max if 0 < tokenizer_max < 10**7 else 4096))
+        self.name = f"{self.base_url} ({self.served_model})"
+
+    # -- HTTP ----------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        url = f"{self.base_url}{path}"
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats.retries += 1
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, data, headers, method=method),
+                                            timeout=self.timeout_s) as response:
+                    raw = response.read()
+            except urllib.error.HTTPError as exc:
+                detail = exc.read().decode(errors="replace")[:300]
+                if exc.code < 500:  # our request is wrong: retrying cannot help
+                    raise BackendError(f"{method} {url} was refused ({exc.code}): {detail}") from None
+                last = f"HTTP {exc.code}: {detail}"
+                continue
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                last = str(getattr(exc, "reason", exc))
+                continue
+            try:
+                return json.loads(raw)
+            except json.JSONDecodeError:
+                raise BackendError(f"{method} {url} answered with something that is not JSON: {raw[:200]!r}") from None
+        raise BackendError(f"cannot reach an OpenAI-compatible server at {self.base_url} ({last}) after "
+                           f"{self.retries + 1} tries; start it (e.g. `vllm serve MODEL`) or fix --base-url")
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Completion]]:
+        if not prompts:
+            return []
+        self.stats.calls += 1
+        self.stats.prompt_tokens += sum(len(p) for p in prompts)
+        call = self.stats.calls
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
+            results = list(pool.map(lambda i: self._complete(list(prompts[i]), sampling, _request_seed(sampling.seed, call, i)),
+                                    range(len(prompts))))
+        self.stats.prefill_tokens += sum(len(p) for p in prompts)  # the server's own cache is not visible
+        self.stats.generated_tokens += sum(len(c.token_ids) for row in results for c in row)
+        return results
+
+    def _complete(self, prompt: list[int], sampling: SamplingParams, seed: int) -> list[Completion]:
+        if not prompt:
+            raise ValueError("cannot generate from an empty prompt")
+        body: dict[str, Any] = {
+            "model": self.served_model, "prompt": prompt, "n": sampling.n, "max_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": seed,
+            # vLLM's extensions (other servers ignore unknown fields): ids out, stop ids, stop kept.
+            "return_token_ids": True, "skip_special_tokens": True, "include_stop_str_in_output": True,
+        }
+        if sampling.top_k > 0:
+            body["top_k"] = sampling.top_k
+        if sampling.stop_token_ids:
+            body["stop_token_ids"] = list(sampling.stop_token_ids)
+        if sampling.logprobs:
+            body["logprobs"] = 0  # the sampled token's own log-prob only
+        answer = self._request("POST", "/completions", body)
+        choices = answer.get("choices")
+        if not isinstance(choices, list) or len(choices) != sampling.n:
+            raise BackendError(f"{self.base_url}/completions answered {len(choices) if isinstance(choices, list) else 'no'} "
+                               f"choices for n={sampling.n}: {json.dumps(answer)[:200]}")
+        choices = sorted(choices, key=lambda c: c.get("index", 0))
+        return [self._completion(c, sampling) for c in choices]
+
+    def _completion(self, choice: dict[str, Any], sampling: SamplingParams) -> Completion:
+        text = choice.get("text")
+        if not isinstance(text, str):
+            raise BackendError(f"{self.base_url}/completions answered a choice without text: {json.dumps(choice)[:200]}")
+        ids = choice.get("token_ids")
+        if isinstance(ids, list):
+            # Text from our own tokenizer, as the hf backend does: servers hold back the bytes of an
+            # unfinished character, so their text can end differently from the ids.
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        else:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            self.stats.retokenized += 1
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"{self.base_url} returns text, not token ids: completions are re-tokenized, so the "
+                              f"trained ids may differ from the sampled ones (counted in stats.retokenized)",
+                              stacklevel=3)
+        stopped = choice.get("finish_reason") == "stop"
+        if stopped and sampling.stop_token_ids and (not ids or ids[-1] not in sampling.stop_token_ids):
+            # A stop id ended it but the server left it out: our contract keeps it as the last id.
+            ids = list(ids) + [sampling.stop_token_ids[0]]
+        logprobs = None
+        if sampling.logprobs:
+            raw = (choice.get("logprobs") or {}).get("token_logprobs")
+            if not isinstance(raw, list):
+                raise BackendError(f"{self.base_url} returned no log-probs although they were asked for")
+            logprobs = [float(x) if x is not None else 0.0 for x in raw]
+            logprobs += [0.0] * (len(ids) - len(logprobs))  # an appended stop id has none
+        return Completion([int(i) for i in ids], text, "stop" if stopped else "length", logprobs)
