@@ -16,7 +16,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from helpers import make_tiny_model
 
 from leafe.backends import BackendError, SamplingParams, load_backend

@@ -12,8 +12,8 @@ pytest.importorskip("scienceworld")
 if shutil.which("java") is None:
     pytest.skip("ScienceWorld needs Java (apt-get install default-jre-headless)", allow_module_level=True)
 
-from leafe.envs import make  # noqa: E402
-from leafe.envs.base import EnvError, observation_hash, replay  # noqa: E402
+from leafe.envs import make
+from leafe.envs.base import EnvError, observation_hash, replay
 
 
 def one_task(name: str, **params):

@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("textworld")
 
-from leafe.envs import make  # noqa: E402
-from leafe.envs.base import EnvError, observation_hash, replay  # noqa: E402
+from leafe.envs import make
+from leafe.envs.base import EnvError, observation_hash, replay
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,10 @@ import urllib.error
 import urllib.request
 import warnings
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams
 

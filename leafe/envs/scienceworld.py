@@ -27,7 +27,8 @@ from __future__ import annotations
 import shutil
 import threading
 import zlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from leafe.envs.base import Env, EnvError, StepResult, Task
 from leafe.envs.registry import register
@@ -41,13 +42,15 @@ JAVA_OPTIONS = ["-XX:+UnlockExperimentalVMOptions", "-XX:hashCode=2"]
 
 _LOCK = threading.RLock()  # guards the JVM's start and every seed-then-act pair
 _GATEWAY: Any = None
+_RANDOM: Any = None  # Scala's global Random in that JVM, looked up once (each lookup is a round trip)
+_TASK_NAMES: list[str] = []
 _VARIATIONS: dict[tuple[str, str], list[int]] = {}
 _GOLD: dict[tuple[str, int, str], list[str]] = {}
 
 
 def _gateway() -> Any:
     """This process's JVM running the simulator jar the `scienceworld` package ships (started once)."""
-    global _GATEWAY
+    global _GATEWAY, _RANDOM
     with _LOCK:
         if _GATEWAY is None:
             try:
@@ -61,6 +64,7 @@ def _gateway() -> Any:
                                            die_on_exit=True, return_proc=True)
             _GATEWAY = JavaGateway(gateway_parameters=GatewayParameters(auto_field=True, port=port),
                                    java_process=process)
+            _RANDOM = getattr(getattr(_GATEWAY.jvm.scala.util, "Random$"), "MODULE$")
         return _GATEWAY
 
 
@@ -71,12 +75,15 @@ def _new_simulator() -> Any:
 
 def _seed(*key: Any) -> None:
     """Seed the simulator's global Random from `key`; call under `_LOCK` right before acting."""
-    random = getattr(getattr(_gateway().jvm.scala.util, "Random$"), "MODULE$")
-    random.setSeed(zlib.crc32("/".join(map(str, key)).encode()))
+    _gateway()
+    _RANDOM.setSeed(zlib.crc32("/".join(map(str, key)).encode()))
 
 
 def task_names() -> list[str]:
-    return [str(name) for name in _new_simulator().getTaskNames()]
+    """The simulator's task names (asked once per process: it costs a new simulator object)."""
+    if not _TASK_NAMES:
+        _TASK_NAMES.extend(str(name) for name in _new_simulator().getTaskNames())
+    return list(_TASK_NAMES)
 
 
 def variations(task_name: str, split: str) -> list[int]:
