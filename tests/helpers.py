@@ -8,6 +8,9 @@ from typing import Callable, Sequence
 from leafe.backends.base import Backend, BackendStats, Completion, SamplingParams
 from leafe.chat import ChatFormat
 
+#: vLLM for CPU lives in its own venv (`make vllm-env`): it pins its own torch and transformers.
+VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+
 
 def env_texts() -> list[str]:
     """Text the agent sees on Sokoban, to train a test tokenizer on."""

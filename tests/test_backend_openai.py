@@ -16,13 +16,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import make_tiny_model
+from helpers import VLLM_PYTHON
 
 from leafe.backends import BackendError, SamplingParams, load_backend
 from leafe.backends.hf import HFBackend
 from leafe.chat import ChatFormat
-
-VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
 
 
 def free_port() -> int:
@@ -32,9 +30,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served_model_dir(tmp_path_factory) -> Path:
-    """The tiny Llama at head_dim 64: vLLM's CPU attention kernels have no head_dim 16 (the default tiny's)."""
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama-hd64"), hidden=256)
+def served_model_dir(hd64_model_dir) -> Path:
+    return hd64_model_dir
 
 
 @pytest.fixture(scope="module")

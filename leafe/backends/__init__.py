@@ -1,11 +1,11 @@
-"""Backends sample completions for token-id prompts: `hf` (transformers, in process) and `openai`
-(any OpenAI-compatible completions server); others plug in by name."""
+"""Backends sample completions for token-id prompts: `hf` (transformers, in process), `vllm` (vLLM's
+engine, in process) and `openai` (any OpenAI-compatible completions server); others plug in by name."""
 
 from __future__ import annotations
 
 from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams
 
-BACKENDS = ("hf", "openai")
+BACKENDS = ("hf", "vllm", "openai")
 
 
 def load_backend(name: str, model: str, **options) -> Backend:
@@ -14,6 +14,10 @@ def load_backend(name: str, model: str, **options) -> Backend:
         from leafe.backends.hf import HFBackend
 
         return HFBackend(model, **options)
+    if name == "vllm":
+        from leafe.backends.vllm import VLLMBackend
+
+        return VLLMBackend(model, **options)
     if name == "openai":
         from leafe.backends.openai import OpenAIBackend
 

@@ -7,6 +7,7 @@ history untouched, so the ids the model generated are the ids training sees.
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -66,6 +67,13 @@ class BackendStats:
             "prefill_tokens": self.prefill_tokens,
             "generated_tokens": self.generated_tokens,
         }
+
+
+def request_seed(seed: int, call: int, index: int) -> int:
+    """The seed of one request, for backends that sample each prompt as its own request (vllm,
+    openai): one seed for all would make the n episodes of a task (separate requests with the same
+    first prompt) sample the very same replies."""
+    return zlib.crc32(f"{seed}/{call}/{index}".encode()) & 0x7FFFFFFF
 
 
 class BackendError(LeafeError, RuntimeError):

@@ -20,13 +20,12 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams
+from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams, request_seed
 
 
 @dataclass
@@ -40,12 +39,6 @@ class OpenAIStats(BackendStats):
 
     def as_dict(self) -> dict[str, int]:
         return {**super().as_dict(), "retokenized": self.retokenized, "retries": self.retries}
-
-
-def _request_seed(seed: int, call: int, index: int) -> int:
-    """A seed per request: one seed for all would make the n episodes of a task (separate requests
-    with the same first prompt) sample the very same replies."""
-    return zlib.crc32(f"{seed}/{call}/{index}".encode()) & 0x7FFFFFFF
 
 
 class OpenAIBackend(Backend):
@@ -120,7 +113,7 @@ class OpenAIBackend(Backend):
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
         call = self.stats.calls
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
-            results = list(pool.map(lambda i: self._complete(list(prompts[i]), sampling, _request_seed(sampling.seed, call, i)),
+            results = list(pool.map(lambda i: self._complete(list(prompts[i]), sampling, request_seed(sampling.seed, call, i)),
                                     range(len(prompts))))
         self.stats.prefill_tokens += sum(len(p) for p in prompts)  # the server's own cache is not visible
         self.stats.generated_tokens += sum(len(c.token_ids) for row in results for c in row)

