@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test,gguf,envs]" "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test,gguf,envs,ray]" "$(TORCH)"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

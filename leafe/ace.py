@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from leafe.backends.base import Backend
-from leafe.envs import make
+from leafe.envs import EnvMaker, make
 from leafe.errors import LeafeError
 from leafe.files import read_json, write_json
 from leafe.prompts import ACE_REFLECTOR_PROMPT, SYSTEM_PROMPT, parse_lesson, playbook_system_prompt
@@ -136,8 +136,10 @@ def train_ace(
     settings: ACESettings,
     out_dir: str | Path,
     on_round: Callable[[dict], None] | None = None,
+    envs: EnvMaker = make,
 ) -> dict[str, Any]:
-    """Build `out_dir/playbook.json` over the training tasks; resumes from the last finished round."""
+    """Build `out_dir/playbook.json` over the training tasks; resumes from the last finished round.
+    `envs` makes each episode's env (in process, or on workers: `workers.env_workers`)."""
     settings.validate()
     out = Path(out_dir)
     path = out / "playbook.json"
@@ -159,7 +161,7 @@ def train_ace(
         engine = RolloutEngine(backend, temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
                                seed=settings.seed * 100_003 + round_index,
                                system=playbook_system_prompt(playbook.texts(), SYSTEM_PROMPT))
-        lives = [engine.start(make(settings.env, **settings.env_params), task) for task in schedule[round_index]]
+        lives = [engine.start(envs(settings.env, **settings.env_params), task) for task in schedule[round_index]]
         episodes = engine.run(lives)  # generator
         prompts = [engine.recorder.reflection_prompt(live, ACE_REFLECTOR_PROMPT).prompt_ids() for live in lives]
         replies = engine.generate(prompts, max_new_tokens=settings.reflection_tokens)  # reflector

@@ -104,6 +104,9 @@ BackendOpt = Annotated[str, typer.Option("--backend", help="hf (transformers, in
                                           "or openai (a server, with --base-url).")]
 BaseUrlOpt = Annotated[Optional[str], typer.Option("--base-url", help="openai backend: the server, e.g. "
                                                    "http://127.0.0.1:8000/v1.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Run the envs on N Ray workers (0: in this process).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Join this Ray cluster (e.g. "
+                                                      "ray://HEAD:10001 or auto); default: a local Ray.")]
 EnvParamOpt = Annotated[list[str], typer.Option("--env-param", help="Env parameter key=value (repeatable).")]
 
 
@@ -172,9 +175,12 @@ def eval_cmd(
     gguf_file: GgufOpt = None,
     backend_name: BackendOpt = "hf",
     base_url: BaseUrlOpt = None,
+    workers: WorkersOpt = 0,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Run n independent episodes per task and report Pass@k (writes OUT/eval.json)."""
     from leafe.evaluate import EvalSettings, evaluate
+    from leafe.workers import env_workers
 
     settings = EvalSettings(
         env=env,
@@ -198,9 +204,10 @@ def eval_cmd(
 
     make(env, **settings.env_params)  # fail on a bad env before the model loads
     backend = load_backend_for(model, device, dtype, trust_remote_code, gguf_file, backend_name, base_url)
-    result = run_with_progress(f"eval {Path(model).name} on {env}", lambda hooks: evaluate(
-        backend, model, settings, out, save_episodes=save_episodes, **hooks
-    ))
+    with env_workers(workers, ray_address) as envs:
+        result = run_with_progress(f"eval {Path(model).name} on {env}", lambda hooks: evaluate(
+            backend, model, settings, out, save_episodes=save_episodes, envs=envs, **hooks
+        ))
     console.print(passk_table(f"{env}: {tasks} tasks x {samples} samples, T={temperature}", result))
     console.print(
         f"env steps {result['env_steps']}, generated tokens {result['generated_tokens']}, "
@@ -236,10 +243,13 @@ def explore_cmd(
     gguf_file: GgufOpt = None,
     backend_name: BackendOpt = "hf",
     base_url: BaseUrlOpt = None,
+    workers: WorkersOpt = 0,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """LEAFE stage 1: explore tasks at a fixed env-step budget (writes OUT/trees.jsonl, OUT/summary.json)."""
     from leafe.envs import make
     from leafe.explore import ExploreSettings, explore
+    from leafe.workers import env_workers
 
     settings = ExploreSettings(
         strategy=strategy, env=env, env_params=parse_env_params(env_param), tasks=tasks, task_seed=task_seed,
@@ -250,9 +260,10 @@ def explore_cmd(
     settings.validate()
     make(env, **settings.env_params)  # fail on a bad env before the model loads
     backend = load_backend_for(model, device, dtype, trust_remote_code, gguf_file, backend_name, base_url)
-    summary = run_with_progress(f"explore ({strategy}, budget {budget})", lambda hooks: explore(
-        backend, model, settings, out, **hooks
-    ), item="on_task", succeeded=lambda record: record["success"])
+    with env_workers(workers, ray_address) as envs:
+        summary = run_with_progress(f"explore ({strategy}, budget {budget})", lambda hooks: explore(
+            backend, model, settings, out, envs=envs, **hooks
+        ), item="on_task", succeeded=lambda record: record["success"])
     table = Table(title=f"{strategy} on {env}: {summary['tasks']} tasks, budget {budget} env steps each")
     for key in ("success_rate", "ci95", "env_steps", "replayed_steps", "reflections", "reflections_parsed",
                 "branches", "branches_succeeded", "generated_tokens", "prompt_tokens", "prefill_tokens", "wall_s"):
@@ -436,9 +447,12 @@ def train_cmd(
     device: DeviceOpt = "auto",
     backend_name: BackendOpt = "hf",
     base_url: BaseUrlOpt = None,
+    workers: WorkersOpt = 0,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Train a baseline on the training tasks: multi-turn GRPO, Early Experience (IWM/SR) or ACE."""
     from leafe.envs import make
+    from leafe.workers import env_workers
 
     if method not in METHODS:
         raise LeafeError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
@@ -450,55 +464,57 @@ def train_cmd(
     if method == "grpo" and backend_name != "hf":
         raise LeafeError("grpo samples from the policy it is updating, in process: it takes --backend hf only "
                          "(a vllm/openai sampler would need the new weights after every step)")
-    if method == "grpo":
-        from leafe.grpo import GRPOSettings, train_grpo
+    with env_workers(workers, ray_address) as envs:
+        if method == "grpo":
+            from leafe.grpo import GRPOSettings, train_grpo
 
-        settings = GRPOSettings(env=env, env_params=params, tasks=tasks, task_seed=task_seed, steps=steps,
-                                tasks_per_step=tasks_per_step, group_size=group_size, learning_rate=lr,
-                                kl_coef=kl_coef, clip_eps=clip_eps, invalid_penalty=invalid_penalty,
-                                updates_per_batch=updates_per_batch, temperature=temperature,
-                                max_new_tokens=max_new_tokens, save_every=save_every, seed=seed)
-        settings.validate()
-        with progress_bar() as bar:
-            task = bar.add_task("grpo", total=steps, status="")
+            settings = GRPOSettings(env=env, env_params=params, tasks=tasks, task_seed=task_seed, steps=steps,
+                                    tasks_per_step=tasks_per_step, group_size=group_size, learning_rate=lr,
+                                    kl_coef=kl_coef, clip_eps=clip_eps, invalid_penalty=invalid_penalty,
+                                    updates_per_batch=updates_per_batch, temperature=temperature,
+                                    max_new_tokens=max_new_tokens, save_every=save_every, seed=seed)
+            settings.validate()
+            with progress_bar() as bar:
+                task = bar.add_task("grpo", total=steps, status="")
 
-            def on_step(r: dict) -> None:
-                bar.update(task, completed=r["step"], status=(
-                    f"success {100 * r['success']:.0f}% kl {r.get('kl', 0):.4f} skip {100 * r['skip_rate']:.0f}%"))
+                def on_step(r: dict) -> None:
+                    bar.update(task, completed=r["step"], status=(
+                        f"success {100 * r['success']:.0f}% kl {r.get('kl', 0):.4f} skip {100 * r['skip_rate']:.0f}%"))
 
-            summary = train_grpo(model, settings, out, device=device, on_step=on_step,
-                                 on_start=lambda total, done: bar.update(task, completed=done))
-    elif method == "early-experience":
-        from leafe.early_experience import EarlyExperienceSettings, train_early_experience
-        from leafe.sft import SFTSettings
+                summary = train_grpo(model, settings, out, device=device, on_step=on_step, envs=envs,
+                                     on_start=lambda total, done: bar.update(task, completed=done))
+        elif method == "early-experience":
+            from leafe.early_experience import EarlyExperienceSettings, train_early_experience
+            from leafe.sft import SFTSettings
 
-        settings = EarlyExperienceSettings(variant=variant, env=env, env_params=params, tasks=tasks,
-                                           task_seed=task_seed, alternatives=alternatives, temperature=temperature,
-                                           max_new_tokens=max_new_tokens, seed=seed)
-        settings.validate()
-        sft = SFTSettings(learning_rate=lr, epochs=epochs, batch_size=batch_size, max_batch_tokens=8192, seed=seed,
-                          logging_steps=1)
-        backend = load_backend_for(model, device, "auto", False, None, backend_name, base_url)
-        with console.status("early experience") as status:
-            summary = train_early_experience(
-                backend, model, settings, sft, out,
-                on_phase=lambda name: status.update(f"early experience ({variant}): {name}"),
-                on_log=lambda e: status.update(f"early experience ({variant}): step {e['step']}/{e['max_steps']} "
-                                               f"loss {e['loss']:.3f}"))
-    else:
-        from leafe.ace import ACESettings, train_ace
+            settings = EarlyExperienceSettings(variant=variant, env=env, env_params=params, tasks=tasks,
+                                               task_seed=task_seed, alternatives=alternatives, temperature=temperature,
+                                               max_new_tokens=max_new_tokens, seed=seed)
+            settings.validate()
+            sft = SFTSettings(learning_rate=lr, epochs=epochs, batch_size=batch_size, max_batch_tokens=8192, seed=seed,
+                              logging_steps=1)
+            backend = load_backend_for(model, device, "auto", False, None, backend_name, base_url)
+            with console.status("early experience") as status:
+                summary = train_early_experience(
+                    backend, model, settings, sft, out, envs=envs,
+                    on_phase=lambda name: status.update(f"early experience ({variant}): {name}"),
+                    on_log=lambda e: status.update(f"early experience ({variant}): step {e['step']}/{e['max_steps']} "
+                                                   f"loss {e['loss']:.3f}"))
+        else:
+            from leafe.ace import ACESettings, train_ace
 
-        if epochs != int(epochs):
-            raise LeafeError(f"ace: --epochs counts passes over the tasks and must be a whole number (got {epochs})")
-        settings = ACESettings(env=env, env_params=params, tasks=tasks, task_seed=task_seed, epochs=int(epochs),
-                               tasks_per_round=tasks_per_round, max_lessons=max_lessons, similarity=similarity,
-                               temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-        settings.validate()
-        backend = load_backend_for(model, device, "auto", False, None, backend_name, base_url)
-        with progress_bar() as bar:
-            task = bar.add_task("ace rounds", total=None, status="")
-            summary = train_ace(backend, model, settings, out, on_round=lambda r: bar.update(
-                task, completed=r["round"], total=r["total"], status=f"{r['lessons']} lessons"))
+            if epochs != int(epochs):
+                raise LeafeError(f"ace: --epochs counts passes over the tasks and must be a whole number "
+                                 f"(got {epochs})")
+            settings = ACESettings(env=env, env_params=params, tasks=tasks, task_seed=task_seed, epochs=int(epochs),
+                                   tasks_per_round=tasks_per_round, max_lessons=max_lessons, similarity=similarity,
+                                   temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+            settings.validate()
+            backend = load_backend_for(model, device, "auto", False, None, backend_name, base_url)
+            with progress_bar() as bar:
+                task = bar.add_task("ace rounds", total=None, status="")
+                summary = train_ace(backend, model, settings, out, envs=envs, on_round=lambda r: bar.update(
+                    task, completed=r["round"], total=r["total"], status=f"{r['lessons']} lessons"))
     cost = summary["cost"]
     console.print(f"{summary['method']}: env steps {cost['env_steps']}, generated tokens {cost['generated_tokens']}, "
                   f"wall {cost['wall_s']:.0f}s -> {out} (train.json)")

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from leafe.backends.base import Backend
 from leafe.chat import Conversation
-from leafe.envs import make
+from leafe.envs import EnvMaker, make
 from leafe.envs.base import Env, Task, replay
 from leafe.errors import LeafeError
 from leafe.files import write_json
@@ -86,13 +86,14 @@ def same_action(a: str, b: str) -> bool:
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
 
-def demonstrations(engine: RolloutEngine, env_name: str, env_params: dict, tasks: list[Task]) -> tuple[list[ExpertState], list[Row], int]:
+def demonstrations(engine: RolloutEngine, env_name: str, env_params: dict, tasks: list[Task],
+                   envs: EnvMaker = make) -> tuple[list[ExpertState], list[Row], int]:
     """Play the expert on every task that has one: its states, one imitation row per demonstration
     (loss on every expert turn), and the number of tasks without an expert path."""
     recorder = engine.recorder
     states, rows, missing = [], [], 0
     for task in tasks:
-        env = make(env_name, **env_params)
+        env = envs(env_name, **env_params)
         plan = env.expert_actions(task)
         if not plan:
             missing += 1
@@ -114,8 +115,8 @@ def demonstrations(engine: RolloutEngine, env_name: str, env_params: dict, tasks
     return states, rows, missing
 
 
-def _at_state(state: ExpertState, env_name: str, env_params: dict) -> Env:
-    env = make(env_name, **env_params)
+def _at_state(state: ExpertState, env_name: str, env_params: dict, envs: EnvMaker = make) -> Env:
+    env = envs(env_name, **env_params)
     if state.snapshot is not None:
         env.restore(state.snapshot)
     else:
@@ -123,7 +124,8 @@ def _at_state(state: ExpertState, env_name: str, env_params: dict) -> Env:
     return env
 
 
-def sample_alternatives(engine: RolloutEngine, states: list[ExpertState], settings: EarlyExperienceSettings) -> tuple[list[Alternative], int]:
+def sample_alternatives(engine: RolloutEngine, states: list[ExpertState], settings: EarlyExperienceSettings,
+                        envs: EnvMaker = make) -> tuple[list[Alternative], int]:
     """K replies per state, executed from a copy of the state; those naming the expert action dropped."""
     out, same = [], 0
     for start in range(0, len(states), settings.states_per_call):
@@ -135,7 +137,7 @@ def sample_alternatives(engine: RolloutEngine, states: list[ExpertState], settin
                 if same_action(action, state.expert_action):
                     same += 1
                     continue
-                env = _at_state(state, settings.env, settings.env_params)
+                env = _at_state(state, settings.env, settings.env_params, envs)
                 result = env.step(action)
                 engine.counters.env_steps += 1
                 out.append(Alternative(state, c.token_ids, c.finish_reason == "stop", action,
@@ -191,8 +193,10 @@ def train_early_experience(
     out_dir: str | Path,
     on_log: Callable[[dict], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    envs: EnvMaker = make,
 ) -> dict[str, Any]:
-    """Collect the rows with `backend` (the starting model), train `model` into `out_dir`."""
+    """Collect the rows with `backend` (the starting model), train `model` into `out_dir`. `envs` makes
+    the envs (in process, or on workers: `workers.env_workers`)."""
     from transformers import AutoTokenizer
 
     settings.validate()
@@ -204,12 +208,12 @@ def train_early_experience(
     tasks = make(settings.env, **settings.env_params).make_tasks(settings.tasks, settings.task_seed)
     phase = on_phase or (lambda name: None)
     phase("expert demonstrations")
-    states, expert_rows, missing = demonstrations(engine, settings.env, settings.env_params, tasks)
+    states, expert_rows, missing = demonstrations(engine, settings.env, settings.env_params, tasks, envs)
     if not states:
         raise LeafeError(f"env {settings.env!r} gave no expert path for any of the {len(tasks)} tasks; "
                          "Early Experience needs an env with expert_actions()")
     phase("alternatives")
-    alternatives, same = sample_alternatives(engine, states, settings)
+    alternatives, same = sample_alternatives(engine, states, settings, envs)
     data: dict[str, Any] = {"tasks": len(tasks), "tasks_without_expert": missing, "expert_states": len(states),
                             "expert_rows": len(expert_rows), "alternatives": len(alternatives),
                             "alternatives_same_as_expert": same}

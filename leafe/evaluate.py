@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from leafe.backends.base import Backend
-from leafe.envs import make
+from leafe.envs import EnvMaker, make
 from leafe.episode import Episode
 from leafe.errors import LeafeError
 from leafe.files import append_jsonl, read_jsonl, write_json
@@ -80,8 +80,11 @@ def evaluate(
     save_episodes: bool = False,
     on_episode: Callable[[Episode], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
+    envs: EnvMaker = make,
 ) -> dict[str, Any]:
     """Evaluate and write `out_dir/eval.json`; returns its content.
+
+    `envs` makes each episode's env: `envs.make` in process, or a worker pool's (`workers.env_workers`).
 
     `on_start(total_episodes, already_done)` is called once the resume state is known, and
     `on_episode` after every finished episode (for progress displays).
@@ -136,7 +139,7 @@ def evaluate(
         done[record["task_id"]] = record
 
     lives = (
-        engine.start(make(settings.env, **settings.env_params), task, {"sample": j})
+        engine.start(envs(settings.env, **settings.env_params), task, {"sample": j})
         for task in todo
         for j in range(settings.samples)
     )

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from leafe.backends.base import Backend
-from leafe.envs import make
+from leafe.envs import EnvMaker, make
 from leafe.envs.base import Task
 from leafe.episode import Episode
 from leafe.errors import LeafeError
@@ -174,9 +174,10 @@ class _Search:
 class Explorer:
     """Runs the strategy of `settings` over many tasks at once through one RolloutEngine."""
 
-    def __init__(self, backend: Backend, settings: ExploreSettings):
+    def __init__(self, backend: Backend, settings: ExploreSettings, envs: EnvMaker = make):
         settings.validate()
         self.settings = settings
+        self.envs = envs  # envs.make, or a worker pool's (workers.env_workers)
         self.engine = RolloutEngine(
             backend,
             temperature=settings.temperature,
@@ -189,7 +190,7 @@ class Explorer:
         self.recorder = self.engine.recorder
 
     def _env(self):
-        return make(self.settings.env, **self.settings.env_params)
+        return self.envs(self.settings.env, **self.settings.env_params)
 
     # -- spawning ------------------------------------------------------------------------------
     def _spawn(self, search: _Search) -> None:
@@ -313,8 +314,10 @@ def explore(
     out_dir: str | Path,
     on_task: Callable[[dict[str, Any]], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
+    envs: EnvMaker = make,
 ) -> dict[str, Any]:
-    """Explore `settings.tasks` tasks into `out_dir/trees.jsonl`; write and return `summary.json`."""
+    """Explore `settings.tasks` tasks into `out_dir/trees.jsonl`; write and return `summary.json`.
+    `envs` makes each episode's env (in process, or on workers: `workers.env_workers`)."""
     settings.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,7 +337,7 @@ def explore(
     if on_start is not None:
         on_start(len(tasks), len(tasks) - len(todo))
 
-    explorer = Explorer(backend, settings)
+    explorer = Explorer(backend, settings, envs)
     session, started = uuid.uuid4().hex[:8], time.perf_counter()
     prompt0, prefill0 = backend.stats.prompt_tokens, backend.stats.prefill_tokens
     active: list[_Search] = []

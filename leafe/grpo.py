@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from leafe.envs import make
+from leafe.envs import EnvMaker, make
 from leafe.envs.base import Task
 from leafe.episode import Episode
 from leafe.errors import LeafeError
@@ -230,11 +230,12 @@ def task_schedule(n_tasks: int, per_step: int, step: int, seed: int) -> list[int
 class GRPOTrainer:
     """Owns the policy (shared with the sampling backend), the frozen reference and the optimiser."""
 
-    def __init__(self, backend, settings: GRPOSettings, ref_model=None):
+    def __init__(self, backend, settings: GRPOSettings, ref_model=None, envs: EnvMaker = make):
         from accelerate import Accelerator
 
         self.backend = backend
         self.settings = settings
+        self.envs = envs  # envs.make, or a worker pool's (workers.env_workers)
         cuda = backend.device.type == "cuda"
         self.accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
         self.policy = backend.model
@@ -250,7 +251,7 @@ class GRPOTrainer:
         s = self.settings
         engine = RolloutEngine(self.backend, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                                max_batch=len(tasks) * s.group_size, seed=s.seed * 100_003 + step)
-        lives = (engine.start(make(s.env, **s.env_params), task, {"sample": j})
+        lives = (engine.start(self.envs(s.env, **s.env_params), task, {"sample": j})
                  for task in tasks for j in range(s.group_size))
         self.policy.eval()
         return engine.run(lives)
@@ -320,6 +321,7 @@ def train_grpo(
     device: str = "auto",
     on_step: Callable[[dict], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
+    envs: EnvMaker = make,
 ) -> dict[str, Any]:
     """Train `model` with GRPO into `out_dir` (a model directory with train.json and log.jsonl).
 
@@ -349,7 +351,7 @@ def train_grpo(
     ref = None
     if settings.kl_coef > 0:
         ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    trainer = GRPOTrainer(backend, settings, ref)
+    trainer = GRPOTrainer(backend, settings, ref, envs)
     log_path = out / "log.jsonl"
     logged = list(read_jsonl(log_path))
     log = [r for r in logged if r["step"] <= start_step]

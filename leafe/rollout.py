@@ -14,12 +14,13 @@ all go through here, so they share prompts, step limits and token accounting.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from leafe.backends.base import Backend, Completion, SamplingParams
 from leafe.chat import ChatFormat, Conversation
-from leafe.envs.base import Env, Task, observation_hash, replay
+from leafe.envs.base import Env, StepResult, Task, observation_hash, replay
 from leafe.episode import Episode, Step
 from leafe.prompts import (
     REFLECTION_PROMPT,
@@ -89,11 +90,20 @@ class Recorder:
 
     def apply(self, live: Live, completion: Completion) -> None:
         """Append a reply to the history, act on it in the env, and record the step."""
+        self.apply_all([live], [completion])
+
+    def apply_all(self, lives: list[Live], completions: list[Completion]) -> None:
+        """`apply` for a batch: every env is handed its reply before any is waited for, so envs on
+        workers step concurrently; steps are recorded in batch order either way."""
+        pending = [live.env.submit(c.text) for live, c in zip(lives, completions)]
+        for live, completion, wait in zip(lives, completions, pending):
+            action, result = wait()
+            self._record(live, completion, action, result)
+
+    def _record(self, live: Live, completion: Completion, action: str, result: StepResult) -> None:
         t = len(live.episode.steps)
         context_len = len(live.conv.ids)
         start, end = live.conv.add_generation(completion.token_ids, completion.finish_reason == "stop")
-        action = live.env.parse_action(completion.text)
-        result = live.env.step(action)
         self.counters.env_steps += 1
         self.counters.generated_tokens += len(completion.token_ids)
         live.episode.steps.append(
@@ -262,8 +272,7 @@ class RolloutEngine:
         if not runnable:
             return
         completions = self.generate(prompts)
-        for live, (completion,) in zip(runnable, completions):
-            self.recorder.apply(live, completion)
+        self.recorder.apply_all(runnable, [c for (c,) in completions])
 
     def generate(self, prompts: list[list[int]], n: int = 1, **overrides: Any) -> list[list[Completion]]:
         """One backend call with the engine's sampling settings and the next seed."""

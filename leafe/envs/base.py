@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 from leafe.errors import LeafeError
 from leafe.prompts import parse_action
@@ -79,6 +80,16 @@ class Env(ABC):
         """The action in a model's reply: its 'Action:' line (prompts.parse_action). Envs whose
         actions span lines (a whole program) override this."""
         return parse_action(reply)
+
+    def submit(self, reply: str) -> Callable[[], tuple[str, StepResult]]:
+        """Start acting on a model's reply; the returned function waits for (action, result).
+
+        An env in this process acts at once. An env on a worker (`workers.RemoteEnv`) only sends the
+        reply, so the rollout engine can submit a whole batch before it waits for any of it.
+        """
+        action = self.parse_action(reply)
+        result = self.step(action)
+        return lambda: (action, result)
 
     def expert_actions(self, task: Task) -> list[str] | None:
         """A successful action sequence for `task` when the env has an expert (solver, gold path)."""

@@ -10,6 +10,9 @@ from leafe.envs.base import Env, EnvError
 
 _REGISTRY: dict[str, type[Env]] = {}
 
+#: What constructs envs by name: `make` itself, or a worker pool's `make` (leafe.workers).
+EnvMaker = Callable[..., Env]
+
 # Modules imported on first lookup; an env whose optional dependency is missing must still import
 # (it fails on construction with an install hint), so listing names never needs extras.
 _BUILTIN_MODULES = (
