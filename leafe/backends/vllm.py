@@ -26,12 +26,12 @@ class VLLMBackend(Backend):
     """`model`: a model directory vLLM can load (the tokenizer is read from it for the chat layer).
 
     `dtype`: auto (bf16 on GPUs, fp32 on CPU), float32, bfloat16 or float16. `max_model_len` caps the
-    context (and so the KV cache vLLM must reserve). `kv_cache_gb` sizes vLLM's CPU KV cache
+    context (and so the KV cache vLLM must reserve). `kv_cache_gb` (whole GiB) sizes vLLM's CPU KV cache
     (VLLM_CPU_KVCACHE_SPACE) when no GPU is present; `gpu_memory_utilization` is vLLM's own on GPUs.
     """
 
     def __init__(self, model: str, *, dtype: str = "auto", max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, kv_cache_gb: float = 2.0, gpu_memory_utilization: float = 0.85,
+                 enable_prefix_caching: bool = True, kv_cache_gb: int = 2, gpu_memory_utilization: float = 0.85,
                  max_num_batched_tokens: int | None = None, trust_remote_code: bool = False, seed: int = 0,
                  **engine_options: Any):
         try:
@@ -47,7 +47,7 @@ class VLLMBackend(Backend):
         cuda = torch.cuda.is_available()
         if not cuda:
             # Read by vLLM's CPU worker when it starts; an explicit environment setting wins.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gb)))  # whole GiB only
         if dtype == "auto":
             dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
         try:
