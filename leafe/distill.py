@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 from leafe.errors import LeafeError
 from leafe.explore import Node, read_trees
 from leafe.files import write_json
-from leafe.sft import Row, SFTSettings, span_row, train
+from leafe.sft import Row, SFTSettings, is_main_process, span_row, train
 
 
 class NoDistillationRows(LeafeError):
@@ -174,5 +174,6 @@ def distill(
         "loss_log": stats["log"],
         "wall_s": round(time.perf_counter() - started, 2),
     }
-    write_json(Path(out_dir) / "distill.json", summary)
+    if is_main_process():  # one writer under a multi-process launch
+        write_json(Path(out_dir) / "distill.json", summary)
     return summary

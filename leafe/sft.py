@@ -13,6 +13,7 @@ Used by bootstrap (pretraining the embedded agent), distillation and the Early E
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,11 @@ def _progress_callback(on_log: Callable[[dict], None] | None, log: list[dict]):
     return Progress()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process launch (`accelerate launch` sets RANK), or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def train(
     model: Any,
     tokenizer: Any,
@@ -207,7 +213,12 @@ def train(
     batches = make_batches([len(r.input_ids) for r in rows], settings.batch_size, settings.max_batch_tokens,
                            settings.seed)
     dataset = Dataset.from_dict({"members": batches})
-    use_cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    # The Trainer places the model (a freshly loaded one sits on the CPU): train on a GPU whenever there is one.
+    use_cuda = torch.cuda.is_available()
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by `accelerate launch` (leafe launch)
+    if settings.lora and processes > 1:
+        raise LeafeError("LoRA adapters are merged into the weights on save, which a multi-process (sharded) run "
+                         "cannot do; train without --lora under leafe launch")
     config = SFTConfig(
         output_dir=str(out / "trainer"),
         learning_rate=settings.learning_rate,
@@ -252,7 +263,12 @@ def train(
     trained = trainer.model
     if settings.lora:
         trained = trained.merge_and_unload()
-    if save:
+    if save and processes > 1:
+        # Sharded (FSDP, ZeRO-3) or replicated weights: the Trainer gathers them and rank 0 writes.
+        trainer.save_model(str(out))
+        if is_main_process():
+            tokenizer.save_pretrained(out)
+    elif save:
         trained.save_pretrained(out)
         tokenizer.save_pretrained(out)
     return {
