@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from leafe.errors import LeafeError
+from leafe.launch import LAUNCH_CONTEXT, launch_cmd
 
 app = typer.Typer(
     name="leafe",
@@ -28,7 +29,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(quiet=int(os.environ.get("RANK", "0")) != 0)  # one report per `leafe launch`; errors from any rank
 err_console = Console(stderr=True)
 
 
@@ -520,27 +521,7 @@ def train_cmd(
                   f"wall {cost['wall_s']:.0f}s -> {out} (train.json)")
 
 
-@app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-@_cli_errors
-def launch_cmd(
-    ctx: typer.Context,
-    config: Annotated[Path, typer.Argument(help="An accelerate config, e.g. configs/accelerate/fsdp.yaml.")],
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the command; launch nothing.")] = False,
-    num_processes: Annotated[Optional[int], typer.Option(help="Override the config's process count.")] = None,
-    num_machines: Annotated[Optional[int], typer.Option(help="Override the config's machine count.")] = None,
-    machine_rank: Annotated[Optional[int], typer.Option(help="This machine's rank (multi-machine).")] = None,
-    main_process_ip: Annotated[Optional[str], typer.Option(help="Rank 0's address (multi-machine).")] = None,
-) -> None:
-    """Run a training command on many GPUs: `leafe launch CONFIG [--dry-run] -- distill --model ...`."""
-    from leafe.launch import launch_plan, run
-
-    plan = launch_plan(config, list(ctx.args), num_processes=num_processes, num_machines=num_machines,
-                       machine_rank=machine_rank, main_process_ip=main_process_ip)
-    for line in plan.lines:
-        console.print(line, highlight=False)
-    console.print(plan.shell(), highlight=False, soft_wrap=True)
-    if not dry_run:
-        run(plan)
+app.command("launch", context_settings=LAUNCH_CONTEXT)(_cli_errors(launch_cmd))
 
 
 models_app = typer.Typer(help="Fetch real pretrained models without a model hub.", no_args_is_help=True)

@@ -1,38 +1,60 @@
 """`leafe launch CONFIG -- COMMAND ...`: run a leafe training command under `accelerate launch`.
 
 The configs in `configs/accelerate/` (FSDP, DeepSpeed ZeRO-3) spread one training job over many GPUs
-and machines. This module checks such a config with accelerate's own loader, checks that the leafe
-command can run on several processes, and prints the plan and the exact `accelerate launch` line
-(`--dry-run` stops there).
+and machines. This module checks such a config the way `accelerate launch` will read it (accelerate's
+own loader; every fsdp_config / deepspeed_config key must be one accelerate knows, since it ignores
+the others silently), checks that the leafe command can run on several processes, and prints the
+plan and the exact `accelerate launch` line (`--dry-run` stops there).
 
 What runs multi-process today is LEAFE stage 2, `leafe distill`: every rank reads the trees and builds
 the same rows (deterministic), TRL's SFTTrainer (transformers' Trainer on accelerate) gives each rank
-its share of the batches, shards the model as the config says, and gathers the weights on rank 0 to
-save an ordinary model directory. `leafe train` is refused with the reason: GRPO samples its episodes
-in process with its own decode loop over the policy it updates, so each rank would sample every task
-(the schedule is not rank-aware) and, with sharded weights, ranks making different numbers of
-forward calls would wait on each other forever; Early Experience samples its rows before its SFT on
-every rank alike; ACE trains no weights.
+one batch in N, shards the model as the config says, and gathers the weights on rank 0, which alone
+writes the model directory and distill.json. Tested: 2 real ranks (torchrun, gloo on CPU) split the
+batches and write one loadable model; FSDP and ZeRO-3 sharding need GPUs and have not run here (on a
+CPU-only machine accelerate trains an FSDP config as plain data parallel).
+
+`leafe train` is refused. Under `accelerate launch`, GRPO's trainer is not rank-aware: every rank
+samples the same tasks with the same seeds, and every rank writes the same log.jsonl, checkpoints and
+model (2 CPU ranks: every log line twice, then FileNotFoundError as one rank renamed the checkpoint the
+other was writing); `--device auto` loads every rank's copy on GPU 0. With FSDP or ZeRO-3 its
+in-process sampling would also hang: the decode loop runs forward passes on the sharded policy, each
+one a collective, and ranks generate different numbers of tokens. Early Experience would sample the
+same rows on every rank before its SFT; ACE trains no weights.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
+
+import typer
 
 from leafe.errors import LeafeError
 
 #: accelerate's distributed types this module plans for.
 SUPPORTED = ("FSDP", "DEEPSPEED", "MULTI_GPU", "MULTI_CPU", "NO")
 
+#: What `leafe launch` needs from typer: everything after the options goes to the leafe command.
+LAUNCH_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+SINGLE_PROCESS_TRAIN = (
+    "leafe train runs in one process: under accelerate launch every rank would sample the same GRPO tasks and "
+    "write the same log and checkpoints, and sharded ranks would hang in its in-process sampling; multi-GPU "
+    "launch is for `leafe distill`"
+)
+
 
 @dataclass
 class LaunchPlan:
-    command: list[str]
-    lines: list[str] = field(default_factory=list)
+    command: list[str]  # the `accelerate launch ...` argv
+    kind: str  # accelerate's distributed_type
+    lines: list[str] = field(default_factory=list)  # the plan, one aligned line each
 
     def shell(self) -> str:
         return shlex.join(self.command)
@@ -46,55 +68,101 @@ def load_accelerate_config(path: str | Path):
     if not path.is_file():
         raise LeafeError(f"accelerate config {path} does not exist; use one of configs/accelerate/*.yaml")
     try:
-        return load_config_from_file(str(path))
+        config = load_config_from_file(str(path))
     except Exception as exc:  # noqa: BLE001 (yaml, dataclass and enum errors all mean a bad file)
-        raise LeafeError(f"{path} is not an accelerate config: {type(exc).__name__}: {exc}") from None
+        message = " ".join(str(exc).split())
+        raise LeafeError(f"{path} is not an accelerate config: {type(exc).__name__}: {message}") from None
+    _check_known_keys(config, path)
+    return config
+
+
+def _check_known_keys(config, path: Path) -> None:
+    """accelerate launch copies each fsdp_config / deepspeed_config entry onto its own options and
+    ignores names it has no option for: a misspelt key would silently fall back to a default."""
+    from accelerate.commands.launch import launch_command_parser
+
+    known = {action.dest for action in launch_command_parser()._actions}
+    for section, prefix in (("fsdp_config", "fsdp_"), ("deepspeed_config", "")):
+        for key in getattr(config, section, None) or {}:
+            name = key if key.startswith(prefix) else prefix + key
+            if name not in known:
+                raise LeafeError(f"{path}: {section}.{key} is not an option accelerate launch knows (it would be "
+                                 f"ignored); see `accelerate launch --help`")
 
 
 def launch_plan(config_file: str | Path, args: list[str], *, num_processes: int | None = None,
                 num_machines: int | None = None, machine_rank: int | None = None,
                 main_process_ip: str | None = None) -> LaunchPlan:
-    """The `accelerate launch` command for `leafe ARGS` under `config_file`, with what each rank does."""
+    """The `accelerate launch` command for `leafe ARGS` under `config_file`, with what each rank does.
+
+    The overrides go on the command line (they win over the config there too); the checks are the
+    ones that would otherwise fail late, on every rank, or not at all.
+    """
     config = load_accelerate_config(config_file)
     kind = getattr(config.distributed_type, "value", str(config.distributed_type))
     if kind not in SUPPORTED:
         raise LeafeError(f"{config_file}: distributed_type {kind} is not planned for; use {', '.join(SUPPORTED)}")
     processes = num_processes if num_processes is not None else config.num_processes
     machines = num_machines if num_machines is not None else config.num_machines
+    rank = machine_rank if machine_rank is not None else config.machine_rank
+    address = main_process_ip or config.main_process_ip
     if processes < 1 or machines < 1:
         raise LeafeError(f"the launch needs >= 1 process and machine (got {processes} processes, {machines} machines)")
-    if machines > 1 and not (main_process_ip or config.main_process_ip):
+    if processes % machines:
+        raise LeafeError(f"--num-processes counts the processes of all machines: {processes} does not split evenly "
+                         f"over {machines} machines")
+    if not 0 <= rank < machines:
+        raise LeafeError(f"--machine-rank must be in [0, {machines - 1}] (got {rank})")
+    if machines > 1 and not address:
         raise LeafeError("a launch over several machines needs --main-process-ip (rank 0's address)")
+    if kind == "NO" and processes > 1:
+        raise LeafeError(f"{config_file} is a one-process config (distributed_type NO); use a MULTI_GPU, FSDP or "
+                         f"DEEPSPEED config for {processes} processes")
+    if kind == "MULTI_CPU" and processes > 1 and not (config.mpirun_config or {}).get("mpirun_hostfile"):
+        # accelerate's simple launcher starts one process for MULTI_CPU unless it goes through mpirun
+        raise LeafeError(f"{config_file}: accelerate launch starts 1 process, not {processes}, for MULTI_CPU without "
+                         f"mpirun_config.mpirun_hostfile (Intel MPI); use a MULTI_GPU config")
     sharding = _sharding(config, kind, config_file)
     if not args:
-        raise LeafeError("nothing to launch: give the leafe command after --, e.g. -- distill --model M --trees T --out O")
+        raise LeafeError("nothing to launch: give the leafe command after --, e.g. "
+                         "-- distill --model M --trees T --out O")
     if args[0] == "train":
-        raise LeafeError("leafe train runs in one process: GRPO samples from the policy it updates in process (each "
-                         "rank would sample every task, and sharded ranks would hang on unequal forward calls); "
-                         "multi-GPU launch is for `leafe distill`")
+        raise LeafeError(SINGLE_PROCESS_TRAIN)
     if args[0] != "distill":
         raise LeafeError(f"leafe {args[0]} is not a training command; multi-GPU launch is for `leafe distill`")
-    if "--lora" in args and kind in ("FSDP", "DEEPSPEED"):
-        raise LeafeError("--lora merges adapters into the weights on save, which sharded weights do not allow; "
-                         "distil without --lora under FSDP/ZeRO-3 (or launch with a MULTI_GPU config)")
+    if "--lora" in args and processes > 1:
+        raise LeafeError("--lora merges the adapters into the weights on save, which leafe's SFT does only in one "
+                         "process; distil without --lora under leafe launch")
 
     command = ["accelerate", "launch", "--config_file", str(config_file)]
-    for flag, value, default in (("--num_processes", num_processes, None), ("--num_machines", num_machines, None),
-                                 ("--machine_rank", machine_rank, None), ("--main_process_ip", main_process_ip, None)):
-        if value is not default:
+    for flag, value in (("--num_processes", num_processes), ("--num_machines", num_machines),
+                        ("--machine_rank", machine_rank), ("--main_process_ip", main_process_ip)):
+        if value is not None:
             command += [flag, str(value)]
     command += ["-m", "leafe", *args]
-    per_machine = max(processes // machines, 1)
+    out = _out_dir(args) or "--out"
     lines = [
         f"config       {config_file} ({kind})",
-        f"processes    {processes} on {machines} machine(s), {per_machine} per machine",
+        f"processes    {processes} on {machines} machine(s), {processes // machines} per machine",
         f"sharding     {sharding}",
-        f"precision    {config.mixed_precision}",
-        "each rank    reads the trees, builds the same rows (deterministic), trains on its share of the batches",
-        f"batch        effective batch = {processes} x the batch of one process (--batch-size rows)",
-        f"output       rank 0 writes the model directory ({_out_dir(args) or '--out'}) and distill.json",
+        f"precision    {_precision(config.mixed_precision)}",
+        (f"each rank    reads the trees and builds the same rows (deterministic), trains on one batch in {processes}"
+         if processes > 1 else "one rank     reads the trees, builds the rows, trains on every batch"),
+        (f"batch        {processes} x --batch-size rows per optimiser step; 1/{processes} of the steps of one "
+         f"process; --lr is not rescaled"),
+        f"output       rank 0 alone writes the model directory ({out}) and {out}/distill.json",
     ]
-    return LaunchPlan(command, lines)
+    if processes > 1:
+        lines.append(f"host memory  each process loads the whole model in fp32 on the CPU before it is placed or "
+                     f"sharded: 4 bytes x parameters x {processes // machines} per machine")
+    if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        lines.append("needs        deepspeed, not installed in this environment (pip install deepspeed)")
+    if machines > 1:
+        port = config.main_process_port or 29500
+        lines.append(f"machines     run this command on each machine with its own --machine-rank (0..{machines - 1});"
+                     f" rendezvous {address}:{port}; --model and --trees at the same path everywhere, "
+                     f"the output lands on machine 0")
+    return LaunchPlan(command, kind, lines)
 
 
 def _sharding(config, kind: str, path) -> str:
@@ -103,21 +171,41 @@ def _sharding(config, kind: str, path) -> str:
         if fsdp.get("fsdp_state_dict_type", "FULL_STATE_DICT") != "FULL_STATE_DICT":
             raise LeafeError(f"{path}: fsdp_state_dict_type must be FULL_STATE_DICT, so the saved model is a loadable "
                              f"directory, not per-rank shards")
+        wrap = fsdp.get("fsdp_auto_wrap_policy", "NO_WRAP")
+        unit = "one shard unit per decoder layer" if wrap == "TRANSFORMER_BASED_WRAP" else f"wrap policy {wrap}"
         return (f"FSDP v{fsdp.get('fsdp_version', 1)}: parameters, gradients and optimiser state split over ranks, "
-                f"wrapped per decoder layer ({fsdp.get('fsdp_auto_wrap_policy', 'default')})")
+                f"{unit}; rank 0 gathers the full state dict to save")
     if kind == "DEEPSPEED":
         ds = config.deepspeed_config or {}
         if ds.get("deepspeed_config_file"):
-            return f"DeepSpeed, settings in {ds['deepspeed_config_file']}"
-        if int(ds.get("zero_stage", 0)) != 3:
-            raise LeafeError(f"{path}: zero_stage is {ds.get('zero_stage')}; these configs are for ZeRO-3 "
-                             f"(zero_stage: 3)")
-        if str(ds.get("zero3_save_16bit_model", "false")).lower() != "true":
+            stage, gather = _deepspeed_file_settings(Path(ds["deepspeed_config_file"]), path)
+        else:
+            stage, gather = ds.get("zero_stage"), ds.get("zero3_save_16bit_model", False)
+        if str(stage) != "3":
+            raise LeafeError(f"{path}: zero_stage is {stage}; these configs are for ZeRO-3 (zero_stage: 3)")
+        if str(gather).lower() != "true":
             raise LeafeError(f"{path}: set zero3_save_16bit_model: true, or the saved model is partitioned")
-        return "DeepSpeed ZeRO-3: parameters, gradients and optimiser state partitioned over ranks"
+        return ("DeepSpeed ZeRO-3: parameters, gradients and optimiser state partitioned over ranks; "
+                "16-bit weights gathered on rank 0 to save")
     if kind in ("MULTI_GPU", "MULTI_CPU"):
-        return "none: data parallel, a full copy of the model per rank, gradients all-reduced"
+        return "none: data parallel (DDP), a full copy of the model per rank, gradients all-reduced"
     return "none: one process"
+
+
+def _deepspeed_file_settings(file: Path, config_path) -> tuple[Any, Any]:
+    """(stage, gather-16-bit-on-save) from a DeepSpeed JSON named by deepspeed_config_file."""
+    try:
+        zero = json.loads(file.read_text()).get("zero_optimization", {})
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LeafeError(f"{config_path}: deepspeed_config_file {file} cannot be read ({exc})") from None
+    return zero.get("stage"), zero.get("stage3_gather_16bit_weights_on_model_save", False)
+
+
+def _precision(mixed: Any) -> str:
+    mixed = getattr(mixed, "value", mixed)
+    if mixed == "bf16":
+        return "bf16 autocast over fp32 master weights"
+    return f"{mixed} (leafe's SFT still turns bf16 on for any GPU that supports it)"
 
 
 def _out_dir(args: list[str]) -> str | None:
@@ -132,6 +220,31 @@ def _out_dir(args: list[str]) -> str | None:
 def run(plan: LaunchPlan) -> None:
     """Replace this process with the launch (accelerate starts and watches the ranks), using the
     `accelerate` of this Python's environment when there is one."""
+    if plan.kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise LeafeError("a DeepSpeed config needs deepspeed: pip install deepspeed "
+                         "(or use configs/accelerate/fsdp.yaml)")
     beside = Path(sys.executable).parent / "accelerate"
     program = str(beside) if beside.exists() else plan.command[0]
+    sys.stdout.flush()
     os.execvp(program, [program, *plan.command[1:]])
+
+
+# Registered in cli.py as `app.command("launch", context_settings=LAUNCH_CONTEXT)(_cli_errors(launch_cmd))`:
+# the arguments after `--` reach the function as `ctx.args`; LeafeError becomes a one-line error, exit 2.
+def launch_cmd(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Argument(help="An accelerate config, e.g. configs/accelerate/fsdp.yaml.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the command; launch nothing.")] = False,
+    num_processes: Annotated[int | None, typer.Option(help="Processes, all machines (overrides the config).")] = None,
+    num_machines: Annotated[int | None, typer.Option(help="Machines (overrides the config).")] = None,
+    machine_rank: Annotated[int | None, typer.Option(help="This machine's rank (multi-machine).")] = None,
+    main_process_ip: Annotated[str | None, typer.Option(help="Rank 0's address (multi-machine).")] = None,
+) -> None:
+    """Run a training command on many GPUs: `leafe launch CONFIG [--dry-run] -- distill --model ...`."""
+    plan = launch_plan(config, list(ctx.args), num_processes=num_processes, num_machines=num_machines,
+                       machine_rank=machine_rank, main_process_ip=main_process_ip)
+    for line in plan.lines:
+        print(line)
+    print(plan.shell())  # one line, never wrapped: copy it to run the launch by hand
+    if not dry_run:
+        run(plan)

@@ -159,7 +159,7 @@ def _progress_callback(on_log: Callable[[dict], None] | None, log: list[dict]):
 
     class Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
+            if logs and "loss" in logs and state.is_world_process_zero:  # one progress report per launch
                 entry = {"step": state.global_step, "max_steps": state.max_steps, **logs}
                 log.append(entry)
                 if on_log is not None:
@@ -195,21 +195,6 @@ def train(
     if not rows:
         raise LeafeError("no training rows: nothing to train on (check the data sets are not empty)")
     out = Path(out_dir)
-    if isinstance(model, (str, Path)):
-        model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    if settings.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=settings.lora_r,
-                lora_alpha=settings.lora_alpha,
-                lora_dropout=settings.lora_dropout,
-                target_modules="all-linear",
-                task_type="CAUSAL_LM",
-            ),
-        )
     batches = make_batches([len(r.input_ids) for r in rows], settings.batch_size, settings.max_batch_tokens,
                            settings.seed)
     dataset = Dataset.from_dict({"members": batches})
@@ -243,8 +228,27 @@ def train(
         use_cpu=not use_cuda,
         dataloader_num_workers=0,
         activation_checkpointing=settings.activation_checkpointing,
+        ddp_find_unused_parameters=False,  # every parameter takes part in the loss (DDP: no extra graph walk)
         **settings.extra,
     )
+    # Load the model only now: SFTConfig starts the process group of a multi-process launch and, under
+    # ZeRO-3, registers the DeepSpeed config, which is what makes from_pretrained build the model
+    # already partitioned (zero3_init_flag) instead of whole in every process.
+    if isinstance(model, (str, Path)):
+        model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    if settings.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=settings.lora_r,
+                lora_alpha=settings.lora_alpha,
+                lora_dropout=settings.lora_dropout,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
     log: list[dict] = []
     trainer = _trainer_class()(
         model=model,
