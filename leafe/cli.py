@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from leafe.errors import LeafeError
+from leafe.files import is_main_process
 from leafe.launch import LAUNCH_CONTEXT, launch_cmd
 
 app = typer.Typer(
@@ -29,7 +30,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(quiet=int(os.environ.get("RANK", "0")) != 0)  # one report per `leafe launch`; errors from any rank
+console = Console(quiet=not is_main_process())  # one report per `leafe launch`; errors from any rank
 err_console = Console(stderr=True)
 
 

@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 
 from leafe.errors import LeafeError
 from leafe.explore import Node, read_trees
-from leafe.files import write_json
-from leafe.sft import Row, SFTSettings, is_main_process, span_row, train
+from leafe.files import is_main_process, write_json
+from leafe.sft import Row, SFTSettings, span_row, train
 
 
 class NoDistillationRows(LeafeError):

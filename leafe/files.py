@@ -13,6 +13,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process launch (`accelerate launch` sets RANK), or the only process: the one
+    that writes shared outputs and prints reports."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def cache_dir(kind: str) -> Path:
     """Where built artefacts of one kind live (`models`, `textworld` games): $LEAFE_CACHE/<kind>,
     by default ./.leafe/<kind>."""

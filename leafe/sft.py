@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from leafe.errors import LeafeError
+from leafe.files import is_main_process
 
 
 @dataclass
@@ -166,11 +167,6 @@ def _progress_callback(on_log: Callable[[dict], None] | None, log: list[dict]):
                     on_log(entry)
 
     return Progress()
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a multi-process launch (`accelerate launch` sets RANK), or the only process."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def train(

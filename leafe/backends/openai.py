@@ -54,6 +54,7 @@ class OpenAIBackend(Backend):
         self.api_key, self.timeout_s = api_key, timeout_s
         self.retries, self.backoff_s, self.max_concurrency = retries, backoff_s, max_concurrency
         self.stats = OpenAIStats()
+        self._calls = 0
         self._warned = False
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
@@ -110,8 +111,9 @@ class OpenAIBackend(Backend):
         if not prompts:
             return []
         self.stats.calls += 1
+        self._calls += 1  # not stats.calls: a stats.reset() must not make request seeds repeat
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
-        call = self.stats.calls
+        call = self._calls
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
             results = list(pool.map(lambda i: self._complete(list(prompts[i]), sampling, request_seed(sampling.seed, call, i)),
                                     range(len(prompts))))
