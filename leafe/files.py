@@ -13,10 +13,16 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def process_rank() -> tuple[int, int]:
+    """(rank, number of processes) under a multi-process launch (`accelerate launch` sets RANK and
+    WORLD_SIZE); (0, 1) in one process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
-    """Rank 0 of a multi-process launch (`accelerate launch` sets RANK), or the only process: the one
-    that writes shared outputs and prints reports."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """Rank 0 of a multi-process launch, or the only process: the one that writes shared outputs and
+    prints reports."""
+    return process_rank()[0] == 0
 
 
 def cache_dir(kind: str) -> Path:

@@ -24,6 +24,8 @@ dropped after each update), and the loss, logging and checkpoints live here.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import shutil
 import time
@@ -37,7 +39,7 @@ from leafe.envs import EnvMaker, make
 from leafe.envs.base import Task
 from leafe.episode import Episode
 from leafe.errors import LeafeError
-from leafe.files import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
+from leafe.files import append_jsonl, process_rank, read_json, read_jsonl, write_json, write_jsonl
 from leafe.rollout import RolloutEngine
 from leafe.sft import make_batches
 
@@ -228,16 +230,30 @@ def task_schedule(n_tasks: int, per_step: int, step: int, seed: int) -> list[int
 
 
 class GRPOTrainer:
-    """Owns the policy (shared with the sampling backend), the frozen reference and the optimiser."""
+    """Owns the policy (shared with the sampling backend), the frozen reference and the optimiser.
+
+    Under a multi-process launch (MULTI_GPU: DDP, a full copy per rank) each rank samples its share of
+    the step's tasks with its own copy, and the ranks meet only in collectives every rank reaches the
+    same number of times: one gradient all-reduce per optimiser step and the sums for the log.
+    Sharded weights (FSDP, ZeRO-3) are refused: sampling would turn every decode step into a collective.
+    """
 
     def __init__(self, backend, settings: GRPOSettings, ref_model=None, envs: EnvMaker = make):
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
 
         self.backend = backend
         self.settings = settings
         self.envs = envs  # envs.make, or a worker pool's (workers.env_workers)
         cuda = backend.device.type == "cuda"
-        self.accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
+        # No buffer broadcast before each forward: DDP's default is a collective at the first forward
+        # after a synced backward, and ranks run different numbers of forwards (their own micro-batches);
+        # the model's only buffers (rotary frequencies) are constants.
+        self.accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
+                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise LeafeError("GRPO samples in process from the policy it trains; with sharded weights (FSDP, ZeRO-3) "
+                             "every decode step would be a collective: launch it with a MULTI_GPU (DDP) config")
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.policy = backend.model
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=settings.learning_rate,
                                            weight_decay=settings.weight_decay)
@@ -249,8 +265,9 @@ class GRPOTrainer:
 
     def rollout(self, tasks: list[Task], step: int) -> list[Episode]:
         s = self.settings
+        seed = s.seed * 100_003 + step + 1_000_003 * self.rank  # ranks sample different tasks with other streams
         engine = RolloutEngine(self.backend, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                               max_batch=len(tasks) * s.group_size, seed=s.seed * 100_003 + step)
+                               max_batch=len(tasks) * s.group_size, seed=seed)
         lives = (engine.start(self.envs(s.env, **s.env_params), task, {"sample": j})
                  for task in tasks for j in range(s.group_size))
         self.policy.eval()
@@ -264,11 +281,41 @@ class GRPOTrainer:
     def _logprobs(self, model, batch: list[Sample], with_entropy: bool = False):
         return agent_logprobs(model, [x.ids for x in batch], [x.mask for x in batch], self.pad_id, with_entropy)
 
+    def _sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the ranks (every rank must call it)."""
+        if self.world == 1:
+            return values
+        return self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.accelerator.device),
+                                       "sum").tolist()
+
+    def any_samples(self, samples: list[Sample]) -> bool:
+        """Whether some rank has samples to learn from (then every rank takes part in the update)."""
+        return self._sum([float(len(samples))])[0] > 0
+
+    def merged(self, record: dict[str, Any], episodes: int) -> dict[str, Any]:
+        """A step's log record over all ranks (every rank must call it)."""
+        keys = ("groups", "skipped_groups", "env_steps", "generated_tokens")
+        sums = self._sum([*(float(record[k]) for k in keys), record["reward"] * episodes,
+                          record["success"] * episodes, float(episodes)])
+        out = record | {k: int(v) for k, v in zip(keys, sums)}
+        out |= {"reward": sums[4] / max(sums[6], 1), "success": sums[5] / max(sums[6], 1),
+                "skip_rate": out["skipped_groups"] / max(out["groups"], 1)}
+        return out
+
+    def _zero_backward(self) -> None:
+        """Join the gradient all-reduce with a zero gradient (a rank whose groups were all skipped)."""
+        ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.accelerator.device)
+        self.accelerator.backward(self.policy(input_ids=ids, use_cache=False).logits.sum() * 0.0)
+
     def update(self, samples: list[Sample], seed: int) -> dict[str, float]:
-        """`updates_per_batch` optimiser steps on one batch of samples; returns the last step's stats."""
+        """`updates_per_batch` optimiser steps on one batch of samples; returns the last step's stats.
+
+        With several ranks the loss is the mean over the agent tokens of all ranks' samples: each
+        rank divides by the global token count and scales by the number of ranks (DDP averages).
+        """
         s = self.settings
-        batches = self._micro_batches(samples, seed)
-        total = float(sum(sum(x.mask[1:]) for x in samples))
+        batches = self._micro_batches(samples, seed) if samples else []
+        total = self._sum([float(sum(sum(x.mask[1:]) for x in samples))])[0]
         old: list[torch.Tensor] | None = None
         if s.updates_per_batch > 1:  # later passes need the log-probs of the weights that sampled
             with torch.no_grad():
@@ -281,26 +328,32 @@ class GRPOTrainer:
         for _ in range(s.updates_per_batch):
             sums = {"pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0}
             for i, batch in enumerate(batches):
-                with self.accelerator.autocast():
-                    logp, entropy = self._logprobs(self.policy, batch, with_entropy=True)
-                adv = torch.cat([torch.full((sum(x.mask[1:]),), x.advantage) for x in batch]).to(logp.device)
-                parts = token_loss(logp, old[i] if old is not None else logp.detach(), refs[i] if refs else None,
-                                   adv, s.clip_eps, s.kl_coef, total)
-                self.accelerator.backward(parts.loss)
+                # DDP all-reduces on the last micro-batch only: once per optimiser step on every rank
+                last = i == len(batches) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy):
+                    with self.accelerator.autocast():
+                        logp, entropy = self._logprobs(self.policy, batch, with_entropy=True)
+                    adv = torch.cat([torch.full((sum(x.mask[1:]),), x.advantage) for x in batch]).to(logp.device)
+                    parts = token_loss(logp, old[i] if old is not None else logp.detach(), refs[i] if refs else None,
+                                       adv, s.clip_eps, s.kl_coef, total)
+                    self.accelerator.backward(parts.loss * self.world)
                 sums["pg"] += parts.pg
                 sums["kl"] += parts.kl
                 sums["clipped"] += parts.clipped
                 sums["entropy"] += entropy.sum().item()
                 sums["tokens"] += parts.tokens
+            if not batches:
+                self._zero_backward()
             grad_norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), s.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.policy.eval()
         self.backend.cache.clear()  # cached keys/values belong to the old weights
+        sums = dict(zip(sums, self._sum([float(v) for v in sums.values()])))
         n = max(sums["tokens"], 1)
         return {"loss": (sums["pg"] + s.kl_coef * sums["kl"]) / n, "pg_loss": sums["pg"] / n, "kl": sums["kl"] / n,
                 "entropy": sums["entropy"] / n, "clip_frac": sums["clipped"] / n, "grad_norm": float(grad_norm),
-                "agent_tokens": sums["tokens"]}
+                "agent_tokens": int(sums["tokens"])}
 
 
 # -- the run: resumable, logged, checkpointed -----------------------------------------------------
@@ -333,13 +386,21 @@ def train_grpo(
     from leafe.backends.hf import HFBackend
 
     settings.validate()
+    rank, world = process_rank()
+    main = rank == 0  # the one writer of the log, checkpoints and model under a multi-process launch
+    if settings.tasks_per_step % world:
+        raise LeafeError(f"--tasks-per-step ({settings.tasks_per_step}) must be a multiple of the {world} processes, "
+                         f"so that every rank samples as many tasks")
+    if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # "cuda" would load every rank's copy on GPU 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = settings.fingerprint(str(model))
     header_path = out / "grpo_settings.json"
     if header_path.exists() and read_json(header_path) != fingerprint:
         raise LeafeError(f"{out} holds a GRPO run with other settings; use another --out or delete it to start over")
-    write_json(header_path, fingerprint)
+    if main:
+        write_json(header_path, fingerprint)
     finished = read_json(out / "train.json") if (out / "train.json").exists() else None
     if finished is not None and finished["settings"] == asdict(settings):
         return finished
@@ -355,7 +416,7 @@ def train_grpo(
     log_path = out / "log.jsonl"
     logged = list(read_jsonl(log_path))
     log = [r for r in logged if r["step"] <= start_step]
-    if len(log) < len(logged):  # steps logged after the checkpoint we resume from are redone
+    if len(log) < len(logged) and main:  # steps logged after the checkpoint we resume from are redone
         write_jsonl(log_path, log)
     if resume_from is not None:
         state = torch.load(resume_from / "state.pt", weights_only=False)
@@ -367,25 +428,30 @@ def train_grpo(
     tasks = env.make_tasks(settings.tasks, settings.task_seed)
     for step in range(start_step, settings.steps):
         started = time.perf_counter()
-        chosen = [tasks[i] for i in task_schedule(len(tasks), settings.tasks_per_step, step, settings.seed)]
+        schedule = task_schedule(len(tasks), settings.tasks_per_step, step, settings.seed)
+        chosen = [tasks[i] for i in schedule[rank::world]]  # this rank's share of the step's tasks
         episodes = trainer.rollout(chosen, step)
         samples, stats = group_samples(episodes, settings.invalid_penalty, settings.adv_eps)
         record: dict[str, Any] = {"step": step + 1, **stats}
-        if samples:
-            record |= trainer.update(samples, seed=settings.seed * 1_000_033 + step)
         record |= {"env_steps": sum(len(e.steps) for e in episodes),
-                   "generated_tokens": sum(e.generated_tokens for e in episodes),
-                   "wall_s": round(time.perf_counter() - started, 3)}
-        append_jsonl(log_path, record)
+                   "generated_tokens": sum(e.generated_tokens for e in episodes)}
+        if world > 1:
+            record = trainer.merged(record, len(episodes))
+        if trainer.any_samples(samples):
+            record |= trainer.update(samples, seed=settings.seed * 1_000_033 + step)
+        record["wall_s"] = round(time.perf_counter() - started, 3)
+        if main:
+            append_jsonl(log_path, record)
         log.append(record)
         if on_step is not None:
             on_step(record)
         done = step + 1
-        if settings.save_every and done % settings.save_every == 0 and done < settings.steps:
+        if settings.save_every and done % settings.save_every == 0 and done < settings.steps and main:
             _save_checkpoint(trainer, out, done, settings.keep_checkpoints)
 
-    trainer.accelerator.unwrap_model(trainer.policy).save_pretrained(out)
-    backend.tokenizer.save_pretrained(out)
+    if main:
+        trainer.accelerator.unwrap_model(trainer.policy).save_pretrained(out)
+        backend.tokenizer.save_pretrained(out)
     summary = {
         "method": "grpo",
         "model": str(model),
@@ -398,7 +464,11 @@ def train_grpo(
                  "wall_s": round(sum(r["wall_s"] for r in log), 2)},
         "final": {k: log[-1].get(k) for k in ("reward", "success", "kl", "entropy")} if log else {},
     }
-    write_json(out / "train.json", summary)
+    if main:
+        write_json(out / "train.json", summary)
+    if world > 1:  # the model is written before any rank reports done; ranks leave the process group together
+        trainer.accelerator.wait_for_everyone()
+        trainer.accelerator.end_training()
     return summary
 
 

@@ -1,25 +1,24 @@
 """`leafe launch CONFIG -- COMMAND ...`: run a leafe training command under `accelerate launch`.
 
-The configs in `configs/accelerate/` (FSDP, DeepSpeed ZeRO-3) spread one training job over many GPUs
+The configs in `configs/accelerate/` (DDP, FSDP, DeepSpeed ZeRO-3) spread one training job over many GPUs
 and machines. This module checks such a config the way `accelerate launch` will read it (accelerate's
 own loader; every fsdp_config / deepspeed_config key must be one accelerate knows, since it ignores
 the others silently), checks that the leafe command can run on several processes, and prints the
 plan and the exact `accelerate launch` line (`--dry-run` stops there).
 
-What runs multi-process today is LEAFE stage 2, `leafe distill`: every rank reads the trees and builds
+Two commands run multi-process. LEAFE stage 2, `leafe distill`: every rank reads the trees and builds
 the same rows (deterministic), TRL's SFTTrainer (transformers' Trainer on accelerate) gives each rank
 one batch in N, shards the model as the config says, and gathers the weights on rank 0, which alone
 writes the model directory and distill.json. Tested: 2 real ranks (torchrun, gloo on CPU) split the
 batches and write one loadable model; FSDP and ZeRO-3 sharding need GPUs and have not run here (on a
 CPU-only machine accelerate trains an FSDP config as plain data parallel).
 
-`leafe train` is refused. Under `accelerate launch`, GRPO's trainer is not rank-aware: every rank
-samples the same tasks with the same seeds, and every rank writes the same log.jsonl, checkpoints and
-model (2 CPU ranks: every log line twice, then FileNotFoundError as one rank renamed the checkpoint the
-other was writing); `--device auto` loads every rank's copy on GPU 0. With FSDP or ZeRO-3 its
-in-process sampling would also hang: the decode loop runs forward passes on the sharded policy, each
-one a collective, and ranks generate different numbers of tokens. Early Experience would sample the
-same rows on every rank before its SFT; ACE trains no weights.
+`leafe train --method grpo` runs data parallel only (MULTI_GPU: a full copy of the policy per rank):
+each rank samples its share of the step's tasks with its own copy, the ranks meet in one gradient
+all-reduce per optimiser step, and rank 0 writes the log, checkpoints and model. Under FSDP or ZeRO-3
+it is refused: its in-process sampling runs forward passes on the policy it trains, each one a
+collective under sharded weights, and ranks generate different numbers of tokens. Early Experience
+and ACE run in one process.
 """
 
 from __future__ import annotations
@@ -43,11 +42,8 @@ SUPPORTED = ("FSDP", "DEEPSPEED", "MULTI_GPU", "MULTI_CPU", "NO")
 #: What `leafe launch` needs from typer: everything after the options goes to the leafe command.
 LAUNCH_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 
-SINGLE_PROCESS_TRAIN = (
-    "leafe train runs in one process: under accelerate launch every rank would sample the same GRPO tasks and "
-    "write the same log and checkpoints, and sharded ranks would hang in its in-process sampling; multi-GPU "
-    "launch is for `leafe distill`"
-)
+SHARDED_GRPO = ("GRPO samples in process from the policy it trains, and with sharded weights (FSDP, ZeRO-3) every "
+                "decode step would be a collective that ranks reach unequally; launch it with a MULTI_GPU (DDP) config")
 
 
 @dataclass
@@ -127,20 +123,17 @@ def launch_plan(config_file: str | Path, args: list[str], *, num_processes: int 
         raise LeafeError("nothing to launch: give the leafe command after --, e.g. "
                          "-- distill --model M --trees T --out O")
     if args[0] == "train":
-        raise LeafeError(SINGLE_PROCESS_TRAIN)
+        command = _command(config_file, args, num_processes, num_machines, machine_rank, main_process_ip)
+        return LaunchPlan(command, kind, _grpo_lines(config_file, kind, sharding, args, processes, machines, address))
     if args[0] != "distill":
-        raise LeafeError(f"leafe {args[0]} is not a training command; multi-GPU launch is for `leafe distill`")
+        raise LeafeError(f"leafe {args[0]} is not a training command; multi-GPU launch is for `leafe distill` "
+                         f"and `leafe train --method grpo`")
     if "--lora" in args and processes > 1:
         raise LeafeError("--lora merges the adapters into the weights on save, which leafe's SFT does only in one "
                          "process; distil without --lora under leafe launch")
 
-    command = ["accelerate", "launch", "--config_file", str(config_file)]
-    for flag, value in (("--num_processes", num_processes), ("--num_machines", num_machines),
-                        ("--machine_rank", machine_rank), ("--main_process_ip", main_process_ip)):
-        if value is not None:
-            command += [flag, str(value)]
-    command += ["-m", "leafe", *args]
-    out = _out_dir(args) or "--out"
+    command = _command(config_file, args, num_processes, num_machines, machine_rank, main_process_ip)
+    out = _option(args, "--out") or "--out"
     lines = [
         f"config       {config_file} ({kind})",
         f"processes    {processes} on {machines} machine(s), {processes // machines} per machine",
@@ -163,6 +156,44 @@ def launch_plan(config_file: str | Path, args: list[str], *, num_processes: int 
                      f" rendezvous {address}:{port}; --model and --trees at the same path everywhere, "
                      f"the output lands on machine 0")
     return LaunchPlan(command, kind, lines)
+
+
+def _command(config_file, args, num_processes, num_machines, machine_rank, main_process_ip) -> list[str]:
+    command = ["accelerate", "launch", "--config_file", str(config_file)]
+    for flag, value in (("--num_processes", num_processes), ("--num_machines", num_machines),
+                        ("--machine_rank", machine_rank), ("--main_process_ip", main_process_ip)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command + ["-m", "leafe", *args]
+
+
+def _grpo_lines(config_file, kind, sharding, args, processes, machines, address) -> list[str]:
+    """GRPO runs data parallel: a full copy per rank, each rank sampling its share of the step's tasks."""
+    method = _option(args, "--method")
+    if method != "grpo":
+        raise LeafeError(f"leafe train --method {method} runs in one process; multi-GPU launch is for `leafe distill` "
+                         f"and `leafe train --method grpo`")
+    if kind in ("FSDP", "DEEPSPEED"):
+        raise LeafeError(SHARDED_GRPO)
+    per_step = int(_option(args, "--tasks-per-step") or 8)  # the CLI default
+    if per_step % processes:
+        raise LeafeError(f"--tasks-per-step ({per_step}) must be a multiple of the {processes} processes, so that "
+                         f"every rank samples as many tasks")
+    out = _option(args, "--out") or "--out"
+    lines = [
+        f"config       {config_file} ({kind})",
+        f"processes    {processes} on {machines} machine(s), {processes // machines} per machine",
+        f"sharding     {sharding}",
+        (f"each rank    samples its own copy on {per_step // processes} of the {per_step} tasks of a step "
+         f"(--group-size episodes each), then trains on them"),
+        "sync         one gradient all-reduce per optimiser step; the loss is the token mean over all ranks' samples",
+        f"output       rank 0 alone writes {out}: log.jsonl (the whole step), checkpoints, the model, train.json",
+    ]
+    if machines > 1:
+        lines.append(f"machines     run this command on each machine with its own --machine-rank (0..{machines - 1}); "
+                     f"rendezvous {address}; --model at the same path everywhere and --out on a filesystem every "
+                     f"machine sees (every rank reads its checkpoints to resume)")
+    return lines
 
 
 def _sharding(config, kind: str, path) -> str:
@@ -208,11 +239,12 @@ def _precision(mixed: Any) -> str:
     return f"{mixed} (leafe's SFT still turns bf16 on for any GPU that supports it)"
 
 
-def _out_dir(args: list[str]) -> str | None:
+def _option(args: list[str], name: str) -> str | None:
+    """The value of `name` in a leafe command line (`--name value` or `--name=value`)."""
     for i, a in enumerate(args):
-        if a == "--out" and i + 1 < len(args):
+        if a == name and i + 1 < len(args):
             return args[i + 1]
-        if a.startswith("--out="):
+        if a.startswith(name + "="):
             return a.split("=", 1)[1]
     return None
 

@@ -180,3 +180,72 @@ def test_update_gradient_equals_reinforce_over_all_tokens(tiny_model_dir):
     (-(logp * adv).sum() / adv.numel()).backward()
     for name, p in model.named_parameters():
         assert torch.allclose(captured[name], p.grad, atol=1e-6, rtol=1e-4), name
+
+
+GRADIENT_OF_ONE_UPDATE = '''
+import os, random, sys
+import torch
+from leafe.backends.hf import HFBackend
+from leafe.grpo import GRPOSettings, GRPOTrainer, Sample
+
+model, out, split, passes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+rng = random.Random(1)
+samples = []
+for _ in range(6):
+    n = rng.randint(20, 60)
+    mask = [0] * 10 + [int(rng.random() < 0.5) for _ in range(n - 10)]
+    samples.append(Sample([rng.randrange(5, 500) for _ in range(n)], mask, rng.uniform(-1, 1)))
+cut = int(split)
+mine = samples if world == 1 else (samples[:cut] if rank == 0 else samples[cut:])
+torch.manual_seed(0)
+trainer = GRPOTrainer(HFBackend(model, device="cpu", dtype="float32"), GRPOSettings(kl_coef=0.0, max_batch_tokens=100,
+                                                                                    updates_per_batch=passes))
+seen = {}
+clip = trainer.accelerator.clip_grad_norm_
+def capture(params, max_norm):
+    seen["g"] = torch.cat([p.grad.flatten() for p in trainer.accelerator.unwrap_model(trainer.policy).parameters()])
+    return clip(params, max_norm)
+trainer.accelerator.clip_grad_norm_ = capture
+stats = trainer.update(mine, seed=0)
+if rank == 0:
+    torch.save({"grad": seen["g"], "stats": stats}, out)
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()  # leave the process group together (a rank exiting alone may abort)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("split", "passes"), [(5, 1), (6, 1), (5, 2)])  # rank 1 holds 1 sample / none (a zero gradient)
+def test_two_ranks_compute_the_gradient_of_one_process_on_all_samples(tiny_model_dir, tmp_path, split, passes):
+    """Data-parallel GRPO: ranks with different samples and micro-batch counts meet in one all-reduce per
+    optimiser step, and the loss is the token mean over every rank's samples, as in one process; with two
+    passes the second gradient (clipped ratios against the sampling weights) matches too."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    script = tmp_path / "update.py"
+    script.write_text(GRADIENT_OF_ONE_UPDATE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "ddp2.yaml"
+    config.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "mixed_precision": "no",
+        "num_machines": 1, "num_processes": 2, "machine_rank": 0, "main_process_ip": "127.0.0.1",
+        "main_process_port": port, "rdzv_backend": "static", "same_network": True, "use_cpu": False}))
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    for cmd in ([sys.executable, str(script)],
+                [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config), str(script)]):
+        target = one if len(cmd) == 2 else two
+        run = subprocess.run([*cmd, str(tiny_model_dir), str(target), str(split), str(passes)], check=False, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    a, b = torch.load(one), torch.load(two)
+    assert torch.allclose(a["grad"], b["grad"], rtol=1e-4, atol=1e-7)
+    assert b["stats"]["agent_tokens"] == a["stats"]["agent_tokens"]
+    assert b["stats"]["loss"] == pytest.approx(a["stats"]["loss"], rel=1e-5)

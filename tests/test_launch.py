@@ -25,7 +25,7 @@ from leafe.errors import LeafeError
 from leafe.launch import LAUNCH_CONTEXT, launch_cmd, launch_plan, load_accelerate_config
 
 ROOT = Path(__file__).resolve().parent.parent
-FSDP, ZERO3 = ROOT / "configs/accelerate/fsdp.yaml", ROOT / "configs/accelerate/zero3.yaml"
+FSDP, ZERO3, DDP = (ROOT / "configs/accelerate" / name for name in ("fsdp.yaml", "zero3.yaml", "ddp.yaml"))
 DISTILL = ["distill", "--model", "/models/qwen7b-grpo", "--trees", "/runs/explore/trees.jsonl", "--out", "/runs/leafe"]
 GRPO = ["train", "--method", "grpo", "--model", "/models/qwen7b", "--out", "/runs/grpo"]
 
@@ -64,6 +64,8 @@ def test_the_configs_are_what_accelerate_reads():
     assert (zero3.distributed_type.value, zero3.num_processes, zero3.num_machines, zero3.mixed_precision) == (
         "DEEPSPEED", 8, 1, "bf16")
     assert zero3.deepspeed_config["zero_stage"] == 3 and zero3.deepspeed_config["zero3_save_16bit_model"] is True
+    ddp = load_accelerate_config(DDP)
+    assert (ddp.distributed_type.value, ddp.num_processes, ddp.mixed_precision) == ("MULTI_GPU", 8, "bf16")
 
 
 def _accelerate_launch_env(config: Path) -> tuple[object, dict[str, str]]:
@@ -163,8 +165,7 @@ def test_multi_machine_overrides_go_on_the_command_line():
 
 
 def test_data_parallel_and_deepspeed_file_configs_are_planned(tmp_path):
-    ddp = config_like(tmp_path, FSDP, "ddp", distributed_type="MULTI_GPU", fsdp_config=None)
-    plan = launch_plan(ddp, DISTILL, num_processes=2)
+    plan = launch_plan(DDP, DISTILL, num_processes=2)
     sharding = "sharding     none: data parallel (DDP), a full copy of the model per rank, gradients all-reduced"
     assert sharding in plan.lines
     ds_json = tmp_path / "ds.json"
@@ -178,12 +179,25 @@ def test_data_parallel_and_deepspeed_file_configs_are_planned(tmp_path):
 
 
 @pytest.mark.parametrize("config", [FSDP, ZERO3])
-def test_grpo_is_refused_with_the_reason(config):
+def test_grpo_under_sharded_weights_is_refused_with_the_reason(config):
     result = launch(config, "--dry-run", "--", *GRPO)
     assert result.exit_code == 2
     message = " ".join(result.stderr.split())
-    assert "leafe train runs in one process: under accelerate launch every rank would sample the same GRPO" in message
-    assert "sharded ranks would hang in its in-process sampling" in message
+    assert "GRPO samples in process from the policy it trains, and with sharded weights (FSDP, ZeRO-3)" in message
+    assert "launch it with a MULTI_GPU (DDP) config" in message
+
+
+def test_grpo_runs_data_parallel_each_rank_sampling_its_share_of_the_tasks():
+    plan = launch_plan(DDP, [*GRPO, "--tasks-per-step", "16"], num_processes=4)
+    assert plan.command[-len(GRPO) - 2:] == [*GRPO, "--tasks-per-step", "16"]
+    each_rank = "each rank    samples its own copy on 4 of the 16 tasks of a step"
+    assert any(line.startswith(each_rank) for line in plan.lines)
+    assert "output       rank 0 alone writes /runs/grpo: log.jsonl (the whole step), checkpoints, the model, " \
+           "train.json" in plan.lines
+    with pytest.raises(LeafeError, match=r"--tasks-per-step \(8\) must be a multiple of the 3 processes"):
+        launch_plan(DDP, GRPO, num_processes=3)
+    with pytest.raises(LeafeError, match="leafe train --method ace runs in one process"):
+        launch_plan(DDP, ["train", "--method", "ace", "--model", "m", "--out", "o"], num_processes=2)
 
 
 def test_what_cannot_run_is_refused_in_one_line(tmp_path):
@@ -288,3 +302,24 @@ def test_accelerate_starts_one_process_for_multi_cpu_without_mpirun(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.splitlines() == ["rank - of -"]  # one process, not two
+
+
+@pytest.mark.slow
+def test_two_ranks_train_grpo_on_their_own_tasks_and_log_each_step_once(tiny_model_dir, tmp_path):
+    config = tmp_path / "ddp2.yaml"
+    config.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "mixed_precision": "no",
+        "num_machines": 1, "num_processes": 2, "machine_rank": 0, "main_process_ip": "127.0.0.1",
+        "main_process_port": _free_port(), "rdzv_backend": "static", "same_network": True, "use_cpu": False}))
+    out = tmp_path / "grpo"
+    run = subprocess.run([sys.executable, "-m", "leafe", "launch", str(config), "--", "train", "--method", "grpo",
+                          "--model", str(tiny_model_dir), "--out", str(out), "--tasks", "4", "--task-seed", "40",
+                          "--max-new-tokens", "8", "--env-param", "max_steps=4", "--steps", "3", "--tasks-per-step",
+                          "2", "--group-size", "4", "--invalid-penalty", "0.1", "--save-every", "1",
+                          "--device", "cpu"],
+                         check=False, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]  # rank 0 writes each step once
+    assert all(r["groups"] == 2 and r["env_steps"] == 2 * 4 * 4 for r in log)  # both ranks' tasks, merged
+    assert json.loads((out / "train.json").read_text())["data"]["episodes"] == 3 * 2 * 4
