@@ -109,3 +109,20 @@ def solver_reply(prompt_text: str) -> str:
 def solver_policy(tasks=None):
     """A policy that replies with the optimal next move (for ScriptedBackend)."""
     return lambda text, i: solver_reply(text)
+
+
+def two_rank_config(path: Path) -> Path:
+    """An accelerate config that starts 2 ranks on this machine (MULTI_GPU: torchrun; on a CPU-only
+    machine the ranks use gloo) on a free loopback port. A MULTI_CPU config would start one process."""
+    import socket
+
+    import yaml
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "mixed_precision": "no",
+        "num_machines": 1, "num_processes": 2, "machine_rank": 0, "main_process_ip": "127.0.0.1",
+        "main_process_port": port, "rdzv_backend": "static", "same_network": True, "use_cpu": False}))
+    return path

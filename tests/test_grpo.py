@@ -221,23 +221,15 @@ def test_two_ranks_compute_the_gradient_of_one_process_on_all_samples(tiny_model
     """Data-parallel GRPO: ranks with different samples and micro-batch counts meet in one all-reduce per
     optimiser step, and the loss is the token mean over every rank's samples, as in one process; with two
     passes the second gradient (clipped ratios against the sampling weights) matches too."""
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    import yaml
+    from helpers import two_rank_config
 
     script = tmp_path / "update.py"
     script.write_text(GRADIENT_OF_ONE_UPDATE)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = tmp_path / "ddp2.yaml"
-    config.write_text(yaml.safe_dump({
-        "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "mixed_precision": "no",
-        "num_machines": 1, "num_processes": 2, "machine_rank": 0, "main_process_ip": "127.0.0.1",
-        "main_process_port": port, "rdzv_backend": "static", "same_network": True, "use_cpu": False}))
+    config = two_rank_config(tmp_path / "ddp2.yaml")
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     for cmd in ([sys.executable, str(script)],
                 [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config), str(script)]):

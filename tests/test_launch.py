@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import typer
 import yaml
+from helpers import two_rank_config
 from test_cli_eval import leafe
 from test_distill import trees_file  # noqa: F401 (the module's fixture)
 from typer.testing import CliRunner
@@ -249,12 +249,6 @@ def test_a_deepspeed_launch_without_deepspeed_installed_says_what_to_install(mon
     assert result.exit_code == 2 and "a DeepSpeed config needs deepspeed: pip install deepspeed" in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_split_the_batches_and_write_one_loadable_model(trees_file, tiny_model_dir, tmp_path):  # noqa: F811
     """The launch path for real on CPU: a MULTI_GPU config makes accelerate start 2 ranks with torchrun;
@@ -266,11 +260,7 @@ def test_two_ranks_split_the_batches_and_write_one_loadable_model(trees_file, ti
     from leafe.explore import read_trees
     from leafe.sft import make_batches
 
-    config = tmp_path / "ddp2.yaml"
-    config.write_text(yaml.safe_dump({
-        "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "mixed_precision": "no",
-        "num_machines": 1, "num_processes": 2, "machine_rank": 0, "main_process_ip": "127.0.0.1",
-        "main_process_port": _free_port(), "rdzv_backend": "static", "same_network": True, "use_cpu": False}))
+    config = two_rank_config(tmp_path / "ddp2.yaml")
     out = tmp_path / "distilled"
     run = subprocess.run([sys.executable, "-m", "leafe", "launch", str(config), "--", "distill", "--model",
                           str(tiny_model_dir), "--trees", str(trees_file), "--out", str(out), "--epochs", "1",
@@ -306,11 +296,7 @@ def test_accelerate_starts_one_process_for_multi_cpu_without_mpirun(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_train_grpo_on_their_own_tasks_and_log_each_step_once(tiny_model_dir, tmp_path):
-    config = tmp_path / "ddp2.yaml"
-    config.write_text(yaml.safe_dump({
-        "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "mixed_precision": "no",
-        "num_machines": 1, "num_processes": 2, "machine_rank": 0, "main_process_ip": "127.0.0.1",
-        "main_process_port": _free_port(), "rdzv_backend": "static", "same_network": True, "use_cpu": False}))
+    config = two_rank_config(tmp_path / "ddp2.yaml")
     out = tmp_path / "grpo"
     run = subprocess.run([sys.executable, "-m", "leafe", "launch", str(config), "--", "train", "--method", "grpo",
                           "--model", str(tiny_model_dir), "--out", str(out), "--tasks", "4", "--task-seed", "40",
