@@ -29,6 +29,11 @@ from leafe.files import cache_dir, write_json
 BOOTSTRAP_SEED_BASE = 10_000_000
 
 
+#: Knobs added after agents were built and cached, with the value that reproduces the older builds:
+#: at that value a knob stays out of the digest, so an existing cache directory keeps its name.
+ADDED_LATER = {"decision_weight": 1.0}
+
+
 @dataclass(frozen=True)
 class BootstrapConfig:
     seed: int = 0
@@ -46,11 +51,14 @@ class BootstrapConfig:
     context: int = 3072
     # 3e-3 kept this model on the uniform-policy plateau for hundreds of updates; 1e-3 leaves it at once.
     learning_rate: float = 1e-3
+    #: Loss weight of each move's direction token (the decision) relative to the other reply tokens.
+    decision_weight: float = 1.0
     batch_size: int = 32
     max_batch_tokens: int = 4096
 
     def digest(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = {k: v for k, v in asdict(self).items() if k not in ADDED_LATER or ADDED_LATER[k] != v}
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -67,8 +75,15 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
     from leafe.prompts import REFLECTION_PROMPT, SYSTEM_PROMPT, experience_message
     from leafe.rollout import Recorder
     from leafe.sft import SFTSettings, row_from_mask, train
-    from leafe.synthetic import (fragment_ids, make_fragment, make_reflection_fragment, make_script, materialize,
-                                 texts_of)
+    from leafe.synthetic import (
+        decision_weights,
+        fragment_ids,
+        make_fragment,
+        make_reflection_fragment,
+        make_script,
+        materialize,
+        texts_of,
+    )
     from leafe.tokenizer import train_tokenizer
 
     report = report or (lambda phase, done, total: None)
@@ -108,14 +123,21 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
 
     fmt = ChatFormat(tokenizer)
     recorder = Recorder(fmt)
-    fragment_rows = [row_from_mask(*fragment_ids(f, fmt), kind=f.kind) for f in fragments]
+    decision = fmt.encode("Thought: go")
+
+    def row(ids: list[int], mask: list[int], kind: str):
+        out = row_from_mask(ids, mask, kind=kind)
+        out.token_weights = decision_weights(ids, mask, decision, config.decision_weight)
+        return out
+
+    fragment_rows = [row(*fragment_ids(f, fmt), kind=f.kind) for f in fragments]
     episode_rows, dropped = [], 0
     for script in scripts:
         ids, mask = materialize(script, recorder, config.max_steps)
         if len(ids) > config.context:
             dropped += 1
             continue
-        episode_rows.append(row_from_mask(ids, mask, kind=script.kind))
+        episode_rows.append(row(ids, mask, kind=script.kind))
 
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM(

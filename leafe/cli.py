@@ -383,6 +383,8 @@ def bootstrap_cmd(
     fragments: Annotated[Optional[int], typer.Option(help="Short examples (default: the config's).")] = None,
     reflection_fragments: Annotated[Optional[int], typer.Option(help="Short reflection examples (default: the config's).")] = None,
     episodes: Annotated[Optional[int], typer.Option(help="Whole-episode examples (default: the config's).")] = None,
+    decision_weight: Annotated[Optional[float], typer.Option(
+        help="Loss weight of each move's direction token relative to the other reply tokens (default: the config's).")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite OUT even if it is not a leafe model directory.")] = False,
 ) -> None:
     """Build the embedded base agent: a small Llama pretrained on synthetic Sokoban play."""
@@ -398,6 +400,10 @@ def bootstrap_cmd(
         config = replace(config, episodes=episodes)
     if reflection_fragments is not None:
         config = replace(config, reflection_fragments=reflection_fragments)
+    if decision_weight is not None:
+        if decision_weight <= 0:
+            raise LeafeError(f"--decision-weight must be > 0 (got {decision_weight})")
+        config = replace(config, decision_weight=decision_weight)
     check_output_dir(out, force)
     with progress_bar() as bar:
         tasks: dict[str, int] = {}

@@ -31,6 +31,9 @@ class Row:
     labels: list[int]  # -100 where the token carries no loss
     weight: float = 1.0
     kind: str = ""  # which data set the row came from (for accounting only)
+    #: Per-position factors on top of `weight` (aligned with input_ids), or None for 1 everywhere:
+    #: bootstrap puts the decision token of each move ahead of the format tokens around it.
+    token_weights: list[float] | None = None
 
     @property
     def loss_tokens(self) -> int:
@@ -117,18 +120,25 @@ class _Collator:
             ids[i, :n] = torch.tensor(r.input_ids)
             labels[i, :n] = torch.tensor(r.labels)
             mask[i, :n] = 1
-        weights = torch.tensor([float(r.weight) for r in rows])
+        weights = torch.ones((len(rows), width))
+        for i, r in enumerate(rows):
+            weights[i] *= float(r.weight)
+            if r.token_weights is not None:
+                weights[i, :len(r.token_weights)] *= torch.tensor(r.token_weights, dtype=torch.float)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
 
 
 def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, normalizer: float) -> torch.Tensor:
-    """sum over rows and loss tokens of weight * NLL(next token), divided by `normalizer`."""
+    """sum over rows and loss tokens of weight * NLL(next token), divided by `normalizer`.
+
+    `weights` is one per row (B,) or one per position (B, L), aligned with `labels`."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     nll = torch.nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
     ).view(shift_labels.shape)
-    return (nll * weights[:, None].to(nll.dtype)).sum() / max(float(normalizer), 1.0)
+    per_token = weights[:, 1:] if weights.dim() == 2 else weights[:, None]
+    return (nll * per_token.to(nll.dtype)).sum() / max(float(normalizer), 1.0)
 
 
 def _trainer_class():

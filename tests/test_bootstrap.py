@@ -12,7 +12,7 @@ from leafe.envs import Task, make
 from leafe.synthetic import Expert, first_mistake, oracle_experience, reflection_reply
 
 TINY = BootstrapConfig(fragments=64, reflection_fragments=24, episodes=24, vocab_size=400, hidden_size=32, layers=1, heads=2,
-                       intermediate_size=64, batch_size=16)
+                       intermediate_size=64, batch_size=16, decision_weight=4.0)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,9 @@ def test_bootstrap_cli_builds_into_out(tmp_path):
     assert run.returncode == 0, run.stderr
     assert (out / "config.json").exists() and (out / "bootstrap.json").exists()
     assert "parameters" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "leafe", "bootstrap", "--out", str(tmp_path / "bad"),
+                          "--decision-weight", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--decision-weight must be > 0 (got 0.0)" in bad.stderr
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     refused = subprocess.run(
@@ -78,6 +81,13 @@ def test_bootstrap_cli_builds_into_out(tmp_path):
     )
     assert refused.returncode == 2 and "not a leafe model directory" in refused.stderr
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_a_knob_added_later_keeps_the_digest_of_the_builds_before_it():
+    # The default agent is cached under its digest (make demo builds it once); adding a knob at the
+    # value that reproduces older builds must not rename that cache and force an 8-minute rebuild.
+    assert BootstrapConfig().digest() == "64402d97f0b8"
+    assert BootstrapConfig(decision_weight=10.0).digest() != BootstrapConfig().digest()
 
 
 OPEN_ROOM = "######\n#    #\n# $@ #\n#    #\n#.   #\n######"
@@ -178,3 +188,25 @@ def test_reflection_fragments_end_in_the_prompt_and_name_the_step_the_feedback_m
             named += 1
             assert any(f"From step {step} on, the level can no longer be solved" in text for _, text in f.messages)
     assert named >= len(fragments) // 2
+
+
+def test_decision_weights_fall_on_the_direction_each_trained_move_names(tiny_agent):
+    from transformers import AutoTokenizer
+
+    from leafe.chat import ChatFormat
+    from leafe.synthetic import decision_weights
+
+    out, _ = tiny_agent
+    fmt = ChatFormat(AutoTokenizer.from_pretrained(out))
+    prefix = fmt.encode("Thought: go")
+    ids, mask = [], []
+    for text, trained in [("Start: a board", 0), ("Thought: go left.\nAction: left", 1), ("Step 0: left", 0),
+                          ("Thought: go up to push the box.\nAction: up", 1), ("Thought: go down.", 0)]:
+        piece = fmt.encode(text)
+        ids += piece
+        mask += [trained] * len(piece)
+    weights = decision_weights(ids, mask, prefix, 8.0)
+    heavy = [fmt.tokenizer.decode([ids[i]]).strip() for i, w in enumerate(weights) if w == 8.0]
+    assert heavy == ["left", "up"]  # the untrained turn's direction keeps weight 1
+    assert sum(w == 1.0 for w in weights) == len(ids) - 2
+    assert decision_weights(ids, mask, prefix, 1.0) is None

@@ -32,6 +32,20 @@ def test_weighted_nll_is_the_weighted_sum_over_loss_tokens():
     assert loss.item() == pytest.approx((2 * 1.0 + 1 * 0.5) * torch.log(torch.tensor(4.0)).item() / 3)
 
 
+def test_token_weights_scale_exactly_their_tokens_nll():
+    from leafe.sft import _Collator
+
+    logits = torch.randn(2, 4, 6)
+    rows = [Row([1, 2, 3, 4], [-100, 2, 3, 4], weight=0.5, token_weights=[1.0, 1.0, 10.0, 1.0]),
+            Row([1, 2, 3], [-100, -100, 3])]
+    batch = _Collator(rows, pad_id=0)([{"members": [0, 1]}])
+    assert batch["weights"].tolist() == [[0.5, 0.5, 5.0, 0.5], [1.0, 1.0, 1.0, 1.0]]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 6), batch["labels"][:, 1:].reshape(-1),
+                                            ignore_index=-100, reduction="none").view(2, 3)
+    expected = (0.5 * nll[0, 0] + 5.0 * nll[0, 1] + 0.5 * nll[0, 2] + 1.0 * nll[1, 1]) / 4
+    assert weighted_nll(logits, batch["labels"], batch["weights"], 4).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_row_from_mask_labels_exactly_the_masked_tokens():
     row = row_from_mask([5, 6, 7, 8], [0, 1, 1, 0])
     assert row.labels == [-100, 6, 7, -100] and row.loss_tokens == 2

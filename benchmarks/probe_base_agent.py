@@ -1,0 +1,109 @@
+"""Probe a base agent's decisions on held-out boards, one forward pass each (no sampling).
+
+policy: at the token where the thought names its move ("Thought: go _"), is the model's most
+likely direction one of the expert's optimal moves? Boards are states reached by noisy expert play
+(as in the bootstrap data) on held-out levels; chance is the share of optimal moves among the four.
+copy: the same boards with an experience message that names the move to play ("... Instead, go X."):
+is the most likely direction X?
+episode: the same decision as `policy`, but in the conversation a rollout builds (system prompt,
+instructions, every earlier turn and board), which is where the agent has to read the board.
+
+    python benchmarks/probe_base_agent.py --model .leafe/models/base-agent-<hash> --boards 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from leafe.chat import ChatFormat
+    from leafe.envs.sokoban import ACTIONS, SokobanEnv
+    from leafe.files import write_json
+    from leafe.prompts import experience_message
+    from leafe.rollout import Recorder
+    from leafe.synthetic import (
+        Expert,
+        Fragment,
+        NoisyExpert,
+        _actions,
+        _shown_observations,
+        describe_mistake,
+        fragment_ids,
+    )
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--boards", type=int, default=400)
+    parser.add_argument("--task-seed", type=int, default=950_000, help="held out: bootstrap uses seeds >= 10M")
+    parser.add_argument("--max-steps", type=int, default=15)
+    parser.add_argument("--mistake-rate", type=float, default=0.25)
+    parser.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    fmt = ChatFormat(tokenizer)
+    prefix = fmt.encode("Thought: go")
+    direction_ids = {a: fmt.encode(f"Thought: go {a}")[len(prefix)] for a in ACTIONS}
+    rng = random.Random(0)
+    env = SokobanEnv(max_steps=args.max_steps)
+    counts = {"policy": [0, 0], "copy": [0, 0], "episode": [0, 0]}
+    recorder = Recorder(fmt)
+
+    mass = {"policy": 0.0, "episode": 0.0}  # probability of an optimal direction when sampling at T = 1
+
+    def most_likely(ids: list[int], right: set[str], name: str) -> bool:
+        with torch.no_grad():
+            probs = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], -1)
+        if name in mass:
+            mass[name] += sum(probs[direction_ids[a]].item() for a in right)
+        return max(ACTIONS, key=lambda a: probs[direction_ids[a]].item()) in right
+
+    chance = 0.0
+    for task in env.make_tasks(args.boards, args.task_seed):
+        expert = Expert.of(task, args.max_steps)
+        replies = NoisyExpert(expert, rng, args.mistake_rate).play(expert.start, args.max_steps)
+        cut = rng.randrange(len(replies)) if replies else 0
+        state = expert.states(_actions(replies[:cut]))[-1]
+        fixes = expert.optimal(state)
+        if not fixes:
+            continue
+        shown = _shown_observations(task, replies[:cut], args.max_steps)[-1]
+        wrong = rng.choice([a for a in ACTIONS if a not in fixes] or list(ACTIONS))
+        probes = {"policy": ([("user", shown)], set(fixes)),
+                  "copy": ([("user", shown), ("user", experience_message(describe_mistake(expert, state, cut,
+                                                                                          wrong)))], {fixes[0]})}
+        chance += len(fixes) / len(ACTIONS)
+        for name, (messages, right) in probes.items():
+            # the board (and experience) as the bootstrap's move fragments show it, up to "Thought: go"
+            ids, _ = fragment_ids(Fragment(messages, "Thought: go up."), fmt)
+            cut_at = len(ids) - (len(fmt.encode("Thought: go up.")) + (fmt.end_of_turn_id is not None)) + len(prefix)
+            counts[name][0] += most_likely(ids[:cut_at], right, name)
+            counts[name][1] += 1
+        live = recorder.start(SokobanEnv(max_steps=args.max_steps), task)
+        for reply in replies[:cut]:
+            recorder.apply(live, recorder.scripted(reply))
+        counts["episode"][0] += most_likely(live.conv.prompt_ids() + prefix, set(fixes), "episode")
+        counts["episode"][1] += 1
+    boards = counts["policy"][1]
+    result = {"model": str(args.model), "boards": boards, "task_seed": args.task_seed,
+              "policy": counts["policy"][0] / boards, "policy_chance": chance / boards,
+              "copy": counts["copy"][0] / boards, "copy_chance": 0.25, "episode": counts["episode"][0] / boards,
+              "policy_sampled": mass["policy"] / boards, "episode_sampled": mass["episode"] / boards, "wall_s": round(time.perf_counter() - started, 1)}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
