@@ -55,6 +55,7 @@ def main() -> None:
     fmt = ChatFormat(tokenizer)
     prefix = fmt.encode("Thought: go")
     direction_ids = {a: fmt.encode(f"Thought: go {a}")[len(prefix)] for a in ACTIONS}
+    reply_length = len(fmt.encode("Thought: go up.")) + (fmt.end_of_turn_id is not None)  # the stand-in reply
     rng = random.Random(0)
     env = SokobanEnv(max_steps=args.max_steps)
     counts = {"policy": [0, 0], "copy": [0, 0], "episode": [0, 0]}
@@ -87,7 +88,7 @@ def main() -> None:
         for name, (messages, right) in probes.items():
             # the board (and experience) as the bootstrap's move fragments show it, up to "Thought: go"
             ids, _ = fragment_ids(Fragment(messages, "Thought: go up."), fmt)
-            cut_at = len(ids) - (len(fmt.encode("Thought: go up.")) + (fmt.end_of_turn_id is not None)) + len(prefix)
+            cut_at = len(ids) - reply_length + len(prefix)
             counts[name][0] += most_likely(ids[:cut_at], right, name)
             counts[name][1] += 1
         live = recorder.start(SokobanEnv(max_steps=args.max_steps), task)

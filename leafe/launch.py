@@ -122,9 +122,12 @@ def launch_plan(config_file: str | Path, args: list[str], *, num_processes: int 
     if not args:
         raise LeafeError("nothing to launch: give the leafe command after --, e.g. "
                          "-- distill --model M --trees T --out O")
+    command = _command(config_file, args, num_processes, num_machines, machine_rank, main_process_ip)
+    header = [f"config       {config_file} ({kind})",
+              f"processes    {processes} on {machines} machine(s), {processes // machines} per machine",
+              f"sharding     {sharding}"]
     if args[0] == "train":
-        command = _command(config_file, args, num_processes, num_machines, machine_rank, main_process_ip)
-        return LaunchPlan(command, kind, _grpo_lines(config_file, kind, sharding, args, processes, machines, address))
+        return LaunchPlan(command, kind, header + _grpo_lines(kind, args, processes, machines, address))
     if args[0] != "distill":
         raise LeafeError(f"leafe {args[0]} is not a training command; multi-GPU launch is for `leafe distill` "
                          f"and `leafe train --method grpo`")
@@ -132,12 +135,9 @@ def launch_plan(config_file: str | Path, args: list[str], *, num_processes: int 
         raise LeafeError("--lora merges the adapters into the weights on save, which leafe's SFT does only in one "
                          "process; distil without --lora under leafe launch")
 
-    command = _command(config_file, args, num_processes, num_machines, machine_rank, main_process_ip)
     out = _option(args, "--out") or "--out"
     lines = [
-        f"config       {config_file} ({kind})",
-        f"processes    {processes} on {machines} machine(s), {processes // machines} per machine",
-        f"sharding     {sharding}",
+        *header,
         f"precision    {_precision(config.mixed_precision)}",
         (f"each rank    reads the trees and builds the same rows (deterministic), trains on one batch in {processes}"
          if processes > 1 else "one rank     reads the trees, builds the rows, trains on every batch"),
@@ -167,7 +167,7 @@ def _command(config_file, args, num_processes, num_machines, machine_rank, main_
     return command + ["-m", "leafe", *args]
 
 
-def _grpo_lines(config_file, kind, sharding, args, processes, machines, address) -> list[str]:
+def _grpo_lines(kind, args, processes, machines, address) -> list[str]:
     """GRPO runs data parallel: a full copy per rank, each rank sampling its share of the step's tasks."""
     method = _option(args, "--method")
     if method != "grpo":
@@ -181,9 +181,6 @@ def _grpo_lines(config_file, kind, sharding, args, processes, machines, address)
                          f"every rank samples as many tasks")
     out = _option(args, "--out") or "--out"
     lines = [
-        f"config       {config_file} ({kind})",
-        f"processes    {processes} on {machines} machine(s), {processes // machines} per machine",
-        f"sharding     {sharding}",
         (f"each rank    samples its own copy on {per_step // processes} of the {per_step} tasks of a step "
          f"(--group-size episodes each), then trains on them"),
         "sync         one gradient all-reduce per optimiser step; the loss is the token mean over all ranks' samples",

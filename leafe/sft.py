@@ -13,7 +13,6 @@ Used by bootstrap (pretraining the embedded agent), distillation and the Early E
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from leafe.errors import LeafeError
-from leafe.files import is_main_process
+from leafe.files import is_main_process, process_rank
 
 
 @dataclass
@@ -206,7 +205,7 @@ def train(
     dataset = Dataset.from_dict({"members": batches})
     # The Trainer places the model (a freshly loaded one sits on the CPU): train on a GPU whenever there is one.
     use_cuda = torch.cuda.is_available()
-    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by `accelerate launch` (leafe launch)
+    processes = process_rank()[1]  # > 1 under `accelerate launch` (leafe launch)
     if settings.lora and processes > 1:
         raise LeafeError("LoRA adapters are merged into the weights on save, which a multi-process (sharded) run "
                          "cannot do; train without --lora under leafe launch")
