@@ -7,6 +7,10 @@ copy: the same boards with an experience message that names the move to play (".
 is the most likely direction X?
 episode: the same decision as `policy`, but in the conversation a rollout builds (system prompt,
 instructions, every earlier turn and board), which is where the agent has to read the board.
+act: in that conversation, generate the whole reply (greedy, and sampled at T = 1) and check that the
+action it ends in is optimal; this works whatever the thought looks like (agents built with --plans
+decide over several tokens, so the one-token figures above do not apply to them). plan_push: the
+share of greedy plan replies ("push D from (r,c); ...") whose push is the one the optimal line makes next.
 
     python benchmarks/probe_base_agent.py --model .leafe/models/base-agent-<hash> --boards 400
 """
@@ -16,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,7 +34,8 @@ def main() -> None:
     from leafe.chat import ChatFormat
     from leafe.envs.sokoban import ACTIONS, SokobanEnv
     from leafe.files import write_json
-    from leafe.prompts import experience_message
+    from leafe.envs.sokoban import parse_direction
+    from leafe.prompts import experience_message, parse_action
     from leafe.rollout import Recorder
     from leafe.synthetic import (
         Expert,
@@ -58,7 +65,8 @@ def main() -> None:
     reply_length = len(fmt.encode("Thought: go up.")) + (fmt.end_of_turn_id is not None)  # the stand-in reply
     rng = random.Random(0)
     env = SokobanEnv(max_steps=args.max_steps)
-    counts = {"policy": [0, 0], "copy": [0, 0], "episode": [0, 0]}
+    counts = {"policy": [0, 0], "copy": [0, 0], "episode": [0, 0], "act_greedy": [0, 0], "act_sampled": [0, 0],
+              "plan_push": [0, 0]}
     recorder = Recorder(fmt)
 
     mass = {"policy": 0.0, "episode": 0.0}  # probability of an optimal direction when sampling at T = 1
@@ -70,6 +78,13 @@ def main() -> None:
             mass[name] += sum(probs[direction_ids[a]].item() for a in right)
         return max(ACTIONS, key=lambda a: probs[direction_ids[a]].item()) in right
 
+    def act(ids: list[int], sample: bool) -> str:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=sample, top_k=0,
+                                 eos_token_id=list(fmt.stop_token_ids), pad_token_id=tokenizer.pad_token_id)
+        return fmt.decode(out[0, len(ids):].tolist())
+
+    torch.manual_seed(0)
     chance = 0.0
     for task in env.make_tasks(args.boards, args.task_seed):
         expert = Expert.of(task, args.max_steps)
@@ -96,11 +111,22 @@ def main() -> None:
             recorder.apply(live, recorder.scripted(reply))
         counts["episode"][0] += most_likely(live.conv.prompt_ids() + prefix, set(fixes), "episode")
         counts["episode"][1] += 1
+        for name, sample in (("act_greedy", False), ("act_sampled", True)):
+            reply = act(live.conv.prompt_ids(), sample)
+            counts[name][0] += parse_direction(parse_action(reply)) in fixes
+            counts[name][1] += 1
+            plan = re.search(r"push (\w+) from", reply)
+            if plan and not sample:
+                pushes = {p[0] for p in map(partial(expert.next_push, state), fixes) if p}
+                counts["plan_push"][0] += plan.group(1) in pushes
+                counts["plan_push"][1] += 1
     boards = counts["policy"][1]
     result = {"model": str(args.model), "boards": boards, "task_seed": args.task_seed,
               "policy": counts["policy"][0] / boards, "policy_chance": chance / boards,
               "copy": counts["copy"][0] / boards, "copy_chance": 0.25, "episode": counts["episode"][0] / boards,
-              "policy_sampled": mass["policy"] / boards, "episode_sampled": mass["episode"] / boards, "wall_s": round(time.perf_counter() - started, 1)}
+              "policy_sampled": mass["policy"] / boards, "episode_sampled": mass["episode"] / boards,
+              **{name: counts[name][0] / max(counts[name][1], 1) for name in ("act_greedy", "act_sampled", "plan_push")},
+              "plan_replies": counts["plan_push"][1], "wall_s": round(time.perf_counter() - started, 1)}
     print(json.dumps(result, indent=1))
     if args.out:
         write_json(args.out, result)

@@ -31,7 +31,7 @@ BOOTSTRAP_SEED_BASE = 10_000_000
 
 #: Knobs added after agents were built and cached, with the value that reproduces the older builds:
 #: at that value a knob stays out of the digest, so an existing cache directory keeps its name.
-ADDED_LATER = {"decision_weight": 1.0}
+ADDED_LATER = {"decision_weight": 1.0, "plans": False}
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,11 @@ class BootstrapConfig:
     context: int = 3072
     # 3e-3 kept this model on the uniform-policy plateau for hundreds of updates; 1e-3 leaves it at once.
     learning_rate: float = 1e-3
-    #: Loss weight of each move's direction token (the decision) relative to the other reply tokens.
+    #: Loss weight of each decision token (see `synthetic.decision_weights`) relative to the others.
     decision_weight: float = 1.0
+    #: Optimal moves say the plan they serve ("push right from (2,1); at (3,1), go up."), see
+    #: `synthetic.thought`; False keeps the plain "go up." of the agents built before it.
+    plans: bool = False
     batch_size: int = 32
     max_batch_tokens: int = 4096
 
@@ -76,6 +79,7 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
     from leafe.rollout import Recorder
     from leafe.sft import SFTSettings, row_from_mask, train
     from leafe.synthetic import (
+        decision_tokens,
         decision_weights,
         fragment_ids,
         make_fragment,
@@ -100,11 +104,12 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
     fragments, scripts = [], []
     for i, task in enumerate(levels):
         if i < counts[0]:
-            made = make_fragment(task, config.max_steps, rng, config.mistake_rate)
+            made = make_fragment(task, config.max_steps, rng, config.mistake_rate, plans=config.plans)
         elif i < counts[0] + counts[1]:
-            made = make_reflection_fragment(task, config.max_steps, rng, config.mistake_rate)
+            made = make_reflection_fragment(task, config.max_steps, rng, config.mistake_rate, plans=config.plans)
         else:
-            scripts.append(make_script(task, config.max_steps, rng, config.mistake_rate, config.reflect_every))
+            scripts.append(make_script(task, config.max_steps, rng, config.mistake_rate, config.reflect_every,
+                                       plans=config.plans))
             made = None
         if made is not None:
             fragments.append(made)
@@ -123,11 +128,11 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
 
     fmt = ChatFormat(tokenizer)
     recorder = Recorder(fmt)
-    decision = fmt.encode("Thought: go")
+    decisions = decision_tokens(fmt, config.plans)
 
     def row(ids: list[int], mask: list[int], kind: str):
         out = row_from_mask(ids, mask, kind=kind)
-        out.token_weights = decision_weights(ids, mask, decision, config.decision_weight)
+        out.token_weights = decision_weights(ids, mask, config.decision_weight, **decisions)
         return out
 
     fragment_rows = [row(*fragment_ids(f, fmt), kind=f.kind) for f in fragments]

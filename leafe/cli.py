@@ -384,7 +384,10 @@ def bootstrap_cmd(
     reflection_fragments: Annotated[Optional[int], typer.Option(help="Short reflection examples (default: the config's).")] = None,
     episodes: Annotated[Optional[int], typer.Option(help="Whole-episode examples (default: the config's).")] = None,
     decision_weight: Annotated[Optional[float], typer.Option(
-        help="Loss weight of each move's direction token relative to the other reply tokens (default: the config's).")] = None,
+        help="Loss weight of each decision token (a move's direction; with --plans also the plan's digits) "
+             "relative to the other reply tokens (default: the config's).")] = None,
+    plans: Annotated[Optional[bool], typer.Option(
+        "--plans/--no-plans", help="Optimal moves say the plan they serve before the move (default: the config's).")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite OUT even if it is not a leafe model directory.")] = False,
 ) -> None:
     """Build the embedded base agent: a small Llama pretrained on synthetic Sokoban play."""
@@ -404,6 +407,8 @@ def bootstrap_cmd(
         if decision_weight <= 0:
             raise LeafeError(f"--decision-weight must be > 0 (got {decision_weight})")
         config = replace(config, decision_weight=decision_weight)
+    if plans is not None:
+        config = replace(config, plans=plans)
     check_output_dir(out, force)
     with progress_bar() as bar:
         tasks: dict[str, int] = {}

@@ -36,11 +36,12 @@ class Expert:
     start: State
     table: dict[State, int]
     max_steps: int
+    plans: bool = False  # voice optimal moves with the plan behind them (see `thought`)
 
     @classmethod
-    def of(cls, task: Task, max_steps: int) -> "Expert":
+    def of(cls, task: Task, max_steps: int, plans: bool = False) -> "Expert":
         room, start = parse_xsb(task.spec["xsb"])
-        return cls(room, start, distance_table(room), max_steps)
+        return cls(room, start, distance_table(room), max_steps, plans)
 
     def optimal(self, state: State) -> list[str]:
         """Actions that bring `state` one move closer to solved (empty if it is a dead end)."""
@@ -48,6 +49,18 @@ class Expert:
         if d is None or d == 0:
             return []
         return [a for a in ACTIONS if self.table.get(move(self.room, state, a)[0]) == d - 1]
+
+    def next_push(self, state: State, action: str) -> tuple[str, State] | None:
+        """The first push of the optimal line that starts with `action`: its direction and the state
+        just before it (where the player stands to push). None if `action` is not optimal."""
+        for _ in range(self.max_steps + 1):
+            if action not in self.optimal(state):
+                return None
+            after, what = move(self.room, state, action)
+            if what == "pushed":
+                return action, state
+            state, action = after, (self.optimal(after) or [""])[0]
+        return None
 
     def lost(self, state: State, steps_left: int) -> bool:
         """True when `state` cannot be solved in the moves left."""
@@ -110,11 +123,24 @@ NO_MISTAKE = "Nothing is lost yet; keep going."
 
 
 def thought(expert: Expert, state: State, action: str) -> str:
-    """A short thought naming the move, then what it does (the same words whether it is wise or not).
+    """The short thought before a move: what the expert has in mind, in the same words whether the
+    move is wise or not.
 
-    The direction comes first so that the decision is the thought's first content token and the
-    'Action:' line only copies it; what follows ("to push the box") is a fact the board shows.
+    Plain ("go left." / "go left to push the box."): the direction is the first content token, so the
+    decision is made there and the Action line copies it. With `expert.plans`, an optimal move also
+    says the plan it serves, "push right from (2,1); at (3,1), go up.": the next push of the optimal
+    line and the cell it is made from, then the player's own cell copied from the board's coordinates
+    line, then the move. Each token is then a small step from the ones before it (the move compares
+    two cells written side by side) instead of the whole plan in one token; mistakes stay a bare
+    "go X." (measured in BENCHMARKS.md: the first build that plays clearly better than a random mover).
     """
+    if expert.plans:
+        plan = expert.next_push(state, action)
+        if plan is None:
+            return f"go {action}."
+        push, stand = plan
+        (r, c), (pr, pc) = expert.room.coords(stand.player), expert.room.coords(state.player)
+        return f"push {push} from ({r},{c}); at ({pr},{pc}), go {action}."
     _, what = move(expert.room, state, action)
     return f"go {action} to push the box." if what == "pushed" else f"go {action}."
 
@@ -156,13 +182,14 @@ class NoisyExpert:
         return replies
 
 
-def make_script(task: Task, max_steps: int, rng: random.Random, mistake_rate: float, reflect_every: int) -> Script:
+def make_script(task: Task, max_steps: int, rng: random.Random, mistake_rate: float, reflect_every: int,
+                plans: bool = False) -> Script:
     """One example of a kind drawn by `rng` (demo 40%, reflect 30%, experience 30%).
 
     Reflection and experience examples need failures, which a noisy expert rarely produces on easy
     levels, so for those kinds the level is replayed (up to 30 times) until an attempt fails.
     """
-    expert = Expert.of(task, max_steps)
+    expert = Expert.of(task, max_steps, plans)
     kind = rng.choices(KINDS, weights=(0.4, 0.3, 0.3))[0]
     play = NoisyExpert(expert, rng, mistake_rate)
     replies = play.play(expert.start, max_steps)
@@ -250,13 +277,13 @@ class Fragment:
 
 
 def make_fragment(task: Task, max_steps: int, rng: random.Random, mistake_rate: float,
-                  experience_rate: float = 0.3) -> Fragment | None:
+                  experience_rate: float = 0.3, plans: bool = False) -> Fragment | None:
     """A state reached by noisy play, shown as the env shows it; the target is an expert move.
 
     The cut falls inside the noisy episode, on a state that is not yet solved; None when that state
     is already lost (the expert has no move to teach there).
     """
-    expert = Expert.of(task, max_steps)
+    expert = Expert.of(task, max_steps, plans)
     replies = NoisyExpert(expert, rng, mistake_rate).play(expert.start, max_steps)
     cut = rng.randrange(len(replies)) if replies else 0
     shown = _shown_observations(task, replies[:cut], max_steps)
@@ -273,13 +300,14 @@ def make_fragment(task: Task, max_steps: int, rng: random.Random, mistake_rate: 
     return Fragment(messages, format_reply(thought(expert, state, correct), correct))
 
 
-def make_reflection_fragment(task: Task, max_steps: int, rng: random.Random, mistake_rate: float) -> Fragment | None:
+def make_reflection_fragment(task: Task, max_steps: int, rng: random.Random, mistake_rate: float,
+                             plans: bool = False) -> Fragment | None:
     """The last few turns of a noisy attempt, the reflection prompt -> the oracle's reflection.
 
     Mostly windows around a failed attempt's first irreversible mistake (the feedback there says
     the level is lost), some on attempts still on track ("Step: none").
     """
-    expert = Expert.of(task, max_steps)
+    expert = Expert.of(task, max_steps, plans)
     play = NoisyExpert(expert, rng, mistake_rate)
     for _ in range(30):
         replies = play.play(expert.start, max_steps)
@@ -334,20 +362,34 @@ def fragment_ids(fragment: Fragment, fmt) -> tuple[list[int], list[int]]:
     return conv.ids, [0] * start + conv.mask[start:]
 
 
-def decision_weights(ids: list[int], mask: list[int], prefix: list[int], weight: float) -> list[float] | None:
-    """`weight` on the decision token of every trained move (the direction right after `prefix`, the
-    ids of "Thought: go"), 1 elsewhere; None when `weight` is 1.
+def decision_tokens(fmt, plans: bool) -> dict:
+    """What `decision_weights` marks as a decision for this tokenizer: the direction after "Thought:
+    go" (plain thoughts), or every direction and digit token (plan thoughts)."""
+    if not plans:
+        return {"after": fmt.encode("Thought: go")}
+    words = [" up", " down", " left", " right", *"0123456789"]
+    return {"heavy": {ids[0] for ids in map(fmt.encode, words) if len(ids) == 1}}
 
-    The direction is one token in ten of a move's reply. The hypothesis this tests: the format tokens
-    around it are learnt in a few dozen updates, but their early gradients fill Adam's second moment,
-    so the board-reading the direction needs starts late. Measured (BENCHMARKS.md): with the default
-    data one build in three left the near-random plateau; with more move fragments and fewer reflection
-    fragments two of two did. Off by default until that recipe is measured downstream.
+
+def decision_weights(ids: list[int], mask: list[int], weight: float, *, after: list[int] | None = None,
+                     heavy: set[int] | None = None) -> list[float] | None:
+    """`weight` on the decision tokens of the trained replies, 1 elsewhere; None when `weight` is 1.
+
+    Plain thoughts decide in one token, the direction right after `after` (the ids of "Thought: go").
+    Plan thoughts decide in several (the push, the cell, the player's cell, the move), so there every
+    trained token in `heavy` (the four directions and the ten digits) is a decision, which also covers
+    a reflection's step and the move its experience names.
+
+    The hypothesis this tests: the format tokens around a decision are learnt in a few dozen updates,
+    but their early gradients fill Adam's second moment, so the board-reading a decision needs starts
+    late. Measured in BENCHMARKS.md.
     """
     if weight == 1.0:
         return None
-    k = len(prefix)
-    return [weight if i >= k and mask[i] and ids[i - k:i] == prefix else 1.0 for i in range(len(ids))]
+    if after is not None:
+        k = len(after)
+        return [weight if i >= k and mask[i] and ids[i - k:i] == after else 1.0 for i in range(len(ids))]
+    return [weight if trained and token in (heavy or ()) else 1.0 for token, trained in zip(ids, mask)]
 
 
 def texts_of(script: Script, max_steps: int) -> list[str]:

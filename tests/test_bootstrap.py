@@ -88,6 +88,7 @@ def test_a_knob_added_later_keeps_the_digest_of_the_builds_before_it():
     # value that reproduces older builds must not rename that cache and force an 8-minute rebuild.
     assert BootstrapConfig().digest() == "64402d97f0b8"
     assert BootstrapConfig(decision_weight=10.0).digest() != BootstrapConfig().digest()
+    assert BootstrapConfig(plans=True).digest() != BootstrapConfig().digest()
 
 
 OPEN_ROOM = "######\n#    #\n# $@ #\n#    #\n#.   #\n######"
@@ -190,23 +191,95 @@ def test_reflection_fragments_end_in_the_prompt_and_name_the_step_the_feedback_m
     assert named >= len(fragments) // 2
 
 
+def _pieces(fmt, parts):
+    ids, mask = [], []
+    for text, trained in parts:
+        piece = fmt.encode(text)
+        ids += piece
+        mask += [trained] * len(piece)
+    return ids, mask
+
+
 def test_decision_weights_fall_on_the_direction_each_trained_move_names(tiny_agent):
     from transformers import AutoTokenizer
 
     from leafe.chat import ChatFormat
-    from leafe.synthetic import decision_weights
+    from leafe.synthetic import decision_tokens, decision_weights
 
     out, _ = tiny_agent
     fmt = ChatFormat(AutoTokenizer.from_pretrained(out))
-    prefix = fmt.encode("Thought: go")
-    ids, mask = [], []
-    for text, trained in [("Start: a board", 0), ("Thought: go left.\nAction: left", 1), ("Step 0: left", 0),
-                          ("Thought: go up to push the box.\nAction: up", 1), ("Thought: go down.", 0)]:
-        piece = fmt.encode(text)
-        ids += piece
-        mask += [trained] * len(piece)
-    weights = decision_weights(ids, mask, prefix, 8.0)
+    ids, mask = _pieces(fmt, [("Start: a board", 0), ("Thought: go left.\nAction: left", 1), ("Step 0: left", 0),
+                              ("Thought: go up to push the box.\nAction: up", 1), ("Thought: go down.", 0)])
+    weights = decision_weights(ids, mask, 8.0, **decision_tokens(fmt, plans=False))
     heavy = [fmt.tokenizer.decode([ids[i]]).strip() for i, w in enumerate(weights) if w == 8.0]
     assert heavy == ["left", "up"]  # the untrained turn's direction keeps weight 1
     assert sum(w == 1.0 for w in weights) == len(ids) - 2
-    assert decision_weights(ids, mask, prefix, 1.0) is None
+    assert decision_weights(ids, mask, 1.0, **decision_tokens(fmt, plans=False)) is None
+
+
+def test_plan_decision_weights_fall_on_every_direction_and_digit_of_a_trained_reply(tiny_agent):
+    from transformers import AutoTokenizer
+
+    from leafe.chat import ChatFormat
+    from leafe.synthetic import decision_tokens, decision_weights
+
+    out, _ = tiny_agent
+    fmt = ChatFormat(AutoTokenizer.from_pretrained(out))
+    ids, mask = _pieces(fmt, [("you (1,2); moves left 9", 0),
+                              ("Thought: push right from (2,1); at (3,1), go up.\nAction: up", 1),
+                              ("Step 4: left", 0), ("Step: 4\nExperience: Instead, go down.", 1)])
+    weights = decision_weights(ids, mask, 5.0, **decision_tokens(fmt, plans=True))
+    heavy = [fmt.tokenizer.decode([ids[i]]).strip() for i, w in enumerate(weights) if w == 5.0]
+    assert heavy == ["right", "2", "1", "3", "1", "up", "up", "4", "down"]
+
+
+def test_plan_thoughts_name_the_next_push_of_the_optimal_line_and_where_it_is_made():
+    import random
+    import re
+
+    from leafe.envs.sokoban import ACTIONS, move
+    from leafe.synthetic import NoisyExpert, thought
+
+    rng = random.Random(3)
+    checked = 0
+    for task in make("sokoban").make_tasks(30, 777):
+        expert = Expert.of(task, 15, plans=True)
+        state = expert.start
+        for reply in NoisyExpert(expert, rng, 0.3).play(expert.start, 15):
+            for action in ACTIONS:
+                text = thought(expert, state, action)
+                if action not in expert.optimal(state):
+                    assert text == f"go {action}."
+                    continue
+                m = re.fullmatch(r"push (\w+) from \((\d),(\d)\); at \((\d),(\d)\), go (\w+)\.", text)
+                assert m, text
+                push, stand, at = m.group(1), (int(m.group(2)), int(m.group(3))), (int(m.group(4)), int(m.group(5)))
+                assert at == expert.room.coords(state.player) and m.group(6) == action
+                # Walk the optimal line from this move: its first push is the named one, from the named cell.
+                s, a = state, action
+                while (step := move(expert.room, s, a))[1] != "pushed":
+                    s, a = step[0], expert.optimal(step[0])[0]
+                assert (a, expert.room.coords(s.player)) == (push, stand)
+                checked += 1
+            state = move(expert.room, state, reply.rsplit("Action: ", 1)[1])[0]
+    assert checked > 200
+    plain = Expert.of(make("sokoban").make_tasks(1, 777)[0], 15)
+    assert thought(plain, plain.start, "up") in ("go up.", "go up to push the box.")
+
+
+
+def test_a_plans_build_teaches_plan_thoughts_in_every_kind_of_example():
+    import random
+
+    from leafe.synthetic import make_fragment, make_reflection_fragment, make_script
+
+    rng = random.Random(4)
+    tasks = make("sokoban").make_tasks(20, 4343)
+    fragments = [f for f in (make_fragment(t, 15, rng, 0.25, plans=True) for t in tasks) if f]
+    assert fragments and all(f.reply.startswith("Thought: push ") for f in fragments)  # targets are optimal moves
+    reflections = [f for f in (make_reflection_fragment(t, 15, rng, 0.3, plans=True) for t in tasks) if f]
+    scripts = [make_script(t, 15, rng, 0.3, 5, plans=True) for t in tasks]
+    for replies in [[text for role, text in f.messages if role == "assistant"] for f in reflections] + [
+            s.replies for s in scripts]:
+        assert all(r.startswith(("Thought: push ", "Thought: go ")) for r in replies)
+    assert any("Thought: push " in r for s in scripts for r in s.replies)
