@@ -32,9 +32,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from leafe.chat import ChatFormat
-    from leafe.envs.sokoban import ACTIONS, SokobanEnv
+    from leafe.envs.sokoban import ACTIONS, SokobanEnv, parse_direction
     from leafe.files import write_json
-    from leafe.envs.sokoban import parse_direction
     from leafe.prompts import experience_message, parse_action
     from leafe.rollout import Recorder
     from leafe.synthetic import (
