@@ -229,6 +229,18 @@ def task_schedule(n_tasks: int, per_step: int, step: int, seed: int) -> list[int
     return out
 
 
+#: Why GRPO refuses sharded weights; `leafe launch` says it before launching, the trainer on start.
+SHARDED_WEIGHTS = ("GRPO samples in process from the policy it trains, and with sharded weights (FSDP, ZeRO-3) every "
+                   "decode step would be a collective that ranks reach unequally; launch it with a MULTI_GPU (DDP) config")
+
+
+def check_tasks_per_step(per_step: int, processes: int) -> None:
+    """Every rank samples the same number of a step's tasks (ranks meet in the same collectives)."""
+    if per_step % processes:
+        raise LeafeError(f"--tasks-per-step ({per_step}) must be a multiple of the {processes} processes, so that "
+                         f"every rank samples as many tasks")
+
+
 class GRPOTrainer:
     """Owns the policy (shared with the sampling backend), the frozen reference and the optimiser.
 
@@ -251,8 +263,7 @@ class GRPOTrainer:
         self.accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
                                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise LeafeError("GRPO samples in process from the policy it trains; with sharded weights (FSDP, ZeRO-3) "
-                             "every decode step would be a collective: launch it with a MULTI_GPU (DDP) config")
+            raise LeafeError(SHARDED_WEIGHTS)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.policy = backend.model
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=settings.learning_rate,
@@ -388,9 +399,7 @@ def train_grpo(
     settings.validate()
     rank, world = process_rank()
     main = rank == 0  # the one writer of the log, checkpoints and model under a multi-process launch
-    if settings.tasks_per_step % world:
-        raise LeafeError(f"--tasks-per-step ({settings.tasks_per_step}) must be a multiple of the {world} processes, "
-                         f"so that every rank samples as many tasks")
+    check_tasks_per_step(settings.tasks_per_step, world)
     if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # "cuda" would load every rank's copy on GPU 0
     out = Path(out_dir)

@@ -42,10 +42,6 @@ SUPPORTED = ("FSDP", "DEEPSPEED", "MULTI_GPU", "MULTI_CPU", "NO")
 #: What `leafe launch` needs from typer: everything after the options goes to the leafe command.
 LAUNCH_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 
-SHARDED_GRPO = ("GRPO samples in process from the policy it trains, and with sharded weights (FSDP, ZeRO-3) every "
-                "decode step would be a collective that ranks reach unequally; launch it with a MULTI_GPU (DDP) config")
-
-
 @dataclass
 class LaunchPlan:
     command: list[str]  # the `accelerate launch ...` argv
@@ -173,12 +169,12 @@ def _grpo_lines(kind, args, processes, machines, address) -> list[str]:
     if method != "grpo":
         raise LeafeError(f"leafe train --method {method} runs in one process; multi-GPU launch is for `leafe distill` "
                          f"and `leafe train --method grpo`")
+    from leafe.grpo import SHARDED_WEIGHTS, check_tasks_per_step
+
     if kind in ("FSDP", "DEEPSPEED"):
-        raise LeafeError(SHARDED_GRPO)
+        raise LeafeError(SHARDED_WEIGHTS)
     per_step = int(_option(args, "--tasks-per-step") or 8)  # the CLI default
-    if per_step % processes:
-        raise LeafeError(f"--tasks-per-step ({per_step}) must be a multiple of the {processes} processes, so that "
-                         f"every rank samples as many tasks")
+    check_tasks_per_step(per_step, processes)
     out = _option(args, "--out") or "--out"
     lines = [
         (f"each rank    samples its own copy on {per_step // processes} of the {per_step} tasks of a step "

@@ -53,14 +53,13 @@ class Expert:
     def next_push(self, state: State, action: str) -> tuple[str, State] | None:
         """The first push of the optimal line that starts with `action`: its direction and the state
         just before it (where the player stands to push). None if `action` is not optimal."""
-        for _ in range(self.max_steps + 1):
-            if action not in self.optimal(state):
-                return None
-            after, what = move(self.room, state, action)
-            if what == "pushed":
-                return action, state
-            state, action = after, (self.optimal(after) or [""])[0]
-        return None
+        if action not in self.optimal(state):
+            return None
+        # Each optimal move lowers the distance by one and the move that solves is a push, so this ends.
+        while (step := move(self.room, state, action))[1] != "pushed":
+            state = step[0]
+            action = self.optimal(state)[0]
+        return action, state
 
     def lost(self, state: State, steps_left: int) -> bool:
         """True when `state` cannot be solved in the moves left."""
@@ -367,7 +366,7 @@ def decision_tokens(fmt, plans: bool) -> dict:
     go" (plain thoughts), or every direction and digit token (plan thoughts)."""
     if not plans:
         return {"after": fmt.encode("Thought: go")}
-    words = [" up", " down", " left", " right", *"0123456789"]
+    words = [f" {a}" for a in ACTIONS] + list("0123456789")
     return {"heavy": {ids[0] for ids in map(fmt.encode, words) if len(ids) == 1}}
 
 
