@@ -33,6 +33,11 @@ BOOTSTRAP_SEED_BASE = 10_000_000
 #: at that value a knob stays out of the digest, so an existing cache directory keeps its name.
 ADDED_LATER = {"decision_weight": 1.0, "plans": False}
 
+#: Version of the example generator (`synthetic`), part of every digest: a change to how examples
+#: are drawn renames every cache, so no agent built from the older data is reused under a new name.
+#: 2: reflection fragments name a step 90% of the time (they said "none" two times in three).
+GENERATOR = 2
+
 
 @dataclass(frozen=True)
 class BootstrapConfig:
@@ -61,6 +66,7 @@ class BootstrapConfig:
 
     def digest(self) -> str:
         fields = {k: v for k, v in asdict(self).items() if k not in ADDED_LATER or ADDED_LATER[k] != v}
+        fields["generator"] = GENERATOR
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -86,7 +86,8 @@ def test_bootstrap_cli_builds_into_out(tmp_path):
 def test_a_knob_added_later_keeps_the_digest_of_the_builds_before_it():
     # The default agent is cached under its digest (make demo builds it once); adding a knob at the
     # value that reproduces older builds must not rename that cache and force an 8-minute rebuild.
-    assert BootstrapConfig().digest() == "64402d97f0b8"
+    # (Only a new GENERATOR does: the data changed, so the old cache must not be reused.)
+    assert BootstrapConfig().digest() == "905e9498376d"
     assert BootstrapConfig(decision_weight=10.0).digest() != BootstrapConfig().digest()
     assert BootstrapConfig(plans=True).digest() != BootstrapConfig().digest()
 
@@ -177,9 +178,9 @@ def test_reflection_fragments_end_in_the_prompt_and_name_the_step_the_feedback_m
     from leafe.synthetic import make_reflection_fragment
 
     rng = random.Random(2)
-    fragments = [f for f in (make_reflection_fragment(t, 15, rng, 0.3) for t in make("sokoban").make_tasks(40, 999))
+    fragments = [f for f in (make_reflection_fragment(t, 15, rng, 0.3) for t in make("sokoban").make_tasks(60, 999))
                  if f]
-    assert len(fragments) >= 30
+    assert len(fragments) >= 50
     named = 0
     for f in fragments:
         assert f.messages[-1] == ("user", REFLECTION_PROMPT)
@@ -188,7 +189,10 @@ def test_reflection_fragments_end_in_the_prompt_and_name_the_step_the_feedback_m
         if step is not None:  # the window shows the feedback that marks that step as the losing one
             named += 1
             assert any(f"From step {step} on, the level can no longer be solved" in text for _, text in f.messages)
-    assert named >= len(fragments) // 2
+    # Mostly lost attempts (1 - ON_TRACK_REFLECTIONS): an agent taught on a mix of mostly "none"
+    # answered "none" to every reflection, even in this very format.
+    assert named >= 0.8 * len(fragments)
+    assert named < len(fragments)  # and some attempts still on track
 
 
 def _pieces(fmt, parts):

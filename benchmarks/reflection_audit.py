@@ -1,0 +1,65 @@
+"""Grade the reflections an exploration made against the solver's first irreversible mistake.
+
+Reads a stage-1 `trees.jsonl` (Sokoban) and, for every reflection, compares the step it named with
+the first step of that attempt (so far) after which the level could no longer be solved:
+
+    python benchmarks/reflection_audit.py runs/sokoban-demo/leafe/explore/trees.jsonl
+
+lost / right: the attempt had lost the level and the reflection named that step; lost / none: it had
+lost the level and the reflection said nothing was lost; on track / ...: the attempt could still win.
+Branches are counted by the same grades, since a branch from a wrong step starts from a lost state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+
+def grade(named: int | None, truth: int | None) -> str:
+    state = "on track" if truth is None else "lost"
+    if named is None:
+        return f"{state} / none"
+    if truth is None:
+        return f"{state} / a step"
+    return f"{state} / " + ("right" if named == truth else "earlier" if named < truth else "later")
+
+
+def main() -> None:
+    from leafe.envs.sokoban import SokobanEnv
+    from leafe.synthetic import Expert, first_mistake
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("trees", type=Path)
+    parser.add_argument("--max-steps", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=None, help="write the counts here as JSON")
+    args = parser.parse_args()
+
+    trees = [json.loads(line) for line in args.trees.read_text().splitlines() if line.strip()]
+    env = SokobanEnv(max_steps=args.max_steps)
+    reflections, branched, experts = collections.Counter(), collections.Counter(), {}
+    for tree in trees:
+        seed = int(tree["task_id"].rsplit("-", 1)[1])  # sokoban-<seed>, as make_tasks names them
+        if seed not in experts:
+            experts[seed] = Expert.of(env.make_tasks(1, seed)[0], args.max_steps)
+        for node in tree["nodes"]:
+            actions = [step["action"] for step in node["episode"]["steps"]]
+            for reflection in node["reflections"]:
+                mark = grade(reflection["step"], first_mistake(experts[seed], actions[: reflection["after_step"]]))
+                reflections[mark] += 1
+                if reflection["branched"]:
+                    branched[mark] += 1
+    total = sum(reflections.values())
+    print(f"{total} reflections in {len(trees)} trees ({args.trees})")
+    for mark in sorted(reflections):
+        print(f"  {mark:20s} {reflections[mark]:5d}  ({reflections[mark] / total:6.1%})  branched {branched[mark]}")
+    if args.out:
+        from leafe.files import write_json
+
+        write_json(args.out, {"trees": str(args.trees), "reflections": dict(reflections), "branched": dict(branched)})
+
+
+if __name__ == "__main__":
+    main()
