@@ -104,6 +104,14 @@ def test_a_study_runs_every_stage_then_skips_resumes_and_redoes_what_changed(tin
         assert set(cost) == {"env_steps", "generated_tokens", "wall_s"}
     assert results["cost"]["base.eval"]["env_steps"] == 2 * 4 * 4  # 2 tasks x 4 samples x 4 steps (never solved)
     assert results["cost"]["grpo.train"]["env_steps"] > 0 and results["cost"]["leafe.explore"]["env_steps"] > 0
+    # ACE with an empty playbook is the base agent with the base's prompt and seeds: its evaluation
+    # is the base's, copied rather than played again; with lessons it is played.
+    if json.loads((run_dir / "ace" / "train" / "playbook.json").read_text())["lessons"]:
+        assert results["cost"]["ace.eval"]["env_steps"] == results["cost"]["base.eval"]["env_steps"]
+    else:
+        assert results["cost"]["ace.eval"]["env_steps"] == 0
+        assert (run_dir / "ace" / "eval" / "eval.json").read_bytes() == (run_dir / "base" / "eval" / "eval.json").read_bytes()
+        assert results["methods"]["ace"]["note"] == "no lesson learnt: the episodes of base.eval"
     assert (run_dir / "report.html").stat().st_size > 1000
     assert "Pass@4" in first.stdout  # the final table
 
