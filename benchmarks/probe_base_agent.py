@@ -11,6 +11,10 @@ act: in that conversation, generate the whole reply (greedy, and sampled at T = 
 action it ends in is optimal; this works whatever the thought looks like (agents built with --plans
 decide over several tokens, so the one-token figures above do not apply to them). plan_push: the
 share of greedy plan replies ("push D from (r,c); ...") whose push is the one the optimal line makes next.
+reflect: a reflection fragment as the bootstrap draws them (the last turns of an attempt that lost
+the level, the feedback marking the losing step, then the reflection prompt): does the greedy
+reflection name that step (reflect_step), or say nothing is lost (reflect_none)? In-distribution by
+construction; `benchmarks/reflection_audit.py` grades the reflections of a real exploration.
 
     python benchmarks/probe_base_agent.py --model .leafe/models/base-agent-<hash> --boards 400
 """
@@ -44,6 +48,7 @@ def main() -> None:
         _shown_observations,
         describe_mistake,
         fragment_ids,
+        make_reflection_fragment,
     )
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,7 +70,10 @@ def main() -> None:
     rng = random.Random(0)
     env = SokobanEnv(max_steps=args.max_steps)
     counts = {"policy": [0, 0], "copy": [0, 0], "episode": [0, 0], "act_greedy": [0, 0], "act_sampled": [0, 0],
-              "plan_push": [0, 0]}
+              "plan_push": [0, 0], "reflect_step": [0, 0], "reflect_none": [0, 0]}
+    built = Path(args.model) / "bootstrap.json"
+    plans = built.exists() and json.loads(built.read_text())["config"].get("plans", False)
+    reflect_rng = random.Random(1)  # its own stream, so the board probes keep the draws of earlier runs
     recorder = Recorder(fmt)
 
     mass = {"policy": 0.0, "episode": 0.0}  # probability of an optimal direction when sampling at T = 1
@@ -119,13 +127,23 @@ def main() -> None:
                 pushes = {p[0] for p in map(partial(expert.next_push, state), fixes) if p}
                 counts["plan_push"][0] += plan.group(1) in pushes
                 counts["plan_push"][1] += 1
+        fragment = make_reflection_fragment(task, args.max_steps, reflect_rng, args.mistake_rate, plans=plans)
+        truth = re.match(r"Step: (\d+)", fragment.reply) if fragment else None
+        if truth:
+            ids, mask = fragment_ids(fragment, fmt)
+            said = re.match(r"Step:\s*(\w+)", act(ids[: mask.index(1)], False))
+            for name, hit in (("reflect_step", said and said.group(1) == truth.group(1)),
+                              ("reflect_none", said and said.group(1) == "none")):
+                counts[name][0] += bool(hit)
+                counts[name][1] += 1
     boards = counts["policy"][1]
     result = {"model": str(args.model), "boards": boards, "task_seed": args.task_seed,
               "policy": counts["policy"][0] / boards, "policy_chance": chance / boards,
               "copy": counts["copy"][0] / boards, "copy_chance": 0.25, "episode": counts["episode"][0] / boards,
               "policy_sampled": mass["policy"] / boards, "episode_sampled": mass["episode"] / boards,
-              **{name: counts[name][0] / max(counts[name][1], 1) for name in ("act_greedy", "act_sampled", "plan_push")},
-              "plan_replies": counts["plan_push"][1], "wall_s": round(time.perf_counter() - started, 1)}
+              **{name: counts[name][0] / max(counts[name][1], 1) for name in ("act_greedy", "act_sampled", "plan_push",
+                                                                              "reflect_step", "reflect_none")},
+              "plan_replies": counts["plan_push"][1], "reflections": counts["reflect_step"][1], "wall_s": round(time.perf_counter() - started, 1)}
     print(json.dumps(result, indent=1))
     if args.out:
         write_json(args.out, result)
