@@ -265,8 +265,7 @@ class Study:
         settings = self.config.eval_settings()
         if method == "ace":
             settings = replace(settings, playbook=load_playbook(self.stage_dir("ace.train") / "playbook.json"))
-            if not settings.playbook and self._reuse_base_eval():
-                result = read_json(self.stage_dir("ace.eval") / "eval.json")
+            if not settings.playbook and (result := self._copy_base_eval()) is not None:
                 return {"model": str(self.base_model()), "pass_at_k": result["pass_at_k"], "cost": _cost(),
                         "same_as": "base.eval"}
         model = self.model_of(method)
@@ -282,20 +281,21 @@ class Study:
         return {"model": str(model), "pass_at_k": result["pass_at_k"],
                 "cost": _cost(result["env_steps"], result["generated_tokens"], result["wall_s"])}
 
-    def _reuse_base_eval(self) -> bool:
-        """Copy the base evaluation's files as ACE's, when ACE learnt no lesson. An empty playbook
-        leaves the system prompt, the model and the sampling seeds those of the base evaluation, so
-        evaluating again would play the very same episodes (it did, Pass@k equal to every digit, for
-        minutes of the demo's 25). False when the base evaluation has not finished."""
+    def _copy_base_eval(self) -> dict[str, Any] | None:
+        """Copy the base evaluation's files as ACE's, when ACE learnt no lesson, and return its
+        result. An empty playbook leaves the system prompt, the model and the sampling seeds those of
+        the base evaluation, so evaluating again would play the very same episodes (it did, Pass@k
+        equal to every digit, for minutes of the demo's 25). None when the base evaluation has not
+        finished."""
         base = self.stage_dir("base.eval")
         if not (base / "eval.json").exists() or not read_json(base / "stage.json").get("done"):
-            return False
+            return None
         target = self.stage_dir("ace.eval")
         target.mkdir(parents=True, exist_ok=True)
         for path in base.iterdir():
             if path.is_file() and path.name != "stage.json":
                 shutil.copyfile(path, target / path.name)
-        return True
+        return read_json(base / "eval.json")
 
     def _grpo(self, ticker: Ticker) -> dict[str, Any]:
         from leafe.grpo import train_grpo
