@@ -21,6 +21,7 @@ from leafe.backends.hf import HFBackend
 from leafe.early_experience import EarlyExperienceSettings, train_early_experience
 from leafe.evaluate import EvalSettings, evaluate
 from leafe.grpo import GRPOSettings, train_grpo
+from leafe.passk import compare_tasks
 from leafe.sft import SFTSettings
 
 
@@ -59,17 +60,24 @@ def main() -> None:
         settings = replace(evaluation, playbook=playbook or [])
         result = evaluate(HFBackend(model, device="cpu"), model, settings, args.work / f"eval-{name}")
         report["methods"][name] = {"pass_at_k": result["pass_at_k"], "ci95": result["ci95"],
-                                   "eval_wall_s": result["wall_s"], "train": train}
+                                   "eval_wall_s": result["wall_s"], "train": train, "tasks": result["tasks"]}
+        base = report["methods"].get("base")
+        if name != "base" and base and base.get("tasks"):  # paired on the same levels
+            report["methods"][name]["vs_base"] = compare_tasks(base["tasks"], result["tasks"], list(result["pass_at_k"]))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         k = str(args.samples)
-        print(f"{name:6s} Pass@1 {100 * result['pass_at_k']['1']:.1f}%  Pass@{k} {100 * result['pass_at_k'][k]:.1f}%",
-              flush=True)
+        vs = report["methods"][name].get("vs_base")
+        paired = (f"  vs base: Pass@1 {100 * vs['1']['diff']:+.1f} [{100 * vs['1']['ci95'][0]:+.1f}, "
+                  f"{100 * vs['1']['ci95'][1]:+.1f}] points, paired" if vs else "")
+        print(f"{name:6s} Pass@1 {100 * result['pass_at_k']['1']:.1f}%  Pass@{k} {100 * result['pass_at_k'][k]:.1f}%"
+              + paired, flush=True)
 
     if args.base_eval is not None:
         base = json.loads((args.base_eval / "eval.json").read_text())
         report["methods"]["base"] = {"pass_at_k": base["pass_at_k"], "ci95": base["ci95"],
-                                     "eval_wall_s": base["wall_s"], "train": None, "from": str(args.base_eval)}
+                                     "eval_wall_s": base["wall_s"], "train": None, "from": str(args.base_eval),
+                                     "tasks": base["tasks"]}
     else:
         record("base", args.model, None)
 

@@ -669,10 +669,19 @@ def results_table(results: dict[str, Any]) -> Table:
     table.add_column("method")
     for k in ks:
         table.add_column(f"Pass@{k}", justify="right")
+    # Pass@1 and the largest k against the base, paired on tasks: what the acceptance reads.
+    paired = [k for k in dict.fromkeys(ks[:1] + ks[-1:]) if any(k in m.get("vs_base", {}) for m in methods.values())]
+    for k in paired:
+        table.add_column(f"@{k} vs base", justify="right")
     for name, m in methods.items():
+        vs = m.get("vs_base", {})
         table.add_row(NAMES.get(name, name), *(f"{100 * m['pass_at_k'][k]:.1f}" if k in m["pass_at_k"] else "-"
-                                               for k in ks))
+                                               for k in ks),
+                      *(f"{100 * vs[k]['diff']:+.1f} [{100 * vs[k]['ci95'][0]:+.1f}, {100 * vs[k]['ci95'][1]:+.1f}]"
+                        if k in vs else "-" for k in paired))
     notes = [f"{NAMES.get(name, name)}: {m['note']}" for name, m in methods.items() if m.get("note")]
+    if paired:
+        notes.insert(0, "vs base: points above the base on the same tasks [95% CI, tasks resampled in pairs]")
     if notes:
         table.caption = "; ".join(notes)
     return table

@@ -77,3 +77,46 @@ def summarize(counts: Sequence[tuple[int, int]], ks: Sequence[int] | None = None
         "pass_at_k": {str(k): v for k, v in curve.items()},
         "ci95": {str(k): list(bootstrap_ci(counts, k, seed=seed)) for k in curve},
     }
+
+
+def paired_difference(
+    base: Sequence[tuple[int, int]],
+    other: Sequence[tuple[int, int]],
+    k: int,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Mean pass@k of `other` minus `base` over the same tasks (`base[i]` and `other[i]` are one
+    task), with a percentile bootstrap interval that resamples tasks and keeps each task's pair.
+
+    Why paired: most of the spread of a Pass@k estimate over a few tasks is which tasks were drawn
+    (some levels are easy for every method), and that spread cancels in a per-task difference, so
+    two methods whose own intervals overlap almost entirely can still differ clearly.
+    """
+    if len(base) != len(other):
+        raise ValueError(f"a paired difference needs the same tasks (got {len(base)} and {len(other)})")
+    if not base:
+        raise ValueError("a paired difference over an empty task list is undefined")
+    diff = np.array([pass_at_k(n2, c2, k) - pass_at_k(n1, c1, k) for (n1, c1), (n2, c2) in zip(base, other)])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(diff[idx].mean(axis=1), [alpha, 1.0 - alpha])
+    return float(diff.mean()), float(lo), float(hi)
+
+
+def compare_tasks(base: Sequence[dict], other: Sequence[dict], ks: Sequence[int], seed: int = 0) -> dict:
+    """`{k: {"diff", "ci95"}}` of `other` minus `base` from two evaluations' per-task records
+    (eval.json's `tasks`: task_id, n, c), paired on task_id; both must cover the same tasks."""
+    by_id = {r["task_id"]: (r["n"], r["c"]) for r in base}
+    missing = [r["task_id"] for r in other if r["task_id"] not in by_id]
+    if missing or len(by_id) != len(other):
+        raise ValueError(f"the two evaluations cover different tasks (e.g. {(missing or sorted(by_id))[:3]}); "
+                         "compare evaluations of the same --tasks and --task-seed")
+    pairs = [(by_id[r["task_id"]], (r["n"], r["c"])) for r in other]
+    out = {}
+    for k in ks:
+        diff, lo, hi = paired_difference([a for a, _ in pairs], [b for _, b in pairs], int(k), seed=seed)
+        out[str(k)] = {"diff": diff, "ci95": [lo, hi]}
+    return out

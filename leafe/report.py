@@ -15,6 +15,7 @@ from typing import Any
 
 from leafe.errors import LeafeError
 from leafe.files import write_text, read_json, read_jsonl
+from leafe.passk import compare_tasks
 
 COLORS = {"base": "#6b7280", "grpo": "#d97706", "leafe": "#059669", "early_experience": "#2563eb", "ace": "#9333ea"}
 NAMES = {"base": "Base", "grpo": "GRPO", "leafe": "LEAFE", "early_experience": "Early Experience", "ace": "ACE"}
@@ -58,6 +59,7 @@ def render(results: dict[str, Any], trees: list[dict[str, Any]]) -> str:
         f"<h1>{e(title)}</h1><p class=sub>{head}</p>",
         "<h2>Pass@k</h2>",
         passk_table(methods),
+        differences_table(methods),
         "<h2>Pass@k curves</h2>",
         curves_svg(methods),
         "<h2>Cost</h2>",
@@ -93,6 +95,29 @@ def passk_table(methods: dict[str, Any]) -> str:
                     f"</th>{''.join(cells)}</tr>")
     return ("<table class=passk>" + "".join(rows) + "</table><p class=note>Success %, unbiased Pass@k estimator; "
             "95% bootstrap intervals over tasks in brackets; the best value of each column in bold.</p>")
+
+
+def differences_table(methods: dict[str, Any]) -> str:
+    """Each method minus the base on the same tasks, paired (empty without per-task records)."""
+    base = methods.get("base")
+    others = {n: m for n, m in methods.items() if n != "base" and m.get("tasks")}
+    if not base or not base.get("tasks") or not others:
+        return ""
+    ks = [k for k in ks_of(methods) if all(k in m["pass_at_k"] for m in (base, *others.values()))]
+    rows = ["<tr><th>method</th>" + "".join(f"<th>Pass@{k}</th>" for k in ks) + "</tr>"]
+    for name, m in others.items():
+        vs = m.get("vs_base") or compare_tasks(base["tasks"], m["tasks"], ks)
+        cells = []
+        for k in ks:
+            d, (lo, hi) = vs[k]["diff"], vs[k]["ci95"]
+            mark = " class=up" if lo > 0 else " class=down" if hi < 0 else ""
+            cells.append(f"<td{mark}>{100 * d:+.1f}<span class=ci>[{100 * lo:+.1f}, {100 * hi:+.1f}]</span></td>")
+        rows.append(f"<tr><th><i class=dot style='background:{COLORS.get(name, '#000')}'></i>{e(NAMES.get(name, name))}"
+                    f"</th>{''.join(cells)}</tr>")
+    return ("<h3>Against the base, task by task</h3><table class=passk>" + "".join(rows) + "</table><p class=note>"
+            "Points of Pass@k above the base on the same tasks; the 95% bootstrap interval resamples tasks and keeps "
+            "each task's two results together, so it is narrower than the two methods' own intervals suggest. "
+            "Green: the interval is above 0; red: below 0.</p>")
 
 
 def curves_svg(methods: dict[str, Any], width: int = 720, height: int = 400) -> str:
@@ -265,7 +290,7 @@ h1{font-size:26px;margin:8px 0 4px}h2{font-size:19px;margin:32px 0 10px;border-b
 table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0001}
 th,td{padding:6px 12px;border-bottom:1px solid #eef0f3;text-align:right;font-variant-numeric:tabular-nums}
 th:first-child{text-align:left}tr:first-child th{background:#f1f5f9;font-size:13px}
-td.best{font-weight:700}.ci{display:block;color:#9ca3af;font-size:11px}tr.total{font-weight:700}
+td.best{font-weight:700}td.up{color:#047857;font-weight:700}td.down{color:#b91c1c;font-weight:700}.ci{display:block;color:#9ca3af;font-size:11px}tr.total{font-weight:700}
 .dot{display:inline-block;width:10px;height:10px;border-radius:50%;margin-right:8px}
 svg.curves{background:#fff;box-shadow:0 1px 2px #0001;max-width:100%;height:auto}
 .grid{stroke:#eef0f3}.tick{font-size:11px;fill:#6b7280}.axis{font-size:12px;fill:#374151}.legend{font-size:13px;fill:#1f2937}

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from leafe.config import EMBEDDED, StudyConfig
 from leafe.errors import LeafeError
 from leafe.files import read_json, write_json
+from leafe.passk import compare_tasks
 
 
 class Ticker:
@@ -203,6 +204,10 @@ class Study:
                     distilled = read_json(self.stage_dir("leafe.distill") / "stage.json")
                     if distilled.get("note"):
                         methods[method]["note"] = distilled["note"]
+        if "base" in methods:  # every method against the base on the same tasks: what the acceptance asks
+            for name, m in methods.items():
+                if name != "base":
+                    m["vs_base"] = compare_tasks(methods["base"]["tasks"], m["tasks"], list(m["pass_at_k"]))
         return {
             "name": c.name,
             "env": c.env,

@@ -5,7 +5,8 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from leafe.passk import bootstrap_ci, default_ks, mean_pass_at_k, pass_at_k, pass_at_k_curve, summarize
+from leafe.passk import (bootstrap_ci, compare_tasks, default_ks, mean_pass_at_k, paired_difference, pass_at_k,
+                         pass_at_k_curve, summarize)
 
 
 def brute_force(n, c, k):
@@ -73,3 +74,34 @@ def test_summarize_is_json_ready():
     result = summarize([(4, 1), (4, 2)], ks=[1, 4])
     assert set(result["pass_at_k"]) == {"1", "4"}
     assert result["ci95"]["1"][0] <= result["pass_at_k"]["1"] <= result["ci95"]["1"][1]
+
+
+def test_a_paired_difference_sees_a_gain_that_overlapping_intervals_hide():
+    # Ten levels of very different difficulty; the other method solves two more of 32 on every one.
+    base = [(32, c) for c in (0, 2, 5, 9, 14, 18, 22, 25, 28, 30)]
+    other = [(32, c + 2) for _, c in base]
+    lo_a, hi_a = bootstrap_ci(base, 1)
+    lo_b, hi_b = bootstrap_ci(other, 1)
+    assert lo_b < hi_a  # each method's own interval: they overlap almost entirely
+    diff, lo, hi = paired_difference(base, other, 1)
+    assert diff == pytest.approx(2 / 32)
+    assert lo == pytest.approx(2 / 32) and hi == pytest.approx(2 / 32)  # the same gain on every task
+    # Gains and losses that cancel: the interval straddles zero.
+    mixed = [(32, c + (3 if i % 2 else -3) if 3 <= c <= 29 else c) for i, (_, c) in enumerate(base)]
+    diff, lo, hi = paired_difference(base, mixed, 1)
+    assert lo < 0 < hi
+    with pytest.raises(ValueError, match="the same tasks"):
+        paired_difference(base, other[:3], 1)
+
+
+def test_compare_tasks_pairs_on_task_id_and_refuses_different_tasks():
+    base = [{"task_id": "a", "n": 4, "c": 0}, {"task_id": "b", "n": 4, "c": 4}]
+    other = [{"task_id": "b", "n": 4, "c": 4}, {"task_id": "a", "n": 4, "c": 2}]  # other order
+    result = compare_tasks(base, other, [1, 4])
+    assert result["1"]["diff"] == pytest.approx(0.25)  # (0.5 - 0 + 1 - 1) / 2
+    assert result["4"]["diff"] == pytest.approx(0.5)
+    assert set(result) == {"1", "4"} and len(result["1"]["ci95"]) == 2
+    with pytest.raises(ValueError, match="different tasks"):
+        compare_tasks(base, [{"task_id": "a", "n": 4, "c": 1}, {"task_id": "z", "n": 4, "c": 1}], [1])
+    with pytest.raises(ValueError, match="different tasks"):
+        compare_tasks(base, base[:1], [1])

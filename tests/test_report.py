@@ -27,7 +27,8 @@ def make_run(run: Path, tokenizer) -> dict:
     methods = {}
     for name, counts in METHODS.items():
         s = summarize(counts)
-        methods[name] = {"pass_at_k": s["pass_at_k"], "ci95": s["ci95"]}
+        methods[name] = {"pass_at_k": s["pass_at_k"], "ci95": s["ci95"],
+                         "tasks": [{"task_id": f"t{i}", "n": n, "c": c} for i, (n, c) in enumerate(counts)]}
     cost = {"base.eval": {"env_steps": 310, "generated_tokens": 4100, "wall_s": 12.0},
             "grpo.train": {"env_steps": 1200, "generated_tokens": 15000, "wall_s": 95.0}}
     results = {"name": "unit", "env": "sokoban", "model": "/m/base-agent", "tasks": 3, "task_seed": 900, "samples": 8,
@@ -51,6 +52,10 @@ def test_report_is_self_contained_and_holds_the_results(tiny_tokenizer, tmp_path
     base1 = results["methods"]["base"]["pass_at_k"]["1"]
     assert f"{100 * base1:.1f}" in page
     assert "1,510" in page and "1:47" in page  # cost totals: env steps, wall time
+    # Paired on the same tasks: LEAFE solves more on every task (interval above 0, marked), GRPO on
+    # two of three (+8.3 points), ACE one fewer on one (its interval reaches 0: not marked).
+    assert "Against the base, task by task" in page
+    assert "<td class=up>+16.7" in page and "<td>+8.3" in page and "<td>-4.2" in page
     assert page.count("class=panel") == 2 and "class=tree" in page
     assert "rollback" in page and "<b>tau</b> = 2" in page and "stop dancing." in page
     assert "cell box" in page and "cell player" in page  # Sokoban grids, not text

@@ -99,6 +99,12 @@ def test_a_study_runs_every_stage_then_skips_resumes_and_redoes_what_changed(tin
     assert list(results["methods"]) == ["base", "grpo", "leafe", "early_experience", "ace"]
     for method in results["methods"].values():
         assert list(method["pass_at_k"]) == ["1", "2", "4"] and list(method["ci95"]) == ["1", "2", "4"]
+    base = results["methods"]["base"]
+    for name, method in results["methods"].items():  # each method against the base, paired on tasks
+        assert ("vs_base" in method) == (name != "base")
+        for k, vs in method.get("vs_base", {}).items():
+            assert vs["diff"] == pytest.approx(method["pass_at_k"][k] - base["pass_at_k"][k])
+            assert vs["ci95"][0] <= vs["diff"] <= vs["ci95"][1]
     assert list(results["cost"]) == STAGES
     for cost in results["cost"].values():
         assert set(cost) == {"env_steps", "generated_tokens", "wall_s"}
