@@ -51,7 +51,8 @@ def main() -> None:
         report["runs"][str(run)] = {
             "differs": {k: settings[run].get(k) for k in differing},
             "tasks": results["tasks"], "samples": results["samples"],
-            "methods": {m: {"pass_at_k": r["pass_at_k"], "ci95": r["ci95"], **({"note": r["note"]} if r.get("note") else {})}
+            "methods": {m: {"pass_at_k": r["pass_at_k"], "ci95": r["ci95"],
+                            **{key: r[key] for key in ("vs_base", "tasks", "note") if r.get(key)}}
                         for m, r in results["methods"].items()},
             "cost": results["cost"],
             "wall_s": round(sum(c["wall_s"] for c in results["cost"].values()), 1),

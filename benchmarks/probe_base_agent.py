@@ -36,7 +36,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from leafe.chat import ChatFormat
-    from leafe.envs.sokoban import ACTIONS, SokobanEnv, parse_direction
+    from leafe.envs.sokoban import ACTIONS, SokobanEnv, next_push, parse_direction
     from leafe.files import write_json
     from leafe.prompts import experience_message, parse_action
     from leafe.rollout import Recorder
@@ -124,7 +124,7 @@ def main() -> None:
             counts[name][1] += 1
             plan = re.search(r"push (\w+) from", reply)
             if plan and not sample:
-                pushes = {p[0] for p in map(partial(expert.next_push, state), fixes) if p}
+                pushes = {p[0] for p in map(partial(next_push, expert.room, expert.table, state), fixes) if p}
                 counts["plan_push"][0] += plan.group(1) in pushes
                 counts["plan_push"][1] += 1
         fragment = make_reflection_fragment(task, args.max_steps, reflect_rng, args.mistake_rate, plans=plans)

@@ -42,8 +42,10 @@ GENERATOR = 2
 @dataclass(frozen=True)
 class BootstrapConfig:
     seed: int = 0
-    fragments: int = 10000
-    reflection_fragments: int = 3000
+    # 16k moves and 1k reflections (was 10k / 3k): the compute the reflections took without teaching
+    # their step moved to the moves (BENCHMARKS.md, "A loss weight on the decision token").
+    fragments: int = 16000
+    reflection_fragments: int = 1000
     episodes: int = 500
     max_steps: int = 15
     mistake_rate: float = 0.25
@@ -57,10 +59,11 @@ class BootstrapConfig:
     # 3e-3 kept this model on the uniform-policy plateau for hundreds of updates; 1e-3 leaves it at once.
     learning_rate: float = 1e-3
     #: Loss weight of each decision token (see `synthetic.decision_weights`) relative to the others.
-    decision_weight: float = 1.0
+    #: 10 with plans: the first recipe whose agent reads the board (1.0: the agents built before it).
+    decision_weight: float = 10.0
     #: Optimal moves say the plan they serve ("push right from (2,1); at (3,1), go up."), see
     #: `synthetic.thought`; False keeps the plain "go up." of the agents built before it.
-    plans: bool = False
+    plans: bool = True
     batch_size: int = 32
     max_batch_tokens: int = 4096
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from leafe.errors import LeafeError
-from leafe.files import write_text, read_json, read_jsonl
+from leafe.files import read_json, read_jsonl, write_text
 from leafe.passk import compare_tasks
 
 COLORS = {"base": "#6b7280", "grpo": "#d97706", "leafe": "#059669", "early_experience": "#2563eb", "ace": "#9333ea"}

@@ -22,7 +22,17 @@ import random
 from dataclasses import dataclass, field
 
 from leafe.envs.base import Task
-from leafe.envs.sokoban import ACTIONS, Room, SokobanEnv, State, distance_table, move, parse_xsb
+from leafe.envs.sokoban import (
+    ACTIONS,
+    Room,
+    SokobanEnv,
+    State,
+    distance_table,
+    move,
+    optimal_moves,
+    parse_xsb,
+    plan_thought,
+)
 from leafe.prompts import REFLECTION_PROMPT, experience_message, format_reply, observation_message
 
 KINDS = ("demo", "reflect", "experience")
@@ -45,21 +55,7 @@ class Expert:
 
     def optimal(self, state: State) -> list[str]:
         """Actions that bring `state` one move closer to solved (empty if it is a dead end)."""
-        d = self.table.get(state)
-        if d is None or d == 0:
-            return []
-        return [a for a in ACTIONS if self.table.get(move(self.room, state, a)[0]) == d - 1]
-
-    def next_push(self, state: State, action: str) -> tuple[str, State] | None:
-        """The first push of the optimal line that starts with `action`: its direction and the state
-        just before it (where the player stands to push). None if `action` is not optimal."""
-        if action not in self.optimal(state):
-            return None
-        # Each optimal move lowers the distance by one and the move that solves is a push, so this ends.
-        while (step := move(self.room, state, action))[1] != "pushed":
-            state = step[0]
-            action = self.optimal(state)[0]
-        return action, state
+        return optimal_moves(self.room, self.table, state)
 
     def lost(self, state: State, steps_left: int) -> bool:
         """True when `state` cannot be solved in the moves left."""
@@ -134,12 +130,7 @@ def thought(expert: Expert, state: State, action: str) -> str:
     "go X." (measured in BENCHMARKS.md: the first build that plays clearly better than a random mover).
     """
     if expert.plans:
-        plan = expert.next_push(state, action)
-        if plan is None:
-            return f"go {action}."
-        push, stand = plan
-        (r, c), (pr, pc) = expert.room.coords(stand.player), expert.room.coords(state.player)
-        return f"push {push} from ({r},{c}); at ({pr},{pc}), go {action}."
+        return plan_thought(expert.room, expert.table, state, action)
     _, what = move(expert.room, state, action)
     return f"go {action} to push the box." if what == "pushed" else f"go {action}."
 

@@ -58,6 +58,31 @@ def test_expert_states_follow_the_solver(collected, tiny_tokenizer):
     # The imitation row trains exactly the expert's replies, in order.
     text = labelled_text(expert_rows[0], tiny_tokenizer)
     assert re.findall(r"Action: (up|down|left|right)", text) == plans[0]
+    # ... each voiced as the embedded agent voices an optimal move: the plan, then the move.
+    thoughts = re.findall(r"Thought: (.*)\n", text)
+    assert len(thoughts) == len(plans[0])
+    assert all(re.fullmatch(r"push \w+ from \(\d+,\d+\); at \(\d+,\d+\), go \w+\.", t) for t in thoughts)
+    assert [t.rsplit(" ", 1)[1] for t in thoughts] == [f"{a}." for a in plans[0]]
+
+
+def test_the_env_expert_speaks_with_the_bootstrap_experts_voice():
+    # Early Experience's expert rows must read like the agent's own training data (synthetic.thought),
+    # or the imitation stage teaches another phrasing (a bare "go X." made the plan agent stop planning).
+    from leafe.envs.sokoban import move
+    from leafe.synthetic import Expert, thought
+
+    task = make("sokoban").make_tasks(1, 7)[0]
+    env = make("sokoban")
+    env.reset(task)
+    expert = Expert.of(task, 15, plans=True)
+    state = expert.start
+    for action in env.expert_actions(task)[:6]:
+        assert env.expert_thought(action) == thought(expert, state, action)
+        assert env.expert_thought(action).startswith("push ")
+        wrong = next(a for a in ("up", "down", "left", "right") if a not in expert.optimal(state))
+        assert env.expert_thought(wrong) == f"go {wrong}."
+        env.step(action)
+        state = move(expert.room, state, action)[0]
 
 
 def test_alternatives_are_executed_from_the_expert_state(collected):

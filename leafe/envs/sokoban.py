@@ -338,6 +338,38 @@ def distance_table(room: Room, limit: int = 2_000_000) -> dict[State, int]:
     return table
 
 
+def optimal_moves(room: Room, table: dict[State, int], state: State) -> list[str]:
+    """Actions that bring `state` one move closer to solved (empty if it is solved or a dead end)."""
+    d = table.get(state)
+    if d is None or d == 0:
+        return []
+    return [a for a in ACTIONS if table.get(move(room, state, a)[0]) == d - 1]
+
+
+def next_push(room: Room, table: dict[State, int], state: State, action: str) -> tuple[str, State] | None:
+    """The first push of the optimal line that starts with `action`: its direction and the state
+    just before it (where the player stands to push). None if `action` is not optimal."""
+    if action not in optimal_moves(room, table, state):
+        return None
+    # Each optimal move lowers the distance by one and the move that solves is a push, so this ends.
+    while (step := move(room, state, action))[1] != "pushed":
+        state = step[0]
+        action = optimal_moves(room, table, state)[0]
+    return action, state
+
+
+def plan_thought(room: Room, table: dict[State, int], state: State, action: str) -> str:
+    """An optimal move voiced with the plan it serves, "push right from (2,1); at (3,1), go up.": the
+    next push of the optimal line, the cell it is pushed from, the player's own cell, then the move
+    (why this shape: `synthetic.thought`). Any other move is a bare "go X."."""
+    plan = next_push(room, table, state, action)
+    if plan is None:
+        return f"go {action}."
+    push, stand = plan
+    (r, c), (pr, pc) = room.coords(stand.player), room.coords(state.player)
+    return f"push {push} from ({r},{c}); at ({pr},{pc}), go {action}."
+
+
 def read_collection(path: str) -> list[str]:
     """Levels of an XSB collection file: blank lines separate levels; ';' comments and
     'Key: value' metadata lines are skipped. Every level is validated."""
@@ -445,7 +477,11 @@ class SokobanEnv(Env):
         return solve(task.spec["xsb"])
 
     def expert_thought(self, action: str) -> str:
-        return f"go {action}."  # the embedded agent's own phrasing (synthetic.thought)
+        # The expert knows its plan and says it, in the embedded agent's own phrasing; a plain
+        # "go X." here taught the plan agent to stop planning (Early Experience, BENCHMARKS.md).
+        if self._table is None:  # a room too big to tabulate: no plan to voice
+            return f"go {action}."
+        return plan_thought(self._room, self._table, self._state, action)
 
     # -- episode -------------------------------------------------------------------------------
     def reset(self, task: Task) -> str:
