@@ -62,11 +62,15 @@ def bootstrap_ci(
     per_task = np.array([pass_at_k(n, c, k) for n, c in counts])
     if len(per_task) == 0:
         raise ValueError("a bootstrap interval over an empty task list is undefined")
+    return _bootstrap_mean(per_task, resamples, level, seed)
+
+
+def _bootstrap_mean(per_task: np.ndarray, resamples: int, level: float, seed: int) -> tuple[float, float]:
+    """Percentile interval of the mean of per-task values, resampling tasks with replacement."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(per_task), size=(resamples, len(per_task)))
-    means = per_task[idx].mean(axis=1)
     alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    lo, hi = np.quantile(per_task[idx].mean(axis=1), [alpha, 1.0 - alpha])
     return float(lo), float(hi)
 
 
@@ -99,11 +103,7 @@ def paired_difference(
     if not base:
         raise ValueError("a paired difference over an empty task list is undefined")
     diff = np.array([pass_at_k(n2, c2, k) - pass_at_k(n1, c1, k) for (n1, c1), (n2, c2) in zip(base, other)])
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(diff[idx].mean(axis=1), [alpha, 1.0 - alpha])
-    return float(diff.mean()), float(lo), float(hi)
+    return (float(diff.mean()), *_bootstrap_mean(diff, resamples, level, seed))
 
 
 def compare_tasks(base: Sequence[dict], other: Sequence[dict], ks: Sequence[int], seed: int = 0) -> dict:
