@@ -8,6 +8,11 @@ the first step of that attempt (so far) after which the level could no longer be
 lost / right: the attempt had lost the level and the reflection named that step; lost / none: it had
 lost the level and the reflection said nothing was lost; on track / ...: the attempt could still win.
 Branches are counted by the same grades, since a branch from a wrong step starts from a lost state.
+
+Then the branches themselves: how often the first move of a branch (a'_tau, sampled with the
+experience in context) is the move its experience names ("Instead, go X"), and how often it is an
+optimal move from the state at tau, i.e. whether the policy follows an experience at all (the
+reference: how often the moves of root episodes are optimal while the level can still be won).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 from pathlib import Path
 
 
@@ -40,6 +46,7 @@ def main() -> None:
     trees = [json.loads(line) for line in args.trees.read_text().splitlines() if line.strip()]
     env = SokobanEnv(max_steps=args.max_steps)
     reflections, branched, experts = collections.Counter(), collections.Counter(), {}
+    moves = collections.Counter()  # branches: named a move / first move is it / first move is optimal
     for tree in trees:
         seed = int(tree["task_id"].rsplit("-", 1)[1])  # sokoban-<seed>, as make_tasks names them
         if seed not in experts:
@@ -51,14 +58,30 @@ def main() -> None:
                 reflections[mark] += 1
                 if reflection["branched"]:
                     branched[mark] += 1
+            if node["parent"] is None:  # the reference: how often the policy's own moves are optimal
+                states = experts[seed].states(actions)
+                for t, action in enumerate(actions):
+                    if not experts[seed].lost(states[t], args.max_steps - t):
+                        moves["root moves, level not lost"] += 1
+                        moves["root moves that are optimal"] += action in experts[seed].optimal(states[t])
+            elif len(actions) > node["tau"]:
+                expert, tau = experts[seed], node["tau"]
+                named = re.search(r"Instead, go (up|down|left|right)\b", node["experience"] or "")
+                moves["branches"] += 1
+                moves["experience names a move"] += named is not None
+                moves["first move is the named one"] += named is not None and actions[tau] == named.group(1)
+                moves["first move is optimal"] += actions[tau] in expert.optimal(expert.states(actions[:tau])[-1])
     total = sum(reflections.values())
     print(f"{total} reflections in {len(trees)} trees ({args.trees})")
     for mark in sorted(reflections):
         print(f"  {mark:20s} {reflections[mark]:5d}  ({reflections[mark] / total:6.1%})  branched {branched[mark]}")
+    for what, n in moves.items():
+        print(f"  {what:28s} {n:5d}")
     if args.out:
         from leafe.files import write_json
 
-        write_json(args.out, {"trees": str(args.trees), "reflections": dict(reflections), "branched": dict(branched)})
+        write_json(args.out, {"trees": str(args.trees), "reflections": dict(reflections), "branched": dict(branched),
+                              "branch_moves": dict(moves)})
 
 
 if __name__ == "__main__":

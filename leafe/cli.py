@@ -237,6 +237,9 @@ def explore_cmd(
     top_p: float = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Token limit of one agent turn.")] = 64,
     reflection_tokens: Annotated[int, typer.Option(help="Token limit of one reflection.")] = 96,
+    reflector: Annotated[str, typer.Option(
+        help="policy (the method: the model reflects) or oracle (a diagnostic: the env's solver does; Sokoban).",
+    )] = "policy",
     parallel_tasks: Annotated[int, typer.Option(help="Tasks explored at once (batched together).")] = 16,
     seed: int = 0,
     device: DeviceOpt = "auto",
@@ -257,7 +260,8 @@ def explore_cmd(
         strategy=strategy, env=env, env_params=parse_env_params(env_param), tasks=tasks, task_seed=task_seed,
         budget=budget, reflect_every=reflect_every, max_depth=max_depth, max_branches=max_branches,
         branch_samples=branch_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-        reflection_tokens=reflection_tokens, snapshots=snapshots, parallel_tasks=parallel_tasks, seed=seed,
+        reflection_tokens=reflection_tokens, reflector=reflector, snapshots=snapshots, parallel_tasks=parallel_tasks,
+        seed=seed,
     )
     settings.validate()
     make(env, **settings.env_params)  # fail on a bad env before the model loads

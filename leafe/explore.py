@@ -11,6 +11,10 @@ Three strategies, compared at the same budget: env steps actually taken by the a
   Branch requests are served breadth-first, within max depth, max branches per task and the budget;
   when none is waiting, a fresh root episode spends what is left.
 
+`reflector: oracle` is a diagnostic, not the method: the env's solver answers every reflection
+(Sokoban: the first irreversible mistake and the move to make there), so a run measures what stage 1
+and 2 give when reflections are right, apart from how well the policy reflects.
+
 Many tasks explore at once: each round gives one turn to every live episode of every task in one
 batched generate call, then runs every reflection due in one more. A task's tree is appended to
 `trees.jsonl` (fsynced) when the task finishes, so a rerun skips finished tasks, and a kill loses
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from leafe.backends.base import Backend
-from leafe.envs import EnvMaker, make
+from leafe.envs import EnvMaker, env_class, make
 from leafe.envs.base import Task
 from leafe.episode import Episode
 from leafe.errors import LeafeError
@@ -37,6 +41,7 @@ from leafe.prompts import experience_message, parse_reflection
 from leafe.rollout import Live, RolloutEngine
 
 STRATEGIES = ("leafe", "refine", "independent")
+REFLECTORS = ("policy", "oracle")
 
 
 @dataclass
@@ -55,6 +60,7 @@ class ExploreSettings:
     top_p: float = 1.0
     max_new_tokens: int = 64
     reflection_tokens: int = 96
+    reflector: str = "policy"  # policy (the method) | oracle (the env's solver reflects: a diagnostic)
     snapshots: bool = True  # roll back by env snapshot; False replays the action prefix
     parallel_tasks: int = 16
     seed: int = 0
@@ -65,6 +71,10 @@ class ExploreSettings:
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise LeafeError(f"unknown --strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.reflector not in REFLECTORS:
+            raise LeafeError(f"unknown --reflector {self.reflector!r}; choose one of {', '.join(REFLECTORS)}")
+        if self.reflector == "oracle" and not env_class(self.env).has_oracle_reflection:
+            raise LeafeError(f"env {self.env!r} has no oracle to reflect with; use --reflector policy")
         for name in ("tasks", "budget", "reflect_every", "max_branches", "branch_samples", "parallel_tasks",
                      "max_new_tokens", "reflection_tokens"):
             if getattr(self, name) < 1:
@@ -188,6 +198,8 @@ class Explorer:
             keep_snapshots=settings.snapshots,
         )
         self.recorder = self.engine.recorder
+        # The oracle grades a task from its spec and the actions alone, so one local env serves all.
+        self.oracle = make(settings.env, **settings.env_params) if settings.reflector == "oracle" else None
 
     def _env(self):
         return self.envs(self.settings.env, **self.settings.env_params)
@@ -278,14 +290,18 @@ class Explorer:
             self._reflect(due)
 
     def _reflect(self, due: list[tuple[_Search, int, Live, str]]) -> None:
-        prompts = [self.recorder.reflection_prompt(live).prompt_ids() for _, _, live, _ in due]
-        replies = self.engine.generate(prompts, max_new_tokens=self.settings.reflection_tokens)
-        for (search, node_id, live, why), (reply,) in zip(due, replies):
+        if self.oracle is not None:
+            replies = [(self.oracle.oracle_reflection(live.task, live.episode.actions), 0) for _, _, live, _ in due]
+        else:
+            prompts = [self.recorder.reflection_prompt(live).prompt_ids() for _, _, live, _ in due]
+            generated = self.engine.generate(prompts, max_new_tokens=self.settings.reflection_tokens)
+            replies = [(reply.text, len(reply.token_ids)) for (reply,) in generated]
+        for (search, node_id, live, why), (text, tokens) in zip(due, replies):
             node = search.nodes[node_id]
-            node.generated_tokens += len(reply.token_ids)
+            node.generated_tokens += tokens
             t = len(live.episode.steps)
-            parsed = parse_reflection(reply.text)
-            entry = {"after_step": t, "why": why, "text": reply.text, "parsed": parsed is not None,
+            parsed = parse_reflection(text)
+            entry = {"after_step": t, "why": why, "text": text, "parsed": parsed is not None,
                      "step": parsed.step if parsed else None, "experience": parsed.experience if parsed else None,
                      "valid": False, "branched": False}
             node.reflections.append(entry)
@@ -298,7 +314,7 @@ class Explorer:
             # leafe: a step in [0, t) and an experience make a branch, when the limits allow one.
             entry["valid"] = parsed is not None and parsed.step is not None and 0 <= parsed.step < t
             if entry["valid"] and search.can_branch(node) and not search.success:
-                search.queue.append(_Request(node, live, parsed.step, parsed.experience, reply.text))
+                search.queue.append(_Request(node, live, parsed.step, parsed.experience, text))
                 entry["branched"] = True
                 self._close(search, node_id, "rolled_back" if why == "interval" else "failed")
             elif why == "failure":

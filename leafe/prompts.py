@@ -119,6 +119,11 @@ def playbook_system_prompt(lessons: list[str], system: str = SYSTEM_PROMPT) -> s
     return system + "\n\nPlaybook (lessons from earlier tasks):\n" + "\n".join(f"- {x}" for x in lessons)
 
 
+#: A reflector that has nothing to teach says so; such a line is not a lesson ("none" was curated
+#: into a playbook as one, BENCHMARKS.md).
+_NO_LESSON = re.compile(r"\W*(?:none|n/?a|null|nothing|no lesson|no lessons)\W*", re.IGNORECASE)
+
+
 def parse_lesson(reply: str, max_chars: int = 200) -> str | None:
     """The lesson in a reflector reply ('Lesson:' or 'Experience:' line), or None when there is none."""
     found = _EXPERIENCE.search(reply)
@@ -126,6 +131,6 @@ def parse_lesson(reply: str, max_chars: int = 200) -> str | None:
         return None
     first_line = next((line for line in found.group(1).splitlines() if line.strip()), "")
     text = " ".join(first_line.split()).strip(" *`\"'")
-    if not re.search(r"[A-Za-z]{2}", text):
+    if not re.search(r"[A-Za-z]{2}", text) or _NO_LESSON.fullmatch(text):
         return None
     return text[:max_chars]

@@ -44,6 +44,10 @@ def test_parse_lesson_variants():
     assert parse_lesson("Step: 2\nExperience: go up first") == "go up first"
     assert parse_lesson("no idea") is None
     assert parse_lesson("Lesson: .") is None
+    # Saying there is nothing to learn is not a lesson (a playbook once curated "none" as one).
+    for empty in ("Lesson: none", "Lesson: None.", "Experience: N/A", "Lesson: nothing", "Lesson: *No lesson.*"):
+        assert parse_lesson(empty) is None, empty
+    assert parse_lesson("Lesson: none of the boxes may touch a wall.") == "none of the boxes may touch a wall."
     assert parse_lesson("Lesson:\n  push from behind\nStep: 3") == "push from behind"  # one line only
 
 

@@ -17,6 +17,7 @@ from leafe.envs.sokoban import SokobanEnv
 from leafe.errors import LeafeError
 from leafe.explore import ExploreSettings, explore, read_trees
 from leafe.prompts import REFLECTION_PROMPT
+from leafe.synthetic import Expert, first_mistake, oracle_experience
 
 EXPERIENCE_MARK = "Experience from an earlier attempt"
 
@@ -181,6 +182,37 @@ def test_settings_are_validated():
         ExploreSettings(strategy="tree").validate()
     with pytest.raises(LeafeError, match="--budget must be >= 1"):
         ExploreSettings(budget=0).validate()
+    with pytest.raises(LeafeError, match="unknown --reflector 'self'"):
+        ExploreSettings(reflector="self").validate()
+    with pytest.raises(LeafeError, match="env 'code' has no oracle to reflect with; use --reflector policy"):
+        ExploreSettings(env="code", reflector="oracle").validate()
+
+
+def test_the_oracle_reflector_branches_at_the_first_irreversible_mistake(tiny_tokenizer, tmp_path):
+    # The dancing policy wastes moves until too few are left: the oracle names that step, never asks
+    # the model, and its experience (the solver's move there) leads the branches to success.
+    def reply(text: str, i: int) -> str:
+        assert REFLECTION_PROMPT not in text, "the oracle reflects; the model must not be asked"
+        return policy()(text, i)
+
+    summary, trees, _ = run(tiny_tokenizer, tmp_path, reply, budget=60, reflector="oracle")
+    assert summary["success_rate"] == 1.0
+    tasks = {t.task_id: t for t in SokobanEnv(max_steps=15).make_tasks(3, 40)}
+    assert {tree["task_id"] for tree in trees} == set(tasks)
+    for tree in trees:
+        expert = Expert.of(tasks[tree["task_id"]], 15)
+        root = tree["nodes"][0]
+        truth = first_mistake(expert, root.episode.actions)
+        assert truth == 15 - expert.table[expert.start]  # the first dance that leaves too few moves
+        named = [r for r in root.reflections if r["step"] is not None]
+        assert named and all(r["step"] == first_mistake(expert, root.episode.actions[: r["after_step"]]) for r in named)
+        assert all(r["step"] is None for r in root.reflections if r["after_step"] <= truth)
+        branches = [n for n in tree["nodes"] if n.parent == 0]
+        assert {b.tau for b in branches} == {truth}
+        assert branches[0].experience == oracle_experience(expert, root.episode.actions, truth)
+        assert any(b.outcome == "success" for b in branches)
+        # Reflections cost no generated tokens: the root's are its actions' alone.
+        assert root.generated_tokens == root.episode.generated_tokens
 
 
 def _cli(*args):

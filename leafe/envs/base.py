@@ -60,6 +60,8 @@ class Env(ABC):
     name: ClassVar[str] = ""
     #: True when `snapshot`/`restore` copy the full state; otherwise rollback replays.
     supports_snapshot: ClassVar[bool] = False
+    #: True when `oracle_reflection` can grade an attempt exactly (a solver knows the level).
+    has_oracle_reflection: ClassVar[bool] = False
 
     #: The task instruction q shown to the agent; set by `reset`.
     instruction: str = ""
@@ -98,6 +100,12 @@ class Env(ABC):
     def expert_thought(self, action: str) -> str:
         """The thought written before an expert action in demonstrations (Early Experience)."""
         return f"next, {action}."
+
+    def oracle_reflection(self, task: Task, actions: Sequence[str]) -> str:
+        """What a perfect reflector would answer after `actions` (the reflection reply format): the
+        first step after which the task was lost and what to do there, or "Step: none". A diagnostic
+        for stage 1 (`reflector: oracle`), never part of LEAFE itself."""
+        raise EnvError(f"env {self.name!r} has no oracle to reflect with; use reflector: policy")
 
     def snapshot(self) -> Any:
         raise NotImplementedError(f"env {self.name!r} cannot copy its state; roll back with replay()")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import random
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -428,6 +429,7 @@ class SokobanEnv(Env):
 
     name = "sokoban"
     supports_snapshot = True
+    has_oracle_reflection = True
 
     def __init__(
         self, max_steps: int = 15, dim: tuple[int, int] = (6, 6), boxes: int = 1, levels: str | None = None
@@ -475,6 +477,21 @@ class SokobanEnv(Env):
 
     def expert_actions(self, task: Task) -> list[str] | None:
         return solve(task.spec["xsb"])
+
+    def oracle_reflection(self, task: Task, actions: Sequence[str]) -> str:
+        # The bootstrap's reflection examples are written by the same functions, so an oracle
+        # reflection reads exactly like the ones the embedded agent was taught to write.
+        from leafe.synthetic import NO_MISTAKE, Expert, first_mistake, oracle_experience, reflection_reply
+
+        table = _level_table(task.spec["xsb"])
+        if table is None:
+            raise EnvError(f"level {task.task_id} is too big to tabulate; the oracle cannot grade it")
+        room, start = parse_xsb(task.spec["xsb"])
+        expert = Expert(room, start, table, self.max_steps)
+        step = first_mistake(expert, list(actions))
+        if step is None:
+            return reflection_reply(None, NO_MISTAKE)
+        return reflection_reply(step, oracle_experience(expert, list(actions), step))
 
     def expert_thought(self, action: str) -> str:
         # The expert knows its plan and says it, in the embedded agent's own phrasing; a plain
