@@ -31,7 +31,7 @@ BOOTSTRAP_SEED_BASE = 10_000_000
 
 #: Knobs added after agents were built and cached, with the value that reproduces the older builds:
 #: at that value a knob stays out of the digest, so an existing cache directory keeps its name.
-ADDED_LATER = {"decision_weight": 1.0, "plans": False}
+ADDED_LATER = {"decision_weight": 1.0, "plans": False, "experience_episodes": 0}
 
 #: Version of the example generator (`synthetic`), part of every digest: a change to how examples
 #: are drawn renames every cache, so no agent built from the older data is reused under a new name.
@@ -47,6 +47,10 @@ class BootstrapConfig:
     fragments: int = 16000
     reflection_fragments: int = 1000
     episodes: int = 500
+    #: Whole-episode experience examples on top of `episodes` (which draw the kind, 30% experience):
+    #: an experience after a whole attempt, as a rollout's branch shows it (BENCHMARKS.md, the oracle
+    #: reflector).
+    experience_episodes: int = 0
     max_steps: int = 15
     mistake_rate: float = 0.25
     reflect_every: int = 5
@@ -124,6 +128,9 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
             fragments.append(made)
         if i % 500 == 0 or i == len(levels) - 1:
             report("generating play", i + 1, len(levels))
+    for task in env.make_tasks(config.experience_episodes, first + sum(counts)):
+        scripts.append(make_script(task, config.max_steps, rng, config.mistake_rate, config.reflect_every,
+                                   plans=config.plans, kind="experience"))
 
     corpus = [SYSTEM_PROMPT, REFLECTION_PROMPT, experience_message("")]
     for script in scripts:

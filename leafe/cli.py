@@ -387,6 +387,8 @@ def bootstrap_cmd(
     fragments: Annotated[Optional[int], typer.Option(help="Short examples (default: the config's).")] = None,
     reflection_fragments: Annotated[Optional[int], typer.Option(help="Short reflection examples (default: the config's).")] = None,
     episodes: Annotated[Optional[int], typer.Option(help="Whole-episode examples (default: the config's).")] = None,
+    experience_episodes: Annotated[Optional[int], typer.Option(
+        help="Whole-episode experience examples on top of --episodes (default: the config's).")] = None,
     decision_weight: Annotated[Optional[float], typer.Option(
         help="Loss weight of each decision token (a move's direction; with --plans also the plan's digits) "
              "relative to the other reply tokens (default: the config's).")] = None,
@@ -407,6 +409,8 @@ def bootstrap_cmd(
         config = replace(config, episodes=episodes)
     if reflection_fragments is not None:
         config = replace(config, reflection_fragments=reflection_fragments)
+    if experience_episodes is not None:
+        config = replace(config, experience_episodes=experience_episodes)
     if decision_weight is not None:
         if decision_weight <= 0:
             raise LeafeError(f"--decision-weight must be > 0 (got {decision_weight})")

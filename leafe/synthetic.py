@@ -173,14 +173,14 @@ class NoisyExpert:
 
 
 def make_script(task: Task, max_steps: int, rng: random.Random, mistake_rate: float, reflect_every: int,
-                plans: bool = False) -> Script:
-    """One example of a kind drawn by `rng` (demo 40%, reflect 30%, experience 30%).
+                plans: bool = False, kind: str | None = None) -> Script:
+    """One example of `kind`, or of a kind drawn by `rng` (demo 40%, reflect 30%, experience 30%).
 
     Reflection and experience examples need failures, which a noisy expert rarely produces on easy
     levels, so for those kinds the level is replayed (up to 30 times) until an attempt fails.
     """
     expert = Expert.of(task, max_steps, plans)
-    kind = rng.choices(KINDS, weights=(0.4, 0.3, 0.3))[0]
+    kind = kind or rng.choices(KINDS, weights=(0.4, 0.3, 0.3))[0]
     play = NoisyExpert(expert, rng, mistake_rate)
     replies = play.play(expert.start, max_steps)
     if kind == "reflect" and rng.random() < 0.3:

@@ -95,6 +95,7 @@ def test_a_knob_added_later_keeps_the_digest_of_the_builds_before_it():
     assert plain.digest() == "905e9498376d"
     assert replace(plain, decision_weight=10.0).digest() != plain.digest()
     assert replace(plain, plans=True).digest() != plain.digest()
+    assert replace(BootstrapConfig(), experience_episodes=1000).digest() != BootstrapConfig().digest()
 
 
 OPEN_ROOM = "######\n#    #\n# $@ #\n#    #\n#.   #\n######"
@@ -174,6 +175,33 @@ def test_experience_examples_play_the_move_the_experience_names():
         first = s.continuation[0]
         assert first.endswith(f"Action: {named}")
         assert first.startswith(f"Thought: go {named}")
+
+
+def test_experience_episodes_are_whole_attempts_with_the_experience_at_the_first_mistake(tiny_agent, tmp_path):
+    # `--experience-episodes` adds only experience examples (a level without a failing attempt falls
+    # back to a demonstration), each branching at its attempt's first irreversible mistake.
+    import random
+
+    from leafe.synthetic import make_script
+
+    rng = random.Random(7)
+    tasks = make("sokoban").make_tasks(20, 4242)
+    scripts = [make_script(t, 15, rng, 0.4, 5, kind="experience") for t in tasks]
+    assert {s.kind for s in scripts} <= {"experience", "demo"}
+    assert sum(s.kind == "experience" for s in scripts) >= 15
+    for s, task in zip(scripts, tasks):
+        if s.kind == "experience":
+            actions = [r.rsplit("Action: ", 1)[1] for r in s.replies]
+            assert s.tau == first_mistake(Expert.of(task, 15), actions)
+    # In a build they come on top of everything else, which stays as it was.
+    # (Row counts, not tokens: the tokenizer is trained on all of the text.)
+    rows = {k: v["rows"] for k, v in tiny_agent[1]["data"]["by_kind"].items()}
+    built = build(replace(TINY, experience_episodes=6), tmp_path / "more")
+    more = {k: v["rows"] for k, v in built["data"]["by_kind"].items()}
+    for kind in ("fragment", "reflect-fragment", "reflect"):
+        assert more.get(kind) == rows.get(kind), kind
+    assert more["experience"] > rows.get("experience", 0)
+    assert more["experience"] + more.get("demo", 0) == rows.get("experience", 0) + rows.get("demo", 0) + 6
 
 
 def test_reflection_fragments_end_in_the_prompt_and_name_the_step_the_feedback_marks():
