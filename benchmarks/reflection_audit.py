@@ -45,32 +45,32 @@ def main() -> None:
 
     trees = [json.loads(line) for line in args.trees.read_text().splitlines() if line.strip()]
     env = SokobanEnv(max_steps=args.max_steps)
-    reflections, branched, experts = collections.Counter(), collections.Counter(), {}
-    moves = collections.Counter()  # branches: named a move / first move is it / first move is optimal
+    reflections, branched = collections.Counter(), collections.Counter()
+    moves = collections.Counter()  # root moves against branches' first moves (see the docstring)
     for tree in trees:
         seed = int(tree["task_id"].rsplit("-", 1)[1])  # sokoban-<seed>, as make_tasks names them
-        if seed not in experts:
-            experts[seed] = Expert.of(env.make_tasks(1, seed)[0], args.max_steps)
+        expert = Expert.of(env.make_tasks(1, seed)[0], args.max_steps)  # one tree per task
         for node in tree["nodes"]:
             actions = [step["action"] for step in node["episode"]["steps"]]
             for reflection in node["reflections"]:
-                mark = grade(reflection["step"], first_mistake(experts[seed], actions[: reflection["after_step"]]))
+                mark = grade(reflection["step"], first_mistake(expert, actions[: reflection["after_step"]]))
                 reflections[mark] += 1
                 if reflection["branched"]:
                     branched[mark] += 1
+            states = expert.states(actions)
             if node["parent"] is None:  # the reference: how often the policy's own moves are optimal
-                states = experts[seed].states(actions)
                 for t, action in enumerate(actions):
-                    if not experts[seed].lost(states[t], args.max_steps - t):
+                    if not expert.lost(states[t], args.max_steps - t):
                         moves["root moves, level not lost"] += 1
-                        moves["root moves that are optimal"] += action in experts[seed].optimal(states[t])
+                        moves["root moves that are optimal"] += action in expert.optimal(states[t])
             elif len(actions) > node["tau"]:
-                expert, tau = experts[seed], node["tau"]
+                tau = node["tau"]
+                # The phrase `synthetic.describe_mistake` writes, which the policy was taught to copy.
                 named = re.search(r"Instead, go (up|down|left|right)\b", node["experience"] or "")
                 moves["branches"] += 1
                 moves["experience names a move"] += named is not None
                 moves["first move is the named one"] += named is not None and actions[tau] == named.group(1)
-                moves["first move is optimal"] += actions[tau] in expert.optimal(expert.states(actions[:tau])[-1])
+                moves["first move is optimal"] += actions[tau] in expert.optimal(states[tau])
     total = sum(reflections.values())
     print(f"{total} reflections in {len(trees)} trees ({args.trees})")
     for mark in sorted(reflections):
