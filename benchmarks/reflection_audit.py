@@ -13,6 +13,9 @@ Then the branches themselves: how often the first move of a branch (a'_tau, samp
 experience in context) is the move its experience names ("Instead, go X"), and how often it is an
 optimal move from the state at tau, i.e. whether the policy follows an experience at all (the
 reference: how often the moves of root episodes are optimal while the level can still be won).
+Last, the replies of successful episodes (what stage 2 rehearses) that are not in a form the
+bootstrap taught ("Thought: push X from (r,c); at (r,c), go X." or "Thought: go X[ to push the box]."
+then "Action: X").
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ import collections
 import json
 import re
 from pathlib import Path
+
+_DIRECTION = r"(?:up|down|left|right)"
+TAUGHT_REPLY = re.compile(
+    rf"Thought: (?:push {_DIRECTION} from \(\d+,\d+\); at \(\d+,\d+\), go {_DIRECTION}\."
+    rf"|go {_DIRECTION}(?: to push the box)?\.)\nAction: {_DIRECTION}"
+)
 
 
 def grade(named: int | None, truth: int | None) -> str:
@@ -57,6 +66,10 @@ def main() -> None:
                 reflections[mark] += 1
                 if reflection["branched"]:
                     branched[mark] += 1
+            if node["outcome"] == "success":
+                replies = [step["reply"] for step in node["episode"]["steps"]]
+                moves["successful replies"] += len(replies)
+                moves["successful replies not as taught"] += sum(not TAUGHT_REPLY.fullmatch(r) for r in replies)
             states = expert.states(actions)
             if node["parent"] is None:  # the reference: how often the policy's own moves are optimal
                 for t, action in enumerate(actions):
@@ -76,7 +89,7 @@ def main() -> None:
     for mark in sorted(reflections):
         print(f"  {mark:20s} {reflections[mark]:5d}  ({reflections[mark] / total:6.1%})  branched {branched[mark]}")
     for what, n in moves.items():
-        print(f"  {what:28s} {n:5d}")
+        print(f"  {what:34s} {n:5d}")
     if args.out:
         from leafe.files import write_json
 
