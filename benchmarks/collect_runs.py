@@ -4,6 +4,8 @@
 
 Each entry keeps the run's Pass@k with intervals per method, its stage costs, and the settings that
 differ between the runs (read from each stage's recorded fingerprint), so a table can name what changed.
+`--against grpo` also pairs every other method with GRPO on the same tasks (`vs_grpo`, as `vs_base`):
+LEAFE against the checkpoint it started from.
 """
 
 from __future__ import annotations
@@ -37,10 +39,23 @@ def settings_of(run: Path) -> dict:
     return found
 
 
+def against(results: dict, method: str) -> dict:
+    """Every other method's Pass@k minus `method`'s on the same tasks, with paired intervals."""
+    from leafe.passk import compare_tasks
+
+    methods = results["methods"]
+    if method not in methods:
+        raise SystemExit(f"--against {method}: the run has no such method ({', '.join(methods)})")
+    ks = [int(k) for k in methods[method]["pass_at_k"]]
+    return {m: compare_tasks(methods[method]["tasks"], r["tasks"], ks) for m, r in methods.items()
+            if m not in ("base", method)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--against", default=None, help="also pair every method with this one (vs_<method>)")
     args = parser.parse_args()
     settings = {run: settings_of(run) for run in args.runs}
     keys = set().union(*(s.keys() for s in settings.values()))
@@ -55,6 +70,7 @@ def main() -> None:
                             **{key: r[key] for key in ("vs_base", "tasks", "note") if r.get(key)}}
                         for m, r in results["methods"].items()},
             "cost": results["cost"],
+            **({f"vs_{args.against}": against(results, args.against)} if args.against else {}),
             "wall_s": round(sum(c["wall_s"] for c in results["cost"].values()), 1),
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +79,9 @@ def main() -> None:
         cells = "  ".join(f"{m} {100 * r['pass_at_k']['1']:.1f}/{100 * r['pass_at_k'][str(entry['samples'])]:.1f}"
                           for m, r in entry["methods"].items())
         print(f"{run}: {cells}  differs: {entry['differs']}")
+        for m, pair in entry.get(f"vs_{args.against}", {}).items():
+            print(f"  {m} vs {args.against}, Pass@1: {100 * pair['1']['diff']:+.1f} "
+                  f"[{100 * pair['1']['ci95'][0]:+.1f}, {100 * pair['1']['ci95'][1]:+.1f}]")
 
 
 if __name__ == "__main__":
