@@ -20,17 +20,19 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, ClassVar
 
 from leafe.errors import LeafeError
 from leafe.files import cache_dir, write_json
+from leafe.fingerprint import fingerprint_fields
 
 #: Bootstrap levels start here; every other seed range in leafe stays below it.
 BOOTSTRAP_SEED_BASE = 10_000_000
 
 
 #: Knobs added after agents were built and cached, with the value that reproduces the older builds:
-#: at that value a knob stays out of the digest, so an existing cache directory keeps its name.
+#: at that value a knob stays out of the digest (and out of a study's bootstrap stage), so an
+#: existing cache directory keeps its name and an existing run directory stays done.
 ADDED_LATER = {"decision_weight": 1.0, "plans": False, "experience_episodes": 0}
 
 #: Version of the example generator (`synthetic`), part of every digest: a change to how examples
@@ -71,8 +73,10 @@ class BootstrapConfig:
     batch_size: int = 32
     max_batch_tokens: int = 4096
 
+    added_later: ClassVar[dict[str, Any]] = ADDED_LATER
+
     def digest(self) -> str:
-        fields = {k: v for k, v in asdict(self).items() if k not in ADDED_LATER or ADDED_LATER[k] != v}
+        fields = fingerprint_fields(self)
         fields["generator"] = GENERATOR
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]

@@ -36,6 +36,7 @@ from leafe.envs.base import Task
 from leafe.episode import Episode
 from leafe.errors import LeafeError
 from leafe.files import append_jsonl, read_json, read_jsonl, write_json
+from leafe.fingerprint import fingerprint_fields
 from leafe.passk import bootstrap_ci
 from leafe.prompts import experience_message, parse_reflection
 from leafe.rollout import Live, RolloutEngine
@@ -67,6 +68,8 @@ class ExploreSettings:
 
     #: How many tasks run at once changes no tree's meaning: a run resumes under any value.
     speed_only: ClassVar[tuple[str, ...]] = ("parallel_tasks",)
+    #: Knobs newer than recorded explorations, at the value they ran with (see `leafe.fingerprint`).
+    added_later: ClassVar[dict[str, Any]] = {"reflector": "policy"}
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -84,9 +87,7 @@ class ExploreSettings:
 
     def fingerprint(self, model: str) -> dict[str, Any]:
         """What must match for an existing partial exploration to be resumed."""
-        data = {k: v for k, v in asdict(self).items() if k not in self.speed_only}
-        data["model"] = model
-        return data
+        return fingerprint_fields(self) | {"model": model}
 
 
 @dataclass

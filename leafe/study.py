@@ -18,13 +18,14 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from leafe.config import EMBEDDED, StudyConfig
 from leafe.errors import LeafeError
 from leafe.files import read_json, write_json
+from leafe.fingerprint import fingerprint_fields as _fp
 from leafe.passk import compare_tasks
 
 
@@ -49,11 +50,6 @@ class Stage:
 
 def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _fp(settings: Any) -> dict[str, Any]:
-    """A stage's settings without the ones its class declares speed-only (changing those leaves it done)."""
-    return {k: v for k, v in asdict(settings).items() if k not in getattr(settings, "speed_only", ())}
 
 
 def _cost(env_steps: int = 0, generated_tokens: int = 0, wall_s: float = 0.0) -> dict[str, Any]:
@@ -109,26 +105,26 @@ class Study:
         if c.model == EMBEDDED:
             from leafe.bootstrap import BootstrapConfig
 
-            add("bootstrap", "bootstrap base agent", asdict(BootstrapConfig()), self._bootstrap)
+            add("bootstrap", "bootstrap base agent", _fp(BootstrapConfig()), self._bootstrap)
             base_after = ("bootstrap",)
         model_fp = {"model": c.model, "gguf_file": c.gguf_file, "dtype": c.dtype}
         evaluation = c.eval_settings()
         add("base.eval", "eval base", {"eval": _fp(evaluation), **model_fp},
             lambda t: self._eval("base", t), base_after)
         if "grpo" in c.methods:
-            add("grpo.train", "GRPO", {"grpo": asdict(c.grpo_settings()), **model_fp}, self._grpo, base_after)
+            add("grpo.train", "GRPO", {"grpo": _fp(c.grpo_settings()), **model_fp}, self._grpo, base_after)
         if "leafe" in c.methods:
             start_after = ("grpo.train",) if self.leafe_start() == "grpo" else base_after
             add("leafe.explore", f"LEAFE explore ({self.leafe_start()})",
                 {"explore": _fp(c.explore_settings()), **model_fp}, self._explore, start_after)
-            add("leafe.distill", "LEAFE distil", {"distill": asdict(c.distill_settings()),
-                "sft": asdict(c.distill_sft()), **model_fp}, self._distill, ("leafe.explore", *start_after))
+            add("leafe.distill", "LEAFE distil", {"distill": _fp(c.distill_settings()),
+                "sft": _fp(c.distill_sft()), **model_fp}, self._distill, ("leafe.explore", *start_after))
         if "early_experience" in c.methods:
             add("early_experience.train", f"Early Exp. ({c.early_experience.variant})",
-                {"ee": asdict(c.early_experience_settings()), "sft": asdict(c.early_experience_sft()), **model_fp},
+                {"ee": _fp(c.early_experience_settings()), "sft": _fp(c.early_experience_sft()), **model_fp},
                 self._early_experience, base_after)
         if "ace" in c.methods:
-            add("ace.train", "ACE playbook", {"ace": asdict(c.ace_settings()), **model_fp}, self._ace,
+            add("ace.train", "ACE playbook", {"ace": _fp(c.ace_settings()), **model_fp}, self._ace,
                 base_after)
         trained = {"grpo": "grpo.train", "leafe": "leafe.distill", "early_experience": "early_experience.train",
                    "ace": "ace.train"}

@@ -69,6 +69,27 @@ def test_run_rejects_missing_and_malformed_configs(tmp_path):
     assert run.returncode == 2 and "nowhere does not exist" in run.stderr
 
 
+#: The stage digests leafe recorded for a config of defaults before `leafe.explore.reflector` and
+#: `bootstrap --experience-episodes` existed (commit 5e6df54): run directories from then must stay done.
+RECORDED_BEFORE_THE_LATER_KNOBS = {
+    "bootstrap": "f67a8bd77187cccd", "base.eval": "52659100ab06e548", "grpo.train": "80b6a81020895446",
+    "leafe.explore": "ea10d2f161b66c79", "leafe.distill": "991221ee097dcc27",
+    "early_experience.train": "ea3117cfd220a045", "ace.train": "ef90e7e523dd7d13", "grpo.eval": "38e288b4be29d11b",
+    "leafe.eval": "ea3533d8939e5018", "early_experience.eval": "a7438e6dfe96c964", "ace.eval": "2d7d61aed8b1b964",
+}
+
+
+def test_a_knob_added_later_leaves_older_run_directories_done(tmp_path):
+    # A stage whose digest differs is cleared and redone with everything below it, so a new knob at
+    # the value older runs used must not enter any digest (it once redid every stage of every study).
+    defaults = Study(load_config(write_config(tmp_path / "a.yaml")), tmp_path)
+    assert {s.key: s.digest() for s in defaults.plan()} == RECORDED_BEFORE_THE_LATER_KNOBS
+    # at another value it does: that stage and the ones reading from it are redone, the others are not
+    oracle = load_config(write_config(tmp_path / "b.yaml", leafe={"explore": {"reflector": "oracle"}}))
+    changed = {s.key for s in Study(oracle, tmp_path).plan() if s.digest() != RECORDED_BEFORE_THE_LATER_KNOBS[s.key]}
+    assert changed == {"leafe.explore", "leafe.distill", "leafe.eval"}
+
+
 def tiny_study(tmp_path: Path, model: Path, **overrides) -> Path:
     short = {"max_new_tokens": 8}
     data = {
