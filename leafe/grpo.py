@@ -440,6 +440,7 @@ def train_grpo(
         schedule = task_schedule(len(tasks), settings.tasks_per_step, step, settings.seed)
         chosen = [tasks[i] for i in schedule[rank::world]]  # this rank's share of the step's tasks
         episodes = trainer.rollout(chosen, step)
+        sampled_s = time.perf_counter() - started  # the rest of wall_s is the update (on CPU, most of it)
         samples, stats = group_samples(episodes, settings.invalid_penalty, settings.adv_eps)
         record: dict[str, Any] = {"step": step + 1, **stats}
         record |= {"env_steps": sum(len(e.steps) for e in episodes),
@@ -448,6 +449,7 @@ def train_grpo(
             record = trainer.merged(record, len(episodes))
         if trainer.any_samples(samples):
             record |= trainer.update(samples, seed=settings.seed * 1_000_033 + step)
+        record["rollout_s"] = round(sampled_s, 3)
         record["wall_s"] = round(time.perf_counter() - started, 3)
         if main:
             append_jsonl(log_path, record)

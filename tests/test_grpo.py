@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -128,8 +129,9 @@ def test_grpo_steps_change_weights_checkpoint_and_resume(tiny_model_dir, tmp_pat
                             max_new_tokens=8, env_params={"max_steps": 4}, save_every=2, invalid_penalty=0.1)
     out = tmp_path / "grpo"
     summary = train_grpo(str(tiny_model_dir), settings, out, device="cpu")
-    log = [line for line in (out / "log.jsonl").read_text().splitlines() if line]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line]
     assert len(log) == 3
+    assert all(0 < r["rollout_s"] <= r["wall_s"] for r in log)  # where a step's time went: sampling, then update
     assert summary["cost"]["env_steps"] > 0 and summary["data"]["groups"] == 6
     assert (out / "checkpoints" / "step-2" / "state.pt").exists()
     HFBackend(str(out / "checkpoints" / "step-2"), device="cpu")  # a checkpoint loads like any model
@@ -139,7 +141,7 @@ def test_grpo_steps_change_weights_checkpoint_and_resume(tiny_model_dir, tmp_pat
     # A longer run with the same settings resumes from step 2 and redoes only step 3 onwards.
     settings.steps = 4
     train_grpo(str(tiny_model_dir), settings, out, device="cpu")
-    steps = [__import__("json").loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     before = (out / "log.jsonl").read_text()
     again = train_grpo(str(tiny_model_dir), settings, out, device="cpu")  # finished: nothing is redone
