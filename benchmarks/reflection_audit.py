@@ -79,7 +79,7 @@ def main() -> None:
             elif len(actions) > node["tau"]:
                 tau = node["tau"]
                 # The phrase `synthetic.describe_mistake` writes, which the policy was taught to copy.
-                named = re.search(r"Instead, go (up|down|left|right)\b", node["experience"] or "")
+                named = re.search(rf"Instead, go ({_DIRECTION})\b", node["experience"] or "")
                 moves["branches"] += 1
                 moves["experience names a move"] += named is not None
                 moves["first move is the named one"] += named is not None and actions[tau] == named.group(1)

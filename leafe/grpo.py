@@ -440,7 +440,7 @@ def train_grpo(
         schedule = task_schedule(len(tasks), settings.tasks_per_step, step, settings.seed)
         chosen = [tasks[i] for i in schedule[rank::world]]  # this rank's share of the step's tasks
         episodes = trainer.rollout(chosen, step)
-        sampled_s = time.perf_counter() - started  # the rest of wall_s is the update (on CPU, most of it)
+        sampled_s = time.perf_counter() - started  # the rest of wall_s is the update (about half on a CPU)
         samples, stats = group_samples(episodes, settings.invalid_penalty, settings.adv_eps)
         record: dict[str, Any] = {"step": step + 1, **stats}
         record |= {"env_steps": sum(len(e.steps) for e in episodes),
