@@ -21,11 +21,11 @@ from pathlib import Path
 
 from leafe.backends.hf import HFBackend
 from leafe.envs import make
-from leafe.evaluate import EvalSettings, evaluate
+from leafe.envs.sokoban.oracle import Expert, first_mistake, oracle_experience
 from leafe.files import read_jsonl
+from leafe.methods.evaluate import EvalSettings, evaluate
 from leafe.prompts import parse_reflection
 from leafe.rollout import RolloutEngine
-from leafe.synthetic import Expert, first_mistake, oracle_experience
 
 
 def main() -> None:

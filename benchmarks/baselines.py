@@ -16,13 +16,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from leafe.ace import ACESettings, load_playbook, train_ace
 from leafe.backends.hf import HFBackend
-from leafe.early_experience import EarlyExperienceSettings, train_early_experience
-from leafe.evaluate import EvalSettings, evaluate
-from leafe.grpo import GRPOSettings, train_grpo
+from leafe.methods.ace import ACESettings, load_playbook, train_ace
+from leafe.methods.early_experience import EarlyExperienceSettings, train_early_experience
+from leafe.methods.evaluate import EvalSettings, evaluate
+from leafe.methods.grpo import GRPOSettings, train_grpo
+from leafe.methods.sft import SFTSettings
 from leafe.passk import compare_tasks
-from leafe.sft import SFTSettings
 
 
 def main() -> None:

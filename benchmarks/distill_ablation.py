@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from leafe.backends.hf import HFBackend
-from leafe.distill import DistillSettings, distill
-from leafe.evaluate import EvalSettings, evaluate
-from leafe.explore import ExploreSettings, explore
-from leafe.sft import SFTSettings
+from leafe.methods.distill import DistillSettings, distill
+from leafe.methods.evaluate import EvalSettings, evaluate
+from leafe.methods.explore import ExploreSettings, explore
+from leafe.methods.sft import SFTSettings
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from leafe.backends.hf import HFBackend
-from leafe.explore import ExploreSettings, explore
+from leafe.methods.explore import ExploreSettings, explore
 
 KEYS = ("success_rate", "ci95", "env_steps", "replayed_steps", "reflections", "reflections_parsed", "branches",
         "branches_succeeded", "generated_tokens", "prompt_tokens", "prefill_tokens", "wall_s")

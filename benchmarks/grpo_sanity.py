@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from leafe.backends.hf import HFBackend
-from leafe.evaluate import EvalSettings, evaluate
-from leafe.grpo import GRPOSettings, train_grpo
+from leafe.methods.evaluate import EvalSettings, evaluate
+from leafe.methods.grpo import GRPOSettings, train_grpo
 
 
 def main() -> None:

@@ -35,21 +35,20 @@ import torch
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from leafe.chat import ChatFormat
-    from leafe.envs.sokoban import ACTIONS, SokobanEnv, next_push, parse_direction
-    from leafe.files import write_json
-    from leafe.prompts import experience_message, parse_action
-    from leafe.rollout import Recorder
-    from leafe.synthetic import (
-        Expert,
+    from leafe.base_agent.synthetic import (
         Fragment,
         NoisyExpert,
         _actions,
         _shown_observations,
-        describe_mistake,
         fragment_ids,
         make_reflection_fragment,
     )
+    from leafe.chat import ChatFormat
+    from leafe.envs.sokoban import ACTIONS, SokobanEnv, next_push, parse_direction
+    from leafe.envs.sokoban.oracle import Expert, describe_mistake
+    from leafe.files import write_json
+    from leafe.prompts import experience_message, parse_action
+    from leafe.rollout import Recorder
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)

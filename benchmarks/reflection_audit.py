@@ -44,7 +44,7 @@ def grade(named: int | None, truth: int | None) -> str:
 
 def main() -> None:
     from leafe.envs.sokoban import SokobanEnv
-    from leafe.synthetic import Expert, first_mistake
+    from leafe.envs.sokoban.oracle import Expert, first_mistake
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trees", type=Path)

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import env_texts  # noqa: E402
 
 from leafe.backends.hf import HFBackend  # noqa: E402
+from leafe.base_agent.tokenizer import train_tokenizer  # noqa: E402
 from leafe.envs import make  # noqa: E402
 from leafe.rollout import RolloutEngine  # noqa: E402
-from leafe.tokenizer import train_tokenizer  # noqa: E402
 
 
 def build_model(out: Path, hidden: int, layers: int) -> Path:

@@ -29,9 +29,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from leafe.backends import SamplingParams, load_backend
-from leafe.bootstrap import ensure_base_agent
+from leafe.base_agent.bootstrap import ensure_base_agent
 from leafe.envs import make
-from leafe.evaluate import EvalSettings, evaluate
+from leafe.methods.evaluate import EvalSettings, evaluate
 from leafe.prompts import experience_message
 from leafe.rollout import RolloutEngine
 
@@ -149,8 +149,9 @@ def sampling_main(out_file: Path) -> None:
 
 
 def explore_main(out_file: Path) -> None:
-    from leafe.explore import ExploreSettings, explore, read_trees
-    from leafe.workers import env_workers
+    from leafe.methods.explore import ExploreSettings, explore
+    from leafe.scale.workers import env_workers
+    from leafe.trees import read_trees
 
     model = str(ensure_base_agent())
     backend = load_backend("hf", model, device="cpu", dtype="float32")
@@ -185,7 +186,7 @@ def explore_main(out_file: Path) -> None:
 def judge_steps(envs_per_turn: int = 8, turns: int = 3) -> dict:
     """One turn of `envs_per_turn` code episodes whose replies are whole (wrong) programs, so every
     step runs the judge: the time to submit and collect a turn's steps, in process and on 2 workers."""
-    from leafe.workers import env_workers
+    from leafe.scale.workers import env_workers
 
     reply = "Thought: read the input and print it.\n```python\nimport sys\nprint(sys.stdin.read())\n```"
     tasks = make("code").make_tasks(envs_per_turn, 0)

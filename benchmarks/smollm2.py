@@ -31,10 +31,10 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from leafe.backends.hf import HFBackend
     from leafe.backends.base import SamplingParams
-    from leafe.evaluate import EvalSettings, evaluate
-    from leafe.models import fetch_smollm2
+    from leafe.backends.hf import HFBackend
+    from leafe.base_agent.smollm2 import fetch_smollm2
+    from leafe.methods.evaluate import EvalSettings, evaluate
 
     report: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"}
     model = args.model

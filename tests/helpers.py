@@ -34,7 +34,7 @@ def make_tiny_model(out: Path, layers: int = 2, hidden: int = 64, seed: int = 0)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from leafe.tokenizer import train_tokenizer
+    from leafe.base_agent.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(env_texts(), vocab_size=512)
     torch.manual_seed(seed)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import ScriptedBackend
-from leafe.ace import ACESettings, Lesson, Playbook, load_playbook, similarity, train_ace
+
 from leafe.errors import LeafeError
+from leafe.methods.ace import ACESettings, Lesson, Playbook, load_playbook, similarity, train_ace
 from leafe.prompts import SYSTEM_PROMPT, parse_lesson, playbook_system_prompt
 
 

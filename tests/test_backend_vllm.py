@@ -16,7 +16,7 @@ from helpers import VLLM_PYTHON
 from leafe.backends import SamplingParams
 from leafe.backends.hf import HFBackend
 from leafe.chat import ChatFormat
-from leafe.grpo import agent_logprobs
+from leafe.methods.grpo import agent_logprobs
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent

@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from leafe.bootstrap import BootstrapConfig, build
+from leafe.base_agent.bootstrap import BootstrapConfig, build
 from leafe.envs import Task, make
-from leafe.synthetic import Expert, first_mistake, oracle_experience, reflection_reply
+from leafe.envs.sokoban.oracle import Expert, first_mistake, oracle_experience, reflection_reply
 
 TINY = BootstrapConfig(fragments=64, reflection_fragments=24, episodes=24, vocab_size=400, hidden_size=32, layers=1, heads=2,
                        intermediate_size=64, batch_size=16, decision_weight=4.0)
@@ -134,7 +134,7 @@ def test_optimal_play_has_no_mistake_and_invalid_actions_waste_a_move():
 def test_fragments_show_the_env_observation_and_target_an_expert_move():
     import random
 
-    from leafe.synthetic import make_fragment
+    from leafe.base_agent.synthetic import make_fragment
 
     task = make("sokoban").make_tasks(1, 77)[0]
     rng = random.Random(0)
@@ -164,7 +164,7 @@ def test_experience_examples_play_the_move_the_experience_names():
     # names, or the model is taught to ignore what it reads.
     import random
 
-    from leafe.synthetic import make_script
+    from leafe.base_agent.synthetic import make_script
 
     rng = random.Random(5)
     scripts = [make_script(t, 15, rng, 0.4, 5) for t in make("sokoban").make_tasks(60, 4242)]
@@ -182,7 +182,7 @@ def test_experience_episodes_are_whole_attempts_with_the_experience_at_the_first
     # back to a demonstration), each branching at its attempt's first irreversible mistake.
     import random
 
-    from leafe.synthetic import make_script
+    from leafe.base_agent.synthetic import make_script
 
     rng = random.Random(7)
     tasks = make("sokoban").make_tasks(20, 4242)
@@ -207,8 +207,8 @@ def test_experience_episodes_are_whole_attempts_with_the_experience_at_the_first
 def test_reflection_fragments_end_in_the_prompt_and_name_the_step_the_feedback_marks():
     import random
 
+    from leafe.base_agent.synthetic import make_reflection_fragment
     from leafe.prompts import REFLECTION_PROMPT, parse_reflection
-    from leafe.synthetic import make_reflection_fragment
 
     rng = random.Random(2)
     fragments = [f for f in (make_reflection_fragment(t, 15, rng, 0.3) for t in make("sokoban").make_tasks(60, 999))
@@ -240,8 +240,8 @@ def _pieces(fmt, parts):
 def test_decision_weights_fall_on_the_direction_each_trained_move_names(tiny_agent):
     from transformers import AutoTokenizer
 
+    from leafe.base_agent.synthetic import decision_tokens, decision_weights
     from leafe.chat import ChatFormat
-    from leafe.synthetic import decision_tokens, decision_weights
 
     out, _ = tiny_agent
     fmt = ChatFormat(AutoTokenizer.from_pretrained(out))
@@ -257,8 +257,8 @@ def test_decision_weights_fall_on_the_direction_each_trained_move_names(tiny_age
 def test_plan_decision_weights_fall_on_every_direction_and_digit_of_a_trained_reply(tiny_agent):
     from transformers import AutoTokenizer
 
+    from leafe.base_agent.synthetic import decision_tokens, decision_weights
     from leafe.chat import ChatFormat
-    from leafe.synthetic import decision_tokens, decision_weights
 
     out, _ = tiny_agent
     fmt = ChatFormat(AutoTokenizer.from_pretrained(out))
@@ -274,8 +274,9 @@ def test_plan_thoughts_name_the_next_push_of_the_optimal_line_and_where_it_is_ma
     import random
     import re
 
+    from leafe.base_agent.synthetic import NoisyExpert
     from leafe.envs.sokoban import ACTIONS, move
-    from leafe.synthetic import NoisyExpert, thought
+    from leafe.envs.sokoban.oracle import thought
 
     rng = random.Random(3)
     checked = 0
@@ -308,7 +309,7 @@ def test_plan_thoughts_name_the_next_push_of_the_optimal_line_and_where_it_is_ma
 def test_a_plans_build_teaches_plan_thoughts_in_every_kind_of_example():
     import random
 
-    from leafe.synthetic import make_fragment, make_reflection_fragment, make_script
+    from leafe.base_agent.synthetic import make_fragment, make_reflection_fragment, make_script
 
     rng = random.Random(4)
     tasks = make("sokoban").make_tasks(20, 4343)

@@ -11,11 +11,12 @@ import pytest
 import torch
 from helpers import ScriptedBackend, solver_reply
 
-from leafe.distill import DistillSettings, build_rows, clean_episode, distill
 from leafe.errors import LeafeError
-from leafe.explore import ExploreSettings, explore, read_trees
+from leafe.methods.distill import DistillSettings, build_rows, clean_episode, distill
+from leafe.methods.explore import ExploreSettings, explore
+from leafe.methods.sft import SFTSettings, weighted_nll
 from leafe.prompts import REFLECTION_PROMPT
-from leafe.sft import SFTSettings, weighted_nll
+from leafe.trees import read_trees
 
 MARK = "Experience from an earlier attempt"
 
@@ -176,7 +177,7 @@ def test_rehearsal_takes_exactly_its_share_of_successful_episodes(trees_file, ti
 def test_trees_with_nothing_to_distil_raise_a_typed_error(tiny_tokenizer, tiny_model_dir, tmp_path):
     from test_explore import policy
 
-    from leafe.distill import NoDistillationRows
+    from leafe.methods.distill import NoDistillationRows
 
     never = ScriptedBackend(tiny_tokenizer, policy(solve_with_experience=False))
     explore(never, "scripted", ExploreSettings(tasks=1, task_seed=40, budget=10), tmp_path / "x")

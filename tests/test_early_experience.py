@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from helpers import ScriptedBackend
-from leafe.early_experience import (
+
+from leafe.envs import make
+from leafe.envs.base import replay
+from leafe.methods.early_experience import (
     EarlyExperienceSettings,
     demonstrations,
     iwm_row,
@@ -15,11 +17,9 @@ from leafe.early_experience import (
     self_reflection_rows,
     train_early_experience,
 )
-from leafe.envs import make
-from leafe.envs.base import replay
+from leafe.methods.sft import SFTSettings
 from leafe.prompts import WORLD_MODEL_PROMPT, observation_message, parse_action
 from leafe.rollout import RolloutEngine
-from leafe.sft import SFTSettings
 
 EXPERT = re.compile(r"An expert chose '(\w+)'")
 
@@ -69,7 +69,7 @@ def test_the_env_expert_speaks_with_the_bootstrap_experts_voice():
     # Early Experience's expert rows must read like the agent's own training data (synthetic.thought),
     # or the imitation stage teaches another phrasing (a bare "go X." made the plan agent stop planning).
     from leafe.envs.sokoban import move
-    from leafe.synthetic import Expert, thought
+    from leafe.envs.sokoban.oracle import Expert, thought
 
     task = make("sokoban").make_tasks(1, 7)[0]
     env = make("sokoban")

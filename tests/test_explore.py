@@ -14,10 +14,11 @@ from helpers import ScriptedBackend, solver_reply
 
 from leafe.envs import make
 from leafe.envs.sokoban import SokobanEnv
+from leafe.envs.sokoban.oracle import Expert, first_mistake, oracle_experience
 from leafe.errors import LeafeError
-from leafe.explore import ExploreSettings, explore, read_trees
+from leafe.methods.explore import ExploreSettings, explore
 from leafe.prompts import REFLECTION_PROMPT
-from leafe.synthetic import Expert, first_mistake, oracle_experience
+from leafe.trees import read_trees
 
 EXPERIENCE_MARK = "Experience from an earlier attempt"
 

@@ -10,9 +10,9 @@ import torch
 
 from leafe.episode import Episode, Step
 from leafe.errors import LeafeError
-from leafe.grpo import (
-    GRPOTrainer,
+from leafe.methods.grpo import (
     GRPOSettings,
+    GRPOTrainer,
     agent_logprobs,
     episode_reward,
     group_advantages,
@@ -155,7 +155,7 @@ def test_update_gradient_equals_reinforce_over_all_tokens(tiny_model_dir):
     # One on-policy update, split into micro-batches, must apply exactly the gradient of
     # -(1/N) sum_i A_i sum_{t in agent tokens of i} log p(t): REINFORCE with group advantages.
     from leafe.backends.hf import HFBackend
-    from leafe.grpo import Sample
+    from leafe.methods.grpo import Sample
 
     backend = HFBackend(str(tiny_model_dir), device="cpu")
     trainer = GRPOTrainer(backend, GRPOSettings(kl_coef=0.0, max_batch_tokens=60, max_grad_norm=1e9), None)
@@ -188,7 +188,7 @@ GRADIENT_OF_ONE_UPDATE = '''
 import os, random, sys
 import torch
 from leafe.backends.hf import HFBackend
-from leafe.grpo import GRPOSettings, GRPOTrainer, Sample
+from leafe.methods.grpo import GRPOSettings, GRPOTrainer, Sample
 
 model, out, split, passes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -20,9 +20,9 @@ from test_cli_eval import leafe
 from test_distill import trees_file  # noqa: F401 (the module's fixture)
 from typer.testing import CliRunner
 
-from leafe.cli import _cli_errors
+from leafe.cli.app import _cli_errors
 from leafe.errors import LeafeError
-from leafe.launch import LAUNCH_CONTEXT, launch_cmd, launch_plan, load_accelerate_config
+from leafe.scale.launch import LAUNCH_CONTEXT, launch_cmd, launch_plan, load_accelerate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 FSDP, ZERO3, DDP = (ROOT / "configs/accelerate" / name for name in ("fsdp.yaml", "zero3.yaml", "ddp.yaml"))
@@ -256,9 +256,9 @@ def test_two_ranks_split_the_batches_and_write_one_loadable_model(trees_file, ti
     gathers and writes the model and distill.json."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from leafe.distill import DistillSettings, build_rows
-    from leafe.explore import read_trees
-    from leafe.sft import make_batches
+    from leafe.methods.distill import DistillSettings, build_rows
+    from leafe.methods.sft import make_batches
+    from leafe.trees import read_trees
 
     config = two_rank_config(tmp_path / "ddp2.yaml")
     out = tmp_path / "distilled"

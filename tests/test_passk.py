@@ -5,8 +5,16 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from leafe.passk import (bootstrap_ci, compare_tasks, default_ks, mean_pass_at_k, paired_difference, pass_at_k,
-                         pass_at_k_curve, summarize)
+from leafe.passk import (
+    bootstrap_ci,
+    compare_tasks,
+    default_ks,
+    mean_pass_at_k,
+    paired_difference,
+    pass_at_k,
+    pass_at_k_curve,
+    summarize,
+)
 
 
 def brute_force(n, c, k):

@@ -14,9 +14,9 @@ from test_cli_eval import leafe
 from test_explore import policy
 
 from leafe.errors import LeafeError
-from leafe.explore import ExploreSettings, explore
+from leafe.methods.explore import ExploreSettings, explore
 from leafe.passk import summarize
-from leafe.report import write_report
+from leafe.study.report import write_report
 
 METHODS = {"base": [(8, 1), (8, 0), (8, 3)], "grpo": [(8, 2), (8, 0), (8, 4)], "leafe": [(8, 2), (8, 1), (8, 5)],
            "early_experience": [(8, 1), (8, 1), (8, 2)], "ace": [(8, 0), (8, 0), (8, 3)]}

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from leafe.sft import Row, SFTSettings, make_batches, row_from_mask, train, weighted_nll
+from leafe.methods.sft import Row, SFTSettings, make_batches, row_from_mask, train, weighted_nll
 
 
 def test_batches_cover_every_row_once_within_the_limits():
@@ -33,7 +33,7 @@ def test_weighted_nll_is_the_weighted_sum_over_loss_tokens():
 
 
 def test_token_weights_scale_exactly_their_tokens_nll():
-    from leafe.sft import _Collator
+    from leafe.methods.sft import _Collator
 
     logits = torch.randn(2, 4, 6)
     rows = [Row([1, 2, 3, 4], [-100, 2, 3, 4], weight=0.5, token_weights=[1.0, 1.0, 10.0, 1.0]),

@@ -201,7 +201,7 @@ def test_registry_rejects_unknown_envs_and_parameters():
 def test_feedback_marks_the_one_step_that_loses_the_level():
     import random
 
-    from leafe.synthetic import Expert, first_mistake
+    from leafe.envs.sokoban.oracle import Expert, first_mistake
 
     rng = random.Random(0)
     marked = 0

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from test_cli_eval import leafe
 
-from leafe.config import load_config
 from leafe.errors import LeafeError
-from leafe.study import Study
+from leafe.study.config import load_config
+from leafe.study.plan import Study
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 STAGES = ["base.eval", "grpo.train", "leafe.explore", "leafe.distill", "early_experience.train", "ace.train",

@@ -10,8 +10,9 @@ import pytest
 from helpers import ScriptedBackend
 
 from leafe.envs import make
-from leafe.explore import ExploreSettings, explore, read_trees
+from leafe.methods.explore import ExploreSettings, explore
 from leafe.prompts import REFLECTION_PROMPT
+from leafe.trees import read_trees
 
 EXPERIENCE_MARK = "Experience from an earlier attempt"
 CASES = {

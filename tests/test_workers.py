@@ -20,9 +20,10 @@ from test_explore import policy
 
 from leafe.backends.base import Backend
 from leafe.envs import EnvError, Task, make
-from leafe.evaluate import EvalSettings, evaluate
-from leafe.explore import ExploreSettings, explore, read_trees
-from leafe.workers import EnvPool, RemoteEnv, WorkerError, env_workers
+from leafe.methods.evaluate import EvalSettings, evaluate
+from leafe.methods.explore import ExploreSettings, explore
+from leafe.scale.workers import EnvPool, RemoteEnv, WorkerError, env_workers
+from leafe.trees import read_trees
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -114,7 +115,7 @@ def test_exploration_on_workers_builds_the_same_trees(tiny_tokenizer, pool, tmp_
 
 def test_grpo_sampling_on_workers_matches_in_process(tiny_model_dir, pool):
     from leafe.backends.hf import HFBackend
-    from leafe.grpo import GRPOSettings, GRPOTrainer
+    from leafe.methods.grpo import GRPOSettings, GRPOTrainer
 
     settings = GRPOSettings(tasks=4, group_size=2, max_new_tokens=8, kl_coef=0.0)
     tasks = make("sokoban").make_tasks(2, 5000)

@@ -10,7 +10,7 @@ from leafe.envs.base import Env, EnvError
 
 _REGISTRY: dict[str, type[Env]] = {}
 
-#: What constructs envs by name: `make` itself, or a worker pool's `make` (leafe.workers).
+#: What constructs envs by name: `make` itself, or a worker pool's `make` (leafe.scale.workers).
 EnvMaker = Callable[..., Env]
 
 # Modules imported on first lookup; an env whose optional dependency is missing must still import

@@ -26,20 +26,20 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from leafe.backends.base import Backend
 from leafe.envs import EnvMaker, env_class, make
 from leafe.envs.base import Task
-from leafe.episode import Episode
 from leafe.errors import LeafeError
 from leafe.files import append_jsonl, read_json, read_jsonl, write_json
 from leafe.fingerprint import fingerprint_fields
 from leafe.passk import bootstrap_ci
 from leafe.prompts import experience_message, parse_reflection
 from leafe.rollout import Live, RolloutEngine
+from leafe.trees import Node
 
 STRATEGIES = ("leafe", "refine", "independent")
 REFLECTORS = ("policy", "oracle")
@@ -88,43 +88,6 @@ class ExploreSettings:
     def fingerprint(self, model: str) -> dict[str, Any]:
         """What must match for an existing partial exploration to be resumed."""
         return fingerprint_fields(self) | {"model": model}
-
-
-@dataclass
-class Node:
-    """One episode of a task's tree: a root, or a branch re-sampled from step `tau` of `parent`."""
-
-    id: int
-    parent: int | None = None
-    depth: int = 0
-    tau: int | None = None
-    #: len of h_tau's ids: the branch's token_ids[:prefix_len] are the parent's, without the experience.
-    prefix_len: int | None = None
-    experience: str | None = None
-    #: The reflection reply that asked for this branch.
-    reflection: str | None = None
-    #: Experiences put in context at the start (refine).
-    context_experiences: list[str] = field(default_factory=list)
-    episode: Episode | None = None
-    #: success | failed | rolled_back (a reflection branched off it) | budget | stopped (the task
-    #: succeeded elsewhere) | context (no room for another turn)
-    outcome: str = ""
-    reflections: list[dict[str, Any]] = field(default_factory=list)
-    env_steps: int = 0
-    replayed_steps: int = 0
-    generated_tokens: int = 0
-    wall_s: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["episode"] = self.episode.to_dict() if self.episode is not None else None
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Node":
-        data = dict(data)
-        data["episode"] = Episode.from_dict(data["episode"]) if data.get("episode") else None
-        return cls(**data)
 
 
 @dataclass
@@ -399,12 +362,3 @@ def summarize(settings: ExploreSettings, records: list[dict[str, Any]]) -> dict[
         "prefill_tokens": sum(s["prefill_tokens"] for s in sessions.values()),
         "wall_s": round(sum(s["elapsed_s"] for s in sessions.values()), 3),
     }
-
-
-def read_trees(path: str | Path) -> list[dict[str, Any]]:
-    """The tree records of a trees.jsonl, nodes as `Node`s."""
-    records = []
-    for record in read_jsonl(path):
-        record["nodes"] = [Node.from_dict(n) for n in record["nodes"]]
-        records.append(record)
-    return records

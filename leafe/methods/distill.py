@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from leafe.errors import LeafeError
-from leafe.explore import Node, read_trees
 from leafe.files import is_main_process, write_json
-from leafe.sft import Row, SFTSettings, span_row, train
+from leafe.methods.sft import Row, SFTSettings, span_row, train
+from leafe.trees import Node, read_trees
 
 
 class NoDistillationRows(LeafeError):

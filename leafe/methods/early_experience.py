@@ -31,9 +31,9 @@ from leafe.envs import EnvMaker, make
 from leafe.envs.base import Env, Task, replay
 from leafe.errors import LeafeError
 from leafe.files import write_json
+from leafe.methods.sft import Row, SFTSettings, row_from_mask, span_row, train
 from leafe.prompts import WORLD_MODEL_PROMPT, format_reply, observation_message, parse_action, self_reflection_prompt
 from leafe.rollout import RolloutEngine
-from leafe.sft import Row, SFTSettings, row_from_mask, span_row, train
 
 VARIANTS = ("iwm", "sr")
 

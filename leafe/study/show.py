@@ -8,7 +8,7 @@ from rich.console import Group
 from rich.text import Text
 from rich.tree import Tree
 
-from leafe.explore import Node
+from leafe.trees import Node
 
 OUTCOME_STYLE = {"success": "bold green", "failed": "red", "rolled_back": "yellow", "budget": "magenta",
                  "stopped": "dim", "context": "magenta"}

@@ -169,7 +169,7 @@ def _grpo_lines(kind, args, processes, machines, address) -> list[str]:
     if method != "grpo":
         raise LeafeError(f"leafe train --method {method} runs in one process; multi-GPU launch is for `leafe distill` "
                          f"and `leafe train --method grpo`")
-    from leafe.grpo import SHARDED_WEIGHTS, check_tasks_per_step
+    from leafe.methods.grpo import SHARDED_WEIGHTS, check_tasks_per_step
 
     if kind in ("FSDP", "DEEPSPEED"):
         raise LeafeError(SHARDED_WEIGHTS)

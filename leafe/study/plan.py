@@ -22,11 +22,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from leafe.config import EMBEDDED, StudyConfig
 from leafe.errors import LeafeError
 from leafe.files import read_json, write_json
 from leafe.fingerprint import fingerprint_fields as _fp
 from leafe.passk import compare_tasks
+from leafe.study.config import EMBEDDED, StudyConfig
 
 
 class Ticker:
@@ -81,7 +81,7 @@ class Study:
 
     def base_model(self) -> Path:
         if self.config.model == EMBEDDED:
-            from leafe.bootstrap import BootstrapConfig, default_cache_dir
+            from leafe.base_agent.bootstrap import BootstrapConfig, default_cache_dir
 
             return Path(default_cache_dir()) / f"base-agent-{BootstrapConfig().digest()}"
         return Path(self.config.model)
@@ -103,7 +103,7 @@ class Study:
 
         base_after: tuple[str, ...] = ()
         if c.model == EMBEDDED:
-            from leafe.bootstrap import BootstrapConfig
+            from leafe.base_agent.bootstrap import BootstrapConfig
 
             add("bootstrap", "bootstrap base agent", _fp(BootstrapConfig()), self._bootstrap)
             base_after = ("bootstrap",)
@@ -153,7 +153,7 @@ class Study:
         `ticker_for(index, total, stage, status)` is called as each stage begins and returns the
         progress sink for it (the CLI's live display); `status` says whether it is skipped.
         """
-        from leafe.report import write_report
+        from leafe.study.report import write_report
 
         if self.config.model != EMBEDDED and not self.base_model().exists():
             raise LeafeError(f"model {self.base_model()} does not exist; set `model:` in the config to a local "
@@ -242,7 +242,7 @@ class Study:
             gc.collect()
 
     def _bootstrap(self, ticker: Ticker) -> dict[str, Any]:
-        from leafe.bootstrap import ensure_base_agent
+        from leafe.base_agent.bootstrap import ensure_base_agent
 
         started = time.perf_counter()
         phases: dict[str, int] = {}
@@ -260,8 +260,8 @@ class Study:
                 "build_wall_s": built.get("wall_s")}
 
     def _eval(self, method: str, ticker: Ticker) -> dict[str, Any]:
-        from leafe.ace import load_playbook
-        from leafe.evaluate import evaluate
+        from leafe.methods.ace import load_playbook
+        from leafe.methods.evaluate import evaluate
 
         settings = self.config.eval_settings()
         if method == "ace":
@@ -299,7 +299,7 @@ class Study:
         return read_json(base / "eval.json")
 
     def _grpo(self, ticker: Ticker) -> dict[str, Any]:
-        from leafe.grpo import train_grpo
+        from leafe.methods.grpo import train_grpo
 
         self._release()  # GRPO loads the model it trains itself
         summary = train_grpo(str(self.base_model()), self.config.grpo_settings(), self.stage_dir("grpo.train"),
@@ -308,7 +308,7 @@ class Study:
         return {"data": summary["data"], "final": summary["final"], "cost": summary["cost"]}
 
     def _explore(self, ticker: Ticker) -> dict[str, Any]:
-        from leafe.explore import explore
+        from leafe.methods.explore import explore
 
         model = self.model_of(self.leafe_start())
         solved = [0, 0]
@@ -324,7 +324,7 @@ class Study:
                 "cost": _cost(summary["env_steps"], summary["generated_tokens"], summary["wall_s"])}
 
     def _distill(self, ticker: Ticker) -> dict[str, Any]:
-        from leafe.distill import NoDistillationRows, distill
+        from leafe.methods.distill import NoDistillationRows, distill
 
         self._release()
         start = self.model_of(self.leafe_start())
@@ -347,7 +347,7 @@ class Study:
         return {"model": str(start), "trained": True, "sets": summary["sets"], "cost": _cost(wall_s=summary["wall_s"])}
 
     def _early_experience(self, ticker: Ticker) -> dict[str, Any]:
-        from leafe.early_experience import train_early_experience
+        from leafe.methods.early_experience import train_early_experience
 
         base = self.base_model()
         ticker.start(None)
@@ -358,7 +358,7 @@ class Study:
         return {"data": summary["data"], "cost": _cost(cost["env_steps"], cost["generated_tokens"], cost["wall_s"])}
 
     def _ace(self, ticker: Ticker) -> dict[str, Any]:
-        from leafe.ace import train_ace
+        from leafe.methods.ace import train_ace
 
         base = self.base_model()
 

@@ -1,0 +1,2 @@
+"""`leafe run`: a study config (config), its stage plan and execution (plan), the report (report,
+show)."""
