@@ -25,6 +25,8 @@ demo: $(STAMP)
 	$(BIN)/leafe run configs/sokoban-demo.yaml
 
 test: $(STAMP) chromium java vllm-env
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 chromium:

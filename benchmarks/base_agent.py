@@ -23,9 +23,11 @@ from leafe.backends.hf import HFBackend
 from leafe.envs import make
 from leafe.envs.sokoban.oracle import Expert, first_mistake, oracle_experience
 from leafe.files import read_jsonl
-from leafe.methods.evaluate import EvalSettings, evaluate
+from leafe.method import Job
+from leafe.methods.evaluate import evaluate
 from leafe.prompts import parse_reflection
 from leafe.rollout import RolloutEngine
+from leafe.settings import EvalSettings
 
 
 def main() -> None:
@@ -50,7 +52,7 @@ def main() -> None:
     # 1. Pass@k.
     settings = EvalSettings(tasks=args.tasks, task_seed=args.task_seed, samples=args.samples, temperature=1.0)
     started = time.perf_counter()
-    result = evaluate(backend, args.model, settings, args.work / "eval", save_episodes=True)
+    result = evaluate(Job(args.model, args.work / "eval", backend=backend), settings, save_episodes=True).data
     report["eval"] = {k: result[k] for k in ("pass_at_k", "ci95", "env_steps", "generated_tokens", "wall_s")}
     p1, p32 = result["pass_at_k"]["1"], result["pass_at_k"][str(args.samples)]
     print(f"Pass@1 {100 * p1:.1f}%  Pass@{args.samples} {100 * p32:.1f}%  ({time.perf_counter() - started:.0f}s)", flush=True)

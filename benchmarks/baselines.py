@@ -17,12 +17,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from leafe.backends.hf import HFBackend
-from leafe.methods.ace import ACESettings, load_playbook, train_ace
-from leafe.methods.early_experience import EarlyExperienceSettings, train_early_experience
-from leafe.methods.evaluate import EvalSettings, evaluate
-from leafe.methods.grpo import GRPOSettings, train_grpo
-from leafe.methods.sft import SFTSettings
+from leafe.method import Job
+from leafe.methods.ace import load_playbook, train_ace
+from leafe.methods.early_experience import train_early_experience
+from leafe.methods.evaluate import evaluate
+from leafe.methods.grpo import train_grpo
 from leafe.passk import compare_tasks
+from leafe.settings import ACESettings, EarlyExperienceSettings, EvalSettings, GRPOSettings, SFTSettings
 
 
 def main() -> None:
@@ -58,7 +59,7 @@ def main() -> None:
 
     def record(name: str, model: str, train: dict | None, playbook: list[str] | None = None) -> None:
         settings = replace(evaluation, playbook=playbook or [])
-        result = evaluate(HFBackend(model, device="cpu"), model, settings, args.work / f"eval-{name}")
+        result = evaluate(Job(model, args.work / f"eval-{name}", backend=HFBackend(model, device="cpu")), settings).data
         report["methods"][name] = {"pass_at_k": result["pass_at_k"], "ci95": result["ci95"],
                                    "eval_wall_s": result["wall_s"], "train": train, "tasks": result["tasks"]}
         base = report["methods"].get("base")
@@ -90,11 +91,7 @@ def main() -> None:
             settings = GRPOSettings(tasks=args.train_tasks, task_seed=args.train_seed, steps=args.grpo_steps,
                                     tasks_per_step=args.grpo_tasks_per_step, learning_rate=args.grpo_lr,
                                     kl_coef=args.grpo_kl, save_every=10)
-            summary = train_grpo(args.model, settings, out, device="cpu",
-                                 on_step=lambda r: print(f"grpo step {r['step']}: success {r['success']:.2f} "
-                                                         f"skip {r['skip_rate']:.2f} kl {r.get('kl', 0):.4f} "
-                                                         f"entropy {r.get('entropy', 0):.3f} {r['wall_s']:.0f}s",
-                                                         flush=True))
+            summary = train_grpo(Job(args.model, out, device="cpu"), settings).to_dict()
             record("grpo", str(out), cost_of(summary) | {"settings": summary["settings"]})
         elif method in ("iwm", "sr"):
             settings = EarlyExperienceSettings(variant=method, tasks=args.ee_tasks or args.train_tasks,
@@ -104,14 +101,12 @@ def main() -> None:
             if (out / "train.json").exists():
                 summary = json.loads((out / "train.json").read_text())
             else:
-                summary = train_early_experience(HFBackend(args.model, device="cpu"), args.model, settings, sft, out,
-                                                 on_phase=lambda name: print(f"{method}: {name}", flush=True))
+                summary = train_early_experience(Job(args.model, out, backend=HFBackend(args.model, device="cpu")), settings,
+                                                 sft).to_dict()
             record(method, str(out), cost_of(summary))
         elif method == "ace":
             settings = ACESettings(tasks=args.ace_tasks or args.train_tasks, task_seed=args.train_seed)
-            summary = train_ace(HFBackend(args.model, device="cpu"), args.model, settings, out,
-                                on_round=lambda r: print(f"ace round {r['round']}/{r['total']}: "
-                                                         f"{r['lessons']} lessons", flush=True))
+            summary = train_ace(Job(args.model, out, backend=HFBackend(args.model, device="cpu")), settings).to_dict()
             record("ace", args.model, cost_of(summary), playbook=load_playbook(out / "playbook.json"))
         else:
             raise SystemExit(f"unknown method {method!r}; use grpo, iwm, sr, ace")

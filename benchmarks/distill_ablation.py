@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 from leafe.backends.hf import HFBackend
-from leafe.methods.distill import DistillSettings, distill
-from leafe.methods.evaluate import EvalSettings, evaluate
-from leafe.methods.explore import ExploreSettings, explore
-from leafe.methods.sft import SFTSettings
+from leafe.method import Job
+from leafe.methods.distill import distill
+from leafe.methods.evaluate import evaluate
+from leafe.methods.explore import explore
+from leafe.settings import DistillSettings, EvalSettings, ExploreSettings, SFTSettings
 
 
 def main() -> None:
@@ -48,9 +49,9 @@ def main() -> None:
 
     backend = HFBackend(args.model, device="cpu")
     started = time.perf_counter()
-    summary = explore(backend, args.model, ExploreSettings(strategy="leafe", tasks=args.train_tasks,
+    summary = explore(Job(args.model, args.work / "explore", backend=backend), ExploreSettings(strategy="leafe", tasks=args.train_tasks,
                                                            task_seed=args.train_seed, budget=args.budget,
-                                                           parallel_tasks=32), args.work / "explore")
+                                                           parallel_tasks=32)).data
     report["explore"] = summary | {"wall_s_this_run": round(time.perf_counter() - started, 1)}
     print(f"explore: {100 * summary['success_rate']:.1f}% solved, {summary['branches']} branches "
           f"({summary['branches_succeeded']} ok), {summary['env_steps']} env steps", flush=True)
@@ -62,7 +63,7 @@ def main() -> None:
     for name, use_cf in (("reh_only", False), ("cf_plus_reh", True)):
         out = args.work / name
         if not (out / "distill.json").exists():
-            distill(args.model, trees, out, DistillSettings(beta=args.beta, reh_fraction=args.reh_fraction,
+            distill(Job(args.model, out, inputs=trees), DistillSettings(beta=args.beta, reh_fraction=args.reh_fraction,
                                                             use_cf=use_cf), sft)
         info = json.loads((out / "distill.json").read_text())
         report[f"distill_{name}"] = {k: info[k] for k in ("sets", "counts", "wall_s")}
@@ -71,7 +72,7 @@ def main() -> None:
 
     settings = EvalSettings(tasks=args.eval_tasks, task_seed=args.eval_seed, samples=args.samples, temperature=1.0)
     for name, path in students.items():
-        result = evaluate(HFBackend(path, device="cpu"), path, settings, args.work / f"eval-{name}")
+        result = evaluate(Job(path, args.work / f"eval-{name}", backend=HFBackend(path, device="cpu")), settings).data
         report[f"eval_{name}"] = {k: result[k] for k in ("pass_at_k", "ci95", "env_steps", "wall_s")}
         k = str(args.samples)
         print(f"{name:12s} Pass@1 {100 * result['pass_at_k']['1']:.1f}%  Pass@{k} {100 * result['pass_at_k'][k]:.1f}%",

@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 from leafe.backends.hf import HFBackend
-from leafe.methods.explore import ExploreSettings, explore
+from leafe.method import Job
+from leafe.methods.explore import explore
+from leafe.settings import ExploreSettings
 
 KEYS = ("success_rate", "ci95", "env_steps", "replayed_steps", "reflections", "reflections_parsed", "branches",
         "branches_succeeded", "generated_tokens", "prompt_tokens", "prefill_tokens", "wall_s")
@@ -43,7 +45,7 @@ def main() -> None:
         settings = ExploreSettings(strategy=strategy, tasks=args.tasks, task_seed=args.task_seed, budget=budget,
                                    snapshots=snapshots, parallel_tasks=32)
         name = f"{strategy}-b{budget}" + ("" if snapshots else "-replay")
-        summary = explore(backend, args.model, settings, args.work / name)
+        summary = explore(Job(args.model, args.work / name, backend=backend), settings).data
         row = {"strategy": strategy, "budget": budget, "snapshots": snapshots, **{k: summary[k] for k in KEYS}}
         rows.append(row)
         lo, hi = summary["ci95"]

@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 from leafe.backends.hf import HFBackend
-from leafe.methods.evaluate import EvalSettings, evaluate
-from leafe.methods.grpo import GRPOSettings, train_grpo
+from leafe.method import Job
+from leafe.methods.evaluate import evaluate
+from leafe.methods.grpo import train_grpo
+from leafe.settings import EvalSettings, GRPOSettings
 
 
 def main() -> None:
@@ -36,13 +38,12 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     settings = GRPOSettings(tasks=args.levels, task_seed=args.seed, steps=args.steps, tasks_per_step=args.levels,
                             learning_rate=args.lr, kl_coef=0.0, save_every=0)
-    summary = train_grpo(args.model, settings, args.work / "grpo", device="cpu",
-                         on_step=lambda r: print(f"step {r['step']}: success {r['success']:.2f}", flush=True))
+    summary = train_grpo(Job(args.model, args.work / "grpo", device="cpu"), settings).to_dict()
     on_train = EvalSettings(tasks=args.levels, task_seed=args.seed, samples=args.samples, ks=[1, args.samples])
     report = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "args": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "grpo": summary["cost"]}
     for name, path in (("base", args.model), ("grpo", str(args.work / "grpo"))):
-        result = evaluate(HFBackend(path, device="cpu"), path, on_train, args.work / f"eval-{name}")
+        result = evaluate(Job(path, args.work / f"eval-{name}", backend=HFBackend(path, device="cpu")), on_train).data
         report[name] = {"pass_at_k": result["pass_at_k"], "ci95": result["ci95"]}
         print(f"{name}: Pass@1 on the training levels {100 * result['pass_at_k']['1']:.1f}%", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

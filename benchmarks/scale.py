@@ -31,9 +31,11 @@ from pathlib import Path
 from leafe.backends import SamplingParams, load_backend
 from leafe.base_agent.bootstrap import ensure_base_agent
 from leafe.envs import make
-from leafe.methods.evaluate import EvalSettings, evaluate
+from leafe.method import Job
+from leafe.methods.evaluate import evaluate
 from leafe.prompts import experience_message
 from leafe.rollout import RolloutEngine
+from leafe.settings import EvalSettings
 
 
 def machine() -> str:
@@ -66,7 +68,7 @@ def throughput(backend, prompts, reps: int = 2) -> dict:
 def eval_run(backend, out: Path) -> dict:
     settings = EvalSettings(tasks=16, samples=4, task_seed=900000, max_batch=64)
     started = time.perf_counter()
-    result = evaluate(backend, "base-agent", settings, out)
+    result = evaluate(Job("base-agent", out, backend=backend), settings).data
     wall = time.perf_counter() - started
     return {"episodes": 64, "env_steps": result["env_steps"], "generated_tokens": result["generated_tokens"],
             "pass@1": result["pass_at_k"]["1"], "wall_s": round(wall, 2),
@@ -149,8 +151,9 @@ def sampling_main(out_file: Path) -> None:
 
 
 def explore_main(out_file: Path) -> None:
-    from leafe.methods.explore import ExploreSettings, explore
+    from leafe.methods.explore import explore
     from leafe.scale.workers import env_workers
+    from leafe.settings import ExploreSettings
     from leafe.trees import read_trees
 
     model = str(ensure_base_agent())
@@ -168,7 +171,7 @@ def explore_main(out_file: Path) -> None:
                 started = time.perf_counter()
                 with env_workers(workers) as envs:
                     ready = time.perf_counter()
-                    summary = explore(backend, "base-agent", settings, Path(tmp) / str(workers), envs=envs)
+                    summary = explore(Job("base-agent", Path(tmp) / str(workers), backend=backend, envs=envs), settings).data
                     wall = time.perf_counter() - ready
                 trees[workers] = [[n.episode.token_ids for n in r["nodes"]]
                                   for r in read_trees(Path(tmp) / str(workers) / "trees.jsonl")]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from leafe.method import Job
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +36,8 @@ def main() -> None:
     from leafe.backends.base import SamplingParams
     from leafe.backends.hf import HFBackend
     from leafe.base_agent.smollm2 import fetch_smollm2
-    from leafe.methods.evaluate import EvalSettings, evaluate
+    from leafe.methods.evaluate import evaluate
+    from leafe.settings import EvalSettings
 
     report: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"}
     model = args.model
@@ -63,7 +66,7 @@ def main() -> None:
 
     settings = EvalSettings(tasks=args.tasks, task_seed=900_000, samples=args.samples, temperature=1.0,
                             max_new_tokens=64)
-    result = evaluate(backend, str(model), settings, args.work / "eval", save_episodes=True)
+    result = evaluate(Job(str(model), args.work / "eval", backend=backend), settings, save_episodes=True).data
     report["eval"] = {k: result[k] for k in ("pass_at_k", "ci95", "env_steps", "generated_tokens", "wall_s")}
     episodes = [json.loads(line) for line in (args.work / "eval" / "episodes.jsonl").read_text().splitlines()]
     steps = [s for e in episodes for s in e["steps"]]

@@ -15,8 +15,9 @@ needs; `Conversation` is one growing history.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from leafe.errors import LeafeError
 
@@ -162,7 +163,7 @@ class Conversation:
     last_role: str = ""
 
     @classmethod
-    def start(cls, fmt: ChatFormat, messages: Sequence[dict]) -> "Conversation":
+    def start(cls, fmt: ChatFormat, messages: Sequence[dict]) -> Conversation:
         ids = fmt.initial_ids(messages)
         return cls(fmt, ids, [0] * len(ids), "", [len(ids)], messages[-1]["role"])
 
@@ -198,7 +199,7 @@ class Conversation:
         self.last_role = "assistant"
         return start, len(self.ids)
 
-    def prefix(self, length: int) -> "Conversation":
+    def prefix(self, length: int) -> Conversation:
         """A copy cut back to a message boundary (the history h_tau for a rollback)."""
         if length not in self.boundaries:
             raise ValueError(f"{length} is not a message boundary of this conversation (boundaries: {self.boundaries})")
@@ -211,5 +212,5 @@ class Conversation:
             "user",
         )
 
-    def copy(self) -> "Conversation":
+    def copy(self) -> Conversation:
         return Conversation(self.fmt, list(self.ids), list(self.mask), self.pending, list(self.boundaries), self.last_role)

@@ -75,7 +75,7 @@ class Episode:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Episode":
+    def from_dict(cls, data: dict[str, Any]) -> Episode:
         data = dict(data)
         data["steps"] = [Step(**s) for s in data.get("steps", [])]
         return cls(**data)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from leafe.errors import CorruptFile
 
 # mkstemp makes files 0600; written files get the mode open() would give them (0666 less the umask).
 _UMASK = os.umask(0)
@@ -60,7 +63,10 @@ def write_jsonl(path: str | Path, records: list[Any]) -> None:
 
 def read_json(path: str | Path) -> Any:
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise CorruptFile(f"{path} is not valid JSON ({exc}); the file is corrupt") from exc
 
 
 def append_jsonl(path: str | Path, record: Any) -> None:
@@ -91,4 +97,4 @@ def read_jsonl(path: str | Path) -> Iterator[Any]:
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number} is not valid JSON ({exc}); the file is corrupt") from exc
+                raise CorruptFile(f"{path}:{number} is not valid JSON ({exc}); the file is corrupt") from exc

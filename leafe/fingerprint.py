@@ -22,3 +22,16 @@ def fingerprint_fields(settings: Any) -> dict[str, Any]:
     added_later = getattr(settings, "added_later", {})
     return {k: v for k, v in asdict(settings).items()
             if k not in speed_only and not (k in added_later and added_later[k] == v)}
+
+
+def resume_fingerprint(settings: Any, model: str) -> dict[str, Any]:
+    """What must match for a method to resume the work in its directory: the fingerprint fields
+    without those a rerun may change (`resume_free`: GRPO's step count, ACE's passes) and without
+    knobs its own partial files predate (`resume_added_later`), plus the model it started from."""
+    data = fingerprint_fields(settings)
+    for key in getattr(settings, "resume_free", ()):
+        data.pop(key, None)
+    for key, old in getattr(settings, "resume_added_later", {}).items():
+        if data.get(key) == old:
+            data.pop(key)
+    return data | {"model": model}

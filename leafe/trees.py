@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from leafe.episode import Episode
+from leafe.errors import CorruptFile
 from leafe.files import read_jsonl
 
 
@@ -46,7 +47,7 @@ class Node:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Node":
+    def from_dict(cls, data: dict[str, Any]) -> Node:
         data = dict(data)
         data["episode"] = Episode.from_dict(data["episode"]) if data.get("episode") else None
         return cls(**data)
@@ -55,7 +56,12 @@ class Node:
 def read_trees(path: str | Path) -> list[dict[str, Any]]:
     """The tree records of a trees.jsonl, nodes as `Node`s."""
     records = []
-    for record in read_jsonl(path):
-        record["nodes"] = [Node.from_dict(n) for n in record["nodes"]]
+    for number, record in enumerate(read_jsonl(path), start=1):
+        try:
+            record["nodes"] = [Node.from_dict(n) for n in record["nodes"]]
+            record["task_id"], record["success"]  # noqa: B018 (what every reader of a tree needs)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CorruptFile(f"{path}:{number} is not a tree written by leafe explore (bad or missing "
+                              f"{exc}); pass the trees.jsonl of an exploration") from None
         records.append(record)
     return records

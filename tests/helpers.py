@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from leafe.backends.base import Backend, BackendStats, Completion, SamplingParams
 from leafe.chat import ChatFormat

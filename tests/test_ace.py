@@ -8,8 +8,10 @@ import pytest
 from helpers import ScriptedBackend
 
 from leafe.errors import LeafeError
-from leafe.methods.ace import ACESettings, Lesson, Playbook, load_playbook, similarity, train_ace
+from leafe.method import Job
+from leafe.methods.ace import Lesson, Playbook, load_playbook, similarity, train_ace
 from leafe.prompts import SYSTEM_PROMPT, parse_lesson, playbook_system_prompt
+from leafe.settings import ACESettings
 
 
 def test_similarity_is_word_jaccard():
@@ -69,7 +71,7 @@ def test_train_ace_builds_and_resumes(tiny_tokenizer, tmp_path):
     backend = ScriptedBackend(tiny_tokenizer, policy)
     settings = ACESettings(tasks=6, task_seed=40, tasks_per_round=2, max_lessons=4, similarity=0.9,
                            env_params={"max_steps": 3})
-    summary = train_ace(backend, "scripted", settings, tmp_path)
+    summary = train_ace(Job("scripted", tmp_path, backend=backend), settings).data
     saved = json.loads((tmp_path / "playbook.json").read_text())
     assert saved["round"] == 3 and len(saved["rounds"]) == 3
     assert summary["data"]["proposals"] == 6 and len(saved["lessons"]) == 4  # capped
@@ -79,11 +81,11 @@ def test_train_ace_builds_and_resumes(tiny_tokenizer, tmp_path):
     seen = []
     backend.policy = lambda text, i: (seen.append(text), policy(text, i))[1]
     settings.epochs = 2
-    train_ace(backend, "scripted", settings, tmp_path)  # resumes at round 3 of 6
+    train_ace(Job("scripted", tmp_path, backend=backend), settings)  # resumes at round 3 of 6
     assert json.loads((tmp_path / "playbook.json").read_text())["round"] == 6
     assert any("Playbook (lessons from earlier tasks)" in t for t in seen)
     with pytest.raises(LeafeError, match="other settings"):
-        train_ace(backend, "scripted", ACESettings(tasks=5), tmp_path)
+        train_ace(Job("scripted", tmp_path, backend=backend), ACESettings(tasks=5))
 
 
 def test_load_playbook_errors(tmp_path):

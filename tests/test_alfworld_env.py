@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("textworld")
 alfworld = pytest.importorskip("alfworld")
 
-import leafe.envs.alfworld  # noqa: F401  (registers "alfworld")
-from leafe.envs import EnvError, make, names, observation_hash, replay
-from leafe.envs.alfworld import AlfWorldEnv
+import leafe.envs.alfworld  # noqa: F401, E402  (registers "alfworld")
+from leafe.envs import EnvError, make, names, observation_hash, replay  # noqa: E402
+from leafe.envs.alfworld import AlfWorldEnv  # noqa: E402
 
 SPLIT = "valid_seen"
 ROOM = ("You are in the middle of a room. Looking quickly around you, you see a cabinet 1, a countertop 1, "

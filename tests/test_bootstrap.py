@@ -8,9 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from leafe.base_agent.bootstrap import BootstrapConfig, build
+from leafe.base_agent.bootstrap import build
 from leafe.envs import Task, make
 from leafe.envs.sokoban.oracle import Expert, first_mistake, oracle_experience, reflection_reply
+from leafe.settings import BootstrapConfig
 
 TINY = BootstrapConfig(fragments=64, reflection_fragments=24, episodes=24, vocab_size=400, hidden_size=32, layers=1, heads=2,
                        intermediate_size=64, batch_size=16, decision_weight=4.0)

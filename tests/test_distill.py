@@ -12,10 +12,12 @@ import torch
 from helpers import ScriptedBackend, solver_reply
 
 from leafe.errors import LeafeError
-from leafe.methods.distill import DistillSettings, build_rows, clean_episode, distill
-from leafe.methods.explore import ExploreSettings, explore
-from leafe.methods.sft import SFTSettings, weighted_nll
+from leafe.method import Job
+from leafe.methods.distill import build_rows, clean_episode, distill
+from leafe.methods.explore import explore
+from leafe.methods.sft import weighted_nll
 from leafe.prompts import REFLECTION_PROMPT
+from leafe.settings import DistillSettings, ExploreSettings, SFTSettings
 from leafe.trees import read_trees
 
 MARK = "Experience from an earlier attempt"
@@ -34,7 +36,7 @@ def two_level_policy(text: str, i: int) -> str:
 def trees_file(tiny_tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("explored")
     settings = ExploreSettings(tasks=3, task_seed=40, budget=60, branch_samples=1, max_depth=3)
-    summary = explore(ScriptedBackend(tiny_tokenizer, two_level_policy), "scripted", settings, out)
+    summary = explore(Job("scripted", out, backend=ScriptedBackend(tiny_tokenizer, two_level_policy)), settings).data
     assert summary["success_rate"] == 1.0
     return out / "trees.jsonl"
 
@@ -111,8 +113,7 @@ def test_full_and_lora_runs_write_loadable_model_directories(trees_file, tiny_mo
     from leafe.backends.hf import HFBackend
 
     out = tmp_path / "distilled"
-    summary = distill(str(tiny_model_dir), [trees_file], out, DistillSettings(reh_fraction=0.5),
-                      SFTSettings(learning_rate=1e-3, epochs=1, batch_size=4, lora=lora, logging_steps=1))
+    summary = distill(Job(str(tiny_model_dir), out, inputs=[trees_file]), DistillSettings(reh_fraction=0.5), SFTSettings(learning_rate=1e-3, epochs=1, batch_size=4, lora=lora, logging_steps=1)).data
     assert summary["sets"]["cf"]["rows"] == 6 and summary["training"]["steps"] >= 2
     written = json.loads((out / "distill.json").read_text())
     assert written["settings"]["beta"] == 1.0 and written["training"]["lora"] is lora and written["loss_log"]
@@ -131,8 +132,7 @@ def test_rows_over_the_context_are_dropped_and_counted(trees_file, tiny_model_di
     config = json.loads((short / "config.json").read_text())
     config["max_position_embeddings"] = 700
     (short / "config.json").write_text(json.dumps(config))
-    summary = distill(str(short), [trees_file], tmp_path / "out", DistillSettings(reh_fraction=1.0),
-                      SFTSettings(epochs=1, batch_size=8))
+    summary = distill(Job(str(short), tmp_path / "out", inputs=[trees_file]), DistillSettings(reh_fraction=1.0), SFTSettings(epochs=1, batch_size=8)).data
     dropped = summary["sets"]["cf"]["dropped_over_context"] + summary["sets"]["reh"]["dropped_over_context"]
     assert dropped > 0
     rows, _ = build_rows(read_trees(trees_file), DistillSettings(reh_fraction=1.0))
@@ -145,7 +145,7 @@ def test_bad_settings_and_inputs_get_clear_errors(tmp_path, tiny_model_dir):
     with pytest.raises(LeafeError, match="--cf-from must be"):
         DistillSettings(cf_from="some").validate()
     with pytest.raises(LeafeError, match="does not exist"):
-        distill(str(tiny_model_dir), [tmp_path / "nope.jsonl"], tmp_path / "o", DistillSettings(), SFTSettings())
+        distill(Job(str(tiny_model_dir), tmp_path / "o", inputs=[tmp_path / "nope.jsonl"]), DistillSettings(), SFTSettings())
 
 
 def test_distill_cli_end_to_end_then_eval_the_result(trees_file, tiny_model_dir, tmp_path):
@@ -180,7 +180,7 @@ def test_trees_with_nothing_to_distil_raise_a_typed_error(tiny_tokenizer, tiny_m
     from leafe.methods.distill import NoDistillationRows
 
     never = ScriptedBackend(tiny_tokenizer, policy(solve_with_experience=False))
-    explore(never, "scripted", ExploreSettings(tasks=1, task_seed=40, budget=10), tmp_path / "x")
+    explore(Job("scripted", tmp_path / "x", backend=never), ExploreSettings(tasks=1, task_seed=40, budget=10))
     with pytest.raises(NoDistillationRows, match=r"no distillation rows in 1 trees \(\d+ branches, 0 successful") as e:
-        distill(str(tiny_model_dir), [tmp_path / "x" / "trees.jsonl"], tmp_path / "out", DistillSettings(), SFTSettings())
+        distill(Job(str(tiny_model_dir), tmp_path / "out", inputs=[tmp_path / "x" / "trees.jsonl"]), DistillSettings(), SFTSettings())
     assert e.value.counts["successful_episodes"] == 0 and not (tmp_path / "out").exists()

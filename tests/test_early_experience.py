@@ -9,6 +9,7 @@ from helpers import ScriptedBackend
 
 from leafe.envs import make
 from leafe.envs.base import replay
+from leafe.method import Job
 from leafe.methods.early_experience import (
     EarlyExperienceSettings,
     demonstrations,
@@ -17,9 +18,9 @@ from leafe.methods.early_experience import (
     self_reflection_rows,
     train_early_experience,
 )
-from leafe.methods.sft import SFTSettings
 from leafe.prompts import WORLD_MODEL_PROMPT, observation_message, parse_action
 from leafe.rollout import RolloutEngine
+from leafe.settings import SFTSettings
 
 EXPERT = re.compile(r"An expert chose '(\w+)'")
 
@@ -131,7 +132,7 @@ def test_train_early_experience_writes_a_model(variant, tiny_model_dir, tiny_bac
     settings = EarlyExperienceSettings(variant=variant, tasks=2, task_seed=40, alternatives=2, max_new_tokens=16,
                                        rationale_tokens=24)
     sft = SFTSettings(learning_rate=1e-3, epochs=1, batch_size=8)
-    summary = train_early_experience(tiny_backend, str(tiny_model_dir), settings, sft, tmp_path / variant)
+    summary = train_early_experience(Job(str(tiny_model_dir), tmp_path / variant, backend=tiny_backend), settings, sft).data
     saved = read_json(tmp_path / variant / "train.json")
     assert saved["data"]["expert_states"] > 0 and saved["cost"]["env_steps"] >= saved["data"]["expert_states"]
     assert summary["method"] == f"early-experience-{variant}"

@@ -16,8 +16,10 @@ from leafe.envs import make
 from leafe.envs.sokoban import SokobanEnv
 from leafe.envs.sokoban.oracle import Expert, first_mistake, oracle_experience
 from leafe.errors import LeafeError
-from leafe.methods.explore import ExploreSettings, explore
+from leafe.method import Job
+from leafe.methods.explore import explore
 from leafe.prompts import REFLECTION_PROMPT
+from leafe.settings import ExploreSettings
 from leafe.trees import read_trees
 
 EXPERIENCE_MARK = "Experience from an earlier attempt"
@@ -41,7 +43,7 @@ def policy(reflection: str = "Step: 0\nExperience: stop dancing and push the box
 def run(tokenizer, tmp_path, reply, **settings):
     backend = ScriptedBackend(tokenizer, reply)
     settings = ExploreSettings(**{"tasks": 3, "task_seed": 40, **settings})
-    summary = explore(backend, "scripted", settings, tmp_path)
+    summary = explore(Job("scripted", tmp_path, backend=backend), settings).data
     return summary, read_trees(tmp_path / "trees.jsonl"), backend
 
 
@@ -172,10 +174,10 @@ def test_tree_records_follow_the_schema_and_resume_refuses_other_settings(tiny_t
                          "outcome", "reflections", "env_steps", "replayed_steps", "generated_tokens", "wall_s"}
     assert summary["generated_tokens"] == backend.stats.generated_tokens
     calls = backend.stats.calls
-    again = explore(backend, "scripted", ExploreSettings(tasks=3, task_seed=40, budget=30), tmp_path)
+    again = explore(Job("scripted", tmp_path, backend=backend), ExploreSettings(tasks=3, task_seed=40, budget=30)).data
     assert backend.stats.calls == calls and again["tasks"] == 3  # everything was done: nothing rerun
     with pytest.raises(LeafeError, match="different settings \\(budget\\)"):
-        explore(backend, "scripted", ExploreSettings(tasks=3, task_seed=40, budget=31), tmp_path)
+        explore(Job("scripted", tmp_path, backend=backend), ExploreSettings(tasks=3, task_seed=40, budget=31))
 
 
 def test_settings_are_validated():
@@ -249,7 +251,7 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(tiny_model_dir, 
 
 def test_a_task_whose_prompt_outgrows_the_context_ends_instead_of_looping(tiny_tokenizer, tmp_path):
     backend = ScriptedBackend(tiny_tokenizer, policy(), max_context=100)
-    summary = explore(backend, "scripted", ExploreSettings(tasks=2, task_seed=40, budget=30), tmp_path)
+    summary = explore(Job("scripted", tmp_path, backend=backend), ExploreSettings(tasks=2, task_seed=40, budget=30)).data
     trees = read_trees(tmp_path / "trees.jsonl")
     assert summary["env_steps"] == 0 and all(t["nodes"][0].outcome == "context" for t in trees)
     assert all(len(t["nodes"]) == 1 for t in trees)

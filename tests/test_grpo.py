@@ -10,6 +10,7 @@ import torch
 
 from leafe.episode import Episode, Step
 from leafe.errors import LeafeError
+from leafe.method import Job
 from leafe.methods.grpo import (
     GRPOSettings,
     GRPOTrainer,
@@ -128,11 +129,12 @@ def test_grpo_steps_change_weights_checkpoint_and_resume(tiny_model_dir, tmp_pat
     settings = GRPOSettings(tasks=4, task_seed=3, steps=3, tasks_per_step=2, group_size=4, learning_rate=1e-2,
                             max_new_tokens=8, env_params={"max_steps": 4}, save_every=2, invalid_penalty=0.1)
     out = tmp_path / "grpo"
-    summary = train_grpo(str(tiny_model_dir), settings, out, device="cpu")
+    summary = train_grpo(Job(str(tiny_model_dir), out, device="cpu"), settings)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line]
     assert len(log) == 3
     assert all(0 < r["rollout_s"] <= r["wall_s"] for r in log)  # where a step's time went: sampling, then update
-    assert summary["cost"]["env_steps"] > 0 and summary["data"]["groups"] == 6
+    assert summary.method == "grpo" and summary.model == str(out)
+    assert summary.cost["env_steps"] > 0 and summary.data["groups"] == 6
     assert (out / "checkpoints" / "step-2" / "state.pt").exists()
     HFBackend(str(out / "checkpoints" / "step-2"), device="cpu")  # a checkpoint loads like any model
     trained = HFBackend(str(out), device="cpu").model.state_dict()
@@ -140,15 +142,15 @@ def test_grpo_steps_change_weights_checkpoint_and_resume(tiny_model_dir, tmp_pat
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # the invalid penalty gives variance
     # A longer run with the same settings resumes from step 2 and redoes only step 3 onwards.
     settings.steps = 4
-    train_grpo(str(tiny_model_dir), settings, out, device="cpu")
+    train_grpo(Job(str(tiny_model_dir), out, device="cpu"), settings)
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     before = (out / "log.jsonl").read_text()
-    again = train_grpo(str(tiny_model_dir), settings, out, device="cpu")  # finished: nothing is redone
-    assert (out / "log.jsonl").read_text() == before and again["settings"]["steps"] == 4
+    again = train_grpo(Job(str(tiny_model_dir), out, device="cpu"), settings)  # finished: nothing is redone
+    assert (out / "log.jsonl").read_text() == before and again.settings["steps"] == 4
     settings.learning_rate = 1e-3
     with pytest.raises(LeafeError, match="other settings"):
-        train_grpo(str(tiny_model_dir), settings, out, device="cpu")
+        train_grpo(Job(str(tiny_model_dir), out, device="cpu"), settings)
 
 
 def test_update_gradient_equals_reinforce_over_all_tokens(tiny_model_dir):
@@ -188,7 +190,8 @@ GRADIENT_OF_ONE_UPDATE = '''
 import os, random, sys
 import torch
 from leafe.backends.hf import HFBackend
-from leafe.methods.grpo import GRPOSettings, GRPOTrainer, Sample
+from leafe.methods.grpo import GRPOTrainer, Sample
+from leafe.settings import GRPOSettings
 
 model, out, split, passes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -27,7 +27,7 @@ from leafe.scale.launch import LAUNCH_CONTEXT, launch_cmd, launch_plan, load_acc
 ROOT = Path(__file__).resolve().parent.parent
 FSDP, ZERO3, DDP = (ROOT / "configs/accelerate" / name for name in ("fsdp.yaml", "zero3.yaml", "ddp.yaml"))
 DISTILL = ["distill", "--model", "/models/qwen7b-grpo", "--trees", "/runs/explore/trees.jsonl", "--out", "/runs/leafe"]
-GRPO = ["train", "--method", "grpo", "--model", "/models/qwen7b", "--out", "/runs/grpo"]
+GRPO = ["train", "grpo", "--model", "/models/qwen7b", "--out", "/runs/grpo"]
 
 # The line that registers the command in leafe/cli.py.
 app = typer.Typer()
@@ -196,8 +196,8 @@ def test_grpo_runs_data_parallel_each_rank_sampling_its_share_of_the_tasks():
            "train.json" in plan.lines
     with pytest.raises(LeafeError, match=r"--tasks-per-step \(8\) must be a multiple of the 3 processes"):
         launch_plan(DDP, GRPO, num_processes=3)
-    with pytest.raises(LeafeError, match="leafe train --method ace runs in one process"):
-        launch_plan(DDP, ["train", "--method", "ace", "--model", "m", "--out", "o"], num_processes=2)
+    with pytest.raises(LeafeError, match="leafe train ace runs in one process"):
+        launch_plan(DDP, ["train", "ace", "--model", "m", "--out", "o"], num_processes=2)
 
 
 def test_what_cannot_run_is_refused_in_one_line(tmp_path):
@@ -256,8 +256,9 @@ def test_two_ranks_split_the_batches_and_write_one_loadable_model(trees_file, ti
     gathers and writes the model and distill.json."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from leafe.methods.distill import DistillSettings, build_rows
+    from leafe.methods.distill import build_rows
     from leafe.methods.sft import make_batches
+    from leafe.settings import DistillSettings
     from leafe.trees import read_trees
 
     config = two_rank_config(tmp_path / "ddp2.yaml")
@@ -298,7 +299,7 @@ def test_accelerate_starts_one_process_for_multi_cpu_without_mpirun(tmp_path):
 def test_two_ranks_train_grpo_on_their_own_tasks_and_log_each_step_once(tiny_model_dir, tmp_path):
     config = two_rank_config(tmp_path / "ddp2.yaml")
     out = tmp_path / "grpo"
-    run = subprocess.run([sys.executable, "-m", "leafe", "launch", str(config), "--", "train", "--method", "grpo",
+    run = subprocess.run([sys.executable, "-m", "leafe", "launch", str(config), "--", "train", "grpo",
                           "--model", str(tiny_model_dir), "--out", str(out), "--tasks", "4", "--task-seed", "40",
                           "--max-new-tokens", "8", "--env-param", "max_steps=4", "--steps", "3", "--tasks-per-step",
                           "2", "--group-size", "4", "--invalid-penalty", "0.1", "--save-every", "1",

@@ -14,8 +14,10 @@ from test_cli_eval import leafe
 from test_explore import policy
 
 from leafe.errors import LeafeError
-from leafe.methods.explore import ExploreSettings, explore
+from leafe.method import Job
+from leafe.methods.explore import explore
 from leafe.passk import summarize
+from leafe.settings import ExploreSettings
 from leafe.study.report import write_report
 
 METHODS = {"base": [(8, 1), (8, 0), (8, 3)], "grpo": [(8, 2), (8, 0), (8, 4)], "leafe": [(8, 2), (8, 1), (8, 5)],
@@ -36,8 +38,7 @@ def make_run(run: Path, tokenizer) -> dict:
     (run / "leafe" / "explore").mkdir(parents=True)
     (run / "results.json").write_text(json.dumps(results))
     # The scripted policy fails, reflects, rolls back and solves from the branch: a tree with branches.
-    explore(ScriptedBackend(tokenizer, policy("Step: 2\nExperience: stop dancing.")), "scripted",
-            ExploreSettings(tasks=2, task_seed=40, budget=40), run / "leafe" / "explore")
+    explore(Job("scripted", run / "leafe" / "explore", backend=ScriptedBackend(tokenizer, policy("Step: 2\nExperience: stop dancing."))), ExploreSettings(tasks=2, task_seed=40, budget=40))
     return results
 
 

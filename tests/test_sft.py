@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from leafe.methods.sft import Row, SFTSettings, make_batches, row_from_mask, train, weighted_nll
+from leafe.methods.sft import Row, make_batches, row_from_mask, train, weighted_nll
+from leafe.settings import SFTSettings
 
 
 def test_batches_cover_every_row_once_within_the_limits():

@@ -20,6 +20,7 @@ STAGES = ["base.eval", "grpo.train", "leafe.explore", "leafe.distill", "early_ex
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_shipped_config_parses_and_prints_its_plan(config, tmp_path):
+    (tmp_path / "model-dir").mkdir()  # a dry run checks that the model exists
     run = leafe("run", config, "--dry-run", "--out", tmp_path / "run", "--model", tmp_path / "model-dir")
     assert run.returncode == 0, run.stderr
     for key in STAGES:

@@ -10,8 +10,10 @@ import pytest
 from helpers import ScriptedBackend
 
 from leafe.envs import make
-from leafe.methods.explore import ExploreSettings, explore
+from leafe.method import Job
+from leafe.methods.explore import explore
 from leafe.prompts import REFLECTION_PROMPT
+from leafe.settings import ExploreSettings
 from leafe.trees import read_trees
 
 EXPERIENCE_MARK = "Experience from an earlier attempt"
@@ -50,7 +52,7 @@ def test_leafe_rolls_back_a_real_text_game_and_the_branch_wins(env_name, tiny_to
     backend = ScriptedBackend(tiny_tokenizer, scripted(expert, idle))
     settings = ExploreSettings(env=env_name, env_params=params, tasks=1, task_seed=0, budget=20, reflect_every=6,
                                branch_samples=1, max_depth=1)
-    explore(backend, "scripted", settings, tmp_path / "explore")
+    explore(Job("scripted", tmp_path / "explore", backend=backend), settings)
     (tree,) = read_trees(tmp_path / "explore" / "trees.jsonl")
     assert tree["success"] and tree["branches"] == tree["branches_succeeded"] == 1
     root, branch = tree["nodes"][:2]

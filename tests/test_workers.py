@@ -20,9 +20,11 @@ from test_explore import policy
 
 from leafe.backends.base import Backend
 from leafe.envs import EnvError, Task, make
-from leafe.methods.evaluate import EvalSettings, evaluate
-from leafe.methods.explore import ExploreSettings, explore
+from leafe.method import Job
+from leafe.methods.evaluate import evaluate
+from leafe.methods.explore import explore
 from leafe.scale.workers import EnvPool, RemoteEnv, WorkerError, env_workers
+from leafe.settings import EvalSettings, ExploreSettings
 from leafe.trees import read_trees
 
 ray = pytest.importorskip("ray")
@@ -69,8 +71,8 @@ SETTINGS = EvalSettings(tasks=3, samples=4, max_new_tokens=8, task_seed=1000, se
 
 
 def test_eval_on_workers_writes_what_the_in_process_engine_writes(tiny_backend, pool, tmp_path):
-    local = evaluate(tiny_backend, "tiny", SETTINGS, tmp_path / "local", save_episodes=True)
-    remote = evaluate(tiny_backend, "tiny", SETTINGS, tmp_path / "ray", save_episodes=True, envs=pool.make)
+    local = evaluate(Job("tiny", tmp_path / "local", backend=tiny_backend), SETTINGS, save_episodes=True).data
+    remote = evaluate(Job("tiny", tmp_path / "ray", backend=tiny_backend, envs=pool.make), SETTINGS, save_episodes=True).data
     assert remote["tasks"] == local["tasks"] and remote["env_steps"] == local["env_steps"] > 0
     assert episodes(tmp_path / "ray" / "episodes.jsonl") == episodes(tmp_path / "local" / "episodes.jsonl")
     # The steps of a turn went to both workers.
@@ -79,9 +81,9 @@ def test_eval_on_workers_writes_what_the_in_process_engine_writes(tiny_backend, 
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_dropped(tiny_backend, pool, tmp_path):
-    local = evaluate(tiny_backend, "tiny", SETTINGS, tmp_path / "local", save_episodes=True)
+    local = evaluate(Job("tiny", tmp_path / "local", backend=tiny_backend), SETTINGS, save_episodes=True).data
     killer = KillingBackend(tiny_backend, pool, at=tiny_backend.stats.calls + 4)  # the 4th turn of the run
-    remote = evaluate(killer, "tiny", SETTINGS, tmp_path / "ray", save_episodes=True, envs=pool.make)
+    remote = evaluate(Job("tiny", tmp_path / "ray", backend=killer, envs=pool.make), SETTINGS, save_episodes=True).data
     assert killer.kills == 1 and pool.restarts == 1
     assert remote["tasks"] == local["tasks"] and remote["env_steps"] == local["env_steps"]
     assert episodes(tmp_path / "ray" / "episodes.jsonl") == episodes(tmp_path / "local" / "episodes.jsonl")
@@ -92,7 +94,7 @@ def test_a_worker_that_keeps_dying_fails_the_run_with_the_cause(tiny_backend, lo
     try:
         killer = KillingBackend(tiny_backend, pool, at=tiny_backend.stats.calls + 1, every=True)
         with pytest.raises(WorkerError, match=r"Ray workers died 2 times; giving up: .*(died|kill)"):
-            evaluate(killer, "tiny", SETTINGS, tmp_path / "ray", envs=pool.make)
+            evaluate(Job("tiny", tmp_path / "ray", backend=killer, envs=pool.make), SETTINGS)
     finally:
         pool.close()
 
@@ -100,8 +102,8 @@ def test_a_worker_that_keeps_dying_fails_the_run_with_the_cause(tiny_backend, lo
 def test_exploration_on_workers_builds_the_same_trees(tiny_tokenizer, pool, tmp_path):
     settings = ExploreSettings(tasks=3, task_seed=40, budget=40, reflect_every=5, branch_samples=2, snapshots=False)
     reply = policy("Step: 2\nExperience: stop dancing.")
-    local = explore(ScriptedBackend(tiny_tokenizer, reply), "scripted", settings, tmp_path / "local")
-    remote = explore(ScriptedBackend(tiny_tokenizer, reply), "scripted", settings, tmp_path / "ray", envs=pool.make)
+    local = explore(Job("scripted", tmp_path / "local", backend=ScriptedBackend(tiny_tokenizer, reply)), settings).data
+    remote = explore(Job("scripted", tmp_path / "ray", backend=ScriptedBackend(tiny_tokenizer, reply), envs=pool.make), settings).data
     assert local["branches"] > 0 and local["success_rate"] == 1.0
     for key in ("success_rate", "env_steps", "replayed_steps", "branches", "generated_tokens"):
         assert remote[key] == local[key], key
@@ -115,7 +117,8 @@ def test_exploration_on_workers_builds_the_same_trees(tiny_tokenizer, pool, tmp_
 
 def test_grpo_sampling_on_workers_matches_in_process(tiny_model_dir, pool):
     from leafe.backends.hf import HFBackend
-    from leafe.methods.grpo import GRPOSettings, GRPOTrainer
+    from leafe.methods.grpo import GRPOTrainer
+    from leafe.settings import GRPOSettings
 
     settings = GRPOSettings(tasks=4, group_size=2, max_new_tokens=8, kl_coef=0.0)
     tasks = make("sokoban").make_tasks(2, 5000)

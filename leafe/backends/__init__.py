@@ -4,8 +4,7 @@ engine, in process) and `openai` (any OpenAI-compatible completions server); oth
 from __future__ import annotations
 
 from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams
-
-BACKENDS = ("hf", "vllm", "openai")
+from leafe.settings import BACKENDS, BackendSettings
 
 
 def load_backend(name: str, model: str, **options) -> Backend:
@@ -27,4 +26,15 @@ def load_backend(name: str, model: str, **options) -> Backend:
     raise BackendError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
 
 
-__all__ = ["Backend", "BackendError", "BackendStats", "Completion", "SamplingParams", "load_backend"]
+def backend_for(model: str, settings: BackendSettings) -> Backend:
+    """The backend a command's `BackendSettings` name, for `model`; each engine takes its own options."""
+    settings.validate()
+    if settings.backend == "openai":  # the server holds the model; `model` only lends its tokenizer
+        return load_backend("openai", model, base_url=settings.base_url)
+    if settings.backend == "vllm":  # vLLM places the model itself (GPU when there is one)
+        return load_backend("vllm", model, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)
+    return load_backend(settings.backend, model, device=settings.device, dtype=settings.dtype,
+                        trust_remote_code=settings.trust_remote_code, gguf_file=settings.gguf_file)
+
+
+__all__ = ["Backend", "BackendError", "BackendStats", "Completion", "SamplingParams", "backend_for", "load_backend"]

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from leafe.errors import LeafeError
 
@@ -78,6 +80,27 @@ def request_seed(seed: int, call: int, index: int) -> int:
 
 class BackendError(LeafeError, RuntimeError):
     """A model could not be loaded or run; the message names the cause and the fix."""
+
+
+@contextmanager
+def loading_model(model: Any):
+    """Turn what a broken model directory raises (a truncated or corrupt weights file, a missing
+    config, an unknown architecture) into one BackendError naming the directory."""
+    try:
+        yield
+    except BackendError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (safetensors, transformers and torch each raise their own kinds)
+        if not _is_load_error(exc):
+            raise
+        detail = " ".join(str(exc).split())[:300]
+        raise BackendError(f"could not load the model at {model}: {type(exc).__name__}: {detail}; "
+                           f"is it a complete model directory?") from exc
+
+
+def _is_load_error(exc: BaseException) -> bool:
+    return isinstance(exc, (OSError, ValueError, KeyError, EOFError)) or type(exc).__name__ in (
+        "SafetensorError", "HeaderTooLarge", "UnpicklingError")
 
 
 class Backend(ABC):

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams
+from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams, loading_model
 
 _BLOCK = 16  # tokens per hashed block of the prefix cache
 
@@ -217,17 +217,16 @@ class HFBackend(Backend):
         if gguf:
             kwargs["gguf_file"] = gguf
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-            self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=load_dtype, **kwargs)
-        except ValueError as exc:
+            with loading_model(model):
+                self.tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+                self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=load_dtype, **kwargs)
+        except BackendError as exc:
             if "trust_remote_code" in str(exc):
                 raise BackendError(
                     f"{model} needs its own code to load; leafe never runs a checkpoint's code unless you "
                     f"pass --trust-remote-code"
                 ) from exc
-            raise BackendError(f"could not load the model at {model}: {exc}") from exc
-        except OSError as exc:
-            raise BackendError(f"could not load the model at {model}: {exc}") from exc
+            raise
         self.model.to(self.device).eval()
         self.name = str(model)
         config = self.model.config

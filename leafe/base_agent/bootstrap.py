@@ -12,74 +12,22 @@ Levels come from seeds >= 10,000,000, disjoint from every range leafe evaluates 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, ClassVar
 
 from leafe.errors import LeafeError
-from leafe.files import cache_dir, write_json
-from leafe.fingerprint import fingerprint_fields
+from leafe.files import cache_dir, read_json, write_json
+from leafe.method import Job, MethodResult, cost
+from leafe.settings import BootstrapConfig
 
 #: Bootstrap levels start here; every other seed range in leafe stays below it.
 BOOTSTRAP_SEED_BASE = 10_000_000
 
-
-#: Knobs added after agents were built and cached, with the value that reproduces the older builds:
-#: at that value a knob stays out of the digest (and out of a study's bootstrap stage), so an
-#: existing cache directory keeps its name and an existing run directory stays done.
-ADDED_LATER = {"decision_weight": 1.0, "plans": False, "experience_episodes": 0}
-
-#: Version of the example generator (`synthetic`), part of every digest: a change to how examples
-#: are drawn renames every cache, so no agent built from the older data is reused under a new name.
-#: 2: reflection fragments name a step 90% of the time (they said "none" two times in three).
-GENERATOR = 2
-
-
-@dataclass(frozen=True)
-class BootstrapConfig:
-    seed: int = 0
-    # 16k moves and 1k reflections (was 10k / 3k): the compute the reflections took without teaching
-    # their step moved to the moves (BENCHMARKS.md, "A loss weight on the decision token").
-    fragments: int = 16000
-    reflection_fragments: int = 1000
-    episodes: int = 500
-    #: Whole-episode experience examples on top of `episodes` (which draw the kind, 30% experience):
-    #: an experience after a whole attempt, as a rollout's branch shows it (BENCHMARKS.md, the oracle
-    #: reflector).
-    experience_episodes: int = 0
-    max_steps: int = 15
-    mistake_rate: float = 0.25
-    reflect_every: int = 5
-    vocab_size: int = 1024
-    hidden_size: int = 192
-    layers: int = 4
-    heads: int = 3
-    intermediate_size: int = 512
-    context: int = 3072
-    # 3e-3 kept this model on the uniform-policy plateau for hundreds of updates; 1e-3 leaves it at once.
-    learning_rate: float = 1e-3
-    #: Loss weight of each decision token (see `synthetic.decision_weights`) relative to the others.
-    #: 10 with plans: the first recipe whose agent reads the board (1.0: the agents built before it).
-    decision_weight: float = 10.0
-    #: Optimal moves say the plan they serve ("push right from (2,1); at (3,1), go up."), see
-    #: `synthetic.thought`; False keeps the plain "go up." of the agents built before it.
-    plans: bool = True
-    batch_size: int = 32
-    max_batch_tokens: int = 4096
-
-    added_later: ClassVar[dict[str, Any]] = ADDED_LATER
-
-    def digest(self) -> str:
-        fields = fingerprint_fields(self)
-        fields["generator"] = GENERATOR
-        blob = json.dumps(fields, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
 
 
 Report = Callable[[str, int, int], None]  # (phase, done, total)
@@ -103,9 +51,10 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
     from leafe.base_agent.tokenizer import train_tokenizer
     from leafe.chat import ChatFormat
     from leafe.envs.sokoban import SokobanEnv
-    from leafe.methods.sft import SFTSettings, row_from_mask, train
+    from leafe.methods.sft import row_from_mask, train
     from leafe.prompts import REFLECTION_PROMPT, SYSTEM_PROMPT, experience_message
     from leafe.rollout import Recorder
+    from leafe.settings import SFTSettings
 
     report = report or (lambda phase, done, total: None)
     out = Path(out_dir)
@@ -218,6 +167,27 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
         shutil.rmtree(out)
     os.replace(tmp, out)
     return summary
+
+
+def bootstrap(job: Job, config: BootstrapConfig) -> MethodResult:
+    """The method contract's bootstrap: the base agent of `config` in `job.out`, built unless a
+    build of the same config is there already (its cost is then nothing)."""
+    started = time.perf_counter()
+    record = job.out / "bootstrap.json"
+    if not record.exists() or read_json(record).get("config_hash") != config.digest():
+        phases: set[str] = set()
+
+        def report(phase: str, done: int, total: int) -> None:
+            if phase not in phases:
+                phases.add(phase)
+                job.progress.start(total, done)
+            job.progress.advance(0, status=f"{phase} {done}/{total}")
+
+        job.out.parent.mkdir(parents=True, exist_ok=True)
+        build(config, job.out, report)
+    summary = read_json(record)
+    return MethodResult("bootstrap", str(job.out), asdict(config), summary,
+                        cost(wall_s=time.perf_counter() - started))
 
 
 def default_cache_dir() -> Path:

@@ -7,7 +7,7 @@ digit by digit, instead of one opaque token per row; words still merge normally.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

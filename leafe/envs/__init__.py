@@ -1,12 +1,13 @@
 """Multi-turn environments behind one contract (`base.Env`), created by name (`make`)."""
 
 from leafe.envs.base import Env, EnvError, ReplayDivergence, StepResult, Task, observation_hash, replay
-from leafe.envs.registry import EnvMaker, env_class, make, names, register
+from leafe.envs.registry import EnvMaker, check_params, env_class, make, names, register
 
 __all__ = [
     "Env",
     "EnvError",
     "EnvMaker",
+    "check_params",
     "ReplayDivergence",
     "StepResult",
     "Task",

@@ -21,9 +21,10 @@ import ast
 import gzip
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from leafe.envs.base import Env, EnvError, StepResult, Task
 from leafe.envs.registry import register

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from leafe.envs.base import Env, EnvError
 
@@ -49,6 +51,24 @@ def make(name: str, **params: Any) -> Env:
     cls = env_class(name)
     _check_params(name, cls.__init__, params)
     return cls(**params)
+
+
+#: Env parameters that name a file or directory of the user's data, checked before anything runs.
+PATH_PARAMS = ("levels", "games", "data_dir")
+
+
+def check_params(name: str, params: dict[str, Any]) -> None:
+    """What can be checked of an env without building it (a dry run): its name, its parameters' names,
+    and that the data paths it is given exist."""
+    cls = env_class(name)
+    _check_params(name, cls.__init__, params)
+    for key in PATH_PARAMS:
+        if params.get(key) is not None and not Path(str(params[key])).exists():
+            raise EnvError(f"env {name!r}: {key}={params[key]} does not exist; give the path of your data")
+    dataset = params.get("dataset")
+    if name == "code" and dataset is not None and str(dataset) not in ("leafe", "humaneval") and not Path(
+            str(dataset)).exists():
+        raise EnvError(f"env 'code': dataset={dataset} is neither leafe, humaneval nor an existing JSONL file")
 
 
 def _check_params(name: str, init: Callable[..., Any], params: dict[str, Any]) -> None:

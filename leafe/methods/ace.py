@@ -22,16 +22,20 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from leafe.backends.base import Backend
-from leafe.envs import EnvMaker, make
+from leafe.envs import make
 from leafe.errors import LeafeError
 from leafe.files import read_json, write_json
+from leafe.fingerprint import resume_fingerprint
+from leafe.method import Job, MethodResult
 from leafe.prompts import ACE_REFLECTOR_PROMPT, SYSTEM_PROMPT, parse_lesson, playbook_system_prompt
 from leafe.rollout import RolloutEngine
+from leafe.rundir import check_resume
+from leafe.settings import ACESettings
 
 
 @dataclass
@@ -93,7 +97,7 @@ class Playbook:
         return {"lessons": [asdict(x) for x in self.lessons]}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Playbook":
+    def from_dict(cls, data: dict[str, Any]) -> Playbook:
         return cls([Lesson(**x) for x in data.get("lessons", [])])
 
 
@@ -101,64 +105,37 @@ def load_playbook(path: str | Path) -> list[str]:
     """The lesson texts of a playbook.json, for the system prompt; a clear error when it is not one."""
     path = Path(path)
     if not path.exists():
-        raise LeafeError(f"--playbook {path} does not exist; leafe train --method ace writes DIR/playbook.json")
+        raise LeafeError(f"--playbook {path} does not exist; leafe train ace writes DIR/playbook.json")
     try:
         return Playbook.from_dict(read_json(path)).texts()
     except (ValueError, TypeError, KeyError) as exc:
-        raise LeafeError(f"--playbook {path} is not a playbook written by leafe train --method ace ({exc})") from None
+        raise LeafeError(f"--playbook {path} is not a playbook written by leafe train ace ({exc})") from None
 
 
-@dataclass
-class ACESettings:
-    env: str = "sokoban"
-    env_params: dict[str, Any] = field(default_factory=dict)
-    tasks: int = 64
-    task_seed: int = 5000
-    epochs: int = 1  # passes over the training tasks
-    tasks_per_round: int = 16
-    max_lessons: int = 20
-    similarity: float = 0.6
-    temperature: float = 1.0
-    max_new_tokens: int = 64
-    reflection_tokens: int = 96
-    seed: int = 0
-
-    def validate(self) -> None:
-        if min(self.tasks, self.epochs, self.tasks_per_round, self.max_lessons) < 1:
-            raise LeafeError("--tasks, --epochs, --tasks-per-round and --max-lessons must be >= 1")
-        if not 0 < self.similarity <= 1:
-            raise LeafeError(f"--similarity must be in (0, 1] (got {self.similarity})")
-
-
-def train_ace(
-    backend: Backend,
-    model: str,
-    settings: ACESettings,
-    out_dir: str | Path,
-    on_round: Callable[[dict], None] | None = None,
-    envs: EnvMaker = make,
-) -> dict[str, Any]:
-    """Build `out_dir/playbook.json` over the training tasks; resumes from the last finished round.
-    `envs` makes each episode's env (in process, or on workers: `workers.env_workers`)."""
+def train_ace(job: Job, settings: ACESettings) -> MethodResult:
+    """Build `job.out/playbook.json` over the training tasks, playing with `job.backend`; resumes from
+    the last finished round. ACE trains no weights: the result's model is `job.model` (used with the
+    playbook), its data the round counts and the playbook's path."""
     settings.validate()
-    out = Path(out_dir)
+    backend, model, envs, out = job.backend, job.model, job.envs, job.out
+    if backend is None:
+        raise LeafeError("ACE samples: give it a backend (Job.backend)")
     path = out / "playbook.json"
     tasks = make(settings.env, **settings.env_params).make_tasks(settings.tasks, settings.task_seed)
     schedule = [tasks[i : i + settings.tasks_per_round] for _ in range(settings.epochs)
                 for i in range(0, len(tasks), settings.tasks_per_round)]
-    # More epochs extend a finished run, so they are not part of what must match to resume.
-    fingerprint = {k: v for k, v in asdict(settings).items() if k != "epochs"} | {"model": str(model)}
+    fingerprint = resume_fingerprint(settings, str(model))
     state = {"settings": fingerprint, "round": 0, "rounds": [], "lessons": []}
     if path.exists():
         previous = read_json(path)
-        if previous.get("settings") != fingerprint:
-            raise LeafeError(f"{path} was built with other settings; use another --out or delete it to start over")
+        check_resume(previous.get("settings") or {}, fingerprint, out, "an ACE playbook")
         state = previous
+    job.progress.start(len(schedule), state["round"])
     playbook = Playbook.from_dict(state)
     for round_index in range(state["round"], len(schedule)):
         started = time.perf_counter()
         before = backend.stats.generated_tokens
-        engine = RolloutEngine(backend, temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
+        engine = RolloutEngine(backend, temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
                                seed=settings.seed * 100_003 + round_index,
                                system=playbook_system_prompt(playbook.texts(), SYSTEM_PROMPT))
         lives = [engine.start(envs(settings.env, **settings.env_params), task) for task in schedule[round_index]]
@@ -175,8 +152,7 @@ def train_ace(
                   "wall_s": round(time.perf_counter() - started, 3)}
         state = state | playbook.to_dict() | {"round": round_index + 1, "rounds": state["rounds"] + [record]}
         write_json(path, state)
-        if on_round is not None:
-            on_round(record | {"total": len(schedule)})
+        job.progress.advance(status=f"{record['lessons']} lessons")
     rounds = state["rounds"]
     summary = {
         "method": "ace",
@@ -191,4 +167,5 @@ def train_ace(
         "playbook": str(path),
     }
     write_json(out / "train.json", summary)
-    return summary
+    return MethodResult("ace", str(model), summary["settings"], {**summary["data"], "playbook": str(path)},
+                        summary["cost"])

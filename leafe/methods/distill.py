@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
+from leafe.backends.base import loading_model
 from leafe.errors import LeafeError
 from leafe.files import is_main_process, write_json
-from leafe.methods.sft import Row, SFTSettings, span_row, train
+from leafe.method import Job, MethodResult, cost
+from leafe.methods.sft import Row, span_row, train
+from leafe.settings import DistillSettings, SFTSettings
 from leafe.trees import Node, read_trees
 
 
@@ -35,23 +39,6 @@ class NoDistillationRows(LeafeError):
         self.counts = counts
         super().__init__(f"no distillation rows in {trees} trees ({counts['branches']} branches, "
                          f"{counts['successful_episodes']} successful episodes); explore more tasks or use --cf-from all")
-
-
-@dataclass
-class DistillSettings:
-    beta: float = 1.0
-    reh_fraction: float = 0.2
-    cf_from: str = "successful"  # successful | all
-    use_cf: bool = True  # False: the L_reh-only ablation (D_cf empty)
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.beta < 0:
-            raise LeafeError(f"--beta must be >= 0 (got {self.beta})")
-        if not 0 <= self.reh_fraction <= 1:
-            raise LeafeError(f"--reh-fraction must be in [0, 1] (got {self.reh_fraction})")
-        if self.cf_from not in ("successful", "all"):
-            raise LeafeError(f"--cf-from must be 'successful' or 'all' (got {self.cf_from!r})")
 
 
 def experience_spans(node: Node, nodes: Sequence[Node]) -> list[tuple[int, int]]:
@@ -128,19 +115,15 @@ def build_rows(trees: Sequence[dict[str, Any]], settings: DistillSettings) -> tu
     return rows, counts
 
 
-def distill(
-    model: str,
-    tree_files: Sequence[str | Path],
-    out_dir: str | Path,
-    settings: DistillSettings,
-    sft: SFTSettings,
-    on_log: Callable[[dict], None] | None = None,
-) -> dict[str, Any]:
-    """Build D_cf and D_reh from `tree_files`, fine-tune `model` on them into `out_dir`."""
+def distill(job: Job, settings: DistillSettings, sft: SFTSettings) -> MethodResult:
+    """Build D_cf and D_reh from the trees in `job.inputs`, fine-tune `job.model` on them into
+    `job.out` (a model directory); the result's data is `distill.json` (row counts, training stats).
+    Raises `NoDistillationRows` when stage 1 left nothing to distil."""
     from transformers import AutoConfig, AutoTokenizer
 
     settings.validate()
     trees = []
+    model, out_dir, tree_files = job.model, job.out, job.inputs
     for path in tree_files:
         if not Path(path).exists():
             raise LeafeError(f"{path} does not exist; pass the trees.jsonl files that leafe explore wrote")
@@ -148,14 +131,21 @@ def distill(
     rows, counts = build_rows(trees, settings)
     if settings.beta == 0:  # L = L_cf only: rehearsal rows would carry no loss, so leave them out
         rows = [r for r in rows if r.kind != "reh"]
-    config = AutoConfig.from_pretrained(model)
+    with loading_model(model):
+        config = AutoConfig.from_pretrained(model)
     limit = getattr(config, "max_position_embeddings", None) or 1 << 30
     kept = [r for r in rows if len(r.input_ids) <= limit]
     dropped = {kind: sum(1 for r in rows if r.kind == kind and len(r.input_ids) > limit) for kind in ("cf", "reh")}
     if not kept:
         raise NoDistillationRows(len(trees), counts)
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    with loading_model(model):
+        tokenizer = AutoTokenizer.from_pretrained(model)
     started = time.perf_counter()
+
+    def on_log(entry: dict) -> None:
+        job.progress.start(entry["max_steps"], entry["step"])
+        job.progress.advance(0, status=f"loss {entry['loss']:.3f}")
+
     stats = train(model, tokenizer, kept, out_dir, sft, on_log=on_log)
     stats.pop("model")
     sets = {}
@@ -176,4 +166,5 @@ def distill(
     }
     if is_main_process():  # one writer under a multi-process launch
         write_json(Path(out_dir) / "distill.json", summary)
-    return summary
+    return MethodResult("distill", str(out_dir), {"distill": asdict(settings), "sft": asdict(sft)}, summary,
+                        cost(wall_s=summary["wall_s"]))

@@ -21,42 +21,20 @@ Both use the SFT path of distillation (`sft.train`).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from leafe.backends.base import Backend
+from leafe.backends.base import loading_model
 from leafe.chat import Conversation
 from leafe.envs import EnvMaker, make
 from leafe.envs.base import Env, Task, replay
 from leafe.errors import LeafeError
 from leafe.files import write_json
-from leafe.methods.sft import Row, SFTSettings, row_from_mask, span_row, train
+from leafe.method import Job, MethodResult, cost
+from leafe.methods.sft import Row, row_from_mask, span_row, train
 from leafe.prompts import WORLD_MODEL_PROMPT, format_reply, observation_message, parse_action, self_reflection_prompt
 from leafe.rollout import RolloutEngine
-
-VARIANTS = ("iwm", "sr")
-
-
-@dataclass
-class EarlyExperienceSettings:
-    variant: str = "iwm"
-    env: str = "sokoban"
-    env_params: dict[str, Any] = field(default_factory=dict)
-    tasks: int = 64
-    task_seed: int = 5000
-    alternatives: int = 3  # K replies sampled at each expert state
-    temperature: float = 1.0
-    max_new_tokens: int = 64
-    rationale_tokens: int = 128
-    states_per_call: int = 64  # expert states whose alternatives are sampled in one generate call
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.variant not in VARIANTS:
-            raise LeafeError(f"--variant must be one of {', '.join(VARIANTS)} (got {self.variant!r})")
-        if self.tasks < 1 or self.alternatives < 1 or self.states_per_call < 1:
-            raise LeafeError("--tasks, --alternatives and --states-per-call must be >= 1")
+from leafe.settings import EarlyExperienceSettings, SFTSettings
 
 
 @dataclass
@@ -185,28 +163,28 @@ def self_reflection_rows(engine: RolloutEngine, alternatives: list[Alternative],
     return rows, {"rationales": len(groups), "kept": kept, "dropped_disagree": disagreed, "dropped_truncated": truncated}
 
 
-def train_early_experience(
-    backend: Backend,
-    model: str,
-    settings: EarlyExperienceSettings,
-    sft: SFTSettings,
-    out_dir: str | Path,
-    on_log: Callable[[dict], None] | None = None,
-    on_phase: Callable[[str], None] | None = None,
-    envs: EnvMaker = make,
-) -> dict[str, Any]:
-    """Collect the rows with `backend` (the starting model), train `model` into `out_dir`. `envs` makes
-    the envs (in process, or on workers: `workers.env_workers`)."""
+def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFTSettings) -> MethodResult:
+    """Collect the rows with `job.backend` (the starting model's), train `job.model` into `job.out`;
+    the result's data counts the expert states, alternatives and rows."""
     from transformers import AutoTokenizer
 
     settings.validate()
-    out = Path(out_dir)
+    backend, model, envs, out = job.backend, job.model, job.envs, job.out
+    if backend is None:
+        raise LeafeError("Early Experience samples: give it a backend (Job.backend)")
     started = time.perf_counter()
     generated_before = backend.stats.generated_tokens  # sampled tokens only (expert turns are scripted)
-    engine = RolloutEngine(backend, temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
+    engine = RolloutEngine(backend, temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
                            seed=settings.seed)
     tasks = make(settings.env, **settings.env_params).make_tasks(settings.tasks, settings.task_seed)
-    phase = on_phase or (lambda name: None)
+    job.progress.start(None)
+
+    def phase(name: str) -> None:
+        job.progress.advance(0, status=name)
+
+    def on_log(entry: dict) -> None:
+        job.progress.advance(0, status=f"step {entry['step']}/{entry['max_steps']} loss {entry['loss']:.3f}")
+
     phase("expert demonstrations")
     states, expert_rows, missing = demonstrations(engine, settings.env, settings.env_params, tasks, envs)
     if not states:
@@ -217,7 +195,8 @@ def train_early_experience(
     data: dict[str, Any] = {"tasks": len(tasks), "tasks_without_expert": missing, "expert_states": len(states),
                             "expert_rows": len(expert_rows), "alternatives": len(alternatives),
                             "alternatives_same_as_expert": same}
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    with loading_model(model):
+        tokenizer = AutoTokenizer.from_pretrained(model)
     trainings = {}
     if settings.variant == "iwm":
         iwm_rows = [iwm_row(engine, a) for a in alternatives]
@@ -253,4 +232,5 @@ def train_early_experience(
                  "collect_wall_s": round(collect_s, 2), "wall_s": round(time.perf_counter() - started, 2)},
     }
     write_json(out / "train.json", summary)
-    return summary
+    return MethodResult("early_experience", str(out), {"early_experience": summary["settings"], "sft": summary["sft"]},
+                        data, cost(counters.env_steps, summary["cost"]["generated_tokens"], summary["cost"]["wall_s"]))

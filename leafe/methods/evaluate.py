@@ -10,90 +10,33 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any
 
-from leafe.backends.base import Backend
-from leafe.envs import EnvMaker, make
+from leafe.envs import make
 from leafe.episode import Episode
 from leafe.errors import LeafeError
 from leafe.files import append_jsonl, read_jsonl, write_json
+from leafe.fingerprint import resume_fingerprint
+from leafe.method import Job, MethodResult, Tally, cost
 from leafe.passk import default_ks, summarize
 from leafe.prompts import playbook_system_prompt
 from leafe.rollout import RolloutEngine
+from leafe.rundir import check_resume
+from leafe.settings import EvalSettings
 
 
-@dataclass
-class EvalSettings:
-    env: str = "sokoban"
-    env_params: dict[str, Any] = field(default_factory=dict)
-    tasks: int = 50
-    task_seed: int = 1000
-    samples: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    seed: int = 0
-    ks: list[int] | None = None
-    #: ACE lessons put in the system prompt (empty: the plain system prompt).
-    playbook: list[str] = field(default_factory=list)
-    #: Episodes advanced together per generate call: speed and memory. Another value draws other
-    #: random numbers (not another distribution), so a run resumes under any value.
-    max_batch: int = 64
-
-    #: Fields that change speed or memory, not results: a run resumes (and a study stage stays
-    #: done) whatever their value.
-    speed_only: ClassVar[tuple[str, ...]] = ("max_batch",)
-
-    def validate(self) -> None:
-        if self.tasks < 1:
-            raise LeafeError(f"--tasks must be >= 1 (got {self.tasks})")
-        if self.samples < 1:
-            raise LeafeError(f"--samples must be >= 1 (got {self.samples})")
-        if self.max_batch < 1:
-            raise LeafeError(f"--batch-size must be >= 1 (got {self.max_batch})")
-        for k in self.ks or []:
-            if k < 1:
-                raise LeafeError(f"every k must be >= 1 (got {k})")
-            if k > self.samples:
-                raise LeafeError(f"--samples must be >= max k (got {self.samples} < {k})")
-        if self.temperature < 0:
-            raise LeafeError(f"--temperature must be >= 0 (got {self.temperature})")
-
-    def fingerprint(self, model: str) -> dict[str, Any]:
-        """What must match for an existing partial evaluation to be resumed."""
-        data = {k: v for k, v in asdict(self).items() if k not in self.speed_only}
-        data.pop("ks")
-        if not data["playbook"]:  # runs from before playbooks existed stay resumable
-            data.pop("playbook")
-        data["model"] = model
-        return data
-
-
-def evaluate(
-    backend: Backend,
-    model_name: str,
-    settings: EvalSettings,
-    out_dir: str | Path,
-    *,
-    save_episodes: bool = False,
-    on_episode: Callable[[Episode], None] | None = None,
-    on_start: Callable[[int, int], None] | None = None,
-    envs: EnvMaker = make,
-) -> dict[str, Any]:
-    """Evaluate and write `out_dir/eval.json`; returns its content.
-
-    `envs` makes each episode's env: `envs.make` in process, or a worker pool's (`workers.env_workers`).
-
-    `on_start(total_episodes, already_done)` is called once the resume state is known, and
-    `on_episode` after every finished episode (for progress displays).
-    """
+def evaluate(job: Job, settings: EvalSettings, *, save_episodes: bool = False) -> MethodResult:
+    """Evaluate `job.model` through `job.backend` and write `job.out/eval.json`; the result's data is
+    its content (Pass@k, intervals, per-task counts). `save_episodes` also writes every episode."""
     settings.validate()
-    out = Path(out_dir)
+    backend, out = job.backend, job.out
+    if backend is None:
+        raise LeafeError("evaluate samples: give it a backend (Job.backend)")
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / "eval_tasks.jsonl"
-    fingerprint = settings.fingerprint(model_name)
+    fingerprint = resume_fingerprint(settings, job.model)
     done = _load_progress(progress_path, fingerprint)
     if not progress_path.exists() or not progress_path.stat().st_size:
         append_jsonl(progress_path, {"settings": fingerprint})
@@ -101,8 +44,8 @@ def evaluate(
     env_proto = make(settings.env, **settings.env_params)
     tasks = env_proto.make_tasks(settings.tasks, settings.task_seed)
     todo = [t for t in tasks if t.task_id not in done]
-    if on_start is not None:
-        on_start(len(tasks) * settings.samples, (len(tasks) - len(todo)) * settings.samples)
+    job.progress.start(len(tasks) * settings.samples, (len(tasks) - len(todo)) * settings.samples)
+    tally = Tally(job.progress)
 
     engine = RolloutEngine(
         backend,
@@ -118,8 +61,7 @@ def evaluate(
 
     def finished(episode: Episode) -> None:
         pending[episode.task_id].append(episode)
-        if on_episode is not None:
-            on_episode(episode)
+        tally(episode.success)
         if len(pending[episode.task_id]) < settings.samples:
             return
         episodes = pending.pop(episode.task_id)
@@ -139,7 +81,7 @@ def evaluate(
         done[record["task_id"]] = record
 
     lives = (
-        engine.start(envs(settings.env, **settings.env_params), task, {"sample": j})
+        engine.start(job.envs(settings.env, **settings.env_params), task, {"sample": j})
         for task in todo
         for j in range(settings.samples)
     )
@@ -153,7 +95,7 @@ def evaluate(
     for r in records:
         sessions[r["session"]] = max(sessions.get(r["session"], 0.0), r["elapsed_s"])
     result = {
-        "model": model_name,
+        "model": job.model,
         "env": settings.env,
         "env_params": settings.env_params,
         "task_seed": settings.task_seed,
@@ -168,19 +110,13 @@ def evaluate(
         "wall_s": round(sum(sessions.values()), 3),
     }
     write_json(out / "eval.json", result)
-    return result
+    return MethodResult("eval", job.model, asdict(settings), result,
+                        cost(result["env_steps"], result["generated_tokens"], result["wall_s"]))
 
 
 def _load_progress(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict]:
     records = list(read_jsonl(path))
     if not records:
         return {}
-    header = records[0].get("settings")
-    if header != fingerprint:
-        changed = sorted(k for k in set(fingerprint) | set(header or {}) if (header or {}).get(k) != fingerprint.get(k))
-        raise LeafeError(
-            f"{path.parent} holds a partial evaluation with different settings ({', '.join(changed)}); "
-            f"use another --out directory or delete {path.name} to start over"
-        )
+    check_resume(records[0].get("settings") or {}, fingerprint, path.parent, "a partial evaluation")
     return {r["task_id"]: r for r in records[1:]}
-

@@ -26,68 +26,22 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, ClassVar
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from leafe.backends.base import Backend
-from leafe.envs import EnvMaker, env_class, make
+from leafe.envs import EnvMaker, make
 from leafe.envs.base import Task
 from leafe.errors import LeafeError
-from leafe.files import append_jsonl, read_json, read_jsonl, write_json
-from leafe.fingerprint import fingerprint_fields
+from leafe.files import append_jsonl, read_jsonl, write_json
+from leafe.fingerprint import resume_fingerprint
+from leafe.method import Job, MethodResult, Tally, cost
 from leafe.passk import bootstrap_ci
 from leafe.prompts import experience_message, parse_reflection
 from leafe.rollout import Live, RolloutEngine
+from leafe.rundir import claim
+from leafe.settings import ExploreSettings
 from leafe.trees import Node
-
-STRATEGIES = ("leafe", "refine", "independent")
-REFLECTORS = ("policy", "oracle")
-
-
-@dataclass
-class ExploreSettings:
-    strategy: str = "leafe"
-    env: str = "sokoban"
-    env_params: dict[str, Any] = field(default_factory=dict)
-    tasks: int = 20
-    task_seed: int = 5000
-    budget: int = 60  # env steps per task
-    reflect_every: int = 5  # K
-    max_depth: int = 3
-    max_branches: int = 8  # per task
-    branch_samples: int = 2  # branches sampled per branching event, in one call
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    reflection_tokens: int = 96
-    reflector: str = "policy"  # policy (the method) | oracle (the env's solver reflects: a diagnostic)
-    snapshots: bool = True  # roll back by env snapshot; False replays the action prefix
-    parallel_tasks: int = 16
-    seed: int = 0
-
-    #: How many tasks run at once changes no tree's meaning: a run resumes under any value.
-    speed_only: ClassVar[tuple[str, ...]] = ("parallel_tasks",)
-    #: Knobs newer than recorded explorations, at the value they ran with (see `leafe.fingerprint`).
-    added_later: ClassVar[dict[str, Any]] = {"reflector": "policy"}
-
-    def validate(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise LeafeError(f"unknown --strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.reflector not in REFLECTORS:
-            raise LeafeError(f"unknown --reflector {self.reflector!r}; choose one of {', '.join(REFLECTORS)}")
-        if self.reflector == "oracle" and not env_class(self.env).has_oracle_reflection:
-            raise LeafeError(f"env {self.env!r} has no oracle to reflect with; use --reflector policy")
-        for name in ("tasks", "budget", "reflect_every", "max_branches", "branch_samples", "parallel_tasks",
-                     "max_new_tokens", "reflection_tokens"):
-            if getattr(self, name) < 1:
-                raise LeafeError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if self.max_depth < 0:
-            raise LeafeError(f"--max-depth must be >= 0 (got {self.max_depth})")
-
-    def fingerprint(self, model: str) -> dict[str, Any]:
-        """What must match for an existing partial exploration to be resumed."""
-        return fingerprint_fields(self) | {"model": model}
 
 
 @dataclass
@@ -287,37 +241,23 @@ class Explorer:
                 self._close(search, node_id, "stopped" if search.success else "budget")
 
 
-def explore(
-    backend: Backend,
-    model_name: str,
-    settings: ExploreSettings,
-    out_dir: str | Path,
-    on_task: Callable[[dict[str, Any]], None] | None = None,
-    on_start: Callable[[int, int], None] | None = None,
-    envs: EnvMaker = make,
-) -> dict[str, Any]:
-    """Explore `settings.tasks` tasks into `out_dir/trees.jsonl`; write and return `summary.json`.
-    `envs` makes each episode's env (in process, or on workers: `workers.env_workers`)."""
+def explore(job: Job, settings: ExploreSettings) -> MethodResult:
+    """Explore `settings.tasks` tasks with `job.model` (through `job.backend`) into
+    `job.out/trees.jsonl`; the result's data is `summary.json` (success rate, tree counts, tokens)."""
     settings.validate()
-    out = Path(out_dir)
+    backend, out = job.backend, job.out
+    if backend is None:
+        raise LeafeError("explore samples: give it a backend (Job.backend)")
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = settings.fingerprint(model_name)
-    settings_path, trees_path = out / "settings.json", out / "trees.jsonl"
-    if settings_path.exists():
-        old = read_json(settings_path)
-        if old != fingerprint:
-            changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-            raise LeafeError(f"{out} holds an exploration with different settings ({', '.join(changed)}); "
-                             f"use another --out directory or delete it to start over")
-    else:
-        write_json(settings_path, fingerprint)
+    trees_path = out / "trees.jsonl"
+    claim(out / "settings.json", resume_fingerprint(settings, job.model), "an exploration")
     done = {r["task_id"]: r for r in read_jsonl(trees_path)}
     tasks = make(settings.env, **settings.env_params).make_tasks(settings.tasks, settings.task_seed)
     todo = deque(t for t in tasks if t.task_id not in done)
-    if on_start is not None:
-        on_start(len(tasks), len(tasks) - len(todo))
+    job.progress.start(len(tasks), len(tasks) - len(todo))
+    tally = Tally(job.progress)
 
-    explorer = Explorer(backend, settings, envs)
+    explorer = Explorer(backend, settings, job.envs)
     session, started = uuid.uuid4().hex[:8], time.perf_counter()
     prompt0, prefill0 = backend.stats.prompt_tokens, backend.stats.prefill_tokens
     active: list[_Search] = []
@@ -334,11 +274,11 @@ def explore(
                                  "prefill_tokens": backend.stats.prefill_tokens - prefill0}
             append_jsonl(trees_path, record)
             done[record["task_id"]] = record
-            if on_task is not None:
-                on_task(record)
+            tally(record["success"])
     summary = summarize(settings, [done[t.task_id] for t in tasks])
     write_json(out / "summary.json", summary)
-    return summary
+    return MethodResult("explore", job.model, asdict(settings), summary,
+                        cost(summary["env_steps"], summary["generated_tokens"], summary["wall_s"]))
 
 
 def summarize(settings: ExploreSettings, records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -29,68 +29,25 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
+from leafe.backends.base import loading_model
 from leafe.envs import EnvMaker, make
 from leafe.envs.base import Task
 from leafe.episode import Episode
 from leafe.errors import LeafeError
 from leafe.files import append_jsonl, process_rank, read_json, read_jsonl, write_json, write_jsonl
+from leafe.fingerprint import resume_fingerprint
+from leafe.method import Job, MethodResult
 from leafe.methods.sft import make_batches
 from leafe.rollout import RolloutEngine
-
-
-@dataclass
-class GRPOSettings:
-    env: str = "sokoban"
-    env_params: dict[str, Any] = field(default_factory=dict)
-    tasks: int = 64  # training tasks (consecutive seeds)
-    task_seed: int = 5000
-    steps: int = 50  # optimiser steps
-    tasks_per_step: int = 8
-    group_size: int = 8  # G episodes per task
-    learning_rate: float = 1e-5
-    kl_coef: float = 0.01
-    clip_eps: float = 0.2
-    adv_eps: float = 1e-6
-    invalid_penalty: float = 0.0  # subtracted from the reward per invalid action (0: off)
-    updates_per_batch: int = 1  # optimiser steps on one batch of episodes (1: on-policy, rho = 1)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    max_batch_tokens: int = 16384  # padded tokens per forward pass (micro-batch)
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    save_every: int = 10  # checkpoint every N steps (0: only the final model)
-    keep_checkpoints: int = 2
-    seed: int = 0
-
-    def validate(self) -> None:
-        for name in ("tasks", "steps", "tasks_per_step", "updates_per_batch", "max_new_tokens", "max_batch_tokens"):
-            if getattr(self, name) < 1:
-                raise LeafeError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if self.group_size < 2:
-            raise LeafeError(f"--group-size must be >= 2: advantages compare episodes of one task (got {self.group_size})")
-        if self.tasks_per_step > self.tasks:
-            raise LeafeError(f"--tasks-per-step ({self.tasks_per_step}) cannot exceed --tasks ({self.tasks})")
-        if self.learning_rate <= 0:
-            raise LeafeError(f"--lr must be > 0 (got {self.learning_rate})")
-        if self.kl_coef < 0 or self.clip_eps <= 0 or self.invalid_penalty < 0:
-            raise LeafeError("--kl-coef and --invalid-penalty must be >= 0 and --clip-eps > 0")
-        if self.save_every < 0 or self.keep_checkpoints < 1:
-            raise LeafeError("--save-every must be >= 0 and --keep-checkpoints >= 1")
-
-    def fingerprint(self, model: str) -> dict[str, Any]:
-        """What must match for a checkpoint in the output directory to be resumed."""
-        data = asdict(self)
-        for free in ("steps", "save_every", "keep_checkpoints", "max_batch_tokens"):  # may change on resume
-            data.pop(free)
-        return data | {"model": model}
-
+from leafe.rundir import claim
+from leafe.settings import GRPOSettings
 
 # -- the pieces of the objective (pure functions, tested by hand) ---------------------------------
 
@@ -377,42 +334,30 @@ def _checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def train_grpo(
-    model: str,
-    settings: GRPOSettings,
-    out_dir: str | Path,
-    *,
-    device: str = "auto",
-    on_step: Callable[[dict], None] | None = None,
-    on_start: Callable[[int, int], None] | None = None,
-    envs: EnvMaker = make,
-) -> dict[str, Any]:
-    """Train `model` with GRPO into `out_dir` (a model directory with train.json and log.jsonl).
+def train_grpo(job: Job, settings: GRPOSettings) -> MethodResult:
+    """Train `job.model` with GRPO into `job.out` (a model directory with train.json and log.jsonl).
 
-    Checkpoints (`out_dir/checkpoints/step-N`: weights, optimiser state) are written every
-    `save_every` steps; a rerun with the same settings resumes from the latest one.
+    Checkpoints (`out/checkpoints/step-N`: weights, optimiser state) are written every `save_every`
+    steps; a rerun with the same settings resumes from the latest one. The result's data holds the
+    episode counts and the last step's reward, success, KL and entropy (`final`).
     """
     from transformers import AutoModelForCausalLM
 
     from leafe.backends.hf import HFBackend
 
     settings.validate()
+    model, device, envs = job.model, job.device, job.envs
     rank, world = process_rank()
     main = rank == 0  # the one writer of the log, checkpoints and model under a multi-process launch
     check_tasks_per_step(settings.tasks_per_step, world)
     if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # "cuda" would load every rank's copy on GPU 0
-    out = Path(out_dir)
+    out = job.out
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = settings.fingerprint(str(model))
-    header_path = out / "grpo_settings.json"
-    if header_path.exists() and read_json(header_path) != fingerprint:
-        raise LeafeError(f"{out} holds a GRPO run with other settings; use another --out or delete it to start over")
-    if main:
-        write_json(header_path, fingerprint)
+    claim(out / "grpo_settings.json", resume_fingerprint(settings, str(model)), "a GRPO run", write=main)
     finished = read_json(out / "train.json") if (out / "train.json").exists() else None
     if finished is not None and finished["settings"] == asdict(settings):
-        return finished
+        return _result(finished, out)
     checkpoints = _checkpoints(out)
     start_step, resume_from = (checkpoints[-1] if checkpoints else (0, None))
 
@@ -420,7 +365,8 @@ def train_grpo(
     backend = HFBackend(str(resume_from or model), device=device, dtype="float32")
     ref = None
     if settings.kl_coef > 0:
-        ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        with loading_model(model):
+            ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     trainer = GRPOTrainer(backend, settings, ref, envs)
     log_path = out / "log.jsonl"
     logged = list(read_jsonl(log_path))
@@ -430,8 +376,7 @@ def train_grpo(
     if resume_from is not None:
         state = torch.load(resume_from / "state.pt", weights_only=False)
         trainer.optimizer.load_state_dict(state["optimizer"])
-    if on_start is not None:
-        on_start(settings.steps, start_step)
+    job.progress.start(settings.steps, start_step)
 
     env = make(settings.env, **settings.env_params)
     tasks = env.make_tasks(settings.tasks, settings.task_seed)
@@ -454,8 +399,7 @@ def train_grpo(
         if main:
             append_jsonl(log_path, record)
         log.append(record)
-        if on_step is not None:
-            on_step(record)
+        job.progress.advance(status=f"success {record['success']:.2f} kl {record.get('kl', 0):.4f}")
         done = step + 1
         if settings.save_every and done % settings.save_every == 0 and done < settings.steps and main:
             _save_checkpoint(trainer, out, done, settings.keep_checkpoints)
@@ -480,7 +424,13 @@ def train_grpo(
     if world > 1:  # the model is written before any rank reports done; ranks leave the process group together
         trainer.accelerator.wait_for_everyone()
         trainer.accelerator.end_training()
-    return summary
+    return _result(summary, out)
+
+
+def _result(summary: dict[str, Any], out: Path) -> MethodResult:
+    """train.json as the method contract's result: the trained model is the output directory."""
+    return MethodResult("grpo", str(out), summary["settings"], {**summary["data"], "final": summary["final"]},
+                        summary["cost"])
 
 
 def _save_checkpoint(trainer: GRPOTrainer, out: Path, step: int, keep: int) -> None:

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
+from leafe.backends.base import loading_model
 from leafe.errors import LeafeError
 from leafe.files import is_main_process, process_rank
+from leafe.settings import SFTSettings
 
 
 @dataclass
@@ -51,32 +54,6 @@ def span_row(ids: Sequence[int], span: tuple[int, int], weight: float = 1.0, kin
     """A row that ends at `span`'s end with loss on the span only (one target turn after its context)."""
     start, end = span
     return Row(list(ids[:end]), [-100] * start + list(ids[start:end]), weight, kind)
-
-
-@dataclass
-class SFTSettings:
-    learning_rate: float = 1e-5
-    epochs: float = 2.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 8  # most rows in one batch
-    #: Most padded tokens (rows x longest row) in one batch; long rows then come in smaller batches.
-    #: Padding is what makes mixed lengths slow: SDPA on CPU builds a dense (B, H, L, L) mask.
-    max_batch_tokens: int | None = None
-    grad_accum: int = 1
-    warmup_ratio: float = 0.03
-    scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    logging_steps: int = 10
-    # TRL turns activation checkpointing on by default; it saves memory on large models at ~30% more
-    # compute, which small models on CPU do not need.
-    activation_checkpointing: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def make_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None, seed: int) -> list[list[int]]:
@@ -240,7 +217,8 @@ def train(
     # ZeRO-3, registers the DeepSpeed config, which is what makes from_pretrained build the model
     # already partitioned (zero3_init_flag) instead of whole in every process.
     if isinstance(model, (str, Path)):
-        model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        with loading_model(model):
+            model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     if settings.lora:
         from peft import LoraConfig, get_peft_model
 

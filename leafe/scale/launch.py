@@ -13,7 +13,7 @@ writes the model directory and distill.json. Tested: 2 real ranks (torchrun, glo
 batches and write one loadable model; FSDP and ZeRO-3 sharding need GPUs and have not run here (on a
 CPU-only machine accelerate trains an FSDP config as plain data parallel).
 
-`leafe train --method grpo` runs data parallel only (MULTI_GPU: a full copy of the policy per rank):
+`leafe train grpo` runs data parallel only (MULTI_GPU: a full copy of the policy per rank):
 each rank samples its share of the step's tasks with its own copy, the ranks meet in one gradient
 all-reduce per optimiser step, and rank 0 writes the log, checkpoints and model. Under FSDP or ZeRO-3
 it is refused: its in-process sampling runs forward passes on the policy it trains, each one a
@@ -126,7 +126,7 @@ def launch_plan(config_file: str | Path, args: list[str], *, num_processes: int 
         return LaunchPlan(command, kind, header + _grpo_lines(kind, args, processes, machines, address))
     if args[0] != "distill":
         raise LeafeError(f"leafe {args[0]} is not a training command; multi-GPU launch is for `leafe distill` "
-                         f"and `leafe train --method grpo`")
+                         f"and `leafe train grpo`")
     if "--lora" in args and processes > 1:
         raise LeafeError("--lora merges the adapters into the weights on save, which leafe's SFT does only in one "
                          "process; distil without --lora under leafe launch")
@@ -165,15 +165,16 @@ def _command(config_file, args, num_processes, num_machines, machine_rank, main_
 
 def _grpo_lines(kind, args, processes, machines, address) -> list[str]:
     """GRPO runs data parallel: a full copy per rank, each rank sampling its share of the step's tasks."""
-    method = _option(args, "--method")
+    method = args[1] if len(args) > 1 else None
     if method != "grpo":
-        raise LeafeError(f"leafe train --method {method} runs in one process; multi-GPU launch is for `leafe distill` "
-                         f"and `leafe train --method grpo`")
+        raise LeafeError(f"leafe train {method} runs in one process; multi-GPU launch is for `leafe distill` "
+                         f"and `leafe train grpo`")
     from leafe.methods.grpo import SHARDED_WEIGHTS, check_tasks_per_step
+    from leafe.settings import GRPOSettings
 
     if kind in ("FSDP", "DEEPSPEED"):
         raise LeafeError(SHARDED_WEIGHTS)
-    per_step = int(_option(args, "--tasks-per-step") or 8)  # the CLI default
+    per_step = int(_option(args, "--tasks-per-step") or GRPOSettings().tasks_per_step)
     check_tasks_per_step(per_step, processes)
     out = _option(args, "--out") or "--out"
     lines = [

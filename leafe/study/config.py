@@ -27,13 +27,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from leafe.errors import LeafeError
-from leafe.methods.ace import ACESettings
-from leafe.methods.distill import DistillSettings
-from leafe.methods.early_experience import EarlyExperienceSettings
-from leafe.methods.evaluate import EvalSettings
-from leafe.methods.explore import ExploreSettings
-from leafe.methods.grpo import GRPOSettings
-from leafe.methods.sft import SFTSettings
+from leafe.settings import (
+    ACESettings,
+    DistillSettings,
+    EarlyExperienceSettings,
+    EvalSettings,
+    ExploreSettings,
+    GRPOSettings,
+    SFTSettings,
+)
 
 METHODS = ("base", "grpo", "leafe", "early_experience", "ace")
 #: `model: embedded` means the base agent that `leafe bootstrap` builds (cached by its config hash).

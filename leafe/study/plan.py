@@ -3,38 +3,32 @@
     bootstrap (cached) -> base eval -> GRPO -> LEAFE stage 1 (from GRPO's checkpoint) -> distillation
     -> Early Experience -> ACE -> eval of every method -> results.json -> report.html
 
-Each stage writes into its own directory of the run and, when it finishes, a `stage.json` there
-holding its fingerprint (its settings plus the fingerprints of the stages it reads from) and its
-cost. A stage whose `stage.json` matches is skipped; one that was cut off is started again and
-resumes inside (evaluation by task, exploration by tree, GRPO from its last checkpoint, ACE by
-round). A stage whose recorded fingerprint differs from the config (the config changed) has its
-directory cleared and is redone, and so is everything downstream of it, because the fingerprints
-chain. So killing `leafe run` anywhere and re-running it continues where it stopped.
+Every stage is one call of a method through the method contract (`leafe.method`): a `Job` (the model
+it starts from, its directory under the run) and its settings from the config. When it finishes, the
+stage's `stage.json` holds its fingerprint (its settings plus the fingerprints of the stages it reads
+from) and its result. Resume follows `leafe.rundir`: a stage whose `stage.json` matches is skipped;
+one that was cut off is started again and the method resumes inside its directory; one whose
+fingerprint differs (the config changed) is cleared and redone, and so is everything downstream,
+because the fingerprints chain. So killing `leafe run` anywhere and re-running it continues where it
+stopped.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from leafe.errors import LeafeError
 from leafe.files import read_json, write_json
 from leafe.fingerprint import fingerprint_fields as _fp
+from leafe.method import Job, MethodResult, NoProgress, Progress, cost
 from leafe.passk import compare_tasks
+from leafe.rundir import digest, stage_status
 from leafe.study.config import EMBEDDED, StudyConfig
-
-
-class Ticker:
-    """Progress of the running stage, as the display wants it: a total and a count done."""
-
-    def start(self, total: int | None, done: int = 0) -> None: ...
-
-    def advance(self, n: int = 1, status: str = "") -> None: ...
 
 
 @dataclass
@@ -42,18 +36,11 @@ class Stage:
     key: str  # e.g. "grpo.train"; also the stage's directory under the run (dots -> slashes)
     title: str
     fingerprint: dict[str, Any]
-    run: Callable[[Ticker], dict[str, Any]]  # -> {"cost": {...}, ...}; the stage's own summary
+    #: -> the method's result and what else stage.json records (a note, `same_as`, `trained`)
+    run: Callable[[Progress], tuple[MethodResult, dict[str, Any]]]
 
     def digest(self) -> str:
-        return _digest(self.fingerprint)
-
-
-def _digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _cost(env_steps: int = 0, generated_tokens: int = 0, wall_s: float = 0.0) -> dict[str, Any]:
-    return {"env_steps": int(env_steps), "generated_tokens": int(generated_tokens), "wall_s": round(float(wall_s), 2)}
+        return digest(self.fingerprint)
 
 
 class Study:
@@ -81,7 +68,8 @@ class Study:
 
     def base_model(self) -> Path:
         if self.config.model == EMBEDDED:
-            from leafe.base_agent.bootstrap import BootstrapConfig, default_cache_dir
+            from leafe.base_agent.bootstrap import default_cache_dir
+            from leafe.settings import BootstrapConfig
 
             return Path(default_cache_dir()) / f"base-agent-{BootstrapConfig().digest()}"
         return Path(self.config.model)
@@ -95,7 +83,7 @@ class Study:
         stages: list[Stage] = []
         by_key: dict[str, Stage] = {}
 
-        def add(key: str, title: str, settings: Any, run: Callable[[Ticker], dict], after: tuple[str, ...] = ()) -> None:
+        def add(key: str, title: str, settings: Any, run: Callable[[Progress], tuple], after: tuple[str, ...] = ()) -> None:
             fingerprint = {"settings": settings, "after": {k: by_key[k].digest() for k in after}}
             stage = Stage(key, title, json.loads(json.dumps(fingerprint, default=str)), run)
             stages.append(stage)
@@ -103,7 +91,7 @@ class Study:
 
         base_after: tuple[str, ...] = ()
         if c.model == EMBEDDED:
-            from leafe.base_agent.bootstrap import BootstrapConfig
+            from leafe.settings import BootstrapConfig
 
             add("bootstrap", "bootstrap base agent", _fp(BootstrapConfig()), self._bootstrap)
             base_after = ("bootstrap",)
@@ -137,20 +125,15 @@ class Study:
     # -- execution -----------------------------------------------------------------------------
     def status(self, stage: Stage) -> str:
         """done | partial (started with these settings) | stale (other settings) | todo"""
-        path = self.stage_dir(stage.key) / "stage.json"
-        if not path.exists():
-            return "todo"
-        record = read_json(path)
-        if record.get("digest") != stage.digest():
-            return "stale"
-        if stage.key == "bootstrap" and not (self.base_model() / "bootstrap.json").exists():
+        state = stage_status(self.stage_dir(stage.key), stage.digest())
+        if state == "done" and stage.key == "bootstrap" and not (self.base_model() / "bootstrap.json").exists():
             return "todo"  # the cached agent lives outside the run and was deleted: build it again
-        return "done" if record.get("done") else "partial"
+        return state
 
-    def run(self, ticker_for: Callable[[int, int, Stage, str], Ticker] | None = None) -> dict[str, Any]:
+    def run(self, progress_for: Callable[[int, int, Stage, str], Progress] | None = None) -> dict[str, Any]:
         """Run every stage not already done; write results.json and report.html; return the results.
 
-        `ticker_for(index, total, stage, status)` is called as each stage begins and returns the
+        `progress_for(index, total, stage, status)` is called as each stage begins and returns the
         progress sink for it (the CLI's live display); `status` says whether it is skipped.
         """
         from leafe.study.report import write_report
@@ -162,7 +145,7 @@ class Study:
         stages = self.plan()
         for i, stage in enumerate(stages):
             state = self.status(stage)
-            ticker = ticker_for(i, len(stages), stage, state) if ticker_for else Ticker()
+            progress = progress_for(i, len(stages), stage, state) if progress_for else NoProgress()
             if state == "done":
                 continue
             where = self.stage_dir(stage.key)
@@ -171,10 +154,8 @@ class Study:
             where.mkdir(parents=True, exist_ok=True)
             header = {"stage": stage.key, "digest": stage.digest(), "fingerprint": stage.fingerprint}
             write_json(where / "stage.json", {**header, "done": False})
-            started = time.perf_counter()
-            summary = stage.run(ticker)
-            summary.setdefault("cost", _cost(wall_s=time.perf_counter() - started))
-            write_json(where / "stage.json", {**header, "done": True, **summary})
+            result, extra = stage.run(progress)
+            write_json(where / "stage.json", {**header, "done": True, **result.to_dict(), **extra})
         self._release()
         results = self.results(stages)
         write_json(self.out / "results.json", results)
@@ -185,10 +166,10 @@ class Study:
         """results.json from the finished stages' records."""
         c, stages = self.config, stages or self.plan()
         evaluation = c.eval_settings()
-        methods, cost = {}, {}
+        methods, costs = {}, {}
         for stage in stages:
             record = read_json(self.stage_dir(stage.key) / "stage.json")
-            cost[stage.key] = record["cost"]
+            costs[stage.key] = record["cost"]
             if stage.key.endswith(".eval"):
                 result = read_json(self.stage_dir(stage.key) / "eval.json")
                 method = stage.key.split(".")[0]
@@ -216,10 +197,14 @@ class Study:
             "train": c.train.model_dump(),
             "leafe_start": self.leafe_start() if "leafe" in c.methods else None,
             "methods": methods,
-            "cost": cost,
+            "cost": costs,
         }
 
-    # -- the stages ----------------------------------------------------------------------------
+
+    # -- the stages: each calls one method through the contract ---------------------------------
+    def _job(self, key: str, model: Path | str, progress: Progress, **more: Any) -> Job:
+        return Job(model=str(model), out=self.stage_dir(key), progress=progress, device=self.config.device, **more)
+
     def _load(self, model: Path):
         """The backend for `model`, reusing the loaded one when it is the same model."""
         if self._backend is not None and self._backend[0] == str(model):
@@ -241,25 +226,15 @@ class Study:
 
             gc.collect()
 
-    def _bootstrap(self, ticker: Ticker) -> dict[str, Any]:
-        from leafe.base_agent.bootstrap import ensure_base_agent
+    def _bootstrap(self, progress: Progress) -> tuple[MethodResult, dict[str, Any]]:
+        from leafe.base_agent.bootstrap import bootstrap
+        from leafe.settings import BootstrapConfig
 
-        started = time.perf_counter()
-        phases: dict[str, int] = {}
+        result = bootstrap(Job(model="", out=self.base_model(), progress=progress), BootstrapConfig())
+        # A cached agent costs nothing now; its build time is in its bootstrap.json.
+        return result, {"build_wall_s": result.data.get("wall_s")}
 
-        def report(phase: str, done: int, total: int) -> None:
-            if phase not in phases:
-                phases[phase] = len(phases)
-                ticker.start(total, done)
-            ticker.advance(0, status=f"{phase} {done}/{total}")
-
-        path = ensure_base_agent(report=report)
-        built = read_json(path / "bootstrap.json")
-        # A cached agent cost nothing now; its build time is in its bootstrap.json.
-        return {"model": str(path), "cost": _cost(wall_s=time.perf_counter() - started),
-                "build_wall_s": built.get("wall_s")}
-
-    def _eval(self, method: str, ticker: Ticker) -> dict[str, Any]:
+    def _eval(self, method: str, progress: Progress) -> tuple[MethodResult, dict[str, Any]]:
         from leafe.methods.ace import load_playbook
         from leafe.methods.evaluate import evaluate
 
@@ -267,20 +242,10 @@ class Study:
         if method == "ace":
             settings = replace(settings, playbook=load_playbook(self.stage_dir("ace.train") / "playbook.json"))
             if not settings.playbook and (result := self._copy_base_eval()) is not None:
-                return {"model": str(self.base_model()), "pass_at_k": result["pass_at_k"], "cost": _cost(),
-                        "same_as": "base.eval"}
+                copied = MethodResult("eval", str(self.base_model()), asdict(settings), result, cost())
+                return copied, {"same_as": "base.eval"}
         model = self.model_of(method)
-        solved = [0, 0]
-
-        def on_episode(episode) -> None:
-            solved[0] += episode.success
-            solved[1] += 1
-            ticker.advance(status=f"solved {solved[0]}/{solved[1]}")
-
-        result = evaluate(self._load(model), str(model), settings, self.stage_dir(f"{method}.eval"),
-                          on_episode=on_episode, on_start=ticker.start)
-        return {"model": str(model), "pass_at_k": result["pass_at_k"],
-                "cost": _cost(result["env_steps"], result["generated_tokens"], result["wall_s"])}
+        return evaluate(self._job(f"{method}.eval", model, progress, backend=self._load(model)), settings), {}
 
     def _copy_base_eval(self) -> dict[str, Any] | None:
         """Copy the base evaluation's files as ACE's, when ACE learnt no lesson, and return its
@@ -298,74 +263,56 @@ class Study:
                 shutil.copyfile(path, target / path.name)
         return read_json(base / "eval.json")
 
-    def _grpo(self, ticker: Ticker) -> dict[str, Any]:
+    def _grpo(self, progress: Progress) -> tuple[MethodResult, dict[str, Any]]:
         from leafe.methods.grpo import train_grpo
 
         self._release()  # GRPO loads the model it trains itself
-        summary = train_grpo(str(self.base_model()), self.config.grpo_settings(), self.stage_dir("grpo.train"),
-                             device=self.config.device, on_start=ticker.start,
-                             on_step=lambda r: ticker.advance(status=f"success {r['success']:.2f}"))
-        return {"data": summary["data"], "final": summary["final"], "cost": summary["cost"]}
+        return train_grpo(self._job("grpo.train", self.base_model(), progress), self.config.grpo_settings()), {}
 
-    def _explore(self, ticker: Ticker) -> dict[str, Any]:
+    def _explore(self, progress: Progress) -> tuple[MethodResult, dict[str, Any]]:
         from leafe.methods.explore import explore
 
         model = self.model_of(self.leafe_start())
-        solved = [0, 0]
+        job = self._job("leafe.explore", model, progress, backend=self._load(model))
+        return explore(job, self.config.explore_settings()), {}
 
-        def on_task(record: dict) -> None:
-            solved[0] += record["success"]
-            solved[1] += 1
-            ticker.advance(status=f"solved {solved[0]}/{solved[1]}")
-
-        summary = explore(self._load(model), str(model), self.config.explore_settings(),
-                          self.stage_dir("leafe.explore"), on_task=on_task, on_start=ticker.start)
-        return {"model": str(model), "summary": summary,
-                "cost": _cost(summary["env_steps"], summary["generated_tokens"], summary["wall_s"])}
-
-    def _distill(self, ticker: Ticker) -> dict[str, Any]:
+    def _distill(self, progress: Progress) -> tuple[MethodResult, dict[str, Any]]:
         from leafe.methods.distill import NoDistillationRows, distill
 
         self._release()
         start = self.model_of(self.leafe_start())
-
-        def on_log(entry: dict) -> None:
-            ticker.start(entry["max_steps"], entry["step"])
-            ticker.advance(0, status=f"loss {entry['loss']:.3f}")
-
+        job = self._job("leafe.distill", start, progress, inputs=[self.stage_dir("leafe.explore") / "trees.jsonl"])
         try:
-            summary = distill(str(start), [self.stage_dir("leafe.explore") / "trees.jsonl"],
-                              self.stage_dir("leafe.distill"), self.config.distill_settings(),
-                              self.config.distill_sft(), on_log=on_log)
+            return distill(job, self.config.distill_settings(), self.config.distill_sft()), {"trained": True}
         except NoDistillationRows as empty:
             # Nothing succeeded in stage 1: there is no correction to distil, so LEAFE's model is its
             # starting checkpoint. Said in the record, results.json and the report, never hidden.
             counts = empty.counts
             note = (f"stage 1 produced no distillation rows ({counts['branches']} branches, "
                     f"{counts['successful_episodes']} successful episodes): LEAFE is its starting checkpoint")
-            return {"model": str(start), "trained": False, "note": note, "cost": _cost()}
-        return {"model": str(start), "trained": True, "sets": summary["sets"], "cost": _cost(wall_s=summary["wall_s"])}
+            return MethodResult("distill", str(start), {}, {"counts": counts}, cost()), {"trained": False, "note": note}
 
-    def _early_experience(self, ticker: Ticker) -> dict[str, Any]:
+    def _early_experience(self, progress: Progress) -> tuple[MethodResult, dict[str, Any]]:
         from leafe.methods.early_experience import train_early_experience
 
         base = self.base_model()
-        ticker.start(None)
-        summary = train_early_experience(self._load(base), str(base), self.config.early_experience_settings(),
-                                         self.config.early_experience_sft(), self.stage_dir("early_experience.train"),
-                                         on_phase=lambda name: ticker.advance(0, status=name))
-        cost = summary["cost"]
-        return {"data": summary["data"], "cost": _cost(cost["env_steps"], cost["generated_tokens"], cost["wall_s"])}
+        job = self._job("early_experience.train", base, progress, backend=self._load(base))
+        return train_early_experience(job, self.config.early_experience_settings(),
+                                      self.config.early_experience_sft()), {}
 
-    def _ace(self, ticker: Ticker) -> dict[str, Any]:
+    def _ace(self, progress: Progress) -> tuple[MethodResult, dict[str, Any]]:
         from leafe.methods.ace import train_ace
 
         base = self.base_model()
+        job = self._job("ace.train", base, progress, backend=self._load(base))
+        return train_ace(job, self.config.ace_settings()), {}
 
-        def on_round(record: dict) -> None:
-            ticker.start(record["total"], record["round"])
-            ticker.advance(0, status=f"{record['lessons']} lessons")
+    def check_inputs(self) -> None:
+        """What a dry run can check without running: the env and its parameters (names, data paths)
+        and the base model's path; one LeafeError line names the problem."""
+        from leafe.envs import check_params
 
-        summary = train_ace(self._load(base), str(base), self.config.ace_settings(), self.stage_dir("ace.train"),
-                            on_round=on_round)
-        return {"data": summary["data"], "cost": summary["cost"]}
+        check_params(self.config.env, self.config.env_params)
+        if self.config.model != EMBEDDED and not self.base_model().exists():
+            raise LeafeError(f"model {self.base_model()} does not exist; set `model:` in the config to a local "
+                             f"model directory or pass --model DIR (nothing is downloaded at run time)")

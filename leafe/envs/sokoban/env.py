@@ -100,7 +100,7 @@ class SokobanEnv(Env):
         ]
 
     @classmethod
-    def from_xsb(cls, text: str, max_steps: int = 15) -> "SokobanEnv":
+    def from_xsb(cls, text: str, max_steps: int = 15) -> SokobanEnv:
         """An env already reset to the given level."""
         env = cls(max_steps=max_steps)
         env.reset(Task(task_id="xsb", env=cls.name, spec={"xsb": text}))
@@ -213,7 +213,7 @@ class SokobanEnv(Env):
         where = lambda cells: " ".join(f"({r},{c})" for r, c in sorted(room.coords(x) for x in cells))  # noqa: E731
         return (
             f"{feedback}\n{render(room, state, floor='_')}\n"
-            f"you ({'%d,%d' % room.coords(state.player)}); boxes {where(state.boxes)}; goals {where(room.goals)}; "
+            f"you ({','.join(map(str, room.coords(state.player)))}); boxes {where(state.boxes)}; goals {where(room.goals)}; "
             f"moves left {left}"
         )
 

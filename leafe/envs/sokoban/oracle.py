@@ -26,7 +26,7 @@ class Expert:
     plans: bool = False  # voice optimal moves with the plan behind them (see `thought`)
 
     @classmethod
-    def of(cls, task: Task, max_steps: int, plans: bool = False) -> "Expert":
+    def of(cls, task: Task, max_steps: int, plans: bool = False) -> Expert:
         room, start = parse_xsb(task.spec["xsb"])
         return cls(room, start, distance_table(room), max_steps, plans)
 

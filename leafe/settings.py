@@ -1,0 +1,354 @@
+"""Every knob of every stage, defined once: its name, type, default and help.
+
+A settings dataclass per method; what every sampling stage shares (env, tasks, sampling) is one base,
+`SamplingSettings`. The CLI builds its options from these fields (`leafe.cli.options`), the study
+config maps its sections onto them (`leafe.study.config`), and fingerprints read them
+(`leafe.fingerprint`), so a default or a help text changes here and nowhere else.
+
+This module imports no torch: `leafe --help` and `leafe run --dry-run` read it without loading a model
+library.
+
+Two class-level declarations keep recorded work valid (see `leafe.fingerprint`):
+- `speed_only`: fields that change speed or memory, never results;
+- `added_later`: knobs newer than recorded runs, with the value those runs used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import MISSING, dataclass, field
+from typing import Any, ClassVar
+
+from leafe.errors import LeafeError
+from leafe.fingerprint import fingerprint_fields
+
+STRATEGIES = ("leafe", "refine", "independent")
+REFLECTORS = ("policy", "oracle")
+VARIANTS = ("iwm", "sr")
+BACKENDS = ("hf", "vllm", "openai")
+
+
+def knob(default: Any = MISSING, help: str = "", *, factory: Any = None, flags: tuple[str, ...] = (),
+         cli: bool = True) -> Any:
+    """A settings field with its help text. `flags`: the CLI's option declarations when the field's
+    dashed name is not the whole story (an alias kept for older command lines, a --x/--no-y pair);
+    `cli=False`: set by the program or the study config, never on the command line."""
+    metadata = {"help": help, "flags": flags, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _at_least(settings: Any, minimum: int, *names: str) -> None:
+    for name in names:
+        if getattr(settings, name) < minimum:
+            raise LeafeError(f"--{name.replace('_', '-')} must be >= {minimum} (got {getattr(settings, name)})")
+
+
+# -- what every sampling stage has ---------------------------------------------------------------
+
+@dataclass
+class SamplingSettings:
+    """Which tasks of which env, and how replies are sampled: shared by every stage that samples."""
+
+    env: str = knob("sokoban", "Environment: sokoban, code, scienceworld, textworld or alfworld.")
+    env_params: dict[str, Any] = knob(factory=dict, help="Env parameter key=value (repeatable), e.g. max_steps=20.",
+                                      flags=("--env-param",))
+    tasks: int = knob(64, "Number of tasks (consecutive seeds).")
+    task_seed: int = knob(5000, "Seed of the first task.")
+    temperature: float = knob(1.0, "Sampling temperature (0: greedy).")
+    top_p: float = knob(1.0, "Nucleus sampling: sample from the smallest set of tokens with this probability.")
+    max_new_tokens: int = knob(64, "Token limit of one agent turn.")
+    seed: int = knob(0, "Seed of sampling (and of training, where the stage trains).")
+
+    def validate(self) -> None:
+        _at_least(self, 1, "tasks", "max_new_tokens")
+        if self.temperature < 0:
+            raise LeafeError(f"--temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise LeafeError(f"--top-p must be in (0, 1] (got {self.top_p})")
+
+
+# -- generation and workers: where a stage's model runs and where its envs run ---------------------
+
+@dataclass
+class BackendSettings:
+    """Which engine serves the model of a sampling stage, and how it loads it."""
+
+    backend: str = knob("hf", "hf (transformers, in process), vllm (vLLM, in process) or openai (a server, "
+                              "with --base-url).")
+    base_url: str | None = knob(None, "openai backend: the server, e.g. http://127.0.0.1:8000/v1.")
+    device: str = knob("auto", "auto, cpu, cuda, cuda:N.")
+    dtype: str = knob("auto", "auto, float32, bfloat16 (CPU: autocast), float16.")
+    trust_remote_code: bool = knob(False, "Allow a checkpoint's own Python code to run.",
+                                   flags=("--trust-remote-code/--no-trust-remote-code",))
+    gguf_file: str | None = knob(None, "GGUF file name inside --model.")
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise LeafeError(f"--backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
+        if self.backend == "openai" and not self.base_url:
+            raise LeafeError("the openai backend needs the server's address: --base-url http://HOST:PORT/v1")
+        if self.base_url is not None and self.backend != "openai":
+            raise LeafeError(f"--base-url is for --backend openai (got --backend {self.backend})")
+        if self.gguf_file is not None and self.backend != "hf":
+            raise LeafeError(f"--gguf-file is for --backend hf; give --backend {self.backend} a model directory")
+
+
+@dataclass
+class WorkerSettings:
+    """Where the envs run: in this process, or on Ray actors."""
+
+    workers: int = knob(0, "Run the envs on N Ray workers (0: in this process).")
+    ray_address: str | None = knob(None, "Join this Ray cluster (e.g. ray://HEAD:10001 or auto); default: a local Ray.")
+
+    def validate(self) -> None:
+        _at_least(self, 0, "workers")
+
+
+# -- the methods ---------------------------------------------------------------------------------
+
+@dataclass
+class EvalSettings(SamplingSettings):
+    """Evaluation: n independent episodes per task -> Pass@k."""
+
+    tasks: int = knob(50, "Number of held-out tasks (consecutive seeds).")
+    task_seed: int = knob(1000, "Seed of the first held-out task.")
+    samples: int = knob(16, "Independent episodes per task (n).")
+    ks: list[int] | None = knob(None, "k values, e.g. 1,4,16 (default 1,2,4..n).", flags=("--k",))
+    #: ACE lessons put in the system prompt (empty: the plain system prompt); `leafe eval --playbook`.
+    playbook: list[str] = knob(factory=list, help="ACE lessons for the system prompt.", cli=False)
+    #: Another value draws other random numbers (not another distribution), so a run resumes under any value.
+    max_batch: int = knob(64, "Episodes advanced together per generate call (speed and memory only).",
+                          flags=("--max-batch", "--batch-size"))
+
+    speed_only: ClassVar[tuple[str, ...]] = ("max_batch",)
+    #: A partial evaluation resumes whatever k is asked; one from before playbooks existed resumes too.
+    resume_free: ClassVar[tuple[str, ...]] = ("ks",)
+    resume_added_later: ClassVar[dict[str, Any]] = {"playbook": []}
+
+    def validate(self) -> None:
+        super().validate()
+        _at_least(self, 1, "samples", "max_batch")
+        for k in self.ks or []:
+            if k < 1:
+                raise LeafeError(f"every k must be >= 1 (got {k})")
+            if k > self.samples:
+                raise LeafeError(f"--samples must be >= max k (got {self.samples} < {k})")
+
+
+
+@dataclass
+class ExploreSettings(SamplingSettings):
+    """LEAFE stage 1: exploration at a fixed env-step budget per task."""
+
+    tasks: int = knob(20, "Number of tasks (consecutive seeds).")
+    strategy: str = knob("leafe", "leafe (tree), refine (linear retries) or independent.")
+    budget: int = knob(60, "Env steps the agent may take per task.")
+    reflect_every: int = knob(5, "leafe: reflect every K steps (and on failure).")
+    max_depth: int = knob(3, "leafe: deepest branch level.")
+    max_branches: int = knob(8, "leafe: branches per task.")
+    branch_samples: int = knob(2, "leafe: branches sampled per branching event, in one call.")
+    reflection_tokens: int = knob(96, "Token limit of one reflection.")
+    reflector: str = knob("policy", "policy (the method: the model reflects) or oracle (a diagnostic: the env's "
+                                    "solver does; Sokoban).")
+    snapshots: bool = knob(True, "Roll back by env snapshot (--no-snapshots: replay the action prefix).")
+    parallel_tasks: int = knob(16, "Tasks explored at once, batched together (speed only).")
+
+    speed_only: ClassVar[tuple[str, ...]] = ("parallel_tasks",)
+    added_later: ClassVar[dict[str, Any]] = {"reflector": "policy"}
+
+    def validate(self) -> None:
+        from leafe.envs import env_class
+
+        super().validate()
+        if self.strategy not in STRATEGIES:
+            raise LeafeError(f"unknown --strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.reflector not in REFLECTORS:
+            raise LeafeError(f"unknown --reflector {self.reflector!r}; choose one of {', '.join(REFLECTORS)}")
+        if self.reflector == "oracle" and not env_class(self.env).has_oracle_reflection:
+            raise LeafeError(f"env {self.env!r} has no oracle to reflect with; use --reflector policy")
+        _at_least(self, 1, "budget", "reflect_every", "max_branches", "branch_samples", "parallel_tasks",
+                  "reflection_tokens")
+        _at_least(self, 0, "max_depth")
+
+
+
+@dataclass
+class DistillSettings:
+    """LEAFE stage 2: which rows are cut from the trees, and how the two losses mix."""
+
+    beta: float = knob(1.0, "Weight of the rehearsal loss: L = L_cf + beta * L_reh.")
+    reh_fraction: float = knob(0.2, "Share of successful episodes rehearsed.")
+    cf_from: str = knob("successful", "Branches for D_cf: successful (went on to succeed) or all.")
+    use_cf: bool = knob(True, "--no-cf leaves D_cf out (the L_reh-only ablation).", flags=("--cf/--no-cf",))
+    seed: int = knob(0, "Seed of the rehearsal sample (and of training).")
+
+    def validate(self) -> None:
+        if self.beta < 0:
+            raise LeafeError(f"--beta must be >= 0 (got {self.beta})")
+        if not 0 <= self.reh_fraction <= 1:
+            raise LeafeError(f"--reh-fraction must be in [0, 1] (got {self.reh_fraction})")
+        if self.cf_from not in ("successful", "all"):
+            raise LeafeError(f"--cf-from must be 'successful' or 'all' (got {self.cf_from!r})")
+
+
+@dataclass
+class SFTSettings:
+    """The supervised fine-tuning every SFT stage shares (distillation, Early Experience, bootstrap)."""
+
+    learning_rate: float = knob(1e-5, "Learning rate.", flags=("--learning-rate", "--lr"))
+    epochs: float = knob(2.0, "Passes over the rows.")
+    max_steps: int = knob(-1, "Optimiser steps; > 0 overrides --epochs.")
+    batch_size: int = knob(8, "Most rows in one batch.")
+    #: Padding is what makes mixed lengths slow: SDPA on CPU builds a dense (B, H, L, L) mask.
+    max_batch_tokens: int | None = knob(None, "Most padded tokens (rows x longest row) in one batch.")
+    grad_accum: int = knob(1, "Batches per optimiser step.")
+    warmup_ratio: float = knob(0.03, "Share of steps that warm the learning rate up.")
+    scheduler: str = knob("cosine", "Learning-rate schedule (transformers' names).")
+    weight_decay: float = knob(0.0, "AdamW weight decay.")
+    max_grad_norm: float = knob(1.0, "Gradient clipping norm.")
+    seed: int = knob(0, "Seed of batching and initialisation.")
+    lora: bool = knob(False, "Train LoRA adapters (merged into the saved weights).")
+    lora_r: int = knob(16, "LoRA rank.")
+    lora_alpha: int = knob(32, "LoRA alpha.")
+    lora_dropout: float = knob(0.0, "LoRA dropout.")
+    logging_steps: int = knob(10, "Log every N optimiser steps.")
+    # TRL turns activation checkpointing on by default; it saves memory on large models at ~30% more
+    # compute, which small models on CPU do not need.
+    activation_checkpointing: bool = knob(False, "Recompute activations in the backward pass (saves memory).")
+    extra: dict[str, Any] = knob(factory=dict, help="More TRL SFTConfig arguments.", cli=False)
+
+
+@dataclass
+class GRPOSettings(SamplingSettings):
+    """Multi-turn GRPO: G episodes per task, group-normalised advantages, clipped loss, k3 KL."""
+
+    steps: int = knob(50, "Optimiser steps.")
+    tasks_per_step: int = knob(8, "Tasks per step.")
+    group_size: int = knob(8, "Episodes per task (G).")
+    learning_rate: float = knob(1e-5, "Learning rate.", flags=("--learning-rate", "--lr"))
+    kl_coef: float = knob(0.01, "Weight of the k3 KL to the starting model.")
+    clip_eps: float = knob(0.2, "Ratio clip.")
+    adv_eps: float = knob(1e-6, "Added to the group's std when normalising advantages.")
+    invalid_penalty: float = knob(0.0, "Reward penalty per invalid action (0: off).")
+    updates_per_batch: int = knob(1, "Optimiser steps per batch of episodes (1: on-policy).")
+    max_batch_tokens: int = knob(16384, "Padded tokens per forward pass (micro-batch).")
+    max_grad_norm: float = knob(1.0, "Gradient clipping norm.")
+    weight_decay: float = knob(0.0, "AdamW weight decay.")
+    save_every: int = knob(10, "Checkpoint every N steps (0: only the final model).")
+    keep_checkpoints: int = knob(2, "Checkpoints kept on disk.")
+
+    #: A rerun may train longer, checkpoint differently or batch differently and still resume.
+    resume_free: ClassVar[tuple[str, ...]] = ("steps", "save_every", "keep_checkpoints", "max_batch_tokens")
+
+    def validate(self) -> None:
+        super().validate()
+        _at_least(self, 1, "steps", "tasks_per_step", "updates_per_batch", "max_batch_tokens")
+        if self.group_size < 2:
+            raise LeafeError(f"--group-size must be >= 2: advantages compare episodes of one task (got {self.group_size})")
+        if self.tasks_per_step > self.tasks:
+            raise LeafeError(f"--tasks-per-step ({self.tasks_per_step}) cannot exceed --tasks ({self.tasks})")
+        if self.learning_rate <= 0:
+            raise LeafeError(f"--learning-rate must be > 0 (got {self.learning_rate})")
+        if self.kl_coef < 0 or self.clip_eps <= 0 or self.invalid_penalty < 0:
+            raise LeafeError("--kl-coef and --invalid-penalty must be >= 0 and --clip-eps > 0")
+        if self.save_every < 0 or self.keep_checkpoints < 1:
+            raise LeafeError("--save-every must be >= 0 and --keep-checkpoints >= 1")
+
+
+
+@dataclass
+class EarlyExperienceSettings(SamplingSettings):
+    """Early Experience: the expert's states, K alternative actions at each, and what they led to."""
+
+    variant: str = knob("iwm", "iwm (implicit world model) or sr (self-reflection).")
+    alternatives: int = knob(3, "Alternative actions sampled at each expert state (K).")
+    rationale_tokens: int = knob(128, "sr: token limit of one rationale.")
+    states_per_call: int = knob(64, "Expert states whose alternatives are sampled in one generate call.")
+
+    added_later: ClassVar[dict[str, Any]] = {"top_p": 1.0}
+
+    def validate(self) -> None:
+        super().validate()
+        if self.variant not in VARIANTS:
+            raise LeafeError(f"--variant must be one of {', '.join(VARIANTS)} (got {self.variant!r})")
+        _at_least(self, 1, "alternatives", "states_per_call")
+
+
+@dataclass
+class ACESettings(SamplingSettings):
+    """ACE: a playbook of lessons curated from the policy's own play, put in its system prompt."""
+
+    epochs: int = knob(1, "Passes over the training tasks.")
+    tasks_per_round: int = knob(16, "Tasks played between curations.")
+    max_lessons: int = knob(20, "Playbook cap.")
+    similarity: float = knob(0.6, "Word overlap at which a lesson is a duplicate.")
+    reflection_tokens: int = knob(96, "Token limit of one reflection.")
+
+    added_later: ClassVar[dict[str, Any]] = {"top_p": 1.0}
+    resume_free: ClassVar[tuple[str, ...]] = ("epochs",)  # more passes continue the playbook
+
+    def validate(self) -> None:
+        super().validate()
+        _at_least(self, 1, "epochs", "tasks_per_round", "max_lessons")
+        if not 0 < self.similarity <= 1:
+            raise LeafeError(f"--similarity must be in (0, 1] (got {self.similarity})")
+
+
+# -- the embedded base agent ---------------------------------------------------------------------
+
+#: Knobs added after agents were built and cached, with the value that reproduces the older builds:
+#: at that value a knob stays out of the digest (and out of a study's bootstrap stage), so an
+#: existing cache directory keeps its name and an existing run directory stays done.
+BOOTSTRAP_ADDED_LATER = {"decision_weight": 1.0, "plans": False, "experience_episodes": 0}
+
+#: Version of the example generator (`base_agent.synthetic`), part of every digest: a change to how
+#: examples are drawn renames every cache, so no agent built from older data is reused under a new name.
+#: 2: reflection fragments name a step 90% of the time (they said "none" two times in three).
+GENERATOR = 2
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    """The embedded base agent: its synthetic corpus, its size and its training."""
+
+    seed: int = knob(0, "Seed of the data, tokenizer and weights.")
+    # 16k moves and 1k reflections (was 10k / 3k): the compute the reflections took without teaching
+    # their step moved to the moves (docs/experiment-log.md, "A loss weight on the decision token").
+    fragments: int = knob(16000, "Short examples (a few moves each).")
+    reflection_fragments: int = knob(1000, "Short reflection examples.")
+    episodes: int = knob(500, "Whole-episode examples.")
+    #: An experience after a whole attempt, as a rollout's branch shows it (BENCHMARKS.md, the oracle reflector).
+    experience_episodes: int = knob(0, "Whole-episode experience examples on top of --episodes.")
+    max_steps: int = knob(15, "Step limit of the generated levels.")
+    mistake_rate: float = knob(0.25, "Share of the expert's moves that are mistakes.")
+    reflect_every: int = knob(5, "Reflection interval of the generated episodes.")
+    vocab_size: int = knob(1024, "Tokenizer vocabulary.")
+    hidden_size: int = knob(192, "Model width.")
+    layers: int = knob(4, "Transformer layers.")
+    heads: int = knob(3, "Attention heads.")
+    intermediate_size: int = knob(512, "MLP width.")
+    context: int = knob(3072, "Context length.")
+    # 3e-3 kept this model on the uniform-policy plateau for hundreds of updates; 1e-3 leaves it at once.
+    learning_rate: float = knob(1e-3, "Learning rate.", flags=("--learning-rate", "--lr"))
+    #: 10 with plans: the first recipe whose agent reads the board (1.0: the agents built before it).
+    decision_weight: float = knob(10.0, "Loss weight of each decision token (a move's direction; with --plans also "
+                                        "the plan's digits) relative to the other reply tokens.")
+    #: "push right from (2,1); at (3,1), go up." (see `oracle.thought`); False: the plain "go up.".
+    plans: bool = knob(True, "Optimal moves say the plan they serve before the move.")
+    batch_size: int = knob(32, "Most rows per batch.")
+    max_batch_tokens: int = knob(4096, "Most padded tokens per batch.")
+
+    added_later: ClassVar[dict[str, Any]] = BOOTSTRAP_ADDED_LATER
+
+    def validate(self) -> None:
+        if self.decision_weight <= 0:
+            raise LeafeError(f"--decision-weight must be > 0 (got {self.decision_weight})")
+
+    def digest(self) -> str:
+        fields = fingerprint_fields(self)
+        fields["generator"] = GENERATOR
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
