@@ -71,11 +71,12 @@ def test_train_ace_builds_and_resumes(tiny_tokenizer, tmp_path):
     backend = ScriptedBackend(tiny_tokenizer, policy)
     settings = ACESettings(tasks=6, task_seed=40, tasks_per_round=2, max_lessons=4, similarity=0.9,
                            env_params={"max_steps": 3})
-    summary = train_ace(Job("scripted", tmp_path, backend=backend), settings).data
+    summary = train_ace(Job("scripted", tmp_path, backend=backend), settings)
     saved = json.loads((tmp_path / "playbook.json").read_text())
     assert saved["round"] == 3 and len(saved["rounds"]) == 3
-    assert summary["data"]["proposals"] == 6 and len(saved["lessons"]) == 4  # capped
-    assert summary["cost"]["env_steps"] == 6 * 3
+    assert summary.method == "ace" and summary.data["playbook"] == str(tmp_path / "playbook.json")
+    assert summary.data["proposals"] == 6 and len(saved["lessons"]) == 4  # capped
+    assert summary.cost["env_steps"] == 6 * 3
     assert load_playbook(tmp_path / "playbook.json") == [x["text"] for x in saved["lessons"]]
     # The generator saw the lessons of earlier rounds in its system prompt.
     seen = []
@@ -84,7 +85,7 @@ def test_train_ace_builds_and_resumes(tiny_tokenizer, tmp_path):
     train_ace(Job("scripted", tmp_path, backend=backend), settings)  # resumes at round 3 of 6
     assert json.loads((tmp_path / "playbook.json").read_text())["round"] == 6
     assert any("Playbook (lessons from earlier tasks)" in t for t in seen)
-    with pytest.raises(LeafeError, match="other settings"):
+    with pytest.raises(LeafeError, match="different settings"):
         train_ace(Job("scripted", tmp_path, backend=backend), ACESettings(tasks=5))
 
 

@@ -132,8 +132,10 @@ def test_train_early_experience_writes_a_model(variant, tiny_model_dir, tiny_bac
     settings = EarlyExperienceSettings(variant=variant, tasks=2, task_seed=40, alternatives=2, max_new_tokens=16,
                                        rationale_tokens=24)
     sft = SFTSettings(learning_rate=1e-3, epochs=1, batch_size=8)
-    summary = train_early_experience(Job(str(tiny_model_dir), tmp_path / variant, backend=tiny_backend), settings, sft).data
+    summary = train_early_experience(Job(str(tiny_model_dir), tmp_path / variant, backend=tiny_backend), settings, sft)
     saved = read_json(tmp_path / variant / "train.json")
     assert saved["data"]["expert_states"] > 0 and saved["cost"]["env_steps"] >= saved["data"]["expert_states"]
-    assert summary["method"] == f"early-experience-{variant}"
+    assert saved["method"] == f"early-experience-{variant}"
+    assert summary.method == "early_experience" and summary.model == str(tmp_path / variant)
+    assert summary.data == saved["data"]
     HFBackend(str(tmp_path / variant), device="cpu")  # loads like any checkpoint

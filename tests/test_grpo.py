@@ -149,7 +149,7 @@ def test_grpo_steps_change_weights_checkpoint_and_resume(tiny_model_dir, tmp_pat
     again = train_grpo(Job(str(tiny_model_dir), out, device="cpu"), settings)  # finished: nothing is redone
     assert (out / "log.jsonl").read_text() == before and again.settings["steps"] == 4
     settings.learning_rate = 1e-3
-    with pytest.raises(LeafeError, match="other settings"):
+    with pytest.raises(LeafeError, match="different settings"):
         train_grpo(Job(str(tiny_model_dir), out, device="cpu"), settings)
 
 

@@ -20,7 +20,7 @@ from test_cli_eval import leafe
 from test_distill import trees_file  # noqa: F401 (the module's fixture)
 from typer.testing import CliRunner
 
-from leafe.cli.app import _cli_errors
+from leafe.cli.app import LeafeGroup
 from leafe.errors import LeafeError
 from leafe.scale.launch import LAUNCH_CONTEXT, launch_cmd, launch_plan, load_accelerate_config
 
@@ -29,9 +29,9 @@ FSDP, ZERO3, DDP = (ROOT / "configs/accelerate" / name for name in ("fsdp.yaml",
 DISTILL = ["distill", "--model", "/models/qwen7b-grpo", "--trees", "/runs/explore/trees.jsonl", "--out", "/runs/leafe"]
 GRPO = ["train", "grpo", "--model", "/models/qwen7b", "--out", "/runs/grpo"]
 
-# The line that registers the command in leafe/cli.py.
-app = typer.Typer()
-app.command("launch", context_settings=LAUNCH_CONTEXT)(_cli_errors(launch_cmd))
+# The line that registers the command in leafe/cli/tools.py, under leafe's group (its one-line errors).
+app = typer.Typer(cls=LeafeGroup)
+app.command("launch", context_settings=LAUNCH_CONTEXT)(launch_cmd)
 app.callback()(lambda: None)  # keep `launch` a subcommand, as in the leafe app
 
 

@@ -1,14 +1,13 @@
 """The `leafe` Typer app, its progress displays, and the one place where bad input becomes one line.
 
 Every error a user can cause derives from `LeafeError` (a bad option, a corrupt file, a model that
-does not load) or is an `OSError` naming a path; `main` prints it as one line on stderr and exits
-with status 2. Anything else is a bug and keeps its traceback.
+does not load) or is an `OSError` naming a path; `LeafeGroup` prints it as one line on stderr and
+exits with status 2, for every command. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -17,11 +16,28 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from leafe.errors import LeafeError
 from leafe.files import is_main_process
 
+
+class LeafeGroup(TyperGroup):
+    """The `leafe` command group: the one place where an error the user caused becomes one line on
+    stderr and exit status 2, whichever command raised it."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (LeafeError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.filename is None:
+                raise  # not about a path the user gave: a bug or the machine, keep the traceback
+            err_console.print(f"[bold red]error:[/] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=LeafeGroup,
     name="leafe",
     help="Train LLM agents with LEAFE: reflect, roll back, distil. Evaluate by Pass@k.",
     no_args_is_help=True,
@@ -111,10 +127,4 @@ def main() -> None:
     # The commands register themselves on `app` when their modules are imported.
     from leafe.cli import methods, run, tools  # noqa: F401
 
-    try:
-        app()
-    except (LeafeError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.filename is None:
-            raise  # not about a path the user gave: a bug or the machine, keep the traceback
-        err_console.print(f"[bold red]error:[/] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    app()
