@@ -221,7 +221,7 @@ class HFBackend(Backend):
                 self.tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
                 self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=load_dtype, **kwargs)
         except BackendError as exc:
-            if "trust_remote_code" in str(exc):
+            if "trust_remote_code" in str(exc.__cause__ or exc):  # transformers' own message names the flag
                 raise BackendError(
                     f"{model} needs its own code to load; leafe never runs a checkpoint's code unless you "
                     f"pass --trust-remote-code"
