@@ -7,7 +7,9 @@ from test_cli_eval import eval_args, leafe
 
 def train_args(method, model, out, *extra):
     return ["train", method, "--model", model, "--out", out, "--tasks", 2, "--task-seed", 40,
-            "--max-new-tokens", 8, "--env-param", "max_steps=4", *extra]
+            "--max-new-tokens", 8, "--env-param", "max_steps=4",
+            # GRPO's own settings are checked before anything else: 8 tasks a step cannot come from 2 tasks
+            *(["--tasks-per-step", 2] if method == "grpo" else []), *extra]
 
 
 def test_train_grpo_writes_a_model_that_eval_loads(tiny_model_dir, tmp_path):
