@@ -194,16 +194,11 @@ def default_cache_dir() -> Path:
     return cache_dir("models")
 
 
-def ensure_base_agent(config: BootstrapConfig | None = None, cache_dir: str | Path | None = None,
-                      report: Report | None = None) -> Path:
-    """The cached base agent for `config`, built on first use."""
+def ensure_base_agent(config: BootstrapConfig | None = None, cache_dir: str | Path | None = None) -> Path:
+    """The cached base agent for `config`, built on first use (`bootstrap` at its cache path)."""
     config = config or BootstrapConfig()
     path = Path(cache_dir or default_cache_dir()) / f"base-agent-{config.digest()}"
-    if (path / "bootstrap.json").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    build(config, path, report)
-    return path
+    return Path(bootstrap(Job(model="", out=path), config).model)
 
 
 def check_output_dir(out: Path, force: bool) -> None:

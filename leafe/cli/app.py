@@ -87,10 +87,10 @@ def progress_bar() -> Progress:
 
 
 class BarProgress:
-    """The method contract's progress sink (`leafe.method.Progress`) drawn as one rich bar."""
+    """The method contract's progress sink (`leafe.method.Progress`) drawn as one task of a rich bar."""
 
-    def __init__(self, bar: Progress, description: str):
-        self.bar, self.task = bar, bar.add_task(description, total=None, status="")
+    def __init__(self, bar: Progress, task: Any):
+        self.bar, self.task = bar, task
 
     def start(self, total: int | None, done: int = 0) -> None:
         self.bar.update(self.task, total=total, completed=done)
@@ -102,7 +102,7 @@ class BarProgress:
 def with_progress(description: str, job: Callable[[BarProgress], Any]) -> Any:
     """Run `job(progress)` under one progress bar."""
     with progress_bar() as bar:
-        return job(BarProgress(bar, description))
+        return job(BarProgress(bar, bar.add_task(description, total=None, status="")))
 
 
 def passk_table(title: str, result: dict[str, Any]) -> Table:

@@ -60,16 +60,11 @@ def default_of(f: dataclasses.Field) -> Any:
     return f.default_factory()  # type: ignore[misc]
 
 
-def _field_type(cls: type, f: dataclasses.Field) -> Any:
-    return typing.get_type_hints(cls)[f.name]
-
-
-def _option(cls: type, f: dataclasses.Field) -> tuple[Any, Any, Callable[[Any], Any]]:
+def _option(f: dataclasses.Field, kind: Any) -> tuple[Any, Any, Callable[[Any], Any]]:
     """(annotation, default, convert) of the option for field `f`: how it is typed on the command
     line and how its value becomes the field's."""
     help_text = f.metadata.get("help", "")
     flags = f.metadata.get("flags") or (f"--{f.name.replace('_', '-')}",)
-    kind = _field_type(cls, f)
     default = default_of(f)
     if f.name == "env_params":
         return Annotated[list[str], typer.Option(*flags, help=help_text)], [], parse_env_params
@@ -92,8 +87,9 @@ def settings_command(fn: Callable) -> Callable:
     options: dict[str, tuple[Any, Any, Callable]] = {}
     owners: dict[str, list[str]] = {}
     for param, cls in built.items():
+        types_of = typing.get_type_hints(cls)
         for f in cli_fields(cls):
-            option = _option(cls, f)
+            option = _option(f, types_of[f.name])
             if f.name in options and options[f.name][1] != option[1]:
                 raise TypeError(f"{fn.__name__}: {f.name} has two defaults ({options[f.name][1]!r}, {option[1]!r})")
             options.setdefault(f.name, option)

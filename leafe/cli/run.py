@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from leafe.cli.app import app, console, quiet_transformers
+from leafe.cli.app import BarProgress, app, console, quiet_transformers
 
 
 @app.command("run")
@@ -52,16 +52,6 @@ def run_cmd(
                         TextColumn("{task.fields[status]}"), console=console)
     overall = progress.add_task(f"study {study_config.name}", total=len(stages), status="")
 
-    class StageProgress:
-        def __init__(self, task_id) -> None:
-            self.task_id = task_id
-
-        def start(self, total: int | None, done: int = 0) -> None:
-            progress.update(self.task_id, total=total, completed=done)
-
-        def advance(self, n: int = 1, status: str = "") -> None:
-            progress.update(self.task_id, advance=n, **({"status": status} if status else {}))
-
     current: list[Any] = []
     live = console.is_terminal  # a log file gets one plain line per stage instead of a live display
 
@@ -82,7 +72,7 @@ def run_cmd(
             current.append(progress.add_task(label, total=1, completed=1, status=f"[dim]{note}"))
             return NoProgress()
         current.append(progress.add_task(label, total=None, status=note))
-        return StageProgress(current[-1])
+        return BarProgress(progress, current[-1])
 
     with Live(progress, console=console, refresh_per_second=4) if live else contextlib.nullcontext():
         results = study.run(progress_for)

@@ -138,9 +138,7 @@ class Study:
         """
         from leafe.study.report import write_report
 
-        if self.config.model != EMBEDDED and not self.base_model().exists():
-            raise LeafeError(f"model {self.base_model()} does not exist; set `model:` in the config to a local "
-                             f"model directory or pass --model DIR (nothing is downloaded at run time)")
+        self.check_inputs()  # a bad env or model fails here, not after the base agent is built
         self.out.mkdir(parents=True, exist_ok=True)
         stages = self.plan()
         for i, stage in enumerate(stages):
