@@ -120,7 +120,7 @@ def playbook_system_prompt(lessons: list[str], system: str = SYSTEM_PROMPT) -> s
 
 
 #: A reflector that has nothing to teach says so; such a line is not a lesson ("none" was curated
-#: into a playbook as one, BENCHMARKS.md).
+#: into a playbook as one: BENCHMARKS.md, the baselines).
 _NO_LESSON = re.compile(r"\W*(?:none|n/?a|null|nothing|no lesson|no lessons)\W*", re.IGNORECASE)
 
 

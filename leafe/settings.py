@@ -320,7 +320,7 @@ class BootstrapConfig:
     fragments: int = knob(16000, "Short examples (a few moves each).")
     reflection_fragments: int = knob(1000, "Short reflection examples.")
     episodes: int = knob(500, "Whole-episode examples.")
-    #: An experience after a whole attempt, as a rollout's branch shows it (BENCHMARKS.md, the oracle reflector).
+    #: An experience after a whole attempt, as a rollout's branch shows it (docs/experiment-log.md, "the oracle reflector").
     experience_episodes: int = knob(0, "Whole-episode experience examples on top of --episodes.")
     max_steps: int = knob(15, "Step limit of the generated levels.")
     mistake_rate: float = knob(0.25, "Share of the expert's moves that are mistakes.")

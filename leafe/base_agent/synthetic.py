@@ -288,7 +288,7 @@ def decision_weights(ids: list[int], mask: list[int], weight: float, *, after: l
 
     The hypothesis this tests: the format tokens around a decision are learnt in a few dozen updates,
     but their early gradients fill Adam's second moment, so the board-reading a decision needs starts
-    late. Measured in BENCHMARKS.md.
+    late. Measured in docs/experiment-log.md, "A loss weight on the decision token".
     """
     if weight == 1.0:
         return None

@@ -8,7 +8,7 @@ ends the episode as a failure. The expert is the game's walkthrough.
 Rollback by snapshot: the game runs in a Z-machine interpreter (Jericho) whose whole state, with
 TextWorld's tracking of the quest, `env.copy()` duplicates. It is not cheap (~0.1 s, mostly a deep
 copy of TextWorld's Python game state), while a step is ~7 ms, so a replay of a short prefix costs
-less; `explore --no-snapshots` picks replay (BENCHMARKS.md has both).
+less; `explore --no-snapshots` picks replay (BENCHMARKS.md, "Environments", has both).
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ class SokobanEnv(Env):
 
     def expert_thought(self, action: str) -> str:
         # The expert knows its plan and says it, in the embedded agent's own phrasing; a plain
-        # "go X." here taught the plan agent to stop planning (Early Experience, BENCHMARKS.md).
+        # "go X." here taught the plan agent to stop planning (docs/experiment-log.md, "Plan thoughts").
         if self._table is None:  # a room too big to tabulate: no plan to voice
             return f"go {action}."
         return plan_thought(self._room, self._table, self._state, action)

@@ -102,7 +102,7 @@ def thought(expert: Expert, state: State, action: str) -> str:
     line and the cell it is made from, then the player's own cell copied from the board's coordinates
     line, then the move. Each token is then a small step from the ones before it (the move compares
     two cells written side by side) instead of the whole plan in one token; mistakes stay a bare
-    "go X." (measured in BENCHMARKS.md: the first build that plays clearly better than a random mover).
+    "go X." (docs/experiment-log.md, "Plan thoughts": the first build that plays clearly better than a random mover).
     """
     if expert.plans:
         return plan_thought(expert.room, expert.table, state, action)
