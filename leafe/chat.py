@@ -15,8 +15,10 @@ needs; `Conversation` is one growing history.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from leafe.errors import LeafeError
@@ -40,9 +42,15 @@ def _suffix(base: str, full: str, what: str) -> str:
 
 
 class ChatFormat:
-    """What the chat template puts around each turn, learnt from the template once per tokenizer."""
+    """What the chat template puts around each turn, learnt from the template once per tokenizer.
 
-    def __init__(self, tokenizer: Any):
+    `date_string`: the date a template that writes one renders (Llama 3.1's "Today Date"; without
+    it the template writes the day it runs, so a run resumed tomorrow would render other tokens).
+    `stop_ids`: more ids that end a turn, from the model's generation_config.json (Qwen2.5 stops on
+    <|endoftext|> as well as <|im_end|>); the template's own end-of-turn and the eos are always in.
+    """
+
+    def __init__(self, tokenizer: Any, *, date_string: str | None = None, stop_ids: Sequence[int] = ()):
         if not getattr(tokenizer, "chat_template", None):
             name = getattr(tokenizer, "name_or_path", "the tokenizer")
             raise ChatTemplateError(
@@ -50,6 +58,8 @@ class ChatFormat:
                 f"'chat_template' to its tokenizer_config.json (instruct checkpoints ship one)"
             )
         self.tokenizer = tokenizer
+        self.date_string = date_string
+        self._extra_stop_ids = tuple(int(i) for i in stop_ids)
         self._skeleton = [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER}]
         self._skeleton_text = self._render(self._skeleton)
         with_prompt = self._render(self._skeleton, add_generation_prompt=True)
@@ -82,8 +92,9 @@ class ChatFormat:
     # -- rendering -----------------------------------------------------------------------------
     def _render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         try:
+            extra = {} if self.date_string is None else {"date_string": self.date_string}
             return self.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **extra
             )
         except Exception as exc:  # jinja raises arbitrary exceptions for roles a template refuses
             raise ChatTemplateError(f"the chat template failed to render {[m['role'] for m in messages]}: {exc}") from exc
@@ -109,7 +120,7 @@ class ChatFormat:
         return _suffix(base_text, full, f"a {role} message")
 
     def _stop_ids(self) -> tuple[int, ...]:
-        ids = set()
+        ids = set(self._extra_stop_ids)
         eos = self.tokenizer.eos_token_id
         if isinstance(eos, int):
             ids.add(eos)
@@ -214,3 +225,39 @@ class Conversation:
 
     def copy(self) -> Conversation:
         return Conversation(self.fmt, list(self.ids), list(self.mask), self.pending, list(self.boundaries), self.last_role)
+
+
+def template_reads_date(model: str | Path) -> bool:
+    """Whether the chat template in the model directory writes a date (Llama 3.1's does, through
+    `date_string` or `strftime_now`): such a run must pin one. Reads the files only (no tokenizer)."""
+    model = Path(model)
+    texts = []
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        if (model / name).is_file():
+            texts.append((model / name).read_text(errors="replace"))
+    return any("date_string" in t or "strftime_now" in t for t in texts)
+
+
+def generation_stop_ids(model: str | Path) -> tuple[int, ...]:
+    """The ids generation stops on, as the model's generation_config.json lists them (eos_token_id:
+    one id or several); () when it has none. Every backend stops on these, not only on the
+    tokenizer's eos."""
+    path = Path(model) / "generation_config.json"
+    if not path.is_file():
+        return ()
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError):
+        raise ChatTemplateError(f"{path} is not a JSON object; fix or delete it") from None
+    if isinstance(eos, int):
+        return (eos,)
+    if isinstance(eos, list) and all(isinstance(i, int) for i in eos):
+        return tuple(eos)
+    return ()
+
+
+def today_string() -> str:
+    """Today in the form Llama 3.1's template writes it ("26 Jul 2024")."""
+    import datetime
+
+    return datetime.date.today().strftime("%d %b %Y")

@@ -12,6 +12,7 @@ every method this way, so a backend, a launcher or a progress display is added o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -50,9 +51,18 @@ class Job:
     inputs: list[Path] = field(default_factory=list)  # files it reads (distillation: trees.jsonl)
     progress: Progress = field(default_factory=NoProgress)
     device: str = "auto"  # where a training method puts its model
+    #: Shuts `backend` down (its engine, its GPU memory). A method that samples and then trains
+    #: (Early Experience) calls `done_sampling()` between the two, so one model is resident at a time.
+    release: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+
+    def done_sampling(self) -> None:
+        """The method has sampled all it will: the engine can go before a model is loaded to train."""
+        if self.release is not None:
+            self.release()
+        self.backend = None
 
 
 @dataclass

@@ -207,11 +207,13 @@ class RolloutEngine:
         keep_snapshots: bool = False,
         logprobs: bool = False,
         system: str = SYSTEM_PROMPT,
+        date_string: str | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
         self.backend = backend
-        self.recorder = Recorder(ChatFormat(backend.tokenizer), system, keep_snapshots)
+        fmt = ChatFormat(backend.tokenizer, date_string=date_string, stop_ids=getattr(backend, "stop_ids", ()))
+        self.recorder = Recorder(fmt, system, keep_snapshots)
         self.fmt = self.recorder.fmt
         self.sampling = SamplingParams(
             temperature=temperature,

@@ -61,6 +61,10 @@ class SamplingSettings:
     top_p: float = knob(1.0, "Nucleus sampling: sample from the smallest set of tokens with this probability.")
     max_new_tokens: int = knob(64, "Token limit of one agent turn.")
     seed: int = knob(0, "Seed of sampling (and of training, where the stage trains).")
+    date_string: str | None = knob(None, "The date a chat template that writes one renders (Llama 3.1), e.g. "
+                                   "'26 Jul 2024'; default: the day it runs (`leafe run` pins one per run).")
+
+    added_later: ClassVar[dict[str, Any]] = {"date_string": None}
 
     def validate(self) -> None:
         _at_least(self, 1, "tasks", "max_new_tokens")
@@ -73,27 +77,66 @@ class SamplingSettings:
 # -- generation and workers: where a stage's model runs and where its envs run ---------------------
 
 @dataclass
-class BackendSettings:
-    """Which engine serves the model of a sampling stage, and how it loads it."""
+class GenerationSettings:
+    """Which engine serves the model of a sampling stage, and how: the `generation:` section of a
+    study config and the same options on `leafe eval/explore/train`.
 
-    backend: str = knob("hf", "hf (transformers, in process), vllm (vLLM, in process) or openai (a server, "
+    hf runs transformers in this process (one device); vllm runs vLLM's engine here, over
+    `tensor_parallel_size` GPUs per replica and `data_parallel_size` replicas (each its own process
+    and GPUs); openai sends requests to running servers. Which engine samples does not change which
+    tasks run or how they are scored, but each draws its own random numbers: a stage's fingerprint
+    records the engine (`leafe.study.plan`), so a run switched to another engine redoes its stages.
+    """
+
+    backend: str = knob("hf", "hf (transformers, in process), vllm (vLLM, in process) or openai (servers, "
                               "with --base-url).")
-    base_url: str | None = knob(None, "openai backend: the server, e.g. http://127.0.0.1:8000/v1.")
-    device: str = knob("auto", "auto, cpu, cuda, cuda:N.")
+    # -- openai --
+    base_urls: list[str] = knob(factory=list, help="openai backend: a server, e.g. http://127.0.0.1:8000/v1 "
+                                "(repeatable: requests are spread over them, and a failing one is retried on the others).",
+                                flags=("--base-url",))
+    api_key_env: str = knob("OPENAI_API_KEY", "openai backend: the environment variable holding the API key (unset: none sent).")
+    max_concurrency: int | None = knob(None, "openai backend: requests in flight at once (default: one per episode in flight).")
+    # -- vllm --
+    tensor_parallel_size: int = knob(1, "vllm backend: GPUs each replica shards the model over.")
+    data_parallel_size: int = knob(1, "vllm backend: replicas of the model, each on its own GPUs (requests are spread over them).")
+    gpu_memory_utilization: float = knob(0.9, "vllm backend: share of each GPU's memory vLLM may take (weights + KV cache).")
+    max_model_len: int | None = knob(None, "vllm backend: context length to reserve KV cache for (default: the model's).")
+    enable_prefix_caching: bool = knob(True, "vllm backend: reuse the KV cache of shared prefixes (the branches of a node share h_tau).",
+                                       flags=("--prefix-caching/--no-prefix-caching",))
+    enforce_eager: bool = knob(False, "vllm backend: no CUDA graphs (less memory, slower decoding).")
+    kv_cache_gb: int = knob(2, "vllm backend on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE).")
+    # -- hf and vllm --
+    device: str = knob("auto", "hf backend: auto, cpu, cuda, cuda:N.")
     dtype: str = knob("auto", "auto, float32, bfloat16 (CPU: autocast), float16.")
     trust_remote_code: bool = knob(False, "Allow a checkpoint's own Python code to run.",
                                    flags=("--trust-remote-code/--no-trust-remote-code",))
-    gguf_file: str | None = knob(None, "GGUF file name inside --model.")
+    gguf_file: str | None = knob(None, "hf backend: GGUF file name inside --model.")
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise LeafeError(f"--backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
-        if self.backend == "openai" and not self.base_url:
+        if self.backend == "openai" and not self.base_urls:
             raise LeafeError("the openai backend needs the server's address: --base-url http://HOST:PORT/v1")
-        if self.base_url is not None and self.backend != "openai":
+        if self.base_urls and self.backend != "openai":
             raise LeafeError(f"--base-url is for --backend openai (got --backend {self.backend})")
         if self.gguf_file is not None and self.backend != "hf":
             raise LeafeError(f"--gguf-file is for --backend hf; give --backend {self.backend} a model directory")
+        _at_least(self, 1, "tensor_parallel_size", "data_parallel_size", "kv_cache_gb")
+        if self.max_concurrency is not None:
+            _at_least(self, 1, "max_concurrency")
+        if self.max_model_len is not None:
+            _at_least(self, 1, "max_model_len")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise LeafeError(f"--gpu-memory-utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
+        vllm_only = {"tensor_parallel_size": 1, "data_parallel_size": 1}
+        for name, default in vllm_only.items():
+            if getattr(self, name) != default and self.backend != "vllm":
+                raise LeafeError(f"--{name.replace('_', '-')} is for --backend vllm (got --backend {self.backend})")
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the vllm backend takes: every replica's tensor-parallel group."""
+        return self.tensor_parallel_size * self.data_parallel_size if self.backend == "vllm" else 1
 
 
 @dataclass
@@ -157,7 +200,7 @@ class ExploreSettings(SamplingSettings):
     parallel_tasks: int = knob(16, "Tasks explored at once, batched together (speed only).")
 
     speed_only: ClassVar[tuple[str, ...]] = ("parallel_tasks",)
-    added_later: ClassVar[dict[str, Any]] = {"reflector": "policy"}
+    added_later: ClassVar[dict[str, Any]] = {**SamplingSettings.added_later, "reflector": "policy"}
 
     def validate(self) -> None:
         from leafe.envs import env_class
@@ -268,7 +311,7 @@ class EarlyExperienceSettings(SamplingSettings):
     rationale_tokens: int = knob(128, "sr: token limit of one rationale.")
     states_per_call: int = knob(64, "Expert states whose alternatives are sampled in one generate call.")
 
-    added_later: ClassVar[dict[str, Any]] = {"top_p": 1.0}
+    added_later: ClassVar[dict[str, Any]] = {**SamplingSettings.added_later, "top_p": 1.0}
 
     def validate(self) -> None:
         super().validate()
@@ -287,7 +330,7 @@ class ACESettings(SamplingSettings):
     similarity: float = knob(0.6, "Word overlap at which a lesson is a duplicate.")
     reflection_tokens: int = knob(96, "Token limit of one reflection.")
 
-    added_later: ClassVar[dict[str, Any]] = {"top_p": 1.0}
+    added_later: ClassVar[dict[str, Any]] = {**SamplingSettings.added_later, "top_p": 1.0}
     resume_free: ClassVar[tuple[str, ...]] = ("epochs",)  # more passes continue the playbook
 
     def validate(self) -> None:

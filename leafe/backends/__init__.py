@@ -3,8 +3,10 @@ engine, in process) and `openai` (any OpenAI-compatible completions server); oth
 
 from __future__ import annotations
 
+import os
+
 from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams
-from leafe.settings import BACKENDS, BackendSettings
+from leafe.settings import BACKENDS, GenerationSettings
 
 
 def load_backend(name: str, model: str, **options) -> Backend:
@@ -26,13 +28,23 @@ def load_backend(name: str, model: str, **options) -> Backend:
     raise BackendError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
 
 
-def backend_for(model: str, settings: BackendSettings) -> Backend:
-    """The backend a command's `BackendSettings` name, for `model`; each engine takes its own options."""
+def backend_for(model: str, settings: GenerationSettings) -> Backend:
+    """The backend a stage's `GenerationSettings` name, for `model`; each engine takes its own options."""
     settings.validate()
-    if settings.backend == "openai":  # the server holds the model; `model` only lends its tokenizer
-        return load_backend("openai", model, base_url=settings.base_url)
-    if settings.backend == "vllm":  # vLLM places the model itself (GPU when there is one)
-        return load_backend("vllm", model, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code)
+    if settings.backend == "openai":  # the servers hold the model; `model` only lends its tokenizer
+        return load_backend("openai", model, base_url=settings.base_urls, max_concurrency=settings.max_concurrency,
+                            api_key=os.environ.get(settings.api_key_env) or None)
+    if settings.backend == "vllm":  # vLLM places the model itself (GPUs when there are)
+        options = dict(dtype=settings.dtype, trust_remote_code=settings.trust_remote_code,
+                       tensor_parallel_size=settings.tensor_parallel_size,
+                       gpu_memory_utilization=settings.gpu_memory_utilization, max_model_len=settings.max_model_len,
+                       enable_prefix_caching=settings.enable_prefix_caching, enforce_eager=settings.enforce_eager,
+                       kv_cache_gb=settings.kv_cache_gb)
+        if settings.data_parallel_size > 1:
+            from leafe.backends.replicas import VLLMReplicas
+
+            return VLLMReplicas(model, replicas=settings.data_parallel_size, **options)
+        return load_backend("vllm", model, **options)
     return load_backend(settings.backend, model, device=settings.device, dtype=settings.dtype,
                         trust_remote_code=settings.trust_remote_code, gguf_file=settings.gguf_file)
 

@@ -109,6 +109,9 @@ class Backend(ABC):
     tokenizer: Any
     #: Longest sequence (prompt + completion) the model accepts.
     max_context: int
+    #: The ids the model's generation_config.json stops on; the chat layer adds them to every turn's
+    #: stop ids, so each backend stops on the same set (`leafe.chat.generation_stop_ids`).
+    stop_ids: tuple[int, ...] = ()
     stats: BackendStats
 
     @abstractmethod
@@ -117,3 +120,15 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release resources (servers, worker processes, caches)."""
+
+
+def release_memory() -> None:
+    """Collect what a closed backend left and hand cached GPU memory back to the device, so the next
+    model (a training stage's, another engine's) finds it free."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")  # only when something loaded it: a CPU study never needs it here
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams, loading_model
+from leafe.chat import generation_stop_ids
 
 _BLOCK = 16  # tokens per hashed block of the prefix cache
 
@@ -231,6 +232,7 @@ class HFBackend(Backend):
         self.name = str(model)
         config = self.model.config
         self.max_context = int(getattr(config, "max_position_embeddings", 0) or 4096)
+        self.stop_ids = generation_stop_ids(directory)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.cache = PrefixCache(prefix_cache_mb * 2**20)
         # In-place buffers serve full-attention layers; other layer kinds keep transformers' own cache.

@@ -8,9 +8,12 @@ sees exactly the ids our chat layer built. What comes back depends on the server
   "the ids the model generated are the ids we train on"; every such completion is counted in
   `stats.retokenized` and a warning says so once.
 
-Requests for the prompts of one call run concurrently (the server batches them). Connection errors,
-timeouts and 5xx answers are retried with exponential backoff; a 4xx answer or a malformed body fails
-at once with what the server said.
+Requests for the prompts of one call run concurrently (the server batches them), spread over the
+servers given (prompt i goes to server i mod N first). Connection errors, timeouts and 5xx answers are
+retried with exponential backoff; a server still failing is set aside and its requests go to the
+others, so a run goes on while one server answers. A 4xx answer or a malformed body fails at once with
+what the server said. Each request carries its own seed, so which server answers does not change what
+is sampled (on servers of the same build and hardware).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams, request_seed
+from leafe.chat import generation_stop_ids
 
 
 @dataclass
@@ -43,40 +47,74 @@ class OpenAIStats(BackendStats):
 
 class OpenAIBackend(Backend):
     """`model`: a local directory with the served model's tokenizer (the chat layer needs it);
-    `base_url`: the server, e.g. http://127.0.0.1:8000/v1; `served_model`: the name the server
-    knows the model by (default: the first model it lists)."""
+    `base_url`: the server, e.g. http://127.0.0.1:8000/v1, or several serving the same model;
+    `served_model`: the name the servers know the model by (default: the first model listed);
+    `max_concurrency`: requests in flight at once (None: one per prompt of a call, i.e. every
+    episode in flight)."""
 
-    def __init__(self, model: str, *, base_url: str, served_model: str | None = None, api_key: str | None = None,
-                 timeout_s: float = 120.0, retries: int = 4, backoff_s: float = 0.5, max_concurrency: int = 64):
+    def __init__(self, model: str, *, base_url: str | Sequence[str], served_model: str | None = None,
+                 api_key: str | None = None, timeout_s: float = 120.0, retries: int = 4, backoff_s: float = 0.5,
+                 max_concurrency: int | None = None):
         from transformers import AutoTokenizer
 
-        self.base_url = base_url.rstrip("/")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise BackendError("the openai backend needs a server's address: --base-url http://HOST:PORT/v1")
+        self.base_urls = [u.rstrip("/") for u in urls]
         self.api_key, self.timeout_s = api_key, timeout_s
         self.retries, self.backoff_s, self.max_concurrency = retries, backoff_s, max_concurrency
         self.stats = OpenAIStats()
         self._calls = 0
         self._warned = False
+        self._down: set[str] = set()  # servers that failed every retry; tried again only when all are down
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
         except OSError as exc:
             raise BackendError(f"the openai backend needs the model's tokenizer in a local directory; "
                                f"could not load it from {model}: {exc}") from exc
-        listed = self._request("GET", "/models").get("data")
-        if not isinstance(listed, list) or not listed:
-            raise BackendError(f"{self.base_url}/models lists no model; is this an OpenAI-compatible server?")
-        names = [m.get("id") for m in listed]
-        if served_model is not None and served_model not in names:
-            raise BackendError(f"the server at {self.base_url} serves {', '.join(map(str, names))}, not {served_model!r}")
-        self.served_model = served_model or names[0]
-        entry = listed[names.index(self.served_model)]
+        self.stop_ids = generation_stop_ids(model)
+        entries = {}
+        for url in self.base_urls:
+            try:
+                entries[url] = self._served(url, served_model)
+            except _Unreachable as exc:
+                if len(self.base_urls) == 1:
+                    raise BackendError(str(exc)) from None
+                self._down.add(url)
+                warnings.warn(f"{exc}; going on with the other servers", stacklevel=2)
+        if not entries:
+            raise BackendError(f"none of the servers answers ({', '.join(self.base_urls)}); start them "
+                               f"(e.g. `vllm serve MODEL`) or fix --base-url")
+        names = {entry["id"] for entry in entries.values()}
+        if len(names) > 1:
+            raise BackendError(f"the servers serve different models ({', '.join(sorted(names))}); "
+                               f"give servers of one model, or name it")
+        entry = next(iter(entries.values()))
+        self.served_model = entry["id"]
         # vLLM reports its context; otherwise trust the tokenizer's, then a conservative default.
         tokenizer_max = getattr(self.tokenizer, "model_max_length", 0)
-        self.max_context = int(entry.get("max_model_len") or (tokenizer_max if 0 < tokenizer_max < 10**7 else 4096))
-        self.name = f"{self.base_url} ({self.served_model})"
+        self.max_context = int(min(e.get("max_model_len") or 10**9 for e in entries.values()) if any(
+            e.get("max_model_len") for e in entries.values()) else (tokenizer_max if 0 < tokenizer_max < 10**7 else 4096))
+        self.name = f"{', '.join(self.base_urls)} ({self.served_model})"
+
+    @property
+    def base_url(self) -> str:
+        return self.base_urls[0]
+
+    def _served(self, url: str, served_model: str | None) -> dict[str, Any]:
+        """The /models entry of the model `url` serves (the one named, or its first)."""
+        listed = self._request(url, "GET", "/models").get("data")
+        if not isinstance(listed, list) or not listed:
+            raise BackendError(f"{url}/models lists no model; is this an OpenAI-compatible server?")
+        names = [m.get("id") for m in listed]
+        if served_model is not None and served_model not in names:
+            raise BackendError(f"the server at {url} serves {', '.join(map(str, names))}, not {served_model!r}")
+        return listed[names.index(served_model)] if served_model is not None else listed[0]
 
     # -- HTTP ----------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        url = f"{self.base_url}{path}"
+    def _request(self, url: str, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One request to one server, retried with backoff; `_Unreachable` when every try failed."""
+        full = f"{url}{path}"
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
@@ -87,13 +125,13 @@ class OpenAIBackend(Backend):
                 self.stats.retries += 1
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                with urllib.request.urlopen(urllib.request.Request(url, data, headers, method=method),
+                with urllib.request.urlopen(urllib.request.Request(full, data, headers, method=method),
                                             timeout=self.timeout_s) as response:
                     raw = response.read()
             except urllib.error.HTTPError as exc:
                 detail = exc.read().decode(errors="replace")[:300]
                 if exc.code < 500:  # our request is wrong: retrying cannot help
-                    raise BackendError(f"{method} {url} was refused ({exc.code}): {detail}") from None
+                    raise BackendError(f"{method} {full} was refused ({exc.code}): {detail}") from None
                 last = f"HTTP {exc.code}: {detail}"
                 continue
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
@@ -102,9 +140,27 @@ class OpenAIBackend(Backend):
             try:
                 return json.loads(raw)
             except json.JSONDecodeError:
-                raise BackendError(f"{method} {url} answered with something that is not JSON: {raw[:200]!r}") from None
-        raise BackendError(f"cannot reach an OpenAI-compatible server at {self.base_url} ({last}) after "
+                raise BackendError(f"{method} {full} answered with something that is not JSON: {raw[:200]!r}") from None
+        raise _Unreachable(f"cannot reach an OpenAI-compatible server at {url} ({last}) after "
                            f"{self.retries + 1} tries; start it (e.g. `vllm serve MODEL`) or fix --base-url")
+
+    def _post(self, path: str, body: dict[str, Any], first: int) -> dict[str, Any]:
+        """POST to server `first` (mod N), moving on to the others while servers fail."""
+        order = self.base_urls[first % len(self.base_urls):] + self.base_urls[:first % len(self.base_urls)]
+        order = [u for u in order if u not in self._down] + [u for u in order if u in self._down]
+        errors = []
+        for url in order:
+            try:
+                answer = self._request(url, "POST", path, body)
+            except _Unreachable as exc:
+                if url not in self._down and len(self.base_urls) > 1:
+                    warnings.warn(f"{exc}; its requests go to the other servers", stacklevel=2)
+                self._down.add(url)
+                errors.append(str(exc))
+                continue
+            self._down.discard(url)
+            return answer
+        raise BackendError(errors[0] if len(errors) == 1 else f"every server failed: {'; '.join(errors)}")
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Completion]]:
@@ -114,14 +170,15 @@ class OpenAIBackend(Backend):
         self._calls += 1  # not stats.calls: a stats.reset() must not make request seeds repeat
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
         call = self._calls
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
-            results = list(pool.map(lambda i: self._complete(list(prompts[i]), sampling, request_seed(sampling.seed, call, i)),
+        workers = min(self.max_concurrency or len(prompts), len(prompts))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(lambda i: self._complete(list(prompts[i]), sampling, request_seed(sampling.seed, call, i), i),
                                     range(len(prompts))))
         self.stats.prefill_tokens += sum(len(p) for p in prompts)  # the server's own cache is not visible
         self.stats.generated_tokens += sum(len(c.token_ids) for row in results for c in row)
         return results
 
-    def _complete(self, prompt: list[int], sampling: SamplingParams, seed: int) -> list[Completion]:
+    def _complete(self, prompt: list[int], sampling: SamplingParams, seed: int, server: int) -> list[Completion]:
         if not prompt:
             raise ValueError("cannot generate from an empty prompt")
         body: dict[str, Any] = {
@@ -136,10 +193,10 @@ class OpenAIBackend(Backend):
             body["stop_token_ids"] = list(sampling.stop_token_ids)
         if sampling.logprobs:
             body["logprobs"] = 0  # the sampled token's own log-prob only
-        answer = self._request("POST", "/completions", body)
+        answer = self._post("/completions", body, server)
         choices = answer.get("choices")
         if not isinstance(choices, list) or len(choices) != sampling.n:
-            raise BackendError(f"{self.base_url}/completions answered {len(choices) if isinstance(choices, list) else 'no'} "
+            raise BackendError(f"/completions answered {len(choices) if isinstance(choices, list) else 'no'} "
                                f"choices for n={sampling.n}: {json.dumps(answer)[:200]}")
         choices = sorted(choices, key=lambda c: c.get("index", 0))
         return [self._completion(c, sampling) for c in choices]
@@ -147,7 +204,7 @@ class OpenAIBackend(Backend):
     def _completion(self, choice: dict[str, Any], sampling: SamplingParams) -> Completion:
         text = choice.get("text")
         if not isinstance(text, str):
-            raise BackendError(f"{self.base_url}/completions answered a choice without text: {json.dumps(choice)[:200]}")
+            raise BackendError(f"/completions answered a choice without text: {json.dumps(choice)[:200]}")
         ids = choice.get("token_ids")
         if isinstance(ids, list):
             # Text from our own tokenizer, as the hf backend does: servers hold back the bytes of an
@@ -173,3 +230,7 @@ class OpenAIBackend(Backend):
             logprobs = [float(x) if x is not None else 0.0 for x in raw]
             logprobs += [0.0] * (len(ids) - len(logprobs))  # an appended stop id has none
         return Completion([int(i) for i in ids], text, "stop" if stopped else "length", logprobs)
+
+
+class _Unreachable(BackendError):
+    """A server did not answer after every retry (the others may)."""

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams, request_seed
+from leafe.chat import generation_stop_ids
 
 
 class VLLMBackend(Backend):
@@ -28,10 +29,13 @@ class VLLMBackend(Backend):
     `dtype`: auto (bf16 on GPUs, fp32 on CPU), float32, bfloat16 or float16. `max_model_len` caps the
     context (and so the KV cache vLLM must reserve). `kv_cache_gb` (whole GiB) sizes vLLM's CPU KV cache
     (VLLM_CPU_KVCACHE_SPACE) when no GPU is present; `gpu_memory_utilization` is vLLM's own on GPUs.
+    `tensor_parallel_size` shards the model over that many GPUs (vLLM's own workers); replicas over
+    more GPUs are `leafe.backends.replicas`.
     """
 
     def __init__(self, model: str, *, dtype: str = "auto", max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, kv_cache_gb: int = 2, gpu_memory_utilization: float = 0.85,
+                 enable_prefix_caching: bool = True, kv_cache_gb: int = 2, gpu_memory_utilization: float = 0.9,
+                 tensor_parallel_size: int = 1, enforce_eager: bool = False,
                  max_num_batched_tokens: int | None = None, trust_remote_code: bool = False, seed: int = 0,
                  **engine_options: Any):
         try:
@@ -55,7 +59,9 @@ class VLLMBackend(Backend):
         except OSError as exc:
             raise BackendError(f"could not load the tokenizer of {model}: {exc}") from exc
         options: dict[str, Any] = {"dtype": dtype, "enable_prefix_caching": enable_prefix_caching,
-                                   "trust_remote_code": trust_remote_code, "seed": seed, **engine_options}
+                                   "trust_remote_code": trust_remote_code, "seed": seed,
+                                   "tensor_parallel_size": tensor_parallel_size, "enforce_eager": enforce_eager,
+                                   **engine_options}
         if max_model_len is not None:
             options["max_model_len"] = max_model_len
         if cuda:
@@ -68,6 +74,7 @@ class VLLMBackend(Backend):
         except Exception as exc:  # vLLM raises many types; all mean the engine could not start
             raise BackendError(f"vLLM could not load {model}: {type(exc).__name__}: {exc}") from exc
         self.max_context = int(self.llm.llm_engine.model_config.max_model_len)
+        self.stop_ids = generation_stop_ids(model)
         self.prefix_caching = enable_prefix_caching
         self.name = f"vllm:{model}"
         self.stats = BackendStats()
@@ -82,10 +89,16 @@ class VLLMBackend(Backend):
             if len(p) + sampling.max_new_tokens > self.max_context:
                 raise ValueError(f"prompt of {len(p)} tokens + max_new_tokens {sampling.max_new_tokens} exceeds "
                                  f"the model's context of {self.max_context} tokens")
-        self.stats.calls += 1
         self._calls += 1
+        return self.generate_seeded(prompts, sampling, [request_seed(sampling.seed, self._calls, i) for i in range(len(prompts))])
+
+    def generate_seeded(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
+                        seeds: Sequence[int]) -> list[list[Completion]]:
+        """`generate` with each request's seed given (a replica samples its share of a call with the
+        seeds the whole call would have used, so replicas change nothing that is sampled)."""
+        self.stats.calls += 1
         requests = [self._prompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
-        params = [self._params(sampling, request_seed(sampling.seed, self._calls, i)) for i in range(len(prompts))]
+        params = [self._params(sampling, seed) for seed in seeds]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         results = []
         for prompt, out in zip(prompts, outputs):

@@ -15,12 +15,12 @@ from leafe.cli.options import settings_command
 from leafe.errors import LeafeError
 from leafe.settings import (
     ACESettings,
-    BackendSettings,
     BootstrapConfig,
     DistillSettings,
     EarlyExperienceSettings,
     EvalSettings,
     ExploreSettings,
+    GenerationSettings,
     GRPOSettings,
     SFTSettings,
     WorkerSettings,
@@ -42,7 +42,7 @@ def _model_dir(model: str) -> None:
         raise LeafeError(f"--model {model} is not a model directory")
 
 
-def _backend(model: str, settings: BackendSettings):
+def _backend(model: str, settings: GenerationSettings):
     quiet_transformers()
     from leafe.backends import backend_for
 
@@ -53,7 +53,7 @@ def _backend(model: str, settings: BackendSettings):
 @settings_command
 def eval_cmd(
     settings: EvalSettings,
-    generation: BackendSettings,
+    generation: GenerationSettings,
     workers: WorkerSettings,
     model: ModelOpt,
     out: Annotated[Path, typer.Option(help="Output directory (eval.json); resumes if it holds a partial run.")],
@@ -85,7 +85,7 @@ def eval_cmd(
 @settings_command
 def explore_cmd(
     settings: ExploreSettings,
-    generation: BackendSettings,
+    generation: GenerationSettings,
     workers: WorkerSettings,
     model: ModelOpt,
     out: Annotated[Path, typer.Option(help="Output directory (trees.jsonl, summary.json); resumes a partial run.")],
@@ -155,7 +155,7 @@ def _trained(result) -> None:
 
 @train_app.command("grpo")
 @settings_command
-def grpo_cmd(settings: GRPOSettings, generation: BackendSettings, workers: WorkerSettings, model: StartOpt,
+def grpo_cmd(settings: GRPOSettings, generation: GenerationSettings, workers: WorkerSettings, model: StartOpt,
              out: TrainOut) -> None:
     """Multi-turn GRPO: G episodes per task, group-normalised advantages, clipped loss, k3 KL."""
     from leafe.method import Job
@@ -176,7 +176,7 @@ def grpo_cmd(settings: GRPOSettings, generation: BackendSettings, workers: Worke
 
 @train_app.command("early-experience")
 @settings_command
-def early_experience_cmd(settings: EarlyExperienceSettings, sft: SFTSettings, generation: BackendSettings,
+def early_experience_cmd(settings: EarlyExperienceSettings, sft: SFTSettings, generation: GenerationSettings,
                          workers: WorkerSettings, model: StartOpt, out: TrainOut) -> None:
     """Early Experience: implicit world modelling (iwm) or self-reflection (sr) on the expert's states."""
     from leafe.method import Job
@@ -194,7 +194,7 @@ def early_experience_cmd(settings: EarlyExperienceSettings, sft: SFTSettings, ge
 
 @train_app.command("ace")
 @settings_command
-def ace_cmd(settings: ACESettings, generation: BackendSettings, workers: WorkerSettings, model: StartOpt,
+def ace_cmd(settings: ACESettings, generation: GenerationSettings, workers: WorkerSettings, model: StartOpt,
             out: TrainOut) -> None:
     """ACE: a playbook of lessons curated from the policy's own play (writes OUT/playbook.json)."""
     from leafe.method import Job

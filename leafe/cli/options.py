@@ -4,7 +4,7 @@ help become the option, so the command line cannot drift from the library's defa
 
     @app.command("eval")
     @settings_command
-    def eval_cmd(settings: EvalSettings, backend: BackendSettings, model: ModelOpt, out: OutOpt): ...
+    def eval_cmd(settings: EvalSettings, backend: GenerationSettings, model: ModelOpt, out: OutOpt): ...
 
 The command gets one option per field of every dataclass parameter; the function receives the built,
 validated instances. A field that two of its dataclasses share (`seed` of distillation and of its

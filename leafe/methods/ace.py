@@ -137,7 +137,8 @@ def train_ace(job: Job, settings: ACESettings) -> MethodResult:
         before = backend.stats.generated_tokens
         engine = RolloutEngine(backend, temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
                                seed=settings.seed * 100_003 + round_index,
-                               system=playbook_system_prompt(playbook.texts(), SYSTEM_PROMPT))
+                               system=playbook_system_prompt(playbook.texts(), SYSTEM_PROMPT),
+                               date_string=settings.date_string)
         lives = [engine.start(envs(settings.env, **settings.env_params), task) for task in schedule[round_index]]
         episodes = engine.run(lives)  # generator
         prompts = [engine.recorder.reflection_prompt(live, ACE_REFLECTOR_PROMPT).prompt_ids() for live in lives]

@@ -175,7 +175,7 @@ def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFT
     started = time.perf_counter()
     generated_before = backend.stats.generated_tokens  # sampled tokens only (expert turns are scripted)
     engine = RolloutEngine(backend, temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
-                           seed=settings.seed)
+                           seed=settings.seed, date_string=settings.date_string)
     tasks = make(settings.env, **settings.env_params).make_tasks(settings.tasks, settings.task_seed)
     job.progress.start(None)
 
@@ -195,6 +195,9 @@ def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFT
     data: dict[str, Any] = {"tasks": len(tasks), "tasks_without_expert": missing, "expert_states": len(states),
                             "expert_rows": len(expert_rows), "alternatives": len(alternatives),
                             "alternatives_same_as_expert": same}
+    if settings.variant == "iwm":  # nothing more to sample: the engine goes before the model to train loads
+        generated = backend.stats.generated_tokens - generated_before
+        job.done_sampling()
     with loading_model(model):
         tokenizer = AutoTokenizer.from_pretrained(model)
     trainings = {}
@@ -214,6 +217,8 @@ def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFT
         phase("self-reflection")
         sr_rows, sr_stats = self_reflection_rows(engine, alternatives, settings)
         data["sr"] = sr_stats
+        generated = backend.stats.generated_tokens - generated_before
+        job.done_sampling()
         collect_s = time.perf_counter() - started
         phase("training: rationales + imitation")
         mixed = train(model, tokenizer, sr_rows + expert_rows, out, sft, on_log=on_log)
@@ -228,7 +233,7 @@ def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFT
         "data": data,
         "training": {name: {k: v for k, v in t.items() if k != "log"} for name, t in trainings.items()},
         "loss_log": {name: t["log"] for name, t in trainings.items()},
-        "cost": {"env_steps": counters.env_steps, "generated_tokens": backend.stats.generated_tokens - generated_before,
+        "cost": {"env_steps": counters.env_steps, "generated_tokens": generated,
                  "collect_wall_s": round(collect_s, 2), "wall_s": round(time.perf_counter() - started, 2)},
     }
     write_json(out / "train.json", summary)

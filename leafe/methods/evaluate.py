@@ -55,6 +55,7 @@ def evaluate(job: Job, settings: EvalSettings, *, save_episodes: bool = False) -
         max_batch=settings.max_batch,
         seed=settings.seed,
         system=playbook_system_prompt(settings.playbook),
+        date_string=settings.date_string,
     )
     session, started = uuid.uuid4().hex[:8], time.perf_counter()
     pending: dict[str, list[Episode]] = defaultdict(list)

@@ -114,6 +114,7 @@ class Explorer:
             max_batch=1 << 30,  # `explore` bounds the batch through parallel_tasks
             seed=settings.seed,
             keep_snapshots=settings.snapshots,
+            date_string=settings.date_string,
         )
         self.recorder = self.engine.recorder
         # The oracle grades a task from its spec and the actions alone, so one local env serves all.

@@ -235,7 +235,7 @@ class GRPOTrainer:
         s = self.settings
         seed = s.seed * 100_003 + step + 1_000_003 * self.rank  # ranks sample different tasks with other streams
         engine = RolloutEngine(self.backend, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                               max_batch=len(tasks) * s.group_size, seed=seed)
+                               max_batch=len(tasks) * s.group_size, seed=seed, date_string=s.date_string)
         lives = (engine.start(self.envs(s.env, **s.env_params), task, {"sample": j})
                  for task in tasks for j in range(s.group_size))
         self.policy.eval()

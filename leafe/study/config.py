@@ -15,6 +15,8 @@ is set once at the top: the environment, the model, and the training tasks.
     leafe: {start: grpo, explore: {budget: 60}, distill: {beta: 1.0}, sft: {learning_rate: 3.0e-4}}
     early_experience: {variant: iwm, tasks: 32, sft: {learning_rate: 3.0e-4}}
     ace: {tasks: 32}
+    generation: {backend: vllm, tensor_parallel_size: 1, data_parallel_size: 8}  # every sampling stage
+    resources: {gpus: 8, gpu_memory_gb: 80}   # what `leafe run --dry-run` plans for
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from leafe.settings import (
     EarlyExperienceSettings,
     EvalSettings,
     ExploreSettings,
+    GenerationSettings,
     GRPOSettings,
     SFTSettings,
 )
@@ -66,14 +69,31 @@ class EarlyExperienceSection(_Section):
     settings: dict[str, Any] = {}
 
 
+class Resources(_Section):
+    """The machine a study is planned for (`leafe run --dry-run`; `leafe.study.budget`). Unset: what
+    this machine has (its GPUs, or the CPU)."""
+
+    gpus: int | None = Field(None, ge=0)
+    gpu_memory_gb: float | None = Field(None, gt=0)
+    #: Decode throughput assumed per GPU for a 7B model in bf16 (scaled by size for others), for the
+    #: planner's hours; a stated assumption, not a measurement.
+    tokens_per_s_per_gpu: float = Field(2500.0, gt=0)
+
+
 class StudyConfig(_Section):
     name: str
     env: str = "sokoban"
     env_params: dict[str, Any] = {}
     model: str = EMBEDDED
+    #: Older configs set these three at the top level; they are generation's (see `generation_settings`).
     gguf_file: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str | None = None
+    dtype: str | None = None
+    generation: dict[str, Any] = {}
+    resources: Resources = Resources()
+    #: The date a chat template that writes one renders; `leafe run` pins today's in run.json at the
+    #: first run of a model whose template reads it, so a resumed run renders the same tokens.
+    date_string: str | None = None
     methods: list[Literal["base", "grpo", "leafe", "early_experience", "ace"]] = list(METHODS)
     train: TrainTasks = TrainTasks()
     eval: dict[str, Any] = {}
@@ -83,17 +103,33 @@ class StudyConfig(_Section):
     ace: dict[str, Any] = {}
 
     # -- the settings of each stage ------------------------------------------------------------
+    def _shared(self) -> dict[str, Any]:
+        """What every sampling stage takes from the top level."""
+        pinned = {} if self.date_string is None else {"date_string": self.date_string}
+        return {"env": self.env, "env_params": self.env_params, **pinned}
+
+    def generation_settings(self) -> GenerationSettings:
+        """The engine every sampling stage uses (base evaluation, exploration, Early Experience's
+        alternatives, ACE, the evaluations)."""
+        section = dict(self.generation)
+        for key in ("device", "dtype", "gguf_file"):
+            if getattr(self, key) is not None:
+                if key in section:
+                    raise LeafeError(f"{key} is set twice (top level and generation.{key}); keep generation.{key}")
+                section[key] = getattr(self, key)
+        return _settings(GenerationSettings, section, "generation")
+
     def eval_settings(self) -> EvalSettings:
         # The playbook is ACE's: its evaluation adds it.
-        return _settings(EvalSettings, self.eval, "eval", env=self.env, env_params=self.env_params, playbook=[])
+        return _settings(EvalSettings, self.eval, "eval", **self._shared(), playbook=[])
 
     def grpo_settings(self) -> GRPOSettings:
         return _settings(GRPOSettings, {**self.train.model_dump(), **self.grpo}, "grpo",
-                         env=self.env, env_params=self.env_params)
+                         **self._shared())
 
     def explore_settings(self) -> ExploreSettings:
         return _settings(ExploreSettings, {**self.train.model_dump(), **self.leafe.explore}, "leafe.explore",
-                         env=self.env, env_params=self.env_params, strategy="leafe")
+                         **self._shared(), strategy="leafe")
 
     def distill_settings(self) -> DistillSettings:
         return _settings(DistillSettings, self.leafe.distill, "leafe.distill")
@@ -105,20 +141,21 @@ class StudyConfig(_Section):
         section = self.early_experience
         tasks = {**self.train.model_dump(), **({"tasks": section.tasks} if section.tasks else {})}
         return _settings(EarlyExperienceSettings, {**tasks, **section.settings, "variant": section.variant},
-                         "early_experience", env=self.env, env_params=self.env_params)
+                         "early_experience", **self._shared())
 
     def early_experience_sft(self) -> SFTSettings:
         return _settings(SFTSettings, self.early_experience.sft, "early_experience.sft")
 
     def ace_settings(self) -> ACESettings:
         return _settings(ACESettings, {**self.train.model_dump(), **self.ace}, "ace",
-                         env=self.env, env_params=self.env_params)
+                         **self._shared())
 
     def check(self) -> None:
         """Build every stage's settings once, so a bad key fails before the first stage runs."""
         if "base" not in self.methods:
             raise LeafeError("methods must include base: every method is compared with the model it started from")
         self.eval_settings()
+        self.generation_settings()
         for method, builders in {
             "grpo": [self.grpo_settings],
             "leafe": [self.explore_settings, self.distill_settings, self.distill_sft],

@@ -31,6 +31,12 @@ from leafe.rundir import digest, stage_status
 from leafe.study.config import EMBEDDED, StudyConfig
 
 
+def _engine_fp(generation: Any) -> dict[str, Any]:
+    """What of the engine can change what a sampling stage samples (not where or how fast it runs)."""
+    return {"backend": generation.backend, "tensor_parallel_size": generation.tensor_parallel_size,
+            "max_model_len": generation.max_model_len}
+
+
 @dataclass
 class Stage:
     key: str  # e.g. "grpo.train"; also the stage's directory under the run (dots -> slashes)
@@ -50,6 +56,18 @@ class Study:
         self.config = config
         self.out = Path(out)
         self._backend: tuple[str, Any] | None = None  # one loaded model at a time (7B models are big)
+        self._pin_date()
+
+    def _pin_date(self) -> None:
+        """A template that writes today's date (Llama 3.1) renders the date of the run's first day,
+        recorded in run.json, on every day the run resumes."""
+        from leafe.chat import template_reads_date, today_string
+
+        c = self.config
+        if c.date_string is not None or c.model == EMBEDDED or not template_reads_date(c.model):
+            return
+        record = self.out / "run.json"
+        c.date_string = (read_json(record).get("date_string") if record.exists() else None) or today_string()
 
     # -- paths ---------------------------------------------------------------------------------
     def stage_dir(self, key: str) -> Path:
@@ -95,30 +113,34 @@ class Study:
 
             add("bootstrap", "bootstrap base agent", _fp(BootstrapConfig()), self._bootstrap)
             base_after = ("bootstrap",)
-        model_fp = {"model": c.model, "gguf_file": c.gguf_file, "dtype": c.dtype}
+        generation = c.generation_settings()
+        model_fp = {"model": c.model, "gguf_file": generation.gguf_file, "dtype": generation.dtype}
+        # Another engine draws other random numbers: a sampling stage records which one sampled it
+        # (left out for hf, so run directories from before engines were chosen stay done).
+        sampled_fp = model_fp if generation.backend == "hf" else {**model_fp, "engine": _engine_fp(generation)}
         evaluation = c.eval_settings()
-        add("base.eval", "eval base", {"eval": _fp(evaluation), **model_fp},
+        add("base.eval", "eval base", {"eval": _fp(evaluation), **sampled_fp},
             lambda t: self._eval("base", t), base_after)
         if "grpo" in c.methods:
             add("grpo.train", "GRPO", {"grpo": _fp(c.grpo_settings()), **model_fp}, self._grpo, base_after)
         if "leafe" in c.methods:
             start_after = ("grpo.train",) if self.leafe_start() == "grpo" else base_after
             add("leafe.explore", f"LEAFE explore ({self.leafe_start()})",
-                {"explore": _fp(c.explore_settings()), **model_fp}, self._explore, start_after)
+                {"explore": _fp(c.explore_settings()), **sampled_fp}, self._explore, start_after)
             add("leafe.distill", "LEAFE distil", {"distill": _fp(c.distill_settings()),
                 "sft": _fp(c.distill_sft()), **model_fp}, self._distill, ("leafe.explore", *start_after))
         if "early_experience" in c.methods:
             add("early_experience.train", f"Early Exp. ({c.early_experience.variant})",
-                {"ee": _fp(c.early_experience_settings()), "sft": _fp(c.early_experience_sft()), **model_fp},
+                {"ee": _fp(c.early_experience_settings()), "sft": _fp(c.early_experience_sft()), **sampled_fp},
                 self._early_experience, base_after)
         if "ace" in c.methods:
-            add("ace.train", "ACE playbook", {"ace": _fp(c.ace_settings()), **model_fp}, self._ace,
+            add("ace.train", "ACE playbook", {"ace": _fp(c.ace_settings()), **sampled_fp}, self._ace,
                 base_after)
         trained = {"grpo": "grpo.train", "leafe": "leafe.distill", "early_experience": "early_experience.train",
                    "ace": "ace.train"}
         for method in c.methods:
             if method != "base":
-                add(f"{method}.eval", f"eval {method}", {"eval": _fp(evaluation), **model_fp},
+                add(f"{method}.eval", f"eval {method}", {"eval": _fp(evaluation), **sampled_fp},
                     lambda t, m=method: self._eval(m, t), (trained[method],))
         return stages
 
@@ -140,6 +162,8 @@ class Study:
 
         self.check_inputs()  # a bad env or model fails here, not after the base agent is built
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.config.date_string is not None and not (self.out / "run.json").exists():
+            write_json(self.out / "run.json", {"date_string": self.config.date_string})
         stages = self.plan()
         for i, stage in enumerate(stages):
             state = self.status(stage)
@@ -201,28 +225,33 @@ class Study:
 
     # -- the stages: each calls one method through the contract ---------------------------------
     def _job(self, key: str, model: Path | str, progress: Progress, **more: Any) -> Job:
-        return Job(model=str(model), out=self.stage_dir(key), progress=progress, device=self.config.device, **more)
+        return Job(model=str(model), out=self.stage_dir(key), progress=progress,
+                   device=self.config.generation_settings().device, release=self._release, **more)
 
     def _load(self, model: Path):
-        """The backend for `model`, reusing the loaded one when it is the same model."""
+        """The engine for `model` (the config's `generation:`), reusing the running one when it
+        serves the same model; any other is shut down first, so one model is resident at a time."""
         if self._backend is not None and self._backend[0] == str(model):
             return self._backend[1]
         self._release()
-        from leafe.backends import load_backend
+        from leafe.backends import backend_for
 
         if not model.exists():
             raise LeafeError(f"model {model} does not exist; set `model:` in the config to a model directory")
-        backend = load_backend("hf", str(model), device=self.config.device, dtype=self.config.dtype,
-                               gguf_file=self.config.gguf_file)
+        backend = backend_for(str(model), self.config.generation_settings())
         self._backend = (str(model), backend)
         return backend
 
     def _release(self) -> None:
+        """Shut the running engine down and give its memory back (before a training stage loads its
+        model, and between engines of different models)."""
         if self._backend is not None:
-            self._backend = None
-            import gc
+            from leafe.backends.base import release_memory
 
-            gc.collect()
+            backend, self._backend = self._backend[1], None
+            backend.close()
+            del backend
+            release_memory()
 
     def _bootstrap(self, progress: Progress) -> tuple[MethodResult, dict[str, Any]]:
         from leafe.base_agent.bootstrap import bootstrap
