@@ -59,6 +59,9 @@ class ChatFormat:
             )
         self.tokenizer = tokenizer
         self.date_string = date_string
+        # Qwen3's hybrid template: leafe's agent turns are actions, so its thinking mode is off (the
+        # generation prompt then carries the empty reasoning block the model is trained to follow).
+        self.template_kwargs = {"enable_thinking": False} if "enable_thinking" in tokenizer.chat_template else {}
         self._extra_stop_ids = tuple(int(i) for i in stop_ids)
         self._skeleton = [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER}]
         self._skeleton_text = self._render(self._skeleton)
@@ -67,8 +70,7 @@ class ChatFormat:
         self.generation_prompt_ids = self.encode(self.generation_prompt_text)
 
         self._after_assistant = self._skeleton + [{"role": "assistant", "content": _ASSISTANT}]
-        self._after_assistant_text = self._render(self._after_assistant)
-        turn = _suffix(self._skeleton_text, self._after_assistant_text, "an assistant turn")
+        turn = _suffix(self._skeleton_text, self._render(self._after_assistant), "an assistant turn")
         head, sep, closing = turn.partition(_ASSISTANT)
         if not sep or head != self.generation_prompt_text:
             raise ChatTemplateError(
@@ -77,6 +79,11 @@ class ChatFormat:
             )
         #: Text the template puts after an assistant message's content (e.g. "<|im_end|>\n").
         self.turn_end_text = closing
+        #: How the template renders an assistant turn once another message follows it. Most templates
+        #: render it as it was generated; Qwen3's drops the (empty) reasoning block of earlier turns.
+        #: leafe keeps every turn as generated, so what the model saw is what it is trained on.
+        self.history_head = self._history_head(closing)
+        self._after_assistant_text = self._skeleton_text + self.history_head + _ASSISTANT + closing
         closing_ids = self.encode(closing)
         special = set(tokenizer.all_special_ids)
         #: The token that ends an assistant turn, when the template ends turns with a special token.
@@ -89,10 +96,26 @@ class ChatFormat:
         self.stop_token_ids = self._stop_ids()
         self._check_append_only()
 
+    def _history_head(self, closing: str) -> str:
+        """The header of an assistant turn followed by another message."""
+        probe = self._render(self._after_assistant + [{"role": "user", "content": _USER}])
+        turn = _suffix(self._skeleton_text, probe, "an assistant turn before another message")
+        head, sep, tail = turn.partition(_ASSISTANT)
+        after_user = _suffix(self._skeleton_text, self._render(self._skeleton + [{"role": "user", "content": _USER}]),
+                             "a user message")
+        if not sep or tail != closing + after_user:
+            raise ChatTemplateError(
+                "the chat template renders an earlier assistant turn with another ending than the turn it "
+                f"generated ({tail!r}); a history cannot be extended turn by turn"
+            )
+        return head
+
     # -- rendering -----------------------------------------------------------------------------
     def _render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         try:
-            extra = {} if self.date_string is None else {"date_string": self.date_string}
+            extra = dict(self.template_kwargs)
+            if self.date_string is not None:
+                extra["date_string"] = self.date_string
             return self.tokenizer.apply_chat_template(
                 list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **extra
             )
@@ -111,7 +134,7 @@ class ChatFormat:
 
     def message_text(self, role: str, content: str, after_assistant: bool) -> str:
         """The template's text for one more message appended to a conversation."""
-        base, base_text = (
+        base, base_text = (  # after an assistant turn: rendered as the template renders earlier turns
             (self._after_assistant, self._after_assistant_text)
             if after_assistant
             else (self._skeleton, self._skeleton_text)
@@ -148,6 +171,8 @@ class ChatFormat:
         conv.add_message("user", "an experience")
         built = self.tokenizer.decode(conv.ids + self.generation_prompt_ids)
         expected = self.tokenizer.decode(self.encode(self._render(messages, add_generation_prompt=True)))
+        # The one difference allowed: the earlier turn keeps the header it was generated under.
+        expected = expected.replace(self.history_head + "Action: up", self.generation_prompt_text + "Action: up", 1)
         if built != expected:
             raise ChatTemplateError(
                 "the chat template is not append-only: a conversation built turn by turn renders differently "

@@ -1,5 +1,6 @@
 """`leafe run CONFIG`: the whole study, with a live display of its stages; `--dry-run` checks the config
-and prints the stage plan without importing torch."""
+and prints the stage plan and what each stage asks of the GPUs (`leafe.study.budget`) without importing
+torch."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def run_cmd(
     model: Annotated[str | None, typer.Option("--model", help="Base model directory (overrides the config's).")] = None,
     overrides: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a config key, e.g. --set leafe.start=base --set eval.tasks=50 (repeatable).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the config and print the stage plan; run nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the config, print the stage plan and its resources; run nothing.")] = False,
 ) -> None:
     """The whole study: bootstrap -> base eval -> GRPO -> LEAFE (explore, distil) -> Early Experience ->
     ACE -> eval of every method -> results.json -> report.html. Stages already done are skipped, so
@@ -32,6 +33,7 @@ def run_cmd(
     from rich.progress import SpinnerColumn
 
     from leafe.method import NoProgress
+    from leafe.study import budget
     from leafe.study.config import load_config
     from leafe.study.plan import Study
 
@@ -44,6 +46,9 @@ def run_cmd(
     study.check_inputs()  # env, its parameters, model and data paths: before any stage runs
     if dry_run:
         console.print(stage_plan_table(study, stages))
+        console.print(resource_table(budget.plan(study_config, study)))
+    budget.check(study_config, study)  # a config that cannot fit fails now, not hours into a stage
+    if dry_run:
         return
     quiet_transformers()
     started = time.perf_counter()
@@ -99,6 +104,26 @@ def stage_plan_table(study, stages) -> Table:
         where = study.stage_dir(stage.key) if stage.key != "bootstrap" else study.base_model()
         table.add_row(str(i), stage.key, stage.title, study.status(stage), str(where))
     return table
+
+
+def resource_table(plan) -> Table:
+    """Per stage: the GPUs it uses, what each holds (GB), the tokens it generates at most, and hours."""
+    table = Table(title=f"resources ({plan.checked})")
+    for name in ("stage", "GPUs", "weights", "KV cache", "optimizer", "activations", "total/GPU",
+                 "tokens (at most)", "hours"):
+        table.add_column(name, no_wrap=name == "stage", justify="left" if name == "stage" else "right")
+    table.add_column("note")
+    for s in plan.stages:
+        table.add_row(s.key, str(s.gpus), _gb(s.weights), "?" if s.kv is None else _gb(s.kv), _gb(s.optimizer),
+                      _gb(s.activations), _gb(s.total) if s.kv is not None else "?",
+                      "-" if s.tokens is None else f"{s.tokens:.3g}", "-" if s.hours is None else f"{s.hours:.1f}",
+                      s.note)
+    table.caption = plan.assumption
+    return table
+
+
+def _gb(value: float) -> str:
+    return f"{value / 1e9:.1f} GB" if value else "-"
 
 
 def results_table(results: dict[str, Any]) -> Table:
