@@ -177,3 +177,42 @@ def test_leafe_eval_runs_through_the_server(vllm_server, served_model_dir, tmp_p
     assert [t["n"] for t in report["tasks"]] == [4, 4, 4] and report["generated_tokens"] > 0
     wrong = leafe("eval", "--model", served_model_dir, "--out", tmp_path / "x", "--base-url", vllm_server)
     assert wrong.returncode != 0 and "--base-url is for --backend openai" in wrong.stderr
+
+
+def _counting_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
+    server.hits, server.keys = 0, set()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+class _Counting(_Plain):
+    """Counts the completions it serves and the API keys it is sent."""
+
+    def do_POST(self):
+        self.server.hits += 1
+        self.server.keys.add(self.headers.get("Authorization"))
+        super().do_POST()
+
+
+def test_requests_spread_over_servers_and_move_off_one_that_fails(tiny_model_dir, monkeypatch):
+    from leafe.backends import backend_for
+    from leafe.settings import GenerationSettings
+
+    (a, url_a), (b, url_b) = _counting_server(), _counting_server()
+    monkeypatch.setenv("LEAFE_TEST_KEY", "secret")
+    backend = backend_for(str(tiny_model_dir), GenerationSettings(backend="openai", base_urls=[url_a, url_b],
+                                                                 api_key_env="LEAFE_TEST_KEY"))
+    backend.retries, backend.backoff_s = 1, 0.01
+    rows = backend.generate([[5, 6, 7]] * 6, SamplingParams(n=1, max_new_tokens=4))
+    assert len(rows) == 6 and (a.hits, b.hits) == (3, 3)  # prompt i goes to server i mod 2
+    assert a.keys == b.keys == {"Bearer secret"}
+    a.shutdown()
+    a.server_close()
+    with pytest.warns(UserWarning, match=f"cannot reach .*{url_a}.*its requests go to the other servers"):
+        rows = backend.generate([[5, 6, 7]] * 4, SamplingParams(n=1, max_new_tokens=4))
+    assert len(rows) == 4 and b.hits == 3 + 4 and backend.stats.retries >= 1  # the run went on
+    b.shutdown()
+    b.server_close()
+    with pytest.raises(BackendError, match="every server failed"):
+        backend.generate([[5, 6, 7]], SamplingParams(n=1, max_new_tokens=4))
