@@ -50,17 +50,23 @@ def memory() -> dict:
         children = []
         for c in me.children(recursive=True):
             try:
-                children.append((c.pid, c.name(), c.memory_info().rss))
-            except psutil.Error:
-                pass
+                status, name = c.status(), c.name()
+            except psutil.NoSuchProcess:
+                continue
+            try:
+                rss, name = c.memory_info().rss, f"{name}: {' '.join(' '.join(c.cmdline()).split())[:60]}"
+            except psutil.Error:  # a zombie has no memory and no command line left
+                rss = 0
+            children.append((name, status, rss))
         rss = me.memory_info().rss
     except ImportError:
         rss = _proc_rss(os.getpid())
-        children = [(pid, _proc_name(pid), _proc_rss(pid)) for pid in _proc_children(os.getpid())]
+        children = [(_proc_name(pid), _proc_state(pid), _proc_rss(pid)) for pid in _proc_children(os.getpid())]
     mb = 1 << 20
     return {"rss_mb": round(rss / mb, 1), "children": len(children),
+            "zombies": sum(s in ("zombie", "Z") for _, s, _ in children),
             "children_rss_mb": round(sum(r for _, _, r in children) / mb, 1),
-            "child_names": sorted({n for _, n, _ in children})}
+            "child_names": sorted(f"{n} [{s}]" for n, s, _ in children)}
 
 
 def _proc_rss(pid: int) -> int:
@@ -71,6 +77,13 @@ def _proc_rss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
 
 
 def _proc_name(pid: int) -> str:

@@ -15,6 +15,7 @@ prefix cache.
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 from collections.abc import Sequence
@@ -90,9 +91,12 @@ class VLLMReplicas(Backend):
         self._replicas = []
         for where in devices:
             parent, child = context.Pipe()
-            process = context.Process(target=_serve, args=(child, model, where, options), daemon=True)
+            # Not a daemon: vLLM starts its engine core as a child process, which daemons may not have;
+            # `close` (also at exit) stops the replicas instead.
+            process = context.Process(target=_serve, args=(child, model, where, options))
             process.start()
             self._replicas.append((process, parent))
+        atexit.register(self.close)
         contexts = [self._receive(r, START_TIMEOUT_S, "loading the model") for r in range(replicas)]
         self.max_context = int(min(c[1] for c in contexts))
         self.stop_ids = generation_stop_ids(model)

@@ -188,7 +188,8 @@ def early_experience_cmd(settings: EarlyExperienceSettings, sft: SFTSettings, ge
     backend = _backend(model, generation)
     with env_workers(workers.workers, workers.ray_address) as envs:
         result = with_progress(f"early experience ({settings.variant})", lambda progress: train_early_experience(
-            Job(model=model, out=out, backend=backend, envs=envs, progress=progress), settings, sft))
+            Job(model=model, out=out, backend=backend, envs=envs, progress=progress, release=backend.close),
+            settings, sft))  # the engine closes before the model to train loads (Job.done_sampling)
     _trained(result)
 
 
