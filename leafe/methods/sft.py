@@ -117,6 +117,16 @@ def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     return (nll * per_token.to(nll.dtype)).sum() / max(float(normalizer), 1.0)
 
 
+def _checkpointing_field() -> str:
+    """transformers 5.2x calls it activation_checkpointing; the 5.1x that vLLM pins, gradient_checkpointing."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    return "activation_checkpointing" if "activation_checkpointing" in {
+        f.name for f in dataclasses.fields(SFTConfig)} else "gradient_checkpointing"
+
+
 def _trainer_class():
     from trl import SFTTrainer
 
@@ -186,6 +196,7 @@ def train(
     if settings.lora and processes > 1:
         raise LeafeError("LoRA adapters are merged into the weights on save, which a multi-process (sharded) run "
                          "cannot do; train without --lora under leafe launch")
+    checkpointing = _checkpointing_field()
     config = SFTConfig(
         output_dir=str(out / "trainer"),
         learning_rate=settings.learning_rate,
@@ -209,7 +220,7 @@ def train(
         bf16=use_cuda and torch.cuda.is_bf16_supported(),
         use_cpu=not use_cuda,
         dataloader_num_workers=0,
-        activation_checkpointing=settings.activation_checkpointing,
+        **{checkpointing: settings.activation_checkpointing},
         ddp_find_unused_parameters=False,  # every parameter takes part in the loss (DDP: no extra graph walk)
         **settings.extra,
     )
