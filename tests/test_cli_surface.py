@@ -134,3 +134,40 @@ def test_settings_dataclasses_are_the_only_defaults_the_study_config_uses():
     config = StudyConfig(name="t")
     assert config.distill_sft() == SFTSettings()
     assert dataclasses.asdict(config.eval_settings())["max_batch"] == 64
+
+
+def test_the_final_table_fits_80_columns_and_keeps_the_method_names():
+    from rich.console import Console
+
+    from leafe.cli.run import results_table
+
+    ks = ["1", "2", "4", "8", "16", "32", "64", "128"]
+    vs = {k: {"diff": -0.1234, "ci95": [-0.3, 0.05]} for k in ("1", "128")}
+    methods = {name: {"pass_at_k": {k: 0.4 for k in ks}, **({"vs_base": vs} if name != "base" else {})}
+               for name in ("base", "grpo", "leafe", "early_experience", "ace")}
+    results = {"env": "sokoban", "tasks": 100, "samples": 128, "methods": methods}
+    for width in (80, 200):
+        console = Console(width=width, record=True, color_system=None)
+        console.print(results_table(results, width=width))
+        lines = console.export_text().splitlines()
+        assert max(map(len, lines)) <= width
+        assert any("Early Experience" in line for line in lines)  # a name is never wrapped
+        header = next(line for line in lines if "Pass@1 " in line)
+        assert "Pass@128" in header and ("Pass@8 " in header) == (width == 200)  # middle ks go first
+
+
+def test_a_log_gets_a_line_with_progress_and_eta_while_a_stage_runs():
+    from rich.progress import Progress
+
+    from leafe.cli.run import LogProgress
+
+    bar, lines, now = Progress(), [], [0.0]
+    sink = LogProgress(bar, bar.add_task("eval", total=None, status=""), "base.eval", lambda: now[0], lines.append,
+                       every_s=60)
+    sink.start(10)
+    for second in (10, 20, 70, 80, 140):
+        now[0] = second
+        sink.advance(1, status="solved 1/1")
+    # One line a minute of the stage's clock, not one per advance; each says where it is and what is left.
+    assert lines == ["[0:01:10]   base.eval: 3/10, solved 1/1, ETA 0:02:43",  # 70 s for 3, 7 to go
+                     "[0:02:20]   base.eval: 5/10, solved 1/1, ETA 0:02:20"]

@@ -77,7 +77,9 @@ def run_cmd(
             current.append(progress.add_task(label, total=1, completed=1, status=f"[dim]{note}"))
             return NoProgress()
         current.append(progress.add_task(label, total=None, status=note))
-        return BarProgress(progress, current[-1])
+        if live:
+            return BarProgress(progress, current[-1])
+        return LogProgress(progress, current[-1], stage.key, lambda: time.perf_counter() - started, console.print)
 
     with Live(progress, console=console, refresh_per_second=4) if live else contextlib.nullcontext():
         results = study.run(progress_for)
@@ -91,6 +93,35 @@ def run_cmd(
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class LogProgress(BarProgress):
+    """A stage's progress where stdout is a log, not a terminal (CI, `| tee`): besides the stage's
+    opening line, one line every `every_s` seconds with how far it is, its status and its ETA."""
+
+    def __init__(self, bar, task, key: str, clock, emit, every_s: float = 60.0):
+        super().__init__(bar, task)
+        self.key, self.clock, self.emit, self.every_s = key, clock, emit, every_s
+        self.last = self.began = clock()
+        self.resumed_at = 0  # items a resumed stage had done before this run (not this run's speed)
+
+    def start(self, total: int | None, done: int = 0) -> None:
+        super().start(total, done)
+        self.began, self.resumed_at = self.clock(), done
+
+    def advance(self, n: int = 1, status: str = "") -> None:
+        super().advance(n, status)
+        now = self.clock()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        task = next(t for t in self.bar.tasks if t.id == self.task)
+        done = f"{task.completed:.0f}/{task.total:.0f}" if task.total else f"{task.completed:.0f}"
+        ran = task.completed - self.resumed_at
+        eta = (f", ETA {_clock((now - self.began) / ran * (task.total - task.completed))}"
+               if task.total and ran > 0 else "")
+        shown = task.fields.get("status") or ""
+        self.emit(f"[{_clock(now)}]   {self.key}: {done}{', ' + shown if shown else ''}{eta}")
 
 
 def stage_plan_table(study, stages) -> Table:
@@ -126,23 +157,27 @@ def _gb(value: float) -> str:
     return f"{value / 1e9:.1f} GB" if value else "-"
 
 
-def results_table(results: dict[str, Any]) -> Table:
+def results_table(results: dict[str, Any], width: int | None = None) -> Table:
+    """The final table, fitted to `width` columns (the terminal's): the paired columns against the
+    base and Pass@1 / Pass@k_max stay; the Pass@k between them go first when it is narrow."""
     from leafe.study.report import NAMES, ks_of
 
     methods = results["methods"]
     ks = ks_of(methods)
-    table = Table(title=f"{results['env']}: {results['tasks']} held-out tasks x {results['samples']} samples")
-    table.add_column("method")
-    for k in ks:
-        table.add_column(f"Pass@{k}", justify="right")
     # Pass@1 and the largest k against the base, paired on tasks: what the acceptance reads.
     paired = [k for k in dict.fromkeys(ks[:1] + ks[-1:]) if any(k in m.get("vs_base", {}) for m in methods.values())]
+    names = [NAMES.get(name, name) for name in methods]
+    shown = _fit_ks(ks, width or console.width, max(map(len, names), default=6), len(paired))
+    table = Table(title=f"{results['env']}: {results['tasks']} held-out tasks x {results['samples']} samples")
+    table.add_column("method", no_wrap=True)
+    for k in shown:
+        table.add_column(f"Pass@{k}", justify="right", no_wrap=True)
     for k in paired:
         table.add_column(f"@{k} vs base", justify="right")
     for name, m in methods.items():
         vs = m.get("vs_base", {})
         table.add_row(NAMES.get(name, name), *(f"{100 * m['pass_at_k'][k]:.1f}" if k in m["pass_at_k"] else "-"
-                                               for k in ks),
+                                               for k in shown),
                       *(f"{100 * vs[k]['diff']:+.1f} [{100 * vs[k]['ci95'][0]:+.1f}, {100 * vs[k]['ci95'][1]:+.1f}]"
                         if k in vs else "-" for k in paired))
     notes = [f"{NAMES.get(name, name)}: {m['note']}" for name, m in methods.items() if m.get("note")]
@@ -153,3 +188,18 @@ def results_table(results: dict[str, Any]) -> Table:
     return table
 
 
+
+
+def _fit_ks(ks: list[str], width: int, name_width: int, paired: int) -> list[str]:
+    """The k columns that fit beside the method names and the paired columns: all of them when they
+    do; else Pass@1, Pass@k_max and as many of those between (from the largest down) as fit."""
+    cell = 10  # "Pass@128" and its borders
+    room = width - (name_width + 4) - paired * 17  # a paired cell wraps to "+1.2 [-0.3," / "+6.8]"
+    if len(ks) * cell <= room:
+        return ks
+    keep = list(dict.fromkeys(ks[:1] + ks[-1:]))
+    for k in reversed(ks[1:-1]):
+        if (len(keep) + 1) * cell > room:
+            break
+        keep.append(k)
+    return sorted(keep, key=int)
