@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 25's GPU check: hf == vllm in bf16 on the tiny real-template models, GPU memory handed back
-# when an engine closes, vLLM replicas, and a short `leafe run` with generation.backend: vllm.
-# Under 10 minutes on one GPU; no network; nothing large to carry.
+# Issues 25 and 26's GPU check: hf == vllm in bf16 on the tiny real-template models, GPU memory handed
+# back when an engine closes, vLLM replicas, a short `leafe run` with generation.backend: vllm; then
+# GRPO with its vLLM engine colocated (asleep during updates, synced after each) and a study whose
+# GRPO and distillation train in bf16 on CUDA. About 10 minutes on one GPU; no network.
 #
 # Needs: CUDA, a Python with torch, transformers and vllm (GPU build) and leafe importable
 # (`pip install -e .` or PYTHONPATH=.), and the real tokenizers: ../shared/data/tokenizers, or a copy
@@ -32,4 +33,42 @@ generation: {backend: vllm, dtype: bfloat16, max_model_len: 4096, gpu_memory_uti
 EOF
 timeout 240 "$PYTHON" -m leafe run "$WORK/study.yaml" --out "$WORK/run"
 cp "$WORK/run/results.json" "$OUT/gpu_check_results.json"
+
+echo "== GRPO, rollouts on a colocated vLLM engine, 2 steps in bf16"
+VLLM_OPTS=(--backend vllm --dtype bfloat16 --max-model-len 4096 --gpu-memory-utilization 0.3)
+timeout 300 "$PYTHON" -m leafe train grpo --model "$WORK/models/qwen2.5" --out "$WORK/grpo" "${VLLM_OPTS[@]}" \
+  --steps 2 --tasks 4 --tasks-per-step 2 --group-size 4 --max-new-tokens 16 --env-param max_steps=4 \
+  --invalid-penalty 0.1 --save-every 1
+cp "$WORK/grpo/log.jsonl" "$OUT/gpu_check_grpo_log.jsonl"
+# sampler_gap: the engine's log-probs of what it sampled against the trainer's (bf16 on both sides:
+# ~1e-2 expected; a missed sync shows as the size of an update). The saved model must be bf16.
+"$PYTHON" - "$WORK/grpo" <<'PY'
+import json, sys
+from pathlib import Path
+from safetensors import safe_open
+out = Path(sys.argv[1])
+for line in (out / "log.jsonl").read_text().splitlines():
+    r = json.loads(line)
+    print({k: r.get(k) for k in ("step", "sampler_gap", "is_weight", "is_capped", "sync_s", "rollout_s", "wall_s")})
+with safe_open(str(out / "model.safetensors"), "pt") as f:
+    dtypes = {str(f.get_tensor(k).dtype) for k in f.keys()}
+print("saved dtypes", dtypes)
+assert dtypes == {"torch.bfloat16"}, dtypes
+PY
+
+echo "== leafe run: GRPO on vllm and distillation, bf16 on CUDA"
+cat > "$WORK/study-train.yaml" <<EOF
+name: gpu-check-train
+model: $WORK/models/qwen2.5
+methods: [base, grpo, leafe]
+env_params: {max_steps: 4}
+train: {tasks: 4}
+eval: {tasks: 4, samples: 8, max_new_tokens: 16}
+grpo: {steps: 2, tasks_per_step: 2, group_size: 4, max_new_tokens: 16, invalid_penalty: 0.1}
+leafe: {explore: {tasks: 2, budget: 8, max_new_tokens: 16, reflection_tokens: 16}, sft: {epochs: 1}}
+generation: {backend: vllm, dtype: bfloat16, max_model_len: 4096, gpu_memory_utilization: 0.3}
+EOF
+timeout 300 "$PYTHON" -m leafe run "$WORK/study-train.yaml" --out "$WORK/run-train"
+cp "$WORK/run-train/results.json" "$OUT/gpu_check_train_results.json"
+nvidia-smi --query-gpu=memory.used --format=csv
 echo "gpu check done: $OUT"

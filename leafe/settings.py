@@ -139,6 +139,38 @@ class GenerationSettings:
         return self.tensor_parallel_size * self.data_parallel_size if self.backend == "vllm" else 1
 
 
+SHARDINGS = ("ddp", "fsdp", "zero3")
+PRECISIONS = ("auto", "bf16", "no")
+
+
+@dataclass
+class TrainingSettings:
+    """How the training stages (GRPO, distillation, Early Experience's SFT) use the machine: the
+    `training:` section of a study config.
+
+    With more than one process, `leafe run` starts the stage under `accelerate launch` (one process
+    per GPU; gloo on a CPU-only machine), after the sampling engine is shut down. The effective batch
+    is the per-process batch x processes x accumulation; the learning rate is not rescaled.
+    """
+
+    processes: int = knob(1, "Training processes on this machine (one per GPU); > 1: under accelerate launch.")
+    sharding: str = knob("ddp", "ddp (a full copy per process), fsdp (FSDP2: weights, gradients and AdamW "
+                                "split over the processes) or zero3 (DeepSpeed ZeRO-3, the same split).")
+    mixed_precision: str = knob("auto", "auto (bf16 on GPUs that support it, else fp32), bf16 or no; the "
+                                        "master weights and AdamW state stay fp32.")
+    #: Above this many parameters a study turns activation checkpointing on in every training stage
+    #: that does not set it (recomputation costs about a third more compute, activations ~17x less).
+    checkpointing_above: float = knob(1e9, "Parameters above which activation checkpointing is on by default.")
+
+    def validate(self) -> None:
+        _at_least(self, 1, "processes")
+        if self.sharding not in SHARDINGS:
+            raise LeafeError(f"training.sharding must be one of {', '.join(SHARDINGS)} (got {self.sharding!r})")
+        if self.mixed_precision not in PRECISIONS:
+            raise LeafeError(f"training.mixed_precision must be one of {', '.join(PRECISIONS)} "
+                             f"(got {self.mixed_precision!r})")
+
+
 @dataclass
 class WorkerSettings:
     """Where the envs run: in this process, or on Ray actors."""
@@ -281,10 +313,17 @@ class GRPOSettings(SamplingSettings):
     max_grad_norm: float = knob(1.0, "Gradient clipping norm.")
     weight_decay: float = knob(0.0, "AdamW weight decay.")
     save_every: int = knob(10, "Checkpoint every N steps (0: only the final model).")
-    keep_checkpoints: int = knob(2, "Checkpoints kept on disk.")
+    keep_checkpoints: int = knob(2, "Checkpoint models kept on disk (the training state: the newest only).")
+    is_cap: float = knob(2.0, "Rollouts from another engine (vLLM): each agent token's policy-gradient term is "
+                              "weighted by min(p_trainer / p_sampler, cap), truncated importance sampling (0: off).")
+    activation_checkpointing: bool = knob(False, "Recompute activations in the backward pass (less memory, about "
+                                                 "a third more compute).")
 
     #: A rerun may train longer, checkpoint differently or batch differently and still resume.
     resume_free: ClassVar[tuple[str, ...]] = ("steps", "save_every", "keep_checkpoints", "max_batch_tokens")
+    speed_only: ClassVar[tuple[str, ...]] = ("activation_checkpointing",)  # recomputes the same activations
+    #: is_cap changes nothing when the trainer samples itself (p_sampler is p_trainer).
+    added_later: ClassVar[dict[str, Any]] = {**SamplingSettings.added_later, "is_cap": 2.0}
 
     def validate(self) -> None:
         super().validate()
@@ -299,6 +338,9 @@ class GRPOSettings(SamplingSettings):
             raise LeafeError("--kl-coef and --invalid-penalty must be >= 0 and --clip-eps > 0")
         if self.save_every < 0 or self.keep_checkpoints < 1:
             raise LeafeError("--save-every must be >= 0 and --keep-checkpoints >= 1")
+        if self.is_cap != 0 and self.is_cap < 1:
+            raise LeafeError(f"--is-cap must be >= 1 (a cap below 1 shrinks every token's weight) or 0 for off "
+                             f"(got {self.is_cap})")
 
 
 

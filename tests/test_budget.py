@@ -76,35 +76,55 @@ def test_the_7b_config_generates_on_all_8_gpus_and_states_memory_per_stage(tmp_p
     assert sampling and all(s.gpus == 8 for s in sampling)  # tp 1 x dp 8
     eval_ = next(s for s in plan.stages if s.key == "base.eval")
     assert eval_.weights == pytest.approx(7.62e9 * 2, rel=0.02)  # bf16 weights on every replica
-    assert eval_.total == pytest.approx(0.9 * 80e9)  # vLLM takes its share: the rest is KV cache
+    assert eval_.total == pytest.approx(0.7 * 80e9)  # vLLM takes its share: the rest is KV cache
     assert eval_.tokens == 100 * 128 * 15 * 512 and eval_.hours > 0  # tasks x samples x turns x tokens, at most
     grpo = next(s for s in plan.stages if s.key == "grpo.train")
-    assert grpo.gpus == 1 and grpo.optimizer == pytest.approx(7.62e9 * (4 + 8 + 4), rel=0.02)  # + fp32 reference
+    # FSDP over the 8 training processes: fp32 weights, gradients and AdamW split 8 ways, bf16 reference too
+    assert grpo.gpus == 8 and grpo.weights == pytest.approx(7.62e9 * 4 / 8, rel=0.02)
+    assert grpo.optimizer == pytest.approx(7.62e9 * (4 + 8 + 2) / 8, rel=0.02)
+    assert grpo.kv == pytest.approx(0.7 * 80e9)  # its colocated vLLM engine's share, beside the training state
     assert all(s.total > 0 for s in plan.stages)
+    assert all(s.total <= 80e9 for s in plan.stages)
     assert "2500 tokens/s per GPU" in plan.assumption
-    # Unsharded fp32 training of a 7B needs more than one 80 GB GPU: the next issue's work, said as such.
-    assert plan.refusal.startswith("grpo.train needs") and "training is not sharded yet" in plan.refusal
+    assert plan.refusal is None
 
 
-def test_the_7b_dry_run_prints_the_whole_plan_then_refuses_in_one_line(tmp_path):
+def test_the_7b_dry_run_plans_every_stage_within_80gb_and_prints_the_figures(tmp_path):
     result = run(QWEN7B_CONFIG, "--model", model_dir(tmp_path, "qwen2.5-7b"), "--dry-run", "--out", tmp_path / "run")
-    assert result.exit_code == 2
+    assert result.exit_code == 0, result.output
     assert "stage plan of" in result.stdout and "resources (checked against 8 GPUs of 80 GB)" in result.stdout
-    assert "ace.eval" in result.stdout.split("resources (")[1]  # every stage planned before the refusal
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: grpo.train needs"), result.stderr
+    assert "ace.eval" in result.stdout.split("resources (")[1]  # every stage planned
     assert not (tmp_path / "run").exists()
+
+
+def test_the_7b_on_one_80gb_gpu_names_the_sharding_knob(tmp_path):
+    plan = plan_of(tmp_path, "qwen2.5-7b", "resources.gpus=1", "generation.data_parallel_size=1",
+                   "training.processes=1")
+    # fp32 weights + gradients + AdamW (16 bytes a parameter) + bf16 reference: 137 GB on one GPU
+    assert plan.refusal.startswith("grpo.train needs"), plan.refusal
+    assert "set training.sharding: fsdp with training.processes: 4" in plan.refusal
+
+
+def test_colocated_grpo_leaves_room_for_the_training_state(tmp_path):
+    plan = plan_of(tmp_path, "qwen2.5-7b", "generation.gpu_memory_utilization=0.9")
+    assert plan.refusal.startswith("grpo.train needs"), plan.refusal
+    assert "lower generation.gpu_memory_utilization to at most 0.7" in plan.refusal
+
+
+def test_more_training_processes_than_gpus_is_refused(tmp_path):
+    plan = plan_of(tmp_path, "qwen2.5-7b", "training.processes=16")
+    assert plan.refusal == "training.processes (16) is more than resources.gpus (8): one process per GPU"
 
 
 def test_a_72b_on_one_80gb_gpu_is_refused_in_one_line_naming_the_knob(tmp_path):
     args = [QWEN7B_CONFIG, "--model", model_dir(tmp_path, "qwen2.5-72b"), "--out", tmp_path / "run",
-            "--set", "generation.data_parallel_size=1", "--set", "resources.gpus=1"]
+            "--set", "generation.data_parallel_size=1", "--set", "resources.gpus=1", "--set", "training.processes=1"]
     for dry in (["--dry-run"], []):  # a real run refuses too, before any stage starts
         result = run(*args, *dry)
         assert result.exit_code == 2, result.output
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: base.eval needs"), result.stderr
-        assert "72.0 GB" in lines[0] and "raise generation.tensor_parallel_size" in lines[0]
+        assert "56.0 GB" in lines[0] and "raise generation.tensor_parallel_size" in lines[0]
         assert not (tmp_path / "run").exists()
 
 
@@ -140,4 +160,4 @@ def test_dry_run_imports_no_torch(tmp_path):
             "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
     argv = ["run", QWEN7B_CONFIG, "--model", model_dir(tmp_path, "qwen2.5-7b"), "--dry-run", "--out", tmp_path / "r"]
     done = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, cwd=ROOT)
-    assert done.stdout.strip().endswith("exit 2\nno torch"), done.stdout[-300:] + done.stderr
+    assert done.stdout.strip().endswith("exit 0\nno torch"), done.stdout[-300:] + done.stderr

@@ -47,7 +47,8 @@ def test_train_rejects_bad_input(tiny_model_dir, tmp_path):
     assert run.returncode == 2 and "--variant must be one of iwm, sr" in run.stderr
     run = leafe(*eval_args(tiny_model_dir, tmp_path / "e", "--playbook", tmp_path / "none.json"))
     assert run.returncode == 2 and "does not exist" in run.stderr
-    run = leafe(*train_args("grpo", tiny_model_dir, tmp_path / "x", "--backend", "vllm"))
-    assert run.returncode == 2 and "grpo samples from the policy it is updating" in run.stderr
+    run = leafe(*train_args("grpo", tiny_model_dir, tmp_path / "x", "--backend", "openai", "--base-url",
+                            "http://127.0.0.1:9/v1"))
+    assert run.returncode == 2 and "grpo needs a rollout engine it can give new weights" in run.stderr
     run = leafe(*eval_args(tiny_model_dir, tmp_path / "e", "--backend", "vllm"))
     assert run.returncode == 2 and "the vllm backend needs vLLM in this Python" in run.stderr

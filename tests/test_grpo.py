@@ -135,7 +135,7 @@ def test_grpo_steps_change_weights_checkpoint_and_resume(tiny_model_dir, tmp_pat
     assert all(0 < r["rollout_s"] <= r["wall_s"] for r in log)  # where a step's time went: sampling, then update
     assert summary.method == "grpo" and summary.model == str(out)
     assert summary.cost["env_steps"] > 0 and summary.data["groups"] == 6
-    assert (out / "checkpoints" / "step-2" / "state.pt").exists()
+    assert (out / "checkpoints" / "step-2" / "state" / "optimizer.bin").exists()
     HFBackend(str(out / "checkpoints" / "step-2"), device="cpu")  # a checkpoint loads like any model
     trained = HFBackend(str(out), device="cpu").model.state_dict()
     start = HFBackend(str(tiny_model_dir), device="cpu").model.state_dict()
@@ -153,6 +153,17 @@ def test_grpo_steps_change_weights_checkpoint_and_resume(tiny_model_dir, tmp_pat
         train_grpo(Job(str(tiny_model_dir), out, device="cpu"), settings)
 
 
+def test_checkpoints_keep_models_and_only_the_newest_training_state(tiny_model_dir, tmp_path):
+    settings = GRPOSettings(tasks=2, task_seed=3, steps=4, tasks_per_step=1, group_size=2, max_new_tokens=4,
+                            env_params={"max_steps": 2}, save_every=1, keep_checkpoints=2)
+    out = tmp_path / "grpo"
+    train_grpo(Job(str(tiny_model_dir), out, device="cpu"), settings)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step-2", "step-3"]  # step 4 is the final model itself
+    assert (out / "checkpoints" / "step-3" / "state").is_dir() and not (out / "checkpoints" / "step-2" / "state").exists()
+    assert (out / "checkpoints" / "step-2" / "model.safetensors").exists()
+
+
 def test_update_gradient_equals_reinforce_over_all_tokens(tiny_model_dir):
     # One on-policy update, split into micro-batches, must apply exactly the gradient of
     # -(1/N) sum_i A_i sum_{t in agent tokens of i} log p(t): REINFORCE with group advantages.
@@ -160,7 +171,7 @@ def test_update_gradient_equals_reinforce_over_all_tokens(tiny_model_dir):
     from leafe.methods.grpo import Sample
 
     backend = HFBackend(str(tiny_model_dir), device="cpu")
-    trainer = GRPOTrainer(backend, GRPOSettings(kl_coef=0.0, max_batch_tokens=60, max_grad_norm=1e9), None)
+    trainer = GRPOTrainer(backend.model, backend, GRPOSettings(kl_coef=0.0, max_batch_tokens=60, max_grad_norm=1e9), None)
     samples = []
     for i, adv in enumerate([1.5, -0.5, -1.0, 0.25]):
         ids = [(7 * i + j) % 300 + 5 for j in range(20 + 5 * i)]
@@ -204,8 +215,8 @@ for _ in range(6):
 cut = int(split)
 mine = samples if world == 1 else (samples[:cut] if rank == 0 else samples[cut:])
 torch.manual_seed(0)
-trainer = GRPOTrainer(HFBackend(model, device="cpu", dtype="float32"), GRPOSettings(kl_coef=0.0, max_batch_tokens=100,
-                                                                                    updates_per_batch=passes))
+backend = HFBackend(model, device="cpu", dtype="float32")
+trainer = GRPOTrainer(backend.model, backend, GRPOSettings(kl_coef=0.0, max_batch_tokens=100, updates_per_batch=passes))
 seen = {}
 clip = trainer.accelerator.clip_grad_norm_
 def capture(params, max_norm):

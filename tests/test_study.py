@@ -103,7 +103,7 @@ def tiny_study(tmp_path: Path, model: Path, **overrides) -> Path:
         "ace": {"tasks": 2, "tasks_per_round": 2, **short, "reflection_tokens": 8},
     }
     for key, value in overrides.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return write_config(tmp_path / "study.yaml", **data)
 
 

@@ -124,7 +124,8 @@ def test_grpo_sampling_on_workers_matches_in_process(tiny_model_dir, pool):
     tasks = make("sokoban").make_tasks(2, 5000)
     runs = []
     for envs in (make, pool.make):
-        trainer = GRPOTrainer(HFBackend(str(tiny_model_dir), device="cpu"), settings, None, envs)
+        backend = HFBackend(str(tiny_model_dir), device="cpu")
+        trainer = GRPOTrainer(backend.model, backend, settings, None, envs)
         runs.append([(e.task_id, e.token_ids, e.success) for e in trainer.rollout(tasks, step=0)])
     assert runs[0] == runs[1] and len(runs[0]) == 4
 

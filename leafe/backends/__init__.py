@@ -28,8 +28,9 @@ def load_backend(name: str, model: str, **options) -> Backend:
     raise BackendError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
 
 
-def backend_for(model: str, settings: GenerationSettings) -> Backend:
-    """The backend a stage's `GenerationSettings` name, for `model`; each engine takes its own options."""
+def backend_for(model: str, settings: GenerationSettings, **engine: object) -> Backend:
+    """The backend a stage's `GenerationSettings` name, for `model`; each engine takes its own options
+    (`engine`: more of vLLM's, e.g. GRPO's enable_sleep_mode)."""
     settings.validate()
     if settings.backend == "openai":  # the servers hold the model; `model` only lends its tokenizer
         return load_backend("openai", model, base_url=settings.base_urls, max_concurrency=settings.max_concurrency,
@@ -39,7 +40,7 @@ def backend_for(model: str, settings: GenerationSettings) -> Backend:
                        tensor_parallel_size=settings.tensor_parallel_size,
                        gpu_memory_utilization=settings.gpu_memory_utilization, max_model_len=settings.max_model_len,
                        enable_prefix_caching=settings.enable_prefix_caching, enforce_eager=settings.enforce_eager,
-                       kv_cache_gb=settings.kv_cache_gb)
+                       kv_cache_gb=settings.kv_cache_gb, **engine)
         if settings.data_parallel_size > 1:
             from leafe.backends.replicas import VLLMReplicas
 

@@ -50,7 +50,8 @@ def visible_gpus() -> list[str]:
 
 
 def _serve(conn: Any, model: str, devices: str | None, options: dict[str, Any]) -> None:
-    """A replica: load the model on `devices`, then answer generate requests until told to stop."""
+    """A replica: load the model on `devices`, then answer generate (and load-weights) requests until
+    told to stop."""
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices  # before vLLM or torch looks at the GPUs
     try:
@@ -62,9 +63,13 @@ def _serve(conn: Any, model: str, devices: str | None, options: dict[str, Any]) 
         return
     conn.send(("ready", backend.max_context))
     while (message := conn.recv()) is not None:
-        prompts, sampling, seeds = message
         before = backend.stats.prefill_tokens
         try:
+            if message[0] == "load":
+                backend.load_weights(message[1])
+                conn.send(("ok",))
+                continue
+            _, prompts, sampling, seeds = message
             out = backend.generate_seeded(prompts, sampling, seeds)
         except Exception as exc:  # noqa: BLE001
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -137,7 +142,7 @@ class VLLMReplicas(Backend):
         for r, (_, conn) in enumerate(self._replicas):
             lo, hi = r * share, min(len(prompts), (r + 1) * share)
             if lo < hi:
-                conn.send((prompts[lo:hi], sampling, seeds[lo:hi]))
+                conn.send(("generate", prompts[lo:hi], sampling, seeds[lo:hi]))
                 busy.append(r)
         results: list[list[Completion]] = []
         for r in busy:
@@ -147,6 +152,13 @@ class VLLMReplicas(Backend):
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
         self.stats.generated_tokens += sum(len(c.token_ids) for row in results for c in row)
         return results
+
+    def load_weights(self, model_dir: str) -> None:
+        """Every replica takes the weights of `model_dir` (see `VLLMBackend.load_weights`)."""
+        for _, conn in self._replicas:
+            conn.send(("load", str(model_dir)))
+        for r in range(len(self._replicas)):
+            self._receive(r, None, "loading new weights")
 
     def close(self) -> None:
         replicas, self._replicas = getattr(self, "_replicas", []), []

@@ -61,6 +61,8 @@ class VLLMBackend(Backend):
         options: dict[str, Any] = {"dtype": dtype, "enable_prefix_caching": enable_prefix_caching,
                                    "trust_remote_code": trust_remote_code, "seed": seed,
                                    "tensor_parallel_size": tensor_parallel_size, "enforce_eager": enforce_eager,
+                                   # lets a trainer push new weights into the workers (`load_weights`)
+                                   "worker_extension_cls": "leafe.backends.vllm_sync.WeightSync",
                                    **engine_options}
         if max_model_len is not None:
             options["max_model_len"] = max_model_len
@@ -79,6 +81,8 @@ class VLLMBackend(Backend):
         except Exception as exc:  # vLLM raises many types; all mean the engine could not start
             raise BackendError(f"vLLM could not load {model}: {type(exc).__name__}: {exc}") from exc
         self.max_context = int(self.llm.llm_engine.model_config.max_model_len)
+        self.dtype = dtype
+        self.sleeps = bool(engine_options.get("enable_sleep_mode")) and cuda
         self.stop_ids = generation_stop_ids(model)
         self.prefix_caching = enable_prefix_caching
         self.name = f"vllm:{model}"
@@ -138,6 +142,30 @@ class VLLMBackend(Backend):
         # Text from our tokenizer (as the hf backend does), never from a detokenizer with other settings.
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(ids, text, "stop" if stopped else "length", logprobs)
+
+    def sequence_logprobs(self, ids: Sequence[int]) -> list[float]:
+        """log p(ids[j] | ids[:j]) for j >= 1 under the engine's weights (untempered): what a test
+        compares with the trainer's to see that weights were synced."""
+        params = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        out = self.llm.generate([self._prompt(prompt_token_ids=[int(t) for t in ids])], params, use_tqdm=False)[0]
+        return [float(out.prompt_logprobs[j][int(ids[j])].logprob) for j in range(1, len(ids))]
+
+    def load_weights(self, model_dir: str) -> None:
+        """Replace the engine's weights with those of a Hugging Face directory of the same architecture
+        (a trainer's latest step), in every worker, and drop the prefix cache (its keys and values
+        belong to the old weights)."""
+        self.llm.collective_rpc("leafe_reload", args=(str(model_dir),))
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Hand the GPU memory to a trainer sharing the GPUs (engine started with enable_sleep_mode,
+        on GPUs): weights offloaded to host memory, KV cache discarded. No-op otherwise."""
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.sleeps:
+            self.llm.wake_up()
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

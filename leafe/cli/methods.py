@@ -164,13 +164,10 @@ def grpo_cmd(settings: GRPOSettings, generation: GenerationSettings, workers: Wo
 
     _model_dir(model)
     _check_env(settings.env, settings.env_params)
-    if generation.backend != "hf":
-        raise LeafeError("grpo samples from the policy it is updating, in process: it takes --backend hf only "
-                         "(a vllm/openai sampler would need the new weights after every step)")
     quiet_transformers()
     with env_workers(workers.workers, workers.ray_address) as envs:
         result = with_progress("grpo", lambda progress: train_grpo(
-            Job(model=model, out=out, envs=envs, progress=progress, device=generation.device), settings))
+            Job(model=model, out=out, envs=envs, progress=progress, device=generation.device), settings, generation))
     _trained(result)
 
 

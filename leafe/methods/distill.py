@@ -36,7 +36,7 @@ class NoDistillationRows(LeafeError):
     """Stage 1 left nothing to distil (no branch led to a success, no successful episode)."""
 
     def __init__(self, trees: int, counts: dict[str, int]):
-        self.counts = counts
+        self.trees, self.counts = trees, counts
         super().__init__(f"no distillation rows in {trees} trees ({counts['branches']} branches, "
                          f"{counts['successful_episodes']} successful episodes); explore more tasks or use --cf-from all")
 

@@ -25,10 +25,12 @@ dropped after each update), and the loss, logging and checkpoints live here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,9 +47,10 @@ from leafe.files import append_jsonl, process_rank, read_json, read_jsonl, write
 from leafe.fingerprint import resume_fingerprint
 from leafe.method import Job, MethodResult
 from leafe.methods.sft import make_batches
+from leafe.methods.token_logprobs import logits_only_at, scored_positions, token_logprobs
 from leafe.rollout import RolloutEngine
 from leafe.rundir import claim
-from leafe.settings import GRPOSettings
+from leafe.settings import GenerationSettings, GRPOSettings
 
 # -- the pieces of the objective (pure functions, tested by hand) ---------------------------------
 
@@ -85,15 +88,20 @@ def token_loss(
     clip_eps: float,
     kl_coef: float,
     normalizer: float,
+    is_weight: torch.Tensor | None = None,
 ) -> LossParts:
     """The clipped surrogate plus k3 KL over flat agent tokens, summed and divided by `normalizer`.
 
     All tensors are 1-D over the same agent tokens; `advantages` holds each token's episode advantage.
+    `is_weight` (no gradient) multiplies each token's policy-gradient term: the truncated importance
+    weight of rollouts sampled by another engine (`importance_weights`); None is 1 everywhere.
     """
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
     pg = -torch.minimum(unclipped, clipped)
+    if is_weight is not None:
+        pg = pg * is_weight
     per_token = pg
     kl = torch.zeros_like(logp)
     if ref_logp is not None and kl_coef > 0:
@@ -115,7 +123,8 @@ def agent_logprobs(model, sequences: Sequence[Sequence[int]], masks: Sequence[Se
     """Log-probs of the masked tokens of each sequence under `model`, flattened in sequence order.
 
     Token j of a sequence is scored by the logits at j - 1, so a mask's first position never counts
-    (the first token of an episode is never the agent's). With `with_entropy`, also the entropy of
+    (the first token of an episode is never the agent's). Only those positions reach the output head
+    and the fp32 softmax (`leafe.methods.token_logprobs`). With `with_entropy`, also the entropy of
     the full next-token distribution at each of those positions.
     """
     device = next(model.parameters()).device
@@ -127,17 +136,22 @@ def agent_logprobs(model, sequences: Sequence[Sequence[int]], masks: Sequence[Se
         ids[i, : len(seq)] = torch.tensor(seq)
         attention[i, : len(seq)] = 1
         select[i, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    select[:, 0] = False
     ids, attention, select = ids.to(device), attention.to(device), select.to(device)
-    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
-    targets = select[:, 1:]
-    chosen = logits[targets].float()  # (tokens, vocab): only agent positions go through the softmax
-    logp_all = torch.log_softmax(chosen, dim=-1)
-    logp = logp_all.gather(-1, ids[:, 1:][targets][:, None]).squeeze(-1)
-    entropy = None
-    if with_entropy:  # for logging only: no graph
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    with logits_only_at(model, scored_positions(select)):
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+    return token_logprobs(logits, ids[select], with_entropy)
+
+
+def importance_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(p_trainer / p_sampler, cap) per token, without gradient: truncated importance sampling.
+
+    The trainer's log-probs are those of the weights that sampled (before the update); the sampler's
+    are what the engine reported for the same ids. The two differ by the engine's numerics (other
+    kernels, bf16 paths), which biases the gradient of episodes sampled off the trainer's own
+    distribution; capping keeps one unlikely token from dominating the step.
+    """
+    return torch.exp(trainer_logp.detach() - sampler_logp).clamp(max=cap)
 
 
 # -- the trainer --------------------------------------------------------------------------------
@@ -149,6 +163,20 @@ class Sample:
     ids: list[int]
     mask: list[int]
     advantage: float
+    #: The sampling engine's log-prob of each agent token after the first position (the order of
+    #: `agent_logprobs`), when another engine than the trainer sampled it.
+    sampler_logp: list[float] | None = None
+
+
+def sampler_logprobs(episode: Episode) -> list[float] | None:
+    """The engine's log-probs of the episode's agent tokens in sequence order, or None when a step
+    has none (the trainer sampled it itself)."""
+    out: list[float] = []
+    for step in episode.steps:
+        if step.logprobs is None:
+            return None
+        out.extend(step.logprobs[: step.action_end - step.action_start])
+    return out
 
 
 def group_samples(episodes: Sequence[Episode], invalid_penalty: float = 0.0,
@@ -168,7 +196,7 @@ def group_samples(episodes: Sequence[Episode], invalid_penalty: float = 0.0,
         for e, a in zip(group, adv):
             mask = e.loss_mask()
             if any(mask):
-                out.append(Sample(e.token_ids, mask, a))
+                out.append(Sample(e.token_ids, mask, a, sampler_logprobs(e)))
     stats = {"groups": len(groups), "skipped_groups": skipped, "skip_rate": skipped / max(len(groups), 1),
              "reward": sum(rewards) / max(len(rewards), 1),
              "success": sum(e.success for e in episodes) / max(len(episodes), 1)}
@@ -199,47 +227,99 @@ def check_tasks_per_step(per_step: int, processes: int) -> None:
 
 
 class GRPOTrainer:
-    """Owns the policy (shared with the sampling backend), the frozen reference and the optimiser.
+    """Owns the policy, the sampler, the frozen reference and the optimiser.
+
+    The sampler is either the hf backend holding the very policy being trained (its KV cache is
+    dropped after each update) or another engine (vLLM) holding a copy, into which the policy's
+    weights are synced after every optimiser step (`sync`); then the engine's log-probs of what it
+    sampled weight each token's policy gradient (`importance_weights`, capped at `is_cap`).
 
     Under a multi-process launch (MULTI_GPU: DDP, a full copy per rank) each rank samples its share of
-    the step's tasks with its own copy, and the ranks meet only in collectives every rank reaches the
-    same number of times: one gradient all-reduce per optimiser step and the sums for the log.
-    Sharded weights (FSDP, ZeRO-3) are refused: sampling would turn every decode step into a collective.
+    the step's tasks with its own sampler, and the ranks meet only in collectives every rank reaches
+    the same number of times: one gradient all-reduce per optimiser step and the sums for the log.
+    Sharded weights (FSDP, ZeRO-3) are refused when the trainer samples itself: every decode step
+    would be a collective.
     """
 
-    def __init__(self, backend, settings: GRPOSettings, ref_model=None, envs: EnvMaker = make):
+    def __init__(self, policy, sampler, settings: GRPOSettings, ref_model=None, envs: EnvMaker = make,
+                 sync_dir: Path | None = None):
         from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
 
-        self.backend = backend
+        self.sampler = sampler
+        self.shared = getattr(sampler, "model", None) is policy  # the hf backend samples the policy itself
         self.settings = settings
         self.envs = envs  # envs.make, or a worker pool's (workers.env_workers)
-        cuda = backend.device.type == "cuda"
+        device = next(policy.parameters()).device
+        cuda = device.type == "cuda"
         # No buffer broadcast before each forward: DDP's default is a collective at the first forward
         # after a synced backward, and ranks run different numbers of forwards (their own micro-batches);
         # the model's only buffers (rotary frequencies) are constants.
         self.accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
                                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        self.sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if self.shared and self.sharded:
             raise LeafeError(SHARDED_WEIGHTS)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        self.policy = backend.model
+        if settings.activation_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy = policy
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=settings.learning_rate,
                                            weight_decay=settings.weight_decay)
         self.policy, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
         self.ref = ref_model
         if self.ref is not None:
-            self.ref.to(backend.device).eval().requires_grad_(False)
-        self.pad_id = backend.pad_id
+            self.ref.eval().requires_grad_(False)
+            if self.sharded:  # split like the policy (frozen: no gradients, no optimiser state)
+                self.ref = self.accelerator.prepare_model(self.ref, evaluation_mode=True)
+            else:
+                self.ref.to(device)
+        pad = sampler.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else 0  # padding is masked out of attention and loss alike
+        self.sync_dir = sync_dir
 
     def rollout(self, tasks: list[Task], step: int) -> list[Episode]:
         s = self.settings
         seed = s.seed * 100_003 + step + 1_000_003 * self.rank  # ranks sample different tasks with other streams
-        engine = RolloutEngine(self.backend, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                               max_batch=len(tasks) * s.group_size, seed=seed, date_string=s.date_string)
+        engine = RolloutEngine(self.sampler, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                               max_batch=len(tasks) * s.group_size, seed=seed, date_string=s.date_string,
+                               logprobs=not self.shared)
         lives = (engine.start(self.envs(s.env, **s.env_params), task, {"sample": j})
                  for task in tasks for j in range(s.group_size))
         self.policy.eval()
         return engine.run(lives)
+
+    def sync(self) -> float:
+        """Give the sampler the policy's new weights; returns the seconds it took (0 when shared).
+
+        The weights go through a Hugging Face directory (`sync_dir`, in /dev/shm when there is one):
+        one path for an engine in this process, in its own process or in replicas, and the reload
+        is vLLM's own, which re-runs each layer's post-load processing."""
+        if self.shared:
+            self.sampler.cache.clear()  # cached keys/values belong to the old weights
+            return 0.0
+        started = time.perf_counter()
+        assert self.sync_dir is not None
+        self.save_model(self.sync_dir)  # rank 0 writes; every local rank's engine reads the same directory
+        self._barrier()
+        self.sampler.wake_up()
+        self.sampler.load_weights(str(self.sync_dir))
+        self._barrier()  # nobody reads it while rank 0 overwrites it next step
+        return time.perf_counter() - started
+
+    def save_model(self, path: Path) -> None:
+        """The policy as a plain Hugging Face directory, in bf16 when training in bf16 (GPUs), else
+        fp32. Every rank calls it: sharded weights are gathered first; rank 0 writes."""
+        state = self.accelerator.get_state_dict(self.policy)
+        if self.rank != 0:
+            return
+        if self.accelerator.mixed_precision == "bf16":
+            state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+        self.accelerator.unwrap_model(self.policy).save_pretrained(path, state_dict=state)
+        self.sampler.tokenizer.save_pretrained(path)
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
 
     def _micro_batches(self, samples: list[Sample], seed: int) -> list[list[Sample]]:
         order = make_batches([len(x.ids) for x in samples], batch_size=len(samples),
@@ -292,9 +372,13 @@ class GRPOTrainer:
         if self.ref is not None and s.kl_coef > 0:
             with torch.no_grad(), self.accelerator.autocast():
                 refs = [self._logprobs(self.ref, b)[0] for b in batches]
+        weighted = s.is_cap > 0 and all(x.sampler_logp is not None for x in samples)
         self.policy.train()
+        if not self.shared:
+            self.sampler.sleep()  # a colocated engine hands its GPU memory to the update (GPUs only)
         for _ in range(s.updates_per_batch):
-            sums = {"pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0}
+            sums = {"pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0,
+                    "is_weight": 0.0, "is_capped": 0.0, "sampler_gap": 0.0}
             for i, batch in enumerate(batches):
                 # DDP all-reduces on the last micro-batch only: once per optimiser step on every rank
                 last = i == len(batches) - 1
@@ -302,8 +386,16 @@ class GRPOTrainer:
                     with self.accelerator.autocast():
                         logp, entropy = self._logprobs(self.policy, batch, with_entropy=True)
                     adv = torch.cat([torch.full((sum(x.mask[1:]),), x.advantage) for x in batch]).to(logp.device)
-                    parts = token_loss(logp, old[i] if old is not None else logp.detach(), refs[i] if refs else None,
-                                       adv, s.clip_eps, s.kl_coef, total)
+                    before = old[i] if old is not None else logp.detach()  # the weights that sampled
+                    is_weight = None
+                    if weighted:
+                        sampled = torch.tensor([v for x in batch for v in x.sampler_logp], device=logp.device)
+                        is_weight = importance_weights(before, sampled, s.is_cap)
+                        sums["is_weight"] += is_weight.sum().item()
+                        sums["is_capped"] += (is_weight >= s.is_cap).sum().item()
+                        sums["sampler_gap"] += (before - sampled).abs().sum().item()
+                    parts = token_loss(logp, before, refs[i] if refs else None, adv, s.clip_eps, s.kl_coef, total,
+                                       is_weight)
                     self.accelerator.backward(parts.loss * self.world)
                 sums["pg"] += parts.pg
                 sums["kl"] += parts.kl
@@ -316,36 +408,52 @@ class GRPOTrainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.policy.eval()
-        self.backend.cache.clear()  # cached keys/values belong to the old weights
         sums = dict(zip(sums, self._sum([float(v) for v in sums.values()])))
         n = max(sums["tokens"], 1)
-        return {"loss": (sums["pg"] + s.kl_coef * sums["kl"]) / n, "pg_loss": sums["pg"] / n, "kl": sums["kl"] / n,
-                "entropy": sums["entropy"] / n, "clip_frac": sums["clipped"] / n, "grad_norm": float(grad_norm),
-                "agent_tokens": int(sums["tokens"])}
+        out = {"loss": (sums["pg"] + s.kl_coef * sums["kl"]) / n, "pg_loss": sums["pg"] / n, "kl": sums["kl"] / n,
+               "entropy": sums["entropy"] / n, "clip_frac": sums["clipped"] / n, "grad_norm": float(grad_norm),
+               "agent_tokens": int(sums["tokens"])}
+        if weighted:  # how far the engine's numbers were from the trainer's (mean |log-prob gap| per token)
+            out |= {"is_weight": sums["is_weight"] / n, "is_capped": sums["is_capped"] / n,
+                    "sampler_gap": sums["sampler_gap"] / n}
+        return out
 
 
 # -- the run: resumable, logged, checkpointed -----------------------------------------------------
 
 def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Checkpoints a run can resume from (those holding training state), oldest first."""
     found = []
     for path in (out / "checkpoints").glob("step-*"):
-        if (path / "state.pt").exists() and path.name[5:].isdigit():
+        resumable = (path / STATE).is_dir() or (path / "state.pt").exists()  # state.pt: before accelerate's state
+        if resumable and path.name[5:].isdigit():
             found.append((int(path.name[5:]), path))
     return sorted(found)
 
 
-def train_grpo(job: Job, settings: GRPOSettings) -> MethodResult:
+#: A checkpoint's training state: accelerate's `save_state` (fp32 weights, optimiser, random states;
+#: sharded the way the run is), kept on the newest checkpoint only.
+STATE = "state"
+
+
+def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings | None = None) -> MethodResult:
     """Train `job.model` with GRPO into `job.out` (a model directory with train.json and log.jsonl).
 
-    Checkpoints (`out/checkpoints/step-N`: weights, optimiser state) are written every `save_every`
-    steps; a rerun with the same settings resumes from the latest one. The result's data holds the
-    episode counts and the last step's reward, success, KL and entropy (`final`).
+    `generation` names the rollout engine: hf (None too) samples from the policy being trained;
+    vllm samples from its own copy, synced after every step (`GRPOTrainer.sync`). Checkpoints
+    (`out/checkpoints/step-N`: the model, and on the newest one the training state) are written every
+    `save_every` steps; a rerun with the same settings resumes from the latest one. The result's data holds the episode
+    counts and the last step's reward, success, KL and entropy (`final`).
     """
     from transformers import AutoModelForCausalLM
 
     from leafe.backends.hf import HFBackend
 
     settings.validate()
+    engine = generation.backend if generation is not None else "hf"
+    if engine == "openai":
+        raise LeafeError("grpo needs a rollout engine it can give new weights after every step: --backend hf or "
+                         "vllm (an openai server keeps its own)")
     model, device, envs = job.model, job.device, job.envs
     rank, world = process_rank()
     main = rank == 0  # the one writer of the log, checkpoints and model under a multi-process launch
@@ -362,51 +470,81 @@ def train_grpo(job: Job, settings: GRPOSettings) -> MethodResult:
     start_step, resume_from = (checkpoints[-1] if checkpoints else (0, None))
 
     torch.manual_seed(settings.seed)
-    backend = HFBackend(str(resume_from or model), device=device, dtype="float32")
+    start = str(resume_from or model)
+    sync_dir = None
+    if engine == "hf":
+        sampler = HFBackend(start, device=device, dtype="float32")
+        policy = sampler.model
+    else:
+        from leafe.backends import backend_for
+
+        # One engine per training process, colocated with it: the ranks are GRPO's data parallelism
+        # (generation.data_parallel_size is the sampling stages'), and a rank sees one GPU.
+        if world > 1 and generation.tensor_parallel_size > 1:
+            raise LeafeError("GRPO on vllm with several training processes runs one engine per process on its own "
+                             "GPU: set generation.tensor_parallel_size to 1 (or train in one process)")
+        generation = dataclasses.replace(generation, data_parallel_size=1)
+        cuda = torch.cuda.is_available()
+        with _rank_gpu_only(world > 1 and cuda):  # each rank's engine on its own GPU
+            # Colocated on GPUs: the engine sleeps during each update (see GRPOTrainer.update)
+            sampler = backend_for(start, generation, **({"enable_sleep_mode": True} if cuda else {}))
+        with loading_model(start):
+            policy = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+        if device not in ("auto", "cpu") or torch.cuda.is_available():
+            policy.to(device if device != "auto" else "cuda")
+        sync_dir = _sync_dir(out)
     ref = None
-    if settings.kl_coef > 0:
+    if settings.kl_coef > 0:  # frozen: bf16 on GPUs (half the memory, the precision the policy's forward has)
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         with loading_model(model):
-            ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    trainer = GRPOTrainer(backend, settings, ref, envs)
+            ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if bf16 else torch.float32)
+    trainer = GRPOTrainer(policy, sampler, settings, ref, envs, sync_dir)
     log_path = out / "log.jsonl"
     logged = list(read_jsonl(log_path))
     log = [r for r in logged if r["step"] <= start_step]
     if len(log) < len(logged) and main:  # steps logged after the checkpoint we resume from are redone
         write_jsonl(log_path, log)
-    if resume_from is not None:
+    if resume_from is not None and (resume_from / STATE).is_dir():
+        trainer.accelerator.load_state(str(resume_from / STATE))
+    elif resume_from is not None:  # a checkpoint written before training state moved to accelerate's
         state = torch.load(resume_from / "state.pt", weights_only=False)
         trainer.optimizer.load_state_dict(state["optimizer"])
     job.progress.start(settings.steps, start_step)
 
     env = make(settings.env, **settings.env_params)
     tasks = env.make_tasks(settings.tasks, settings.task_seed)
-    for step in range(start_step, settings.steps):
-        started = time.perf_counter()
-        schedule = task_schedule(len(tasks), settings.tasks_per_step, step, settings.seed)
-        chosen = [tasks[i] for i in schedule[rank::world]]  # this rank's share of the step's tasks
-        episodes = trainer.rollout(chosen, step)
-        sampled_s = time.perf_counter() - started  # the rest of wall_s is the update (about half on a CPU)
-        samples, stats = group_samples(episodes, settings.invalid_penalty, settings.adv_eps)
-        record: dict[str, Any] = {"step": step + 1, **stats}
-        record |= {"env_steps": sum(len(e.steps) for e in episodes),
-                   "generated_tokens": sum(e.generated_tokens for e in episodes)}
-        if world > 1:
-            record = trainer.merged(record, len(episodes))
-        if trainer.any_samples(samples):
-            record |= trainer.update(samples, seed=settings.seed * 1_000_033 + step)
-        record["rollout_s"] = round(sampled_s, 3)
-        record["wall_s"] = round(time.perf_counter() - started, 3)
-        if main:
-            append_jsonl(log_path, record)
-        log.append(record)
-        job.progress.advance(status=f"success {record['success']:.2f} kl {record.get('kl', 0):.4f}")
-        done = step + 1
-        if settings.save_every and done % settings.save_every == 0 and done < settings.steps and main:
-            _save_checkpoint(trainer, out, done, settings.keep_checkpoints)
+    try:
+        for step in range(start_step, settings.steps):
+            started = time.perf_counter()
+            schedule = task_schedule(len(tasks), settings.tasks_per_step, step, settings.seed)
+            chosen = [tasks[i] for i in schedule[rank::world]]  # this rank's share of the step's tasks
+            episodes = trainer.rollout(chosen, step)
+            sampled_s = time.perf_counter() - started  # the rest of wall_s is the update (about half on a CPU)
+            samples, stats = group_samples(episodes, settings.invalid_penalty, settings.adv_eps)
+            record: dict[str, Any] = {"step": step + 1, **stats}
+            record |= {"env_steps": sum(len(e.steps) for e in episodes),
+                       "generated_tokens": sum(e.generated_tokens for e in episodes)}
+            if world > 1:
+                record = trainer.merged(record, len(episodes))
+            if trainer.any_samples(samples):
+                record |= trainer.update(samples, seed=settings.seed * 1_000_033 + step)
+                record["sync_s"] = round(trainer.sync(), 3)
+            record["rollout_s"] = round(sampled_s, 3)
+            record["wall_s"] = round(time.perf_counter() - started, 3)
+            if main:
+                append_jsonl(log_path, record)
+            log.append(record)
+            job.progress.advance(status=f"success {record['success']:.2f} kl {record.get('kl', 0):.4f}")
+            done = step + 1
+            if settings.save_every and done % settings.save_every == 0 and done < settings.steps:
+                _save_checkpoint(trainer, out, done, settings.keep_checkpoints)
+    finally:
+        if not trainer.shared:
+            sampler.close()  # the engine goes before anything else loads a model
+            if sync_dir is not None and main:
+                shutil.rmtree(sync_dir, ignore_errors=True)
 
-    if main:
-        trainer.accelerator.unwrap_model(trainer.policy).save_pretrained(out)
-        backend.tokenizer.save_pretrained(out)
+    trainer.save_model(out)
     summary = {
         "method": "grpo",
         "model": str(model),
@@ -427,6 +565,37 @@ def train_grpo(job: Job, settings: GRPOSettings) -> MethodResult:
     return _result(summary, out)
 
 
+@contextlib.contextmanager
+def _rank_gpu_only(active: bool):
+    """While starting a rank's vLLM engine under a multi-process launch, show its child processes
+    (vLLM's engine core and workers) only this rank's GPU, as the vllm replicas do; unverified on
+    GPUs so far (benchmarks/gpu_check.sh runs one process)."""
+    if not active:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = [d for d in (before or "").split(",") if d] or [str(i) for i in range(torch.cuda.device_count())]
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(os.environ.get("LOCAL_RANK", "0"))]
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
+def _sync_dir(out: Path) -> Path:
+    """Where the policy's weights are written for the engine after each step: shared memory when the
+    machine has it (no disk traffic), else beside the run; one name per run, the same on every rank
+    (rank 0 writes it, every rank's engine reads it)."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else out
+    path = base / f"leafe-grpo-sync-{zlib.crc32(str(out.resolve()).encode()):08x}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _result(summary: dict[str, Any], out: Path) -> MethodResult:
     """train.json as the method contract's result: the trained model is the output directory."""
     return MethodResult("grpo", str(out), summary["settings"], {**summary["data"], "final": summary["final"]},
@@ -434,14 +603,25 @@ def _result(summary: dict[str, Any], out: Path) -> MethodResult:
 
 
 def _save_checkpoint(trainer: GRPOTrainer, out: Path, step: int, keep: int) -> None:
-    """Weights and optimiser state of `step`, written to a temporary name and renamed when complete."""
+    """The model of `step` (a plain directory a user can keep) and the training state to resume
+    from, written under a temporary name and renamed when complete. Every rank calls it (gathering
+    sharded weights and saving sharded state are collectives); rank 0 renames and prunes: older
+    checkpoints lose their training state, and only the newest `keep` models stay."""
     final = out / "checkpoints" / f"step-{step}"
     tmp = out / "checkpoints" / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.accelerator.unwrap_model(trainer.policy).save_pretrained(tmp)
-    trainer.backend.tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": trainer.optimizer.state_dict(), "step": step}, tmp / "state.pt")
+    if trainer.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer._barrier()
+    trainer.save_model(tmp)
+    trainer.accelerator.save_state(str(tmp / STATE))
+    trainer._barrier()
+    if trainer.rank != 0:
+        return
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for _, old in _checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for _, older in _checkpoints(out)[:-1]:
+        shutil.rmtree(older / STATE, ignore_errors=True)
+        (older / "state.pt").unlink(missing_ok=True)
+    models = sorted((int(p.name[5:]), p) for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit())
+    for _, older in models[:-keep]:
+        shutil.rmtree(older, ignore_errors=True)

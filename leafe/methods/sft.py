@@ -24,6 +24,7 @@ import torch
 from leafe.backends.base import loading_model
 from leafe.errors import LeafeError
 from leafe.files import is_main_process, process_rank
+from leafe.methods.token_logprobs import logits_only_at, scored_positions, token_logprobs
 from leafe.settings import SFTSettings
 
 
@@ -105,16 +106,21 @@ class _Collator:
 
 
 def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, normalizer: float) -> torch.Tensor:
-    """sum over rows and loss tokens of weight * NLL(next token), divided by `normalizer`.
+    """sum over rows and loss tokens of weight * NLL(next token), divided by `normalizer`, from the
+    logits of the whole batch (B, L, vocab): the definition `target_nll` computes without them.
 
     `weights` is one per row (B,) or one per position (B, L), aligned with `labels`."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(shift_labels.shape)
-    per_token = weights[:, 1:] if weights.dim() == 2 else weights[:, None]
-    return (nll * per_token.to(nll.dtype)).sum() / max(float(normalizer), 1.0)
+    scored = labels[:, 1:] != -100
+    return target_nll(logits[:, :-1][scored], labels, weights, normalizer)
+
+
+def target_nll(selected: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """`weighted_nll` from the logits of the scored positions only (N, vocab), in the row-major order
+    of `labels[:, 1:] != -100` (what `logits_only_at` returns); the fp32 softmax goes by chunks."""
+    scored = labels[:, 1:] != -100
+    per_token = weights[:, 1:] if weights.dim() == 2 else weights[:, None].expand(scored.shape)
+    logp, _ = token_logprobs(selected, labels[:, 1:][scored])
+    return -(logp * per_token[scored].to(logp.dtype)).sum() / max(float(normalizer), 1.0)
 
 
 def _checkpointing_field() -> str:
@@ -136,16 +142,20 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             weights = inputs.pop("weights")
             labels = inputs.pop("labels")
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            # The head sees only the positions that score a target (the turns trained on), never the
+            # whole batch's full-vocabulary logits (leafe.methods.token_logprobs).
+            with logits_only_at(model, scored_positions(labels != -100)):
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                use_cache=False)
             tokens = (labels[:, 1:] != -100).sum()
             normalizer = num_items_in_batch if num_items_in_batch is not None else tokens
-            loss = weighted_nll(outputs.logits, labels, weights, float(normalizer))
+            loss = target_nll(outputs.logits, labels, weights, float(normalizer))
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             mode = "train" if model.training else "eval"
             with torch.no_grad():
-                hit = (outputs.logits[:, :-1].argmax(-1) == labels[:, 1:]) & (labels[:, 1:] != -100)
-                self._metrics[mode]["mean_token_accuracy"].append((hit.sum() / tokens.clamp(min=1)).item())
+                hit = (outputs.logits.argmax(-1) == labels[:, 1:][labels[:, 1:] != -100]).sum()
+                self._metrics[mode]["mean_token_accuracy"].append((hit / tokens.clamp(min=1)).item())
             return (loss, outputs) if return_outputs else loss
 
     return WeightedSFTTrainer
@@ -163,6 +173,18 @@ def _progress_callback(on_log: Callable[[dict], None] | None, log: list[dict]):
                     on_log(entry)
 
     return Progress()
+
+
+def _merged_on_cpu(base_path: str | Path, lora: Any, state: dict[str, torch.Tensor]):
+    """The base model with LoRA adapters of `state` (a PeftModel's whole state dict) merged in."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with loading_model(base_path):
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    adapted = get_peft_model(base, lora)
+    adapted.load_state_dict({k: v.float() for k, v in state.items()})
+    return adapted.merge_and_unload()
 
 
 def train(
@@ -193,9 +215,6 @@ def train(
     # The Trainer places the model (a freshly loaded one sits on the CPU): train on a GPU whenever there is one.
     use_cuda = torch.cuda.is_available()
     processes = process_rank()[1]  # > 1 under `accelerate launch` (leafe launch)
-    if settings.lora and processes > 1:
-        raise LeafeError("LoRA adapters are merged into the weights on save, which a multi-process (sharded) run "
-                         "cannot do; train without --lora under leafe launch")
     checkpointing = _checkpointing_field()
     config = SFTConfig(
         output_dir=str(out / "trainer"),
@@ -227,22 +246,20 @@ def train(
     # Load the model only now: SFTConfig starts the process group of a multi-process launch and, under
     # ZeRO-3, registers the DeepSpeed config, which is what makes from_pretrained build the model
     # already partitioned (zero3_init_flag) instead of whole in every process.
+    base_path = model if isinstance(model, (str, Path)) else None
     if isinstance(model, (str, Path)):
         with loading_model(model):
             model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    lora = None
     if settings.lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=settings.lora_r,
-                lora_alpha=settings.lora_alpha,
-                lora_dropout=settings.lora_dropout,
-                target_modules="all-linear",
-                task_type="CAUSAL_LM",
-            ),
-        )
+        lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        if processes > 1 and base_path is None:
+            raise LeafeError("LoRA over several processes merges on rank 0 from the base model's directory: pass "
+                             "the model as a path")
+        model = get_peft_model(model, lora)
     log: list[dict] = []
     trainer = _trainer_class()(
         model=model,
@@ -259,7 +276,15 @@ def train(
     result = trainer.train()
     wall = time.perf_counter() - started
     trained = trainer.model
-    if settings.lora:
+    if settings.lora and processes > 1:
+        # The adapters may be split over the ranks (FSDP, ZeRO-3): gather the whole adapted state, then
+        # rank 0 merges it into a fresh copy of the base on the CPU and writes a plain model.
+        state = trainer.accelerator.get_state_dict(trainer.model)
+        if save and is_main_process():
+            _merged_on_cpu(base_path, lora, state).save_pretrained(out)
+            tokenizer.save_pretrained(out)
+        save = False
+    elif settings.lora:
         trained = trained.merge_and_unload()
     if save and processes > 1:
         # Sharded (FSDP, ZeRO-3) or replicated weights: the Trainer gathers them and rank 0 writes.

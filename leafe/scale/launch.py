@@ -127,9 +127,6 @@ def launch_plan(config_file: str | Path, args: list[str], *, num_processes: int 
     if args[0] != "distill":
         raise LeafeError(f"leafe {args[0]} is not a training command; multi-GPU launch is for `leafe distill` "
                          f"and `leafe train grpo`")
-    if "--lora" in args and processes > 1:
-        raise LeafeError("--lora merges the adapters into the weights on save, which leafe's SFT does only in one "
-                         "process; distil without --lora under leafe launch")
 
     out = _option(args, "--out") or "--out"
     lines = [

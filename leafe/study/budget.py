@@ -10,75 +10,31 @@ Estimates, not measurements: they catch a 72B on one 80 GB GPU, not a config 5% 
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from leafe.envs import env_class
 from leafe.errors import LeafeError
 from leafe.study.config import EMBEDDED, StudyConfig
+from leafe.study.shape import ModelShape, read_shape
 
 if TYPE_CHECKING:
     from leafe.study.plan import Study
 
 GB = 1e9  # resources.gpu_memory_gb is read in decimal GB, as GPUs are sold (an "80 GB" GPU has a bit more)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # "auto" is bf16 on GPUs, for vLLM and hf alike
-GATED_MLP = ("llama", "mistral", "qwen2", "qwen3")  # gate, up and down projections: three matrices
 TURN_LIMITS = ("max_steps", "max_submissions")  # the env parameter that caps an episode's turns
 DEFAULT_TURNS = 30  # an env that names no turn limit
 PROMPT_TOKENS, OBSERVATION_TOKENS = 1024, 256  # allowances: only a run knows a prompt's and an observation's length
 #: 16-bit activations of one transformer layer per token per unit of width, without recomputation
 #: (Korthikanti et al. 2022, with fused attention); recomputed, only the layer inputs stay (2 bytes).
 ACTIVATION_BYTES, CHECKPOINTED_BYTES = 34, 2
-LOGIT_BYTES = 4  # fp32 logits per token per vocabulary entry (the loss reads log-softmax)
-TRAIN_BYTES = {"weights": 4, "grads": 4, "adamw": 8, "reference": 4}  # per parameter, fp32, as trained today
+#: The head's output at scored positions only, in the training dtype (2 bytes in bf16), plus one fp32
+#: chunk of log-softmax and its gradient (`leafe.methods.token_logprobs`).
+HEAD_BYTES, CHUNK_BYTES = 2, 8
+CHUNK = 4096  # leafe.methods.token_logprobs.CHUNK (that module loads torch; a dry run does not)
+TRAIN_BYTES = {"weights": 4, "grads": 4, "adamw": 8}  # per parameter: fp32 master weights, gradients, AdamW
 ASSUMED_PARAMS = 7e9  # the model size resources.tokens_per_s_per_gpu is stated for
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    params: int
-    layers: int
-    hidden: int
-    vocab: int
-    kv_heads: int
-    heads: int
-    head_dim: int
-    max_positions: int | None
-
-    def kv_per_token(self, dtype_bytes: int, tp: int = 1) -> float:
-        """KV bytes of one token on one GPU: keys and values of every layer; tensor parallelism splits
-        the KV heads (a GPU keeps at least one)."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes / min(tp, self.kv_heads)
-
-
-def read_shape(model_dir: Path) -> ModelShape | None:
-    """The shape from `model_dir/config.json`; None when there is none (nothing to plan with)."""
-    path = model_dir / "config.json"
-    if not path.exists():
-        return None
-    try:
-        c = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LeafeError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-
-    def need(key: str) -> int:
-        if not isinstance(c.get(key), int):
-            raise LeafeError(f"{path} has no integer {key!r}: cannot size the model")
-        return c[key]
-
-    hidden, layers, heads, inter, vocab = (need(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                            "intermediate_size", "vocab_size"))
-    kv_heads = c.get("num_key_value_heads") or heads
-    head_dim = c.get("head_dim") or hidden // heads
-    q, kv = heads * head_dim, kv_heads * head_dim
-    bias = q + 2 * kv if c.get("attention_bias", c.get("model_type") == "qwen2") else 0  # Qwen2 always has q/k/v biases
-    attention = 2 * hidden * q + 2 * hidden * kv + bias
-    mlp = (3 if c.get("model_type") in GATED_MLP else 2) * hidden * inter
-    embeddings = vocab * hidden * (1 if c.get("tie_word_embeddings", False) else 2)
-    params = embeddings + layers * (attention + mlp + 2 * hidden) + hidden
-    return ModelShape(params, layers, hidden, vocab, kv_heads, heads, head_dim, c.get("max_position_embeddings"))
 
 
 @dataclass
@@ -128,6 +84,7 @@ class _Planner:
     def __init__(self, config: StudyConfig, shape: ModelShape | None, gpu_bytes: float | None):
         self.c, self.shape, self.gpu = config, shape, gpu_bytes
         self.gen = config.generation_settings()
+        self.training_settings = config.training_settings()
         self.turns = turn_limit(config.env, config.env_params)
         self.gen_bytes = DTYPE_BYTES.get(self.gen.dtype, 2)
 
@@ -175,42 +132,73 @@ class _Planner:
         return length
 
     def training(self, key: str, reference: bool, batch_tokens: int, checkpointed: bool, lora: bool,
-                 batch_knob: str) -> StageNeed:
-        """A training stage as the code runs it today: the whole fp32 model and AdamW on one device."""
-        need = StageNeed(key, 1, reference=reference)
-        s = self.shape
+                 scored_share: float, batch_knob: str) -> StageNeed:
+        """A training stage as `training:` runs it: fp32 master weights, gradients and AdamW split over
+        the processes under fsdp/zero3 (whole on each under ddp); a frozen reference in bf16 (GPUs),
+        split the same way; activations of one micro-batch of `batch_tokens`, of which
+        `scored_share` reach the output head."""
+        t, s = self.training_settings, self.shape
+        split = t.processes if t.sharding != "ddp" else 1
+        need = StageNeed(key, t.processes, reference=reference)
         if s is None:
             return need
-        need.note = "1 GPU, unsharded: fp32 weights, grads, AdamW" + (", reference" if reference else "")
         b = TRAIN_BYTES
-        need.weights = s.params * b["weights"]
-        need.optimizer = s.params * ((0 if lora else b["grads"] + b["adamw"]) + (b["reference"] if reference else 0))
+        need.weights = s.params * b["weights"] / split
+        need.optimizer = 0.0 if lora else s.params * (b["grads"] + b["adamw"]) / split
+        if reference and not lora:  # LoRA's reference is the base with its adapters off: no copy
+            need.optimizer += s.params * (2 if t.mixed_precision != "no" else 4) / split
         per_layer = CHECKPOINTED_BYTES if checkpointed else ACTIVATION_BYTES
-        need.activations = batch_tokens * (s.layers * s.hidden * per_layer + s.vocab * LOGIT_BYTES)
+        scored = batch_tokens * scored_share
+        need.activations = (batch_tokens * s.layers * s.hidden * per_layer + scored * s.vocab * HEAD_BYTES
+                            + min(scored, CHUNK) * s.vocab * CHUNK_BYTES)
         need.minimum = need.total
+        layout = f"{t.processes} process(es), {t.sharding}" + (f" (state split {split} ways)" if split > 1 else "")
+        need.note = f"{layout}: fp32 weights, grads, AdamW" + (", bf16 reference" if reference else "")
         static = need.weights + need.optimizer
-        need.fix = (f"lower {batch_knob}" if self.gpu is not None and static < self.gpu else
-                    f"training is not sharded yet: the fp32 model, its gradients and AdamW state"
-                    f"{' and the reference' if reference else ''} sit on one GPU ({static / s.params:.0f} bytes a "
-                    f"parameter); use a smaller model until sharded training lands")
+        if self.gpu is not None and static >= self.gpu:
+            whole = static * split
+            processes = next((n for n in (2, 4, 8, 16, 32, 64, 128, 256) if whole / n < 0.7 * self.gpu), None)
+            need.fix = (f"the training state alone is {static / GB:.0f} GB per GPU: set training.sharding: fsdp "
+                        f"with training.processes: {processes}" if processes and processes > split else
+                        "raise training.processes (sharded) or train LoRA adapters")
+        else:
+            need.fix = f"lower {batch_knob}" + ("" if checkpointed else f" or turn {batch_knob.rsplit('.', 1)[0]}"
+                                                                       f".activation_checkpointing on")
         return need
+
+    def agent_share(self, max_new_tokens: int) -> float:
+        """The share of an episode's tokens that are the agent's own (GRPO's and SFT's loss tokens)."""
+        return min(1.0, self.turns * max_new_tokens / self.context(max_new_tokens))
 
     def sft(self, key: str, sft: Any, max_new_tokens: int, knob: str) -> StageNeed:
         rows = min(self.context(max_new_tokens), self.model_len()) if self.shape else 0
         tokens = sft.max_batch_tokens or sft.batch_size * rows
-        knob = f"{knob}.max_batch_tokens" + ("" if sft.activation_checkpointing else
-                                             f" or set {knob}.activation_checkpointing: true")
-        return self.training(key, False, tokens, sft.activation_checkpointing, sft.lora, knob)
+        return self.training(key, False, tokens, sft.activation_checkpointing, sft.lora,
+                             self.agent_share(max_new_tokens), f"{knob}.max_batch_tokens")
 
     def grpo(self, key: str) -> StageNeed:
-        g = self.c.grpo_settings()
+        """GRPO's update as `training`; its rollouts from the policy itself (hf: KV cache beside the
+        training state) or from a vLLM engine per process, colocated, asleep during the update."""
+        g, gen, t = self.c.grpo_settings(), self.gen, self.training_settings
         tokens = g.steps * g.tasks_per_step * g.group_size * self.turns * g.max_new_tokens
-        need = self.training(key, g.kl_coef > 0, g.max_batch_tokens, False, False, "grpo.max_batch_tokens")
-        need.tokens, need.hours = tokens, self.hours(tokens, 1)  # it samples with the policy it trains, on its GPU
-        if self.shape is not None:
+        need = self.training(key, g.kl_coef > 0, g.max_batch_tokens, g.activation_checkpointing, False,
+                             self.agent_share(g.max_new_tokens), "grpo.max_batch_tokens")
+        need.tokens, need.hours = tokens, self.hours(tokens, t.processes)  # each process samples its share
+        if self.shape is None:
+            return need
+        if gen.backend == "vllm":
+            engine = gen.gpu_memory_utilization * self.gpu if self.gpu is not None else None
+            need.kv = engine
+            need.note += f"; rollouts: a vLLM engine per process ({gen.gpu_memory_utilization:.0%} of its GPU)"
+            static = need.weights + need.optimizer
+            if self.gpu is not None and static < self.gpu < static + engine:  # else the training state is the problem
+                room = (self.gpu - static) / self.gpu
+                need.fix = (f"lower generation.gpu_memory_utilization to at most {max(room, 0.0):.2f}: GRPO's engine "
+                            f"shares each GPU with the training state")
+        else:
             seq = min(self.context(g.max_new_tokens), self.model_len())
             need.kv = g.tasks_per_step * g.group_size * seq * self.shape.kv_per_token(TRAIN_BYTES["weights"])
-            need.minimum = need.total
+        need.minimum = need.total
         return need
 
     def stage(self, key: str) -> list[StageNeed]:
@@ -271,6 +259,9 @@ def refusal(planner: _Planner, stages: list[StageNeed]) -> str | None:
     if g.backend == "vllm" and planner.shape.heads % g.tensor_parallel_size:
         return (f"generation.tensor_parallel_size ({g.tensor_parallel_size}) must divide the model's "
                 f"{planner.shape.heads} attention heads")
+    if planner.training_settings.processes > gpus:
+        return (f"training.processes ({planner.training_settings.processes}) is more than resources.gpus ({gpus}): "
+                f"one process per GPU")
     short = [s for s in stages if gpu is not None and s.minimum > s.usable * gpu]
     if not short:
         return None

@@ -38,7 +38,9 @@ from leafe.settings import (
     GenerationSettings,
     GRPOSettings,
     SFTSettings,
+    TrainingSettings,
 )
+from leafe.study.shape import read_shape
 
 METHODS = ("base", "grpo", "leafe", "early_experience", "ace")
 #: `model: embedded` means the base agent that `leafe bootstrap` builds (cached by its config hash).
@@ -90,6 +92,7 @@ class StudyConfig(_Section):
     device: str | None = None
     dtype: str | None = None
     generation: dict[str, Any] = {}
+    training: dict[str, Any] = {}
     resources: Resources = Resources()
     #: The date a chat template that writes one renders; `leafe run` pins today's in run.json at the
     #: first run of a model whose template reads it, so a resumed run renders the same tokens.
@@ -119,12 +122,25 @@ class StudyConfig(_Section):
                 section[key] = getattr(self, key)
         return _settings(GenerationSettings, section, "generation")
 
+    def training_settings(self) -> TrainingSettings:
+        """How GRPO, distillation and Early Experience's SFT use the machine (processes, sharding)."""
+        settings = _settings(TrainingSettings, self.training, "training")
+        settings.validate()
+        return settings
+
+    def _checkpointing(self) -> dict[str, Any]:
+        """A training stage's activation checkpointing when its section does not set it: on for a
+        model above training.checkpointing_above parameters (read from its config.json)."""
+        shape = None if self.model == EMBEDDED else read_shape(Path(self.model))
+        big = shape is not None and shape.params > self.training_settings().checkpointing_above
+        return {"activation_checkpointing": True} if big else {}
+
     def eval_settings(self) -> EvalSettings:
         # The playbook is ACE's: its evaluation adds it.
         return _settings(EvalSettings, self.eval, "eval", **self._shared(), playbook=[])
 
     def grpo_settings(self) -> GRPOSettings:
-        return _settings(GRPOSettings, {**self.train.model_dump(), **self.grpo}, "grpo",
+        return _settings(GRPOSettings, {**self.train.model_dump(), **self._checkpointing(), **self.grpo}, "grpo",
                          **self._shared())
 
     def explore_settings(self) -> ExploreSettings:
@@ -135,7 +151,7 @@ class StudyConfig(_Section):
         return _settings(DistillSettings, self.leafe.distill, "leafe.distill")
 
     def distill_sft(self) -> SFTSettings:
-        return _settings(SFTSettings, self.leafe.sft, "leafe.sft")
+        return _settings(SFTSettings, {**self._checkpointing(), **self.leafe.sft}, "leafe.sft")
 
     def early_experience_settings(self) -> EarlyExperienceSettings:
         section = self.early_experience
@@ -144,7 +160,7 @@ class StudyConfig(_Section):
                          "early_experience", **self._shared())
 
     def early_experience_sft(self) -> SFTSettings:
-        return _settings(SFTSettings, self.early_experience.sft, "early_experience.sft")
+        return _settings(SFTSettings, {**self._checkpointing(), **self.early_experience.sft}, "early_experience.sft")
 
     def ace_settings(self) -> ACESettings:
         return _settings(ACESettings, {**self.train.model_dump(), **self.ace}, "ace",
@@ -156,6 +172,7 @@ class StudyConfig(_Section):
             raise LeafeError("methods must include base: every method is compared with the model it started from")
         self.eval_settings()
         self.generation_settings()
+        self.training_settings()
         for method, builders in {
             "grpo": [self.grpo_settings],
             "leafe": [self.explore_settings, self.distill_settings, self.distill_sft],

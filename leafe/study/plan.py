@@ -118,17 +118,25 @@ class Study:
         # Another engine draws other random numbers: a sampling stage records which one sampled it
         # (left out for hf, so run directories from before engines were chosen stay done).
         sampled_fp = model_fp if generation.backend == "hf" else {**model_fp, "engine": _engine_fp(generation)}
+        # Several training processes change what is trained (GRPO's ranks sample their own streams,
+        # distillation's optimiser steps span a batch per rank); one process is left out, so run
+        # directories from before the training section stay done.
+        training = c.training_settings()
+        trained_fp = {} if training.processes == 1 else {"training": {"processes": training.processes,
+                                                                      "sharding": training.sharding}}
         evaluation = c.eval_settings()
         add("base.eval", "eval base", {"eval": _fp(evaluation), **sampled_fp},
             lambda t: self._eval("base", t), base_after)
         if "grpo" in c.methods:
-            add("grpo.train", "GRPO", {"grpo": _fp(c.grpo_settings()), **model_fp}, self._grpo, base_after)
+            # GRPO's rollouts come from the config's engine too (hf: the policy itself; vllm: a synced copy)
+            add("grpo.train", "GRPO", {"grpo": _fp(c.grpo_settings()), **sampled_fp, **trained_fp}, self._grpo,
+                base_after)
         if "leafe" in c.methods:
             start_after = ("grpo.train",) if self.leafe_start() == "grpo" else base_after
             add("leafe.explore", f"LEAFE explore ({self.leafe_start()})",
                 {"explore": _fp(c.explore_settings()), **sampled_fp}, self._explore, start_after)
             add("leafe.distill", "LEAFE distil", {"distill": _fp(c.distill_settings()),
-                "sft": _fp(c.distill_sft()), **model_fp}, self._distill, ("leafe.explore", *start_after))
+                "sft": _fp(c.distill_sft()), **model_fp, **trained_fp}, self._distill, ("leafe.explore", *start_after))
         if "early_experience" in c.methods:
             add("early_experience.train", f"Early Exp. ({c.early_experience.variant})",
                 {"ee": _fp(c.early_experience_settings()), "sft": _fp(c.early_experience_sft()), **sampled_fp},
@@ -295,8 +303,14 @@ class Study:
     def _grpo(self, progress: Progress) -> tuple[MethodResult, dict[str, Any]]:
         from leafe.methods.grpo import train_grpo
 
-        self._release()  # GRPO loads the model it trains itself
-        return train_grpo(self._job("grpo.train", self.base_model(), progress), self.config.grpo_settings()), {}
+        self._release()  # GRPO loads the model it trains itself, and its own rollout engine
+        job = self._job("grpo.train", self.base_model(), progress)
+        settings, generation = self.config.grpo_settings(), self.config.generation_settings()
+        if (training := self.config.training_settings()).processes > 1:
+            from leafe.scale.stage import launch
+
+            return launch("grpo", job, training, settings=settings, generation=generation), {}
+        return train_grpo(job, settings, generation), {}
 
     def _explore(self, progress: Progress) -> tuple[MethodResult, dict[str, Any]]:
         from leafe.methods.explore import explore
@@ -312,6 +326,11 @@ class Study:
         start = self.model_of(self.leafe_start())
         job = self._job("leafe.distill", start, progress, inputs=[self.stage_dir("leafe.explore") / "trees.jsonl"])
         try:
+            if (training := self.config.training_settings()).processes > 1:
+                from leafe.scale.stage import launch
+
+                return launch("distill", job, training, settings=self.config.distill_settings(),
+                              sft=self.config.distill_sft()), {"trained": True}
             return distill(job, self.config.distill_settings(), self.config.distill_sft()), {"trained": True}
         except NoDistillationRows as empty:
             # Nothing succeeded in stage 1: there is no correction to distil, so LEAFE's model is its

@@ -1,0 +1,76 @@
+"""Log-probs of chosen tokens without the batch's full-vocabulary logits.
+
+A multi-turn episode is mostly prompt and observations: the agent's own tokens (GRPO's loss) and a
+row's target turn (SFT's) are a small share of its positions. Two things keep the memory to that
+share, whatever wraps the model (DDP, FSDP, ZeRO-3, PEFT): the output head is given only the hidden
+states of the scored positions (a forward pre-hook on the head, so the model's own forward, and
+every wrapper's hooks around it, still run), and the fp32 log-softmax runs over chunks of those
+positions, each recomputed in the backward pass rather than kept, so at most one chunk of fp32
+logits exists at a time. The head's output for the scored positions stays in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+#: Positions whose fp32 log-softmax is computed at once (x vocabulary x 4 bytes: 4096 x 152k = 2.5 GB).
+CHUNK = 4096
+
+
+def unwrapped(model):
+    """The transformers model inside DDP/DeepSpeed wrappers (FSDP2 and PEFT keep their own forward)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@contextmanager
+def logits_only_at(model, positions: torch.Tensor) -> Iterator[None]:
+    """While inside, `model(...)`'s logits are those of the True entries of `positions` (B, L) only,
+    flattened row-major into (N, vocab)."""
+    head = unwrapped(model).get_output_embeddings()
+
+    def select(_module, args):
+        return (args[0][positions], *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
+                   chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) for each row of `logits` (N, vocab), in fp32, a chunk of rows at a time; with
+    `with_entropy`, also each row's entropy (no graph: for logging)."""
+    pieces, entropies = [], []
+    for start in range(0, logits.shape[0], chunk):
+        part, wanted = logits[start:start + chunk], targets[start:start + chunk]
+        if torch.is_grad_enabled() and part.requires_grad:
+            pieces.append(checkpoint(_chunk_logprobs, part, wanted, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(part, wanted))
+        if with_entropy:
+            with torch.no_grad():
+                logp = torch.log_softmax(part.detach().float(), dim=-1)
+                entropies.append(-(logp.exp() * logp).sum(-1))
+    empty = logits.new_zeros(0, dtype=torch.float32)
+    logp = torch.cat(pieces) if pieces else empty
+    entropy = (torch.cat(entropies) if entropies else empty) if with_entropy else None
+    return logp, entropy
+
+
+def scored_positions(targets_mask: torch.Tensor) -> torch.Tensor:
+    """Where the logits that score `targets_mask`'s tokens are: token j is scored by position j - 1."""
+    at = torch.zeros_like(targets_mask)
+    at[:, :-1] = targets_mask[:, 1:]
+    return at

@@ -1,0 +1,142 @@
+"""A study's training stage on several processes: `leafe run` writes the stage's job (method, model,
+settings) to the stage directory and starts `accelerate launch -m leafe.scale.stage JOB` with an
+accelerate config made from the study's `training:` section; every rank runs the method as
+`leafe distill` / `leafe train grpo` would under `leafe launch`, and rank 0 writes the result the
+study reads back.
+
+Why a subprocess: the ranks need a process group from their start, and the study's own process holds
+the sampling engine's client and the run's state. The engine is shut down before the launch (one
+model resident at a time); the study process waits and holds no model meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from leafe.errors import LeafeError
+from leafe.files import process_rank, read_json, write_json
+from leafe.method import Job, MethodResult
+from leafe.settings import DistillSettings, GenerationSettings, GRPOSettings, SFTSettings, TrainingSettings
+
+JOB, RESULT, LOG, CONFIG = "launch_job.json", "launch_result.json", "launch.log", "accelerate.yaml"
+#: The methods a study can launch over processes.
+LAUNCHED = ("grpo", "distill")
+
+
+def accelerate_config(training: TrainingSettings, cuda: bool) -> dict[str, Any]:
+    """The accelerate config of `training` on this machine (the keys configs/accelerate/*.yaml explain).
+
+    Without GPUs the processes are DDP ranks over gloo (accelerate's MULTI_GPU launcher; its
+    MULTI_CPU one starts a single process without MPI), and sharding needs accelerators."""
+    with socket.socket() as s:  # a free port: two studies on one machine must not meet
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bf16 = cuda and training.mixed_precision != "no"
+    config: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU",
+        "mixed_precision": "bf16" if bf16 else "no", "num_machines": 1, "num_processes": training.processes,
+        "machine_rank": 0, "main_process_ip": "127.0.0.1", "main_process_port": port, "rdzv_backend": "static",
+        "same_network": True, "use_cpu": False, "downcast_bf16": "no", "debug": False}
+    if training.sharding == "fsdp" and cuda:
+        config["distributed_type"] = "FSDP"
+        config["fsdp_config"] = {
+            "fsdp_version": 2, "fsdp_reshard_after_forward": True, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_offload_params": False, "fsdp_activation_checkpointing": False}
+    elif training.sharding == "zero3" and cuda:
+        config["distributed_type"] = "DEEPSPEED"
+        config["deepspeed_config"] = {"zero_stage": 3, "zero3_init_flag": True, "zero3_save_16bit_model": True,
+                                      "offload_optimizer_device": "none", "offload_param_device": "none"}
+    return config
+
+
+def launch(method: str, job: Job, training: TrainingSettings, **settings: Any) -> MethodResult:
+    """Run `method` on `training.processes` processes and return rank 0's result. `settings`: the
+    method's dataclasses by name (grpo: settings, generation; distill: settings, sft)."""
+    import torch
+    import yaml
+
+    if method not in LAUNCHED:
+        raise LeafeError(f"{method} runs in one process; training.processes > 1 is for {', '.join(LAUNCHED)}")
+    out = job.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULT).unlink(missing_ok=True)
+    config = accelerate_config(training, torch.cuda.is_available())
+    (out / CONFIG).write_text(yaml.safe_dump(config))
+    spec = {"method": method, "model": job.model, "out": str(out), "inputs": [str(p) for p in job.inputs],
+            "device": job.device, "settings": {k: asdict(v) for k, v in settings.items() if v is not None}}
+    write_json(out / JOB, spec)
+    beside = Path(sys.executable).parent / "accelerate"
+    command = [str(beside) if beside.exists() else "accelerate", "launch", "--config_file", str(out / CONFIG),
+               "-m", "leafe.scale.stage", str(out / JOB)]
+    job.progress.start(None)
+    with open(out / LOG, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                              check=False)
+    if done.returncode != 0 or not (out / RESULT).exists():
+        tail = (out / LOG).read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise LeafeError(f"{method} on {training.processes} processes failed (exit {done.returncode}); "
+                         f"see {out / LOG}: {tail[0][:200]}")
+    result = read_json(out / RESULT)
+    if "no_rows" in result:
+        from leafe.methods.distill import NoDistillationRows
+
+        raise NoDistillationRows(result["trees"], result["no_rows"])
+    return MethodResult(**result)
+
+
+class _LogLines:
+    """Rank 0's progress in launch.log: a line when the total is known and at most one a minute after."""
+
+    def __init__(self, name: str, every_s: float = 60.0):
+        self.name, self.every_s, self.done, self.total, self.last = name, every_s, 0, None, 0.0
+
+    def start(self, total: int | None, done: int = 0) -> None:
+        self.total, self.done, self.last = total, done, time.monotonic()
+        print(f"{self.name}: {done}/{total}", flush=True)
+
+    def advance(self, n: int = 1, status: str = "") -> None:
+        self.done += n
+        if time.monotonic() - self.last >= self.every_s or self.done == self.total:
+            self.last = time.monotonic()
+            print(f"{self.name}: {self.done}/{self.total} {status}".rstrip(), flush=True)
+
+
+def _run(spec: dict[str, Any]) -> dict[str, Any]:
+    """One rank's share of the job (every rank calls the method; the methods make rank 0 the writer)."""
+    from leafe.method import NoProgress
+
+    settings = spec["settings"]
+    job = Job(model=spec["model"], out=Path(spec["out"]), inputs=[Path(p) for p in spec["inputs"]],
+              device=spec["device"], progress=_LogLines(spec["method"]) if process_rank()[0] == 0 else NoProgress())
+    if spec["method"] == "grpo":
+        from leafe.methods.grpo import train_grpo
+
+        generation = GenerationSettings(**settings["generation"]) if "generation" in settings else None
+        return train_grpo(job, GRPOSettings(**settings["settings"]), generation).to_dict()
+    from leafe.methods.distill import NoDistillationRows, distill
+
+    try:
+        return distill(job, DistillSettings(**settings["settings"]), SFTSettings(**settings["sft"])).to_dict()
+    except NoDistillationRows as empty:
+        return {"no_rows": empty.counts, "trees": empty.trees}
+
+
+def main(argv: list[str]) -> None:
+    spec = read_json(Path(argv[0]))
+    result = _run(spec)
+    if process_rank()[0] == 0:
+        write_json(Path(spec["out"]) / RESULT, result)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,77 @@
+"""`leafe run` with `training.processes > 1`: the study starts GRPO and distillation under
+`accelerate launch` itself (2 gloo ranks on this CPU machine), with an accelerate config made from
+the `training:` section, and reads rank 0's result back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from test_cli_eval import leafe
+from test_distill import trees_file  # noqa: F401 (the module's fixture)
+from test_study import tiny_study
+
+from leafe.method import Job
+from leafe.scale.launch import load_accelerate_config
+from leafe.scale.stage import CONFIG, LOG, accelerate_config, launch
+from leafe.settings import DistillSettings, SFTSettings, TrainingSettings
+
+
+@pytest.mark.parametrize("sharding, cuda, kind", [("ddp", False, "MULTI_GPU"), ("fsdp", False, "MULTI_GPU"),
+                                                  ("ddp", True, "MULTI_GPU"), ("fsdp", True, "FSDP"),
+                                                  ("zero3", True, "DEEPSPEED")])
+def test_the_training_section_becomes_a_config_accelerate_reads(tmp_path, sharding, cuda, kind):
+    config = accelerate_config(TrainingSettings(processes=8, sharding=sharding), cuda=cuda)
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_accelerate_config(path)  # accelerate's own reader; leafe's check of every key
+    assert loaded.distributed_type.value == kind and loaded.num_processes == 8
+    assert str(getattr(loaded.mixed_precision, "value", loaded.mixed_precision)) == ("bf16" if cuda else "no")  # fp32 on CPUs: no bf16 kernels to use
+
+
+def test_two_processes_distil_through_the_launcher_into_one_model(trees_file, tiny_model_dir, tmp_path):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "distilled"
+    result = launch("distill", Job(str(tiny_model_dir), out, inputs=[trees_file], device="cpu"),
+                    TrainingSettings(processes=2), settings=DistillSettings(), sft=SFTSettings(epochs=1, batch_size=2))
+    assert result.method == "distill" and result.model == str(out)
+    assert yaml.safe_load((out / CONFIG).read_text())["num_processes"] == 2
+    AutoModelForCausalLM.from_pretrained(out)  # one loadable model, written by rank 0
+    log = (out / LOG).read_text()
+    assert "accelerate launch" in log and "leafe.scale.stage" in log
+
+
+def test_two_processes_train_lora_adapters_and_rank_0_writes_them_merged(trees_file, tiny_model_dir, tmp_path):  # noqa: F811
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora"
+    launch("distill", Job(str(tiny_model_dir), out, inputs=[trees_file], device="cpu"), TrainingSettings(processes=2),
+           settings=DistillSettings(), sft=SFTSettings(epochs=1, batch_size=2, lora=True, learning_rate=1e-2))
+    merged, base = load_file(out / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert set(merged) == set(base)  # a plain model: no adapter weights left
+    changed = [k for k in base if not torch.equal(merged[k], base[k])]
+    assert changed and all("proj" in k for k in changed)  # the adapted linear layers moved, nothing else
+
+
+@pytest.mark.slow
+def test_a_study_trains_grpo_and_distils_on_two_processes_end_to_end(tiny_model_dir, tmp_path):
+    config = tiny_study(tmp_path, tiny_model_dir, methods=["base", "grpo", "leafe"], training={"processes": 2},
+                        grpo={"steps": 2})
+    run_dir = tmp_path / "run"
+    done = leafe("run", config, "--out", run_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grpo = run_dir / "grpo" / "train"
+    steps = [json.loads(line) for line in (grpo / "log.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]  # rank 0 logs each step once, with both ranks' episodes
+    assert all(s["groups"] == 2 for s in steps)  # tasks_per_step 2: one task on each rank
+    assert yaml.safe_load((grpo / CONFIG).read_text())["num_processes"] == 2
+    assert (grpo / "model.safetensors").exists()
+    distill = run_dir / "leafe" / "distill"
+    assert (distill / CONFIG).exists()  # distillation went through the launcher too
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["methods"]) == {"base", "grpo", "leafe"}
+    again = leafe("run", config, "--out", run_dir)  # finished: nothing relaunched
+    assert again.returncode == 0 and (grpo / "log.jsonl").read_text().count("\n") == 2

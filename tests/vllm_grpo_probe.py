@@ -1,0 +1,99 @@
+"""Run by tests/test_grpo_vllm.py inside .venv-vllm: GRPO's rollout engine on vLLM, with the trainer's
+weights synced into it. Prints one JSON line of measurements for the test to check.
+
+- sync: vLLM's log-probs of a fixed sequence against the trainer's, before any update, after an
+  update left unsynced, and after `load_weights` (a tied-embedding model and an untied copy).
+- grpo: `train_grpo` with generation.backend vllm, two steps: each step's mean |log-prob gap|
+  between the engine's numbers for what it sampled and the trainer's for the same ids; and the same
+  run with the sync switched off, where the second step samples from stale weights.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def trainer_logprobs(model, ids: list[int]) -> list[float]:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+    return logp.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).tolist()
+
+
+def gap(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def sync_check(model_dir: str, work: Path) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    from leafe.backends.vllm import VLLMBackend
+
+    engine = VLLMBackend(model_dir, max_model_len=512, kv_cache_gb=1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = [(11 * j) % 400 + 5 for j in range(48)]
+    out = {"initial": gap(engine.sequence_logprobs(ids), trainer_logprobs(model, ids))}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):  # a few real optimiser steps, as a trainer takes them
+        loss = -trainer_logprobs_graph(model, ids).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    updated = trainer_logprobs(model, ids)
+    out["unsynced"] = gap(engine.sequence_logprobs(ids), updated)
+    model.save_pretrained(work / "synced")
+    engine.load_weights(str(work / "synced"))
+    out["synced"] = gap(engine.sequence_logprobs(ids), updated)
+    engine.close()
+    return out
+
+
+def trainer_logprobs_graph(model, ids: list[int]):
+    logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+    return logp.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+
+
+def untied_copy(model_dir: str, out: Path) -> str:
+    """The same model with its own output head (as 7B+ checkpoints have)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    state = model.state_dict()
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    model.config.tie_word_embeddings = False
+    untied = type(model)(model.config)
+    untied.load_state_dict(state)
+    untied.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (Path(model_dir) / name).exists():
+            shutil.copy(Path(model_dir) / name, out / name)
+    return str(out)
+
+
+def grpo_run(model_dir: str, out: Path, sync: bool) -> list[dict]:
+    from leafe.backends.vllm import VLLMBackend
+    from leafe.method import Job
+    from leafe.methods.grpo import train_grpo
+    from leafe.settings import GenerationSettings, GRPOSettings
+
+    if not sync:
+        VLLMBackend.load_weights = lambda self, path: None  # the engine keeps the starting weights
+    settings = GRPOSettings(tasks=4, tasks_per_step=2, group_size=4, steps=2, learning_rate=3e-3, kl_coef=0.0,
+                            max_new_tokens=8, env_params={"max_steps": 3}, invalid_penalty=0.1, save_every=0)
+    generation = GenerationSettings(backend="vllm", max_model_len=512, kv_cache_gb=1)
+    train_grpo(Job(model_dir, out, device="cpu"), settings, generation)
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+if __name__ == "__main__":  # vLLM spawns workers that re-import the main module
+    model_dir, work = sys.argv[1], Path(sys.argv[2])
+    result = {"tied": sync_check(model_dir, work / "tied"),
+              "untied": sync_check(untied_copy(model_dir, work / "untied-model"), work / "untied"),
+              "grpo": grpo_run(model_dir, work / "grpo", sync=True),
+              "grpo_unsynced": grpo_run(model_dir, work / "grpo-unsynced", sync=False)}
+    print(json.dumps(result))
