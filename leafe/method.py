@@ -54,6 +54,9 @@ class Job:
     #: Shuts `backend` down (its engine, its GPU memory). A method that samples and then trains
     #: (Early Experience) calls `done_sampling()` between the two, so one model is resident at a time.
     release: Callable[[], None] | None = None
+    #: Runs an SFT of rows on several processes: `train_sft(model_dir, rows, out, sft) -> summary` (a
+    #: study's `training.processes > 1`, `leafe.scale.stage.sft_launcher`); None trains in this process.
+    train_sft: Callable[..., dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)

@@ -318,12 +318,17 @@ class GRPOSettings(SamplingSettings):
                               "weighted by min(p_trainer / p_sampler, cap), truncated importance sampling (0: off).")
     activation_checkpointing: bool = knob(False, "Recompute activations in the backward pass (less memory, about "
                                                  "a third more compute).")
+    lora: bool = knob(False, "Train LoRA adapters on every linear layer; the reference is the model with them "
+                             "off (no copy). Saved merged, and the adapters in OUT/adapter.")
+    lora_r: int = knob(16, "LoRA rank.")
+    lora_alpha: int = knob(32, "LoRA alpha.")
 
     #: A rerun may train longer, checkpoint differently or batch differently and still resume.
     resume_free: ClassVar[tuple[str, ...]] = ("steps", "save_every", "keep_checkpoints", "max_batch_tokens")
     speed_only: ClassVar[tuple[str, ...]] = ("activation_checkpointing",)  # recomputes the same activations
     #: is_cap changes nothing when the trainer samples itself (p_sampler is p_trainer).
-    added_later: ClassVar[dict[str, Any]] = {**SamplingSettings.added_later, "is_cap": 2.0}
+    added_later: ClassVar[dict[str, Any]] = {**SamplingSettings.added_later, "is_cap": 2.0, "lora": False,
+                                             "lora_r": 16, "lora_alpha": 32}
 
     def validate(self) -> None:
         super().validate()

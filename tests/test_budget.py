@@ -92,8 +92,12 @@ def test_the_7b_config_generates_on_all_8_gpus_and_states_memory_per_stage(tmp_p
 def test_the_7b_dry_run_plans_every_stage_within_80gb_and_prints_the_figures(tmp_path):
     result = run(QWEN7B_CONFIG, "--model", model_dir(tmp_path, "qwen2.5-7b"), "--dry-run", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
-    assert "stage plan of" in result.stdout and "resources (checked against 8 GPUs of 80 GB)" in result.stdout
-    assert "ace.eval" in result.stdout.split("resources (")[1]  # every stage planned
+    assert "stage plan of" in result.stdout and "resources, GB per GPU (checked against 8 GPUs of 80 GB)" in result.stdout
+    table = result.stdout.split("resources, GB per GPU")[1]
+    assert "ace.eval" in table  # every stage planned
+    grpo = next(line.split() for line in table.splitlines() if line.strip().startswith("grpo.train"))
+    assert grpo[1:8] == ["8", "3.8", "56.0", "13.3", "30.3", "73.1", "1.5e8"]  # the figures, one column each
+    assert max(len(line) for line in table.splitlines()) <= 80  # the figures keep their columns in 80 columns
     assert not (tmp_path / "run").exists()
 
 

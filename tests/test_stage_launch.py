@@ -56,10 +56,31 @@ def test_two_processes_train_lora_adapters_and_rank_0_writes_them_merged(trees_f
     assert changed and all("proj" in k for k in changed)  # the adapted linear layers moved, nothing else
 
 
+def test_two_processes_train_lora_grpo_with_the_adapters_off_as_reference(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from leafe.settings import GRPOSettings
+
+    out = tmp_path / "grpo-lora"
+    settings = GRPOSettings(tasks=4, task_seed=3, steps=2, tasks_per_step=2, group_size=4, learning_rate=1e-2,
+                            max_new_tokens=8, env_params={"max_steps": 4}, invalid_penalty=0.1, save_every=0,
+                            lora=True, lora_r=4)
+    launch("grpo", Job(str(tiny_model_dir), out, device="cpu"), TrainingSettings(processes=2), settings=settings)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and any(r.get("agent_tokens") for r in log)
+    assert all(r["kl"] >= 0 for r in log if "kl" in r)  # k3 KL against the base with its adapters off
+    assert (out / "adapter" / "adapter_config.json").exists()  # the adapters alone ...
+    merged, base = load_file(out / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert set(merged) == set(base)  # ... and a plain merged model
+    changed = [k for k in base if not torch.equal(merged[k], base[k])]
+    assert changed and all("proj" in k for k in changed)
+
+
 @pytest.mark.slow
-def test_a_study_trains_grpo_and_distils_on_two_processes_end_to_end(tiny_model_dir, tmp_path):
-    config = tiny_study(tmp_path, tiny_model_dir, methods=["base", "grpo", "leafe"], training={"processes": 2},
-                        grpo={"steps": 2})
+def test_a_study_trains_grpo_distillation_and_early_experience_on_two_processes(tiny_model_dir, tmp_path):
+    config = tiny_study(tmp_path, tiny_model_dir, methods=["base", "grpo", "leafe", "early_experience"],
+                        training={"processes": 2}, grpo={"steps": 2})
     run_dir = tmp_path / "run"
     done = leafe("run", config, "--out", run_dir)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -71,7 +92,10 @@ def test_a_study_trains_grpo_and_distils_on_two_processes_end_to_end(tiny_model_
     assert (grpo / "model.safetensors").exists()
     distill = run_dir / "leafe" / "distill"
     assert (distill / CONFIG).exists()  # distillation went through the launcher too
+    ee = run_dir / "early_experience" / "train"
+    assert (ee / "iwm" / CONFIG).exists() and (ee / CONFIG).exists()  # both of its trainings, launched
+    assert json.loads((ee / "train.json").read_text())["training"]["imitation"]["steps"] > 0
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results["methods"]) == {"base", "grpo", "leafe"}
+    assert set(results["methods"]) == {"base", "grpo", "leafe", "early_experience"}
     again = leafe("run", config, "--out", run_dir)  # finished: nothing relaunched
     assert again.returncode == 0 and (grpo / "log.jsonl").read_text().count("\n") == 2

@@ -137,24 +137,28 @@ def stage_plan_table(study, stages) -> Table:
     return table
 
 
-def resource_table(plan) -> Table:
-    """Per stage: the GPUs it uses, what each holds (GB), the tokens it generates at most, and hours."""
-    table = Table(title=f"resources ({plan.checked})")
-    for name in ("stage", "GPUs", "weights", "KV cache", "optimizer", "activations", "total/GPU",
-                 "tokens (at most)", "hours"):
-        table.add_column(name, no_wrap=name == "stage", justify="left" if name == "stage" else "right")
-    table.add_column("note")
+def resource_table(plan):
+    """Per stage: the GPUs it uses, what each holds (GB), the tokens it generates at most, and hours;
+    each stage's note under the table, so the figures keep their columns in 80-column terminals."""
+    from rich import box
+    from rich.console import Group
+    from rich.text import Text
+
+    table = Table(title=f"resources, GB per GPU ({plan.checked})", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
+                  collapse_padding=True)
+    for name in ("stage", "GPUs", "weights", "KV", "optim", "activ", "total", "tokens", "h"):
+        table.add_column(name, no_wrap=True, justify="left" if name == "stage" else "right")
     for s in plan.stages:
         table.add_row(s.key, str(s.gpus), _gb(s.weights), "?" if s.kv is None else _gb(s.kv), _gb(s.optimizer),
                       _gb(s.activations), _gb(s.total) if s.kv is not None else "?",
-                      "-" if s.tokens is None else f"{s.tokens:.3g}", "-" if s.hours is None else f"{s.hours:.1f}",
-                      s.note)
-    table.caption = plan.assumption
-    return table
+                      "-" if s.tokens is None else f"{s.tokens:.1e}".replace("e+0", "e"),
+                      "-" if s.hours is None else f"{s.hours:.1f}")
+    notes = [Text(f"{s.key}: {s.note}") for s in plan.stages if s.note]
+    return Group(table, *notes, Text(plan.assumption, style="dim"))
 
 
 def _gb(value: float) -> str:
-    return f"{value / 1e9:.1f} GB" if value else "-"
+    return f"{value / 1e9:.1f}" if value else "-"
 
 
 def results_table(results: dict[str, Any], width: int | None = None) -> Table:

@@ -208,10 +208,15 @@ def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFT
         if not iwm_rows:
             raise LeafeError("no world-model rows: every sampled alternative was the expert's action")
         phase("training: world model")
-        first = train(model, tokenizer, iwm_rows, out / "iwm", sft, on_log=on_log, save=False)
-        phase("training: imitation")
-        second = train(first.pop("model"), tokenizer, expert_rows, out, sft, on_log=on_log)
-        second.pop("model")
+        if job.train_sft is None:  # in this process: the world-model stage hands its model on in memory
+            first = train(model, tokenizer, iwm_rows, out / "iwm", sft, on_log=on_log, save=False)
+            phase("training: imitation")
+            second = train(first.pop("model"), tokenizer, expert_rows, out, sft, on_log=on_log)
+            second.pop("model")
+        else:  # over processes: through OUT/iwm on disk
+            first = job.train_sft(model, iwm_rows, out / "iwm", sft)
+            phase("training: imitation")
+            second = job.train_sft(str(out / "iwm"), expert_rows, out, sft)
         trainings = {"iwm": first, "imitation": second}
     else:
         phase("self-reflection")
@@ -221,8 +226,11 @@ def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFT
         job.done_sampling()
         collect_s = time.perf_counter() - started
         phase("training: rationales + imitation")
-        mixed = train(model, tokenizer, sr_rows + expert_rows, out, sft, on_log=on_log)
-        mixed.pop("model")
+        if job.train_sft is None:
+            mixed = train(model, tokenizer, sr_rows + expert_rows, out, sft, on_log=on_log)
+            mixed.pop("model")
+        else:
+            mixed = job.train_sft(model, sr_rows + expert_rows, out, sft)
         trainings = {"sr+imitation": mixed}
     counters = engine.counters
     summary = {

@@ -242,11 +242,13 @@ class GRPOTrainer:
     """
 
     def __init__(self, policy, sampler, settings: GRPOSettings, ref_model=None, envs: EnvMaker = make,
-                 sync_dir: Path | None = None):
+                 sync_dir: Path | None = None, shared: bool | None = None):
         from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
 
         self.sampler = sampler
-        self.shared = getattr(sampler, "model", None) is policy  # the hf backend samples the policy itself
+        # the hf backend samples the policy itself (under LoRA: the base it holds, with the adapters in it)
+        self.shared = getattr(sampler, "model", None) is policy if shared is None else shared
+        self.lora = settings.lora
         self.settings = settings
         self.envs = envs  # envs.make, or a worker pool's (workers.env_workers)
         device = next(policy.parameters()).device
@@ -259,6 +261,9 @@ class GRPOTrainer:
         self.sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         if self.shared and self.sharded:
             raise LeafeError(SHARDED_WEIGHTS)
+        if self.lora and self.sharded:
+            raise LeafeError("LoRA GRPO merges its adapters into whole weights for the engine after every step: "
+                             "train it data parallel (training.sharding: ddp), the frozen base needs no sharding")
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         if settings.activation_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -309,13 +314,29 @@ class GRPOTrainer:
     def save_model(self, path: Path) -> None:
         """The policy as a plain Hugging Face directory, in bf16 when training in bf16 (GPUs), else
         fp32. Every rank calls it: sharded weights are gathered first; rank 0 writes."""
-        state = self.accelerator.get_state_dict(self.policy)
+        state = self._merged_state() if self.lora else self.accelerator.get_state_dict(self.policy)
         if self.rank != 0:
             return
         if self.accelerator.mixed_precision == "bf16":
             state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
-        self.accelerator.unwrap_model(self.policy).save_pretrained(path, state_dict=state)
+        model = self.accelerator.unwrap_model(self.policy)
+        if self.lora:
+            model.save_pretrained(path / "adapter")  # the adapters alone, for PEFT
+            model = model.get_base_model()
+        model.save_pretrained(path, state_dict=state)
         self.sampler.tokenizer.save_pretrained(path)
+
+    def _merged_state(self) -> dict[str, torch.Tensor]:
+        """The weights with the LoRA update added (W + BA), under the base model's own names; the
+        policy itself keeps its adapters apart (merged in place for the copy, then unmerged)."""
+        peft_model = self.accelerator.unwrap_model(self.policy)
+        peft_model.merge_adapter()
+        try:  # copies of the merged layers only (unmerging changes them back); the rest stay shared, ties too
+            return {k.removeprefix("base_model.model.").replace(".base_layer.", "."):
+                    v.detach().clone() if ".base_layer." in k else v.detach()
+                    for k, v in peft_model.state_dict().items() if "lora_" not in k}
+        finally:
+            peft_model.unmerge_adapter()
 
     def _barrier(self) -> None:
         if self.world > 1:
@@ -372,6 +393,9 @@ class GRPOTrainer:
         if self.ref is not None and s.kl_coef > 0:
             with torch.no_grad(), self.accelerator.autocast():
                 refs = [self._logprobs(self.ref, b)[0] for b in batches]
+        elif self.lora and s.kl_coef > 0:  # the reference is the starting model: the adapters switched off
+            with torch.no_grad(), self.accelerator.autocast(), self.accelerator.unwrap_model(self.policy).disable_adapter():
+                refs = [self._logprobs(self.policy, b)[0] for b in batches]
         weighted = s.is_cap > 0 and all(x.sampler_logp is not None for x in samples)
         self.policy.train()
         if not self.shared:
@@ -441,9 +465,9 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
 
     `generation` names the rollout engine: hf (None too) samples from the policy being trained;
     vllm samples from its own copy, synced after every step (`GRPOTrainer.sync`). Checkpoints
-    (`out/checkpoints/step-N`: the model, and on the newest one the training state) are written every
-    `save_every` steps; a rerun with the same settings resumes from the latest one. The result's data holds the episode
-    counts and the last step's reward, success, KL and entropy (`final`).
+    (`out/checkpoints/step-N`: the model, and on the newest one the training state) are written
+    every `save_every` steps; a rerun with the same settings resumes from the latest one. The
+    result's data holds the episode counts and the last step's reward, success, KL and entropy.
     """
     from transformers import AutoModelForCausalLM
 
@@ -493,12 +517,17 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
         if device not in ("auto", "cpu") or torch.cuda.is_available():
             policy.to(device if device != "auto" else "cuda")
         sync_dir = _sync_dir(out)
+    if settings.lora:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                                                   target_modules="all-linear", task_type="CAUSAL_LM"))
     ref = None
-    if settings.kl_coef > 0:  # frozen: bf16 on GPUs (half the memory, the precision the policy's forward has)
+    if settings.kl_coef > 0 and not settings.lora:  # frozen, in bf16 on GPUs (the precision of the forward)
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         with loading_model(model):
             ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if bf16 else torch.float32)
-    trainer = GRPOTrainer(policy, sampler, settings, ref, envs, sync_dir)
+    trainer = GRPOTrainer(policy, sampler, settings, ref, envs, sync_dir, shared=engine == "hf")
     log_path = out / "log.jsonl"
     logged = list(read_jsonl(log_path))
     log = [r for r in logged if r["step"] <= start_step]

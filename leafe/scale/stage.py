@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from leafe.errors import LeafeError
-from leafe.files import process_rank, read_json, write_json
+from leafe.files import process_rank, read_json, read_jsonl, write_json, write_jsonl
 from leafe.method import Job, MethodResult
 from leafe.settings import DistillSettings, GenerationSettings, GRPOSettings, SFTSettings, TrainingSettings
 
 JOB, RESULT, LOG, CONFIG = "launch_job.json", "launch_result.json", "launch.log", "accelerate.yaml"
-#: The methods a study can launch over processes.
-LAUNCHED = ("grpo", "distill")
+#: The methods a study can launch over processes (sft: Early Experience's trainings, `sft_launcher`).
+LAUNCHED = ("grpo", "distill", "sft")
+ROWS = "launch_rows.jsonl"
 
 
 def accelerate_config(training: TrainingSettings, cuda: bool) -> dict[str, Any]:
@@ -111,6 +112,21 @@ class _LogLines:
             print(f"{self.name}: {self.done}/{self.total} {status}".rstrip(), flush=True)
 
 
+def sft_launcher(training: TrainingSettings, device: str = "auto"):
+    """`Job.train_sft` for a method that builds rows and trains on them (Early Experience): each call
+    writes the rows beside its output and trains them on `training.processes` processes."""
+
+    def train_sft(model: str, rows: list, out: Path, sft: SFTSettings) -> dict[str, Any]:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_jsonl(out / ROWS, [asdict(r) for r in rows])
+        result = launch("sft", Job(model=str(model), out=out, inputs=[out / ROWS], device=device), training,
+                        sft=sft)
+        return result.data
+
+    return train_sft
+
+
 def _run(spec: dict[str, Any]) -> dict[str, Any]:
     """One rank's share of the job (every rank calls the method; the methods make rank 0 the writer)."""
     from leafe.method import NoProgress
@@ -123,6 +139,16 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
 
         generation = GenerationSettings(**settings["generation"]) if "generation" in settings else None
         return train_grpo(job, GRPOSettings(**settings["settings"]), generation).to_dict()
+    if spec["method"] == "sft":  # rows already built (Early Experience): train them
+        from transformers import AutoTokenizer
+
+        from leafe.methods.sft import Row, train
+
+        rows = [Row(**r) for r in read_jsonl(job.inputs[0])]
+        summary = train(job.model, AutoTokenizer.from_pretrained(job.model), rows, job.out,
+                        SFTSettings(**settings["sft"]))
+        summary.pop("model")
+        return MethodResult("sft", str(job.out), settings["sft"], summary, {}).to_dict()
     from leafe.methods.distill import NoDistillationRows, distill
 
     try:

@@ -220,9 +220,11 @@ class _Planner:
         if key == "early_experience.train":
             ee = c.early_experience_settings()
             per_state = ee.alternatives * ee.max_new_tokens + (ee.rationale_tokens if ee.variant == "sr" else 0)
-            return [self.sampling(f"{key} (sampling)", ee.tasks * turns * per_state, ee.states_per_call * ee.alternatives,
+            # two rows: the sampling, then the SFT (named after its config section)
+            return [self.sampling(key, ee.tasks * turns * per_state, ee.states_per_call * ee.alternatives,
                                   ee.max_new_tokens, "early_experience.settings.states_per_call"),
-                    self.sft(f"{key} (SFT)", c.early_experience_sft(), ee.max_new_tokens, "early_experience.sft")]
+                    self.sft("early_experience.sft", c.early_experience_sft(), ee.max_new_tokens,
+                             "early_experience.sft")]
         if key == "ace.train":
             a = c.ace_settings()
             tokens = a.epochs * a.tasks * (turns * a.max_new_tokens + a.reflection_tokens)

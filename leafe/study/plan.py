@@ -139,7 +139,8 @@ class Study:
                 "sft": _fp(c.distill_sft()), **model_fp, **trained_fp}, self._distill, ("leafe.explore", *start_after))
         if "early_experience" in c.methods:
             add("early_experience.train", f"Early Exp. ({c.early_experience.variant})",
-                {"ee": _fp(c.early_experience_settings()), "sft": _fp(c.early_experience_sft()), **sampled_fp},
+                {"ee": _fp(c.early_experience_settings()), "sft": _fp(c.early_experience_sft()), **sampled_fp,
+                 **trained_fp},
                 self._early_experience, base_after)
         if "ace" in c.methods:
             add("ace.train", "ACE playbook", {"ace": _fp(c.ace_settings()), **sampled_fp}, self._ace,
@@ -345,6 +346,10 @@ class Study:
 
         base = self.base_model()
         job = self._job("early_experience.train", base, progress, backend=self._load(base))
+        if (training := self.config.training_settings()).processes > 1:  # its SFT over the processes
+            from leafe.scale.stage import sft_launcher
+
+            job.train_sft = sft_launcher(training, job.device)
         return train_early_experience(job, self.config.early_experience_settings(),
                                       self.config.early_experience_sft()), {}
 
