@@ -70,5 +70,15 @@ generation: {backend: vllm, dtype: bfloat16, max_model_len: 4096, gpu_memory_uti
 EOF
 timeout 300 "$PYTHON" -m leafe run "$WORK/study-train.yaml" --out "$WORK/run-train"
 cp "$WORK/run-train/results.json" "$OUT/gpu_check_train_results.json"
+"$PYTHON" - "$WORK/run-train" <<'PY'
+import sys
+from pathlib import Path
+from safetensors import safe_open
+for stage in ("grpo/train", "leafe/distill"):  # checkpoints a user keeps: bf16, as trained
+    path = Path(sys.argv[1]) / stage / "model.safetensors"
+    if path.exists():
+        with safe_open(str(path), "pt") as f:
+            print(stage, {str(f.get_tensor(k).dtype) for k in f.keys()})
+PY
 nvidia-smi --query-gpu=memory.used --format=csv
 echo "gpu check done: $OUT"

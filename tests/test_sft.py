@@ -83,3 +83,11 @@ def test_training_without_rows_is_a_clear_error(tiny_model_dir, tmp_path):
         train(str(tiny_model_dir), None, [], tmp_path, SFTSettings())
     assert Row([1], [-100]).loss_tokens == 0
 
+
+def test_bf16_checkpoints_keep_tied_tensors_tied():
+    from leafe.methods.sft import bf16_state
+
+    embed = torch.randn(4, 3)
+    state = bf16_state({"embed": embed, "head": embed, "norm": torch.ones(3), "steps": torch.tensor([3])})
+    assert state["embed"].dtype == torch.bfloat16 and state["head"] is state["embed"]  # one tensor, as before
+    assert state["steps"].dtype == torch.int64

@@ -63,3 +63,4 @@ def test_sft_loss_from_scored_positions_equals_the_whole_batch_definition(tiny_m
         with logits_only_at(model, scored_positions(labels != -100)):
             selected = model(input_ids=ids).logits
         assert torch.allclose(target_nll(selected, labels, weights, 13), reference, atol=1e-6)
+

@@ -46,7 +46,7 @@ from leafe.errors import LeafeError
 from leafe.files import append_jsonl, process_rank, read_json, read_jsonl, write_json, write_jsonl
 from leafe.fingerprint import resume_fingerprint
 from leafe.method import Job, MethodResult
-from leafe.methods.sft import make_batches
+from leafe.methods.sft import bf16_state, make_batches
 from leafe.methods.token_logprobs import logits_only_at, scored_positions, token_logprobs
 from leafe.rollout import RolloutEngine
 from leafe.rundir import claim
@@ -318,7 +318,7 @@ class GRPOTrainer:
         if self.rank != 0:
             return
         if self.accelerator.mixed_precision == "bf16":
-            state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+            state = bf16_state(state)
         model = self.accelerator.unwrap_model(self.policy)
         if self.lora:
             model.save_pretrained(path / "adapter")  # the adapters alone, for PEFT

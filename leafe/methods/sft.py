@@ -175,6 +175,13 @@ def _progress_callback(on_log: Callable[[dict], None] | None, log: list[dict]):
     return Progress()
 
 
+def bf16_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with its floating tensors in bf16; tensors shared in `state` (tied embeddings) stay shared."""
+    cast: dict[int, torch.Tensor] = {}
+    return {k: cast.setdefault(v.data_ptr(), v.to(torch.bfloat16)) if v.is_floating_point() else v
+            for k, v in state.items()}
+
+
 def _merged_on_cpu(base_path: str | Path, lora: Any, state: dict[str, torch.Tensor]):
     """The base model with LoRA adapters of `state` (a PeftModel's whole state dict) merged in."""
     from peft import get_peft_model
@@ -286,14 +293,14 @@ def train(
         save = False
     elif settings.lora:
         trained = trained.merge_and_unload()
-    if save and processes > 1:
-        # Sharded (FSDP, ZeRO-3) or replicated weights: the Trainer gathers them and rank 0 writes.
-        trainer.save_model(str(out))
+    if save:
+        # The whole weights (gathered first when sharded), written by rank 0 as a plain directory, in
+        # bf16 when trained in bf16: the model a user keeps, not the fp32 master copy.
+        state = trainer.accelerator.get_state_dict(trainer.model) if processes > 1 else trained.state_dict()
         if is_main_process():
+            writer = trainer.accelerator.unwrap_model(trained) if processes > 1 else trained
+            writer.save_pretrained(out, state_dict=bf16_state(state) if config.bf16 else state)
             tokenizer.save_pretrained(out)
-    elif save:
-        trained.save_pretrained(out)
-        tokenizer.save_pretrained(out)
     return {
         "rows": len(rows),
         "tokens": sum(len(r.input_ids) for r in rows),
