@@ -184,7 +184,10 @@ def test_grpo_under_sharded_weights_is_refused_with_the_reason(config):
     assert result.exit_code == 2
     message = " ".join(result.stderr.split())
     assert "GRPO samples in process from the policy it trains, and with sharded weights (FSDP, ZeRO-3)" in message
-    assert "launch it with a MULTI_GPU (DDP) config" in message
+    assert "launch it with a MULTI_GPU (DDP) config, or sample with --backend vllm" in message
+    sharded = launch(config, "--dry-run", "--", *GRPO, "--backend", "vllm")  # a vLLM engine samples instead
+    assert sharded.exit_code == 0, sharded.output
+    assert "samples with its own vLLM engine (synced after every step)" in " ".join(sharded.stdout.split())
 
 
 def test_grpo_runs_data_parallel_each_rank_sampling_its_share_of_the_tasks():

@@ -216,7 +216,8 @@ def task_schedule(n_tasks: int, per_step: int, step: int, seed: int) -> list[int
 
 #: Why GRPO refuses sharded weights; `leafe launch` says it before launching, the trainer on start.
 SHARDED_WEIGHTS = ("GRPO samples in process from the policy it trains, and with sharded weights (FSDP, ZeRO-3) every "
-                   "decode step would be a collective that ranks reach unequally; launch it with a MULTI_GPU (DDP) config")
+                   "decode step would be a collective that ranks reach unequally; launch it with a MULTI_GPU (DDP) "
+                   "config, or sample with --backend vllm")
 
 
 def check_tasks_per_step(per_step: int, processes: int) -> None:

@@ -288,7 +288,8 @@ def train(
         # rank 0 merges it into a fresh copy of the base on the CPU and writes a plain model.
         state = trainer.accelerator.get_state_dict(trainer.model)
         if save and is_main_process():
-            _merged_on_cpu(base_path, lora, state).save_pretrained(out)
+            merged = _merged_on_cpu(base_path, lora, state)
+            merged.save_pretrained(out, state_dict=bf16_state(merged.state_dict()) if config.bf16 else None)
             tokenizer.save_pretrained(out)
         save = False
     elif settings.lora:

@@ -13,12 +13,12 @@ writes the model directory and distill.json. Tested: 2 real ranks (torchrun, glo
 batches and write one loadable model; FSDP and ZeRO-3 sharding need GPUs and have not run here (on a
 CPU-only machine accelerate trains an FSDP config as plain data parallel).
 
-`leafe train grpo` runs data parallel only (MULTI_GPU: a full copy of the policy per rank):
-each rank samples its share of the step's tasks with its own copy, the ranks meet in one gradient
-all-reduce per optimiser step, and rank 0 writes the log, checkpoints and model. Under FSDP or ZeRO-3
-it is refused: its in-process sampling runs forward passes on the policy it trains, each one a
-collective under sharded weights, and ranks generate different numbers of tokens. Early Experience
-and ACE run in one process.
+`leafe train grpo`: each rank samples its share of the step's tasks (with its own copy of the
+policy, or with `--backend vllm` its own engine synced after every step), the ranks meet in one
+gradient all-reduce per optimiser step, and rank 0 writes the log, checkpoints and model. Sampling
+from the policy itself is refused under FSDP or ZeRO-3: its forward passes on the policy it trains
+would each be a collective under sharded weights, which ranks reach unequally. Early Experience and
+ACE run in one process here (a study launches Early Experience's SFT itself: `leafe.scale.stage`).
 """
 
 from __future__ import annotations
@@ -169,13 +169,15 @@ def _grpo_lines(kind, args, processes, machines, address) -> list[str]:
     from leafe.methods.grpo import SHARDED_WEIGHTS, check_tasks_per_step
     from leafe.settings import GRPOSettings
 
-    if kind in ("FSDP", "DEEPSPEED"):
+    engine = _option(args, "--backend") or "hf"
+    if kind in ("FSDP", "DEEPSPEED") and engine != "vllm":
         raise LeafeError(SHARDED_WEIGHTS)
     per_step = int(_option(args, "--tasks-per-step") or GRPOSettings().tasks_per_step)
     check_tasks_per_step(per_step, processes)
     out = _option(args, "--out") or "--out"
+    sampler = "its own vLLM engine (synced after every step)" if engine == "vllm" else "its own copy"
     lines = [
-        (f"each rank    samples its own copy on {per_step // processes} of the {per_step} tasks of a step "
+        (f"each rank    samples with {sampler} on {per_step // processes} of the {per_step} tasks of a step "
          f"(--group-size episodes each), then trains on them"),
         "sync         one gradient all-reduce per optimiser step; the loss is the token mean over all ranks' samples",
         f"output       rank 0 alone writes {out}: log.jsonl (the whole step), checkpoints, the model, train.json",

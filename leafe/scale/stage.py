@@ -11,6 +11,7 @@ model resident at a time); the study process waits and holds no model meanwhile.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -66,10 +67,13 @@ def launch(method: str, job: Job, training: TrainingSettings, **settings: Any) -
 
     if method not in LAUNCHED:
         raise LeafeError(f"{method} runs in one process; training.processes > 1 is for {', '.join(LAUNCHED)}")
+    cuda = torch.cuda.is_available()
+    if training.sharding == "zero3" and cuda and importlib.util.find_spec("deepspeed") is None:
+        raise LeafeError("training.sharding: zero3 needs deepspeed: pip install deepspeed (or use sharding: fsdp)")
     out = job.out
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULT).unlink(missing_ok=True)
-    config = accelerate_config(training, torch.cuda.is_available())
+    config = accelerate_config(training, cuda)
     (out / CONFIG).write_text(yaml.safe_dump(config))
     spec = {"method": method, "model": job.model, "out": str(out), "inputs": [str(p) for p in job.inputs],
             "device": job.device, "settings": {k: asdict(v) for k, v in settings.items() if v is not None}}

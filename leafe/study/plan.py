@@ -234,8 +234,8 @@ class Study:
 
     # -- the stages: each calls one method through the contract ---------------------------------
     def _job(self, key: str, model: Path | str, progress: Progress, **more: Any) -> Job:
-        # Training stages put their model on generation's `device` too, until a `training:` section
-        # says where training runs (sharded, on its own processes).
+        # A training stage in this process puts its model on generation's `device`; over
+        # `training.processes` each rank takes the GPU of its LOCAL_RANK (leafe.scale.stage).
         return Job(model=str(model), out=self.stage_dir(key), progress=progress,
                    device=self.config.generation_settings().device, release=self._release, **more)
 
