@@ -30,6 +30,13 @@ def test_the_training_section_becomes_a_config_accelerate_reads(tmp_path, shardi
     assert str(getattr(loaded.mixed_precision, "value", loaded.mixed_precision)) == ("bf16" if cuda else "no")  # fp32 on CPUs: no bf16 kernels to use
 
 
+def test_a_study_refuses_grpo_tasks_that_do_not_split_over_the_processes(tiny_model_dir, tmp_path):
+    config = tiny_study(tmp_path, tiny_model_dir, training={"processes": 4})  # grpo.tasks_per_step is 2
+    done = leafe("run", config, "--out", tmp_path / "run", "--dry-run")
+    assert done.returncode == 2
+    assert "grpo.tasks_per_step (2) must be a multiple of training.processes (4)" in done.stderr
+
+
 def test_two_processes_distil_through_the_launcher_into_one_model(trees_file, tiny_model_dir, tmp_path):  # noqa: F811
     from transformers import AutoModelForCausalLM
 

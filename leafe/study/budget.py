@@ -173,8 +173,12 @@ class _Planner:
     def sft(self, key: str, sft: Any, max_new_tokens: int, knob: str) -> StageNeed:
         rows = min(self.context(max_new_tokens), self.model_len()) if self.shape else 0
         tokens = sft.max_batch_tokens or sft.batch_size * rows
-        return self.training(key, False, tokens, sft.activation_checkpointing, sft.lora,
+        need = self.training(key, False, tokens, sft.activation_checkpointing, sft.lora,
                              self.agent_share(max_new_tokens), f"{knob}.max_batch_tokens")
+        p = self.training_settings.processes
+        need.note += (f"; a step: {sft.batch_size} rows x {p} processes x {sft.grad_accum} accumulation = "
+                      f"{sft.batch_size * p * sft.grad_accum} rows, learning rate not rescaled")
+        return need
 
     def grpo(self, key: str) -> StageNeed:
         """GRPO's update as `training`; its rollouts from the policy itself (hf: KV cache beside the
@@ -184,6 +188,7 @@ class _Planner:
         need = self.training(key, g.kl_coef > 0, g.max_batch_tokens, g.activation_checkpointing, False,
                              self.agent_share(g.max_new_tokens), "grpo.max_batch_tokens")
         need.tokens, need.hours = tokens, self.hours(tokens, t.processes)  # each process samples its share
+        need.note += f"; a step: {g.tasks_per_step} tasks x {g.group_size} episodes over {t.processes} processes"
         if self.shape is None:
             return need
         if gen.backend == "vllm":

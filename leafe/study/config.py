@@ -182,6 +182,10 @@ class StudyConfig(_Section):
             if method in self.methods:
                 for build in builders:
                     build()
+        processes = self.training_settings().processes
+        if "grpo" in self.methods and self.grpo_settings().tasks_per_step % processes:
+            raise LeafeError(f"grpo.tasks_per_step ({self.grpo_settings().tasks_per_step}) must be a multiple of "
+                             f"training.processes ({processes}): every process samples as many tasks")
         if "leafe" in self.methods and self.leafe.start == "grpo" and "grpo" not in self.methods:
             raise LeafeError("leafe.start is grpo but grpo is not in methods; add grpo or set leafe.start: base")
 
