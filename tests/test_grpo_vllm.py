@@ -15,7 +15,7 @@ import json
 import pytest
 from test_backend_vllm import HERE, in_vllm_venv
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # four engine starts, ~30 s each here
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # three engine starts, ~30 s each here
 
 #: fp32 on both sides; the engine's kernels differ from transformers' in summation order only.
 SAME = 1e-4
@@ -29,16 +29,15 @@ def probe(hd64_model_dir, tmp_path_factory):
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("head", ["tied", "untied"])
-def test_the_engine_scores_with_the_trainers_weights_after_a_sync_and_not_before(probe, head):
-    gaps = probe[head]
+def test_the_engine_scores_with_the_trainers_weights_after_a_sync_and_not_before(probe):
+    gaps = probe["tied"]  # a tied head: the case vLLM's own in-place reload gets wrong
     assert gaps["initial"] < SAME  # the same weights: the same log-probs
     assert gaps["unsynced"] > 100 * SAME  # an update the engine has not seen: what skipping the sync leaves
     assert gaps["synced"] < SAME
 
 
 def test_grpo_on_vllm_samples_each_step_from_the_weights_it_trains(probe):
-    synced = probe["grpo"]
+    synced = probe["grpo"]  # on an untied copy of the model, as 7B checkpoints are
     assert [r["step"] for r in synced] == [1, 2] and all("sync_s" in r for r in synced)
     assert all(r["agent_tokens"] > 0 for r in synced)  # both steps updated the policy
     # step 2 samples step 1's weights: what the engine reported is what the trainer computes (an
