@@ -1,7 +1,7 @@
 """The vllm backend, in process, run inside .venv-vllm (vLLM for CPU pins its own torch and
 transformers; `make vllm-env` installs leafe there too): greedy ids equal the hf backend's on the
 same model and prompts, n samples per prompt with stop ids and log-probs, prefix caching reuses a
-shared branch history, and `leafe eval --backend vllm` runs end to end."""
+shared branch history, and (tests/test_grpo_vllm.py) the command line's --backend vllm options reach the engine."""
 
 from __future__ import annotations
 
@@ -77,12 +77,3 @@ def test_prefix_caching_skips_the_shared_history_of_branches(probe):
     block = 128  # vLLM's CPU block size; only whole blocks are cached
     assert stats["prefill_tokens"] <= (shared + 3) + 3 * (shared + 3 - (shared // block) * block)
     assert stats["prefill_tokens"] < stats["prompt_tokens"] // 2
-
-
-def test_leafe_eval_runs_with_the_vllm_backend(hd64_model_dir, tmp_path):
-    from test_cli_eval import eval_args
-
-    run = in_vllm_venv("-m", "leafe", *eval_args(hd64_model_dir, tmp_path / "eval", "--backend", "vllm"))
-    assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert [t["n"] for t in report["tasks"]] == [4, 4, 4] and report["generated_tokens"] > 0

@@ -193,7 +193,7 @@ def test_grpo_under_sharded_weights_is_refused_with_the_reason(config):
 def test_grpo_runs_data_parallel_each_rank_sampling_its_share_of_the_tasks():
     plan = launch_plan(DDP, [*GRPO, "--tasks-per-step", "16"], num_processes=4)
     assert plan.command[-len(GRPO) - 2:] == [*GRPO, "--tasks-per-step", "16"]
-    each_rank = "each rank    samples its own copy on 4 of the 16 tasks of a step"
+    each_rank = "each rank    samples with its own copy on 4 of the 16 tasks of a step"
     assert any(line.startswith(each_rank) for line in plan.lines)
     assert "output       rank 0 alone writes /runs/grpo: log.jsonl (the whole step), checkpoints, the model, " \
            "train.json" in plan.lines

@@ -163,16 +163,12 @@ def study_config(path, model, backend: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["hf", "vllm"])
-def test_a_short_study_runs_on_each_model(real_models, backend, tmp_path):
-    python = sys.executable
-    if backend == "vllm":
-        if not VLLM_PYTHON.exists():
-            pytest.skip("no .venv-vllm: run `make vllm-env` (make test does)")
-        python = VLLM_PYTHON
-    # Every model on hf; on vllm (an engine start costs a minute on 2 CPU cores) the one whose template
-    # pins a date: the probe above already drives the other two through vLLM.
-    models = real_models if backend == "hf" else {"llama3.1": real_models["llama3.1"]}
+def test_a_short_study_runs_on_each_model(real_models, tmp_path):
+    # On hf only: the probe above drives all three models through vLLM. A whole study on vLLM (Llama,
+    # 45 s here) was dropped to keep `make test` under its 20 minutes; `leafe run` on vLLM is measured
+    # in BENCHMARKS ("The demo sampled by vLLM", "GRPO on vLLM rollouts") instead.
+    python, backend = sys.executable, "hf"
+    models = real_models
     for name, model in models.items():
         out = tmp_path / name
         run = leafe("run", study_config(tmp_path / f"{name}.yaml", model, backend), "--out", out, python=python)

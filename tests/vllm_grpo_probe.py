@@ -3,9 +3,9 @@ weights synced into it. Prints one JSON line of measurements for the test to che
 
 - sync: vLLM's log-probs of a fixed sequence against the trainer's, before any update, after an
   update left unsynced, and after `load_weights` (a tied-embedding model: vLLM's reload alone misses it).
-- grpo: `train_grpo` with generation.backend vllm, two steps, on an untied copy of the model: each
+- grpo: `leafe train grpo --backend vllm --lora`, two steps, on an untied copy of the model: each
   step's mean |log-prob gap| between the engine's numbers for what it sampled and the trainer's for
-  the same ids; and with LoRA (tied model), where the engine gets the adapters merged into the weights.
+  the same ids (the engine gets the adapters merged into the weights after each step).
 """
 
 from __future__ import annotations
@@ -75,25 +75,26 @@ def untied_copy(model_dir: str, out: Path) -> str:
     return str(out)
 
 
-def grpo_run(model_dir: str, out: Path, lora: bool = False) -> list[dict]:
-    from leafe.method import Job
-    from leafe.methods.grpo import train_grpo
-    from leafe.settings import GenerationSettings, GRPOSettings
+def grpo_cli(model_dir: str, out: Path) -> list[dict]:
+    """`leafe train grpo --backend vllm --lora`, as a user runs it: the command line's engine options
+    reach the engine, and the merged weights are what it samples after each step."""
+    import subprocess
 
-    settings = GRPOSettings(tasks=4, tasks_per_step=2, group_size=4, steps=2, learning_rate=3e-3, kl_coef=0.0,
-                            max_new_tokens=8, env_params={"max_steps": 3}, invalid_penalty=0.1, save_every=0,
-                            lora=lora, lora_r=4)
-    generation = GenerationSettings(backend="vllm", max_model_len=512, kv_cache_gb=1)
-    train_grpo(Job(model_dir, out, device="cpu"), settings, generation)
+    command = [sys.executable, "-m", "leafe", "train", "grpo", "--model", model_dir, "--out", str(out),
+               "--backend", "vllm", "--max-model-len", "512", "--kv-cache-gb", "1", "--lora", "--lora-r", "4",
+               "--tasks", "4", "--tasks-per-step", "2", "--group-size", "4", "--steps", "2", "--lr", "3e-3",
+               "--kl-coef", "0", "--max-new-tokens", "8", "--env-param", "max_steps=3", "--invalid-penalty", "0.1",
+               "--save-every", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(done.stderr[-3000:])
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 if __name__ == "__main__":  # vLLM spawns workers that re-import the main module
     model_dir, work = sys.argv[1], Path(sys.argv[2])
-    untied = untied_copy(model_dir, work / "untied-model")
-    # three engine starts: the sync of a tied head on its own; the untied model (real 7B checkpoints'
-    # kind) and LoRA's merged weights inside GRPO runs, where the second step's gap shows the sync
+    # two engine starts: the sync of a tied head on its own; then LoRA GRPO from the command line on an
+    # untied copy (real 7B checkpoints' kind), where the second step's gap shows the sync in the loop
     result = {"tied": sync_check(model_dir, work / "tied"),
-              "grpo": grpo_run(untied, work / "grpo"),
-              "grpo_lora": grpo_run(model_dir, work / "grpo-lora", lora=True)}
+              "grpo": grpo_cli(untied_copy(model_dir, work / "untied-model"), work / "grpo")}
     print(json.dumps(result))
