@@ -185,7 +185,7 @@ class _Planner:
         training state) or from a vLLM engine per process, colocated, asleep during the update."""
         g, gen, t = self.c.grpo_settings(), self.gen, self.training_settings
         tokens = g.steps * g.tasks_per_step * g.group_size * self.turns * g.max_new_tokens
-        need = self.training(key, g.kl_coef > 0, g.max_batch_tokens, g.activation_checkpointing, False,
+        need = self.training(key, g.kl_coef > 0, g.max_batch_tokens, g.activation_checkpointing, g.lora,
                              self.agent_share(g.max_new_tokens), "grpo.max_batch_tokens")
         need.tokens, need.hours = tokens, self.hours(tokens, t.processes)  # each process samples its share
         need.note += f"; a step: {g.tasks_per_step} tasks x {g.group_size} episodes over {t.processes} processes"
