@@ -188,7 +188,8 @@ def resolve_model_path(path: str, gguf_file: str | None = None) -> tuple[Path, s
     return p, gguf_file
 
 
-def _pick_device(device: str) -> torch.device:
+def pick_device(device: str) -> torch.device:
+    """The device a `--device` value names (auto: the GPU when there is one); CUDA asked without one is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -213,7 +214,7 @@ class HFBackend(Backend):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         directory, gguf = resolve_model_path(model, gguf_file)
-        self.device = _pick_device(device)
+        self.device = pick_device(device)
         load_dtype, self._autocast = self._dtypes(dtype)
         kwargs = {"trust_remote_code": trust_remote_code}
         if gguf:

@@ -81,7 +81,6 @@ class VLLMBackend(Backend):
         except Exception as exc:  # vLLM raises many types; all mean the engine could not start
             raise BackendError(f"vLLM could not load {model}: {type(exc).__name__}: {exc}") from exc
         self.max_context = int(self.llm.llm_engine.model_config.max_model_len)
-        self.dtype = dtype
         self.sleeps = bool(engine_options.get("enable_sleep_mode")) and cuda
         self.stop_ids = generation_stop_ids(model)
         self.prefix_caching = enable_prefix_caching

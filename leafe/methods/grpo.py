@@ -472,7 +472,7 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
     """
     from transformers import AutoModelForCausalLM
 
-    from leafe.backends.hf import HFBackend
+    from leafe.backends.hf import HFBackend, pick_device
 
     settings.validate()
     engine = generation.backend if generation is not None else "hf"
@@ -515,8 +515,7 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
             sampler = backend_for(start, generation, **({"enable_sleep_mode": True} if cuda else {}))
         with loading_model(start):
             policy = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
-        if device not in ("auto", "cpu") or torch.cuda.is_available():
-            policy.to(device if device != "auto" else "cuda")
+        policy.to(pick_device(device))  # where the hf path's backend would put it
         sync_dir = _sync_dir(out)
     if settings.lora:
         from peft import LoraConfig, get_peft_model

@@ -21,18 +21,14 @@ from torch.utils.checkpoint import checkpoint
 CHUNK = 4096
 
 
-def unwrapped(model):
-    """The transformers model inside DDP/DeepSpeed wrappers (FSDP2 and PEFT keep their own forward)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 @contextmanager
 def logits_only_at(model, positions: torch.Tensor) -> Iterator[None]:
     """While inside, `model(...)`'s logits are those of the True entries of `positions` (B, L) only,
     flattened row-major into (N, vocab)."""
-    head = unwrapped(model).get_output_embeddings()
+    from accelerate.utils import extract_model_from_parallel
+
+    # the module inside DDP/DeepSpeed wrappers (accelerate's own unwrapping); FSDP2 and PEFT keep the model's
+    head = extract_model_from_parallel(model).get_output_embeddings()
 
     def select(_module, args):
         return (args[0][positions], *args[1:])
