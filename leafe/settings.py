@@ -392,7 +392,8 @@ class ACESettings(SamplingSettings):
 #: Knobs added after agents were built and cached, with the value that reproduces the older builds:
 #: at that value a knob stays out of the digest (and out of a study's bootstrap stage), so an
 #: existing cache directory keeps its name and an existing run directory stays done.
-BOOTSTRAP_ADDED_LATER = {"decision_weight": 1.0, "plans": False, "experience_episodes": 0}
+BOOTSTRAP_ADDED_LATER = {"decision_weight": 1.0, "plans": False, "experience_episodes": 0, "tokenizer": "cells",
+                         "kv_heads": 0}
 
 #: Version of the example generator (`base_agent.synthetic`), part of every digest: a change to how
 #: examples are drawn renames every cache, so no agent built from older data is reused under a new name.
@@ -411,14 +412,20 @@ class BootstrapConfig:
     reflection_fragments: int = knob(1000, "Short reflection examples.")
     episodes: int = knob(500, "Whole-episode examples.")
     #: An experience after a whole attempt, as a rollout's branch shows it (docs/experiment-log.md, "the oracle reflector").
-    experience_episodes: int = knob(0, "Whole-episode experience examples on top of --episodes.")
+    experience_episodes: int = knob(1000, "Whole-episode experience examples on top of --episodes.")
     max_steps: int = knob(15, "Step limit of the generated levels.")
     mistake_rate: float = knob(0.25, "Share of the expert's moves that are mistakes.")
     reflect_every: int = knob(5, "Reflection interval of the generated episodes.")
     vocab_size: int = knob(1024, "Tokenizer vocabulary.")
+    #: pieces: a coordinate, a number and a chat role are one token each; every turn is a third shorter.
+    tokenizer: str = knob("pieces", "Tokenizer style: pieces (coordinates, numbers and roles merge) or cells "
+                                    "(every digit and symbol its own token: the agents before generator 3).")
     hidden_size: int = knob(192, "Model width.")
     layers: int = knob(4, "Transformer layers.")
     heads: int = knob(3, "Attention heads.")
+    #: 1: the keys/values a decoded token reads are a third of 3 heads' (grouped-query attention, as Qwen
+    #: and Llama use); on a CPU, reading the KV cache is most of a decoding step.
+    kv_heads: int = knob(1, "Key/value heads (grouped-query attention); 0: as many as --heads.")
     intermediate_size: int = knob(512, "MLP width.")
     context: int = knob(3072, "Context length.")
     # 3e-3 kept this model on the uniform-policy plateau for hundreds of updates; 1e-3 leaves it at once.
@@ -436,6 +443,10 @@ class BootstrapConfig:
     def validate(self) -> None:
         if self.decision_weight <= 0:
             raise LeafeError(f"--decision-weight must be > 0 (got {self.decision_weight})")
+        if self.tokenizer not in ("cells", "pieces"):
+            raise LeafeError(f"--tokenizer must be pieces or cells (got {self.tokenizer!r})")
+        if self.kv_heads < 0 or (self.kv_heads and self.heads % self.kv_heads):
+            raise LeafeError(f"--kv-heads must divide --heads {self.heads} (got {self.kv_heads}); 0 means as many as --heads")
 
     def digest(self) -> str:
         fields = fingerprint_fields(self)

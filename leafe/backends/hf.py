@@ -347,9 +347,13 @@ class HFBackend(Backend):
             **{self._cache_kw: cache},
         )
         self.stats.prefill_tokens += sum(len(s) for s in suffixes)
-        keep = mask.bool()
+        # Row r holds its cached prefix right-aligned in the first `past` slots, then its suffix
+        # right-aligned in the rest: two runs, copied out in one cat (boolean indexing cost 4x more).
+        past = past_mask.shape[1]
+        layers = getattr(out, self._cache_kw).layers
         for r, i in enumerate(where):
-            kvs[i] = [(layer.keys[r][:, keep[r]], layer.values[r][:, keep[r]]) for layer in getattr(out, self._cache_kw).layers]
+            runs = [(past - hits[r], past), (past + width - len(suffixes[r]), past + width)]
+            kvs[i] = [(_runs(layer.keys[r], runs), _runs(layer.values[r], runs)) for layer in layers]
             logits[i] = out.logits[r, -1].float()
 
     def _pack(self, kvs: list, lengths: list[int], room: int):
@@ -401,23 +405,27 @@ class HFBackend(Backend):
         tokens: list[list[int]] = [[] for _ in source]
         lps: list[list[float]] = [[] for _ in source]
         reasons = ["length"] * len(source)
+        # Rows are left-padded with no gaps: row r's keys/values start at its first unmasked slot.
+        starts = (mask.shape[1] - torch.as_tensor(lengths, device=self.device)).tolist()
         for step in range(sp.max_new_tokens):
             chosen, chosen_lp = _sample(logits, sp, generator)
             last = step == sp.max_new_tokens - 1
             ended = live & (torch.isin(chosen, stop) | last)
+            ids_now = chosen.tolist()
+            lps_now = chosen_lp.tolist() if chosen_lp is not None else None
             for r in torch.nonzero(live).flatten().tolist():
                 out = active[r]
-                tokens[out].append(int(chosen[r]))
-                if chosen_lp is not None:
-                    lps[out].append(float(chosen_lp[r]))
+                tokens[out].append(ids_now[r])
+                if lps_now is not None:
+                    lps[out].append(lps_now[r])
             for r in torch.nonzero(ended).flatten().tolist():
                 out = active[r]
                 reasons[out] = "stop" if tokens[out][-1] in sp.stop_token_ids else "length"
                 # The cache holds the prompt and every sampled id but the last (not yet run).
                 ids = np.concatenate([prompts[source[out]], np.asarray(tokens[out][:-1], dtype=np.int64)])
-                keep = mask[r].bool()
-                # Boolean indexing copies, so the entry does not pin the batch's buffers.
-                kv = [(layer.keys[r][:, keep], layer.values[r][:, keep]) for layer in cache.layers]
+                # A copy (clone), so the entry does not pin the batch's buffers.
+                kv = [(layer.keys[r][:, starts[r]:].clone(), layer.values[r][:, starts[r]:].clone())
+                      for layer in cache.layers]
                 self.cache.insert(ids, kv)
             live &= ~ended
             if last or not bool(live.any()):
@@ -428,7 +436,9 @@ class HFBackend(Backend):
                 idx = torch.nonzero(live).flatten()
                 cache.reorder_cache(idx)
                 mask, positions, chosen, live = mask[idx], positions[idx], chosen[idx], live[idx]
-                active = [active[i] for i in idx.tolist()]
+                kept = idx.tolist()
+                active = [active[i] for i in kept]
+                starts = [starts[i] for i in kept]
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             out = self.model(
                 input_ids=chosen[:, None],
@@ -440,6 +450,11 @@ class HFBackend(Backend):
             positions = positions + 1
             logits = out.logits[:, -1].float()
         return [(tokens[i], reasons[i], lps[i] if sp.logprobs else None) for i in range(len(source))]
+
+
+def _runs(x: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """The positions of `x` ([heads, len, dim]) in the given [start, end) runs, as one new tensor."""
+    return torch.cat([x[:, a:b] for a, b in runs if b > a], dim=1)
 
 
 def entry_kv_prefix(entry: _Entry, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

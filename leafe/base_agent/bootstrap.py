@@ -91,7 +91,7 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
     for fragment in fragments[::5]:
         corpus.extend([text for _, text in fragment.messages] + [fragment.reply])
     report("training tokenizer", 0, 1)
-    tokenizer = train_tokenizer(corpus, vocab_size=config.vocab_size)
+    tokenizer = train_tokenizer(corpus, vocab_size=config.vocab_size, style=config.tokenizer)
     tokenizer.model_max_length = config.context
     report("training tokenizer", 1, 1)
 
@@ -121,7 +121,7 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
             intermediate_size=config.intermediate_size,
             num_hidden_layers=config.layers,
             num_attention_heads=config.heads,
-            num_key_value_heads=config.heads,
+            num_key_value_heads=config.kv_heads or config.heads,
             max_position_embeddings=config.context,
             rope_theta=10000.0,
             tie_word_embeddings=True,
