@@ -5,23 +5,30 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch 2.13.0 is what this machine has; an unpinned torch pulls GBs of CUDA packages.
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+# `make demo` needs leafe and its core dependencies only; `make test` adds the envs, Ray and the tools.
+CORE := $(VENV)/.core-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
 # The report test drives a real headless browser: Debian's chromium, installed here when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test install clean bench chromium java vllm-env
 
-$(STAMP): pyproject.toml Makefile
+$(CORE): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e . "$(TORCH)"
+	@rm -f $(VENV)/.core-*
+	@touch $@
+
+$(STAMP): $(CORE)
 	$(BIN)/python -m pip install --quiet -e ".[test,gguf,envs,ray]" "$(TORCH)"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(BIN)/leafe run configs/sokoban-demo.yaml
 
 test: $(STAMP) chromium java vllm-env

@@ -14,7 +14,7 @@ from leafe.envs.sokoban.oracle import Expert, first_mistake, oracle_experience, 
 from leafe.settings import BootstrapConfig
 
 TINY = BootstrapConfig(fragments=64, reflection_fragments=24, episodes=24, vocab_size=400, hidden_size=32, layers=1, heads=2,
-                       intermediate_size=64, batch_size=16, decision_weight=4.0)
+                       intermediate_size=64, batch_size=16, decision_weight=4.0, experience_episodes=0)
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +89,18 @@ def test_a_knob_added_later_keeps_the_digest_of_the_builds_before_it():
     # The default agent is cached under its digest (make demo builds it once); adding a knob at the
     # value that reproduces older builds must not rename that cache and force an 8-minute rebuild.
     # (Only a new GENERATOR does: the data changed, so the old cache must not be reused.)
-    # The default (plans, weight 10, 16k moves, 1k reflections) is the name the same recipe had when
-    # it was built with flags, and the default before it keeps its own.
-    assert BootstrapConfig().digest() == "f52a886ddef8"
-    plain = BootstrapConfig(fragments=10000, reflection_fragments=3000, decision_weight=1.0, plans=False)
+    # The agent before generator 3's knobs (cell tokenizer, 3 key/value heads, no experience episodes)
+    # keeps the name it was built under, and so does the default before it.
+    previous = BootstrapConfig(experience_episodes=0, tokenizer="cells", kv_heads=0)
+    assert previous.digest() == "f52a886ddef8"
+    plain = replace(previous, fragments=10000, reflection_fragments=3000, decision_weight=1.0, plans=False)
     assert plain.digest() == "905e9498376d"
     assert replace(plain, decision_weight=10.0).digest() != plain.digest()
     assert replace(plain, plans=True).digest() != plain.digest()
-    assert replace(BootstrapConfig(), experience_episodes=1000).digest() != BootstrapConfig().digest()
+    # Today's default: pieces, one key/value head, 1,000 experience episodes.
+    assert BootstrapConfig().digest() == "cd6ef73d9e8a"
+    for knob in ({"tokenizer": "cells"}, {"kv_heads": 0}, {"experience_episodes": 0}):
+        assert replace(BootstrapConfig(), **knob).digest() != BootstrapConfig().digest()
 
 
 OPEN_ROOM = "######\n#    #\n# $@ #\n#    #\n#.   #\n######"
