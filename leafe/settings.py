@@ -412,20 +412,21 @@ class BootstrapConfig:
     reflection_fragments: int = knob(1000, "Short reflection examples.")
     episodes: int = knob(500, "Whole-episode examples.")
     #: An experience after a whole attempt, as a rollout's branch shows it (docs/experiment-log.md, "the oracle reflector").
-    experience_episodes: int = knob(1000, "Whole-episode experience examples on top of --episodes.")
+    experience_episodes: int = knob(0, "Whole-episode experience examples on top of --episodes.")
     max_steps: int = knob(15, "Step limit of the generated levels.")
     mistake_rate: float = knob(0.25, "Share of the expert's moves that are mistakes.")
     reflect_every: int = knob(5, "Reflection interval of the generated episodes.")
     vocab_size: int = knob(1024, "Tokenizer vocabulary.")
-    #: pieces: a coordinate, a number and a chat role are one token each; every turn is a third shorter.
-    tokenizer: str = knob("pieces", "Tokenizer style: pieces (coordinates, numbers and roles merge) or cells "
-                                    "(every digit and symbol its own token: the agents before generator 3).")
+    #: pieces: a coordinate, a number and a chat role are one token each, every turn a fifth shorter; the
+    #: agent built so played far worse (docs/experiment-log.md, "A shorter tokenizer"), so cells stays.
+    tokenizer: str = knob("cells", "Tokenizer style: cells (every digit and symbol its own token) or pieces "
+                                   "(coordinates, numbers and chat roles merge).")
     hidden_size: int = knob(192, "Model width.")
     layers: int = knob(4, "Transformer layers.")
     heads: int = knob(3, "Attention heads.")
-    #: 1: the keys/values a decoded token reads are a third of 3 heads' (grouped-query attention, as Qwen
-    #: and Llama use); on a CPU, reading the KV cache is most of a decoding step.
-    kv_heads: int = knob(1, "Key/value heads (grouped-query attention); 0: as many as --heads.")
+    #: Fewer than --heads: grouped-query attention, as Qwen and Llama use; on a CPU, reading the KV cache
+    #: is most of a decoding step (docs/experiment-log.md, "A shorter tokenizer").
+    kv_heads: int = knob(0, "Key/value heads (grouped-query attention); 0: as many as --heads.")
     intermediate_size: int = knob(512, "MLP width.")
     context: int = knob(3072, "Context length.")
     # 3e-3 kept this model on the uniform-policy plateau for hundreds of updates; 1e-3 leaves it at once.

@@ -14,7 +14,7 @@ from leafe.envs.sokoban.oracle import Expert, first_mistake, oracle_experience, 
 from leafe.settings import BootstrapConfig
 
 TINY = BootstrapConfig(fragments=64, reflection_fragments=24, episodes=24, vocab_size=400, hidden_size=32, layers=1, heads=2,
-                       intermediate_size=64, batch_size=16, decision_weight=4.0, experience_episodes=0)
+                       intermediate_size=64, batch_size=16, decision_weight=4.0)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,26 @@ def test_tokenizer_round_trips_the_env_text(tiny_agent):
     assert tok.tokenize("15") == ["1", "5"]
 
 
+def test_the_pieces_tokenizer_merges_coordinates_numbers_and_roles_and_keeps_the_grid_in_cells():
+    from leafe.base_agent.tokenizer import train_tokenizer
+
+    env = make("sokoban")
+    texts = [env.reset(t) for t in env.make_tasks(40, 123)] * 5
+    texts += ["Thought: push right from (2,1); at (3,1), go up.\nAction: up"] * 50
+    pieces, cells = (train_tokenizer(texts, vocab_size=600, style=style) for style in ("pieces", "cells"))
+    for tok in (pieces, cells):
+        for text in texts[:40]:
+            assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+        assert tok.tokenize("#_@$.#") == ["#", "_", "@", "$", ".", "#"]
+    assert pieces.tokenize("you (2,1)") == ["you", "Ġ(2,1)"] and pieces.tokenize(" 15") == ["Ġ15"]
+    assert len(cells.tokenize("you (2,1)")) == 7
+    prompt = pieces.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    assert pieces.tokenize(prompt) == ["<|im_start|>", "user", "Ċ", "x", "<|im_end|>", "Ċ", "<|im_start|>",
+                                       "assistant", "Ċ"]
+    with pytest.raises(ValueError, match="tokenizer style"):
+        train_tokenizer(texts, vocab_size=600, style="words")
+
+
 def test_bootstrap_is_deterministic_for_a_seed(tiny_agent, tmp_path):
     out, _ = tiny_agent
     again = tmp_path / "again"
@@ -89,17 +109,14 @@ def test_a_knob_added_later_keeps_the_digest_of_the_builds_before_it():
     # The default agent is cached under its digest (make demo builds it once); adding a knob at the
     # value that reproduces older builds must not rename that cache and force an 8-minute rebuild.
     # (Only a new GENERATOR does: the data changed, so the old cache must not be reused.)
-    # The agent before generator 3's knobs (cell tokenizer, 3 key/value heads, no experience episodes)
-    # keeps the name it was built under, and so does the default before it.
-    previous = BootstrapConfig(experience_episodes=0, tokenizer="cells", kv_heads=0)
-    assert previous.digest() == "f52a886ddef8"
-    plain = replace(previous, fragments=10000, reflection_fragments=3000, decision_weight=1.0, plans=False)
+    # The default (plans, weight 10, 16k moves, 1k reflections) is the name the same recipe had when
+    # it was built with flags, and the default before it keeps its own.
+    assert BootstrapConfig().digest() == "f52a886ddef8"
+    plain = BootstrapConfig(fragments=10000, reflection_fragments=3000, decision_weight=1.0, plans=False)
     assert plain.digest() == "905e9498376d"
     assert replace(plain, decision_weight=10.0).digest() != plain.digest()
     assert replace(plain, plans=True).digest() != plain.digest()
-    # Today's default: pieces, one key/value head, 1,000 experience episodes.
-    assert BootstrapConfig().digest() == "cd6ef73d9e8a"
-    for knob in ({"tokenizer": "cells"}, {"kv_heads": 0}, {"experience_episodes": 0}):
+    for knob in ({"experience_episodes": 1000}, {"tokenizer": "pieces"}, {"kv_heads": 1}):
         assert replace(BootstrapConfig(), **knob).digest() != BootstrapConfig().digest()
 
 
