@@ -99,7 +99,8 @@ def test_apps_stdin_and_call_based_problems_accept_correct_programs():
     for pid, source in [("apps-1607", QAQ), ("apps-1613", STRIP_COMMENTS),
                         ("apps-4465", "def super_size(n):\n    return int(''.join(sorted(str(n), reverse=True)))\n")]:
         p = problems[pid]
-        assert judge(source, p["public_tests"] + p["private_tests"]).status == "accepted", pid
+        tests = p["public_tests"] + p["private_tests"][:8]  # apps-1607 has 43 tests; the first ten will do
+        assert judge(source, tests).status == "accepted", pid
     # a call-based wrong answer quotes the call, the expected and the returned value
     verdict = judge("def super_size(n):\n    return n\n", problems["apps-4465"]["public_tests"])
     assert verdict.feedback.startswith("Wrong answer on test 1.\nCall:\nsuper_size(")
@@ -180,10 +181,12 @@ def test_codecontests_parquet_folder_of_one_split(tmp_path):
 def test_eval_on_mbpp_runs_four_feedback_turns(tiny_model_dir, tmp_path):
     out = tmp_path / "eval"
     run = leafe("eval", "--model", tiny_model_dir, "--out", out, "--env", "code", "--env-param", "dataset=mbpp",
-                "--env-param", f"data_dir={MBPP}", "--env-param", "max_submissions=4", "--tasks", 2, "--task-seed", 10,
+                "--env-param", f"data_dir={MBPP}", "--env-param", "max_submissions=4", "--tasks", 1, "--task-seed", 10,
                 "--samples", 2, "--max-new-tokens", 8, "--save-episodes")
     assert run.returncode == 0, run.stderr
     result = json.loads((out / "eval.json").read_text())
-    assert [t["task_id"] for t in result["tasks"]] == ["code-mbpp-11", "code-mbpp-12"]
+    assert [t["task_id"] for t in result["tasks"]] == ["code-mbpp-11"]  # MBPP's test split starts here
     episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
-    assert len(episodes) == 4 and all(len(e["steps"]) == 4 for e in episodes)  # a random model never passes
+    assert len(episodes) == 2 and all(len(e["steps"]) == 4 for e in episodes)  # a random model never passes
+    assert [s["observation"].splitlines()[-1] for s in episodes[0]["steps"]] == [
+        "3 submissions left.", "2 submissions left.", "1 submission left.", "No submissions left."]
