@@ -65,10 +65,11 @@ def check_params(name: str, params: dict[str, Any]) -> None:
     for key in PATH_PARAMS:
         if params.get(key) is not None and not Path(str(params[key])).exists():
             raise EnvError(f"env {name!r}: {key}={params[key]} does not exist; give the path of your data")
-    dataset = params.get("dataset")
-    if name == "code" and dataset is not None and str(dataset) not in ("leafe", "humaneval") and not Path(
-            str(dataset)).exists():
-        raise EnvError(f"env 'code': dataset={dataset} is neither leafe, humaneval nor an existing JSONL file")
+    if name == "code":
+        from leafe.envs.code_datasets import check_dataset
+
+        data_dir = params.get("data_dir")
+        check_dataset(str(params.get("dataset", "leafe")), str(data_dir) if data_dir is not None else None)
 
 
 def _check_params(name: str, init: Callable[..., Any], params: dict[str, Any]) -> None:
