@@ -31,7 +31,7 @@ import numpy as np
 from leafe.envs.webshop.data import load_products
 from leafe.envs.webshop.expert import search_words
 from leafe.envs.webshop.goals import synthetic_goals
-from leafe.envs.webshop.search import B, K1, RESULTS, Analyzer, product_text
+from leafe.envs.webshop.search import K1, RESULTS, Analyzer, B, product_text
 
 # Lucene's SmallFloat int4 encoding of norms (Lucene 8+): lengths below 24 are exact, above that
 # 3 bits of mantissa.

@@ -225,10 +225,11 @@ def test_leafe_stage1_rolls_back_webshop_and_the_branch_buys_the_goal(tiny_token
 
 
 def test_leafe_eval_runs_webshop_end_to_end(tiny_model_dir, tmp_path):
+    # spacy_model=rule: this is about the CLI's plumbing, and importing spaCy costs the subprocess ~6 s.
     out = tmp_path / "eval"
     run = subprocess.run(
         [sys.executable, "-m", "leafe", "eval", "--env", "webshop", "--env-param", f"data_dir={DATA}",
-         "--env-param", "max_steps=2", "--model", str(tiny_model_dir), "--out", str(out), "--tasks", "2",
+         "--env-param", "max_steps=2", "--env-param", "spacy_model=rule", "--model", str(tiny_model_dir), "--out", str(out), "--tasks", "2",
          "--samples", "1", "--max-new-tokens", "8", "--task-seed", "0"],
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

@@ -78,7 +78,7 @@ def render(state: PageState, products: dict[str, Product]) -> str:
     if state.page == "search":
         lines += ["WebShop search page.", "[Search]"]
     elif state.page == "results":
-        lines += [f"[Back to Search]", f"Results for: {state.query}",
+        lines += ["[Back to Search]", f"Results for: {state.query}",
                   f"Page {state.page_no} (Total results: {len(state.results)})"]
         if state.page_no > 1:
             lines.append("[< Prev]")
