@@ -98,7 +98,8 @@ class WebShopEnv(Env):
         """Goals seed..seed+n-1 of the split (goal indices offset by 500 for train)."""
         indices = self.goal_indices()
         if seed < 0 or n < 0 or seed + n > len(indices):
-            raise EnvError(f"webshop split {self.split!r} has {len(indices)} goals; asked for {n} from {seed}")
+            raise EnvError(f"webshop split {self.split!r} has {len(indices)} goals; asked for {n} from {seed} "
+                          f"(the task seed is the first goal's index in the split: --task-seed 0)")
         return [self.task(indices[seed + i]) for i in range(n)]
 
     def task(self, goal_index: int) -> Task:

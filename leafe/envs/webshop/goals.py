@@ -7,9 +7,9 @@ price lower than 40.00 dollars". The price bound is drawn as WebShop draws it: t
 larger one kept; with fewer than two such multiples there is no bound (1e6) and no price text.
 
 Order and split. WebShop builds the goals in product-file order, then shuffles them with
-`random.seed(233); random.shuffle(goals)`; the agent literature on the 1000-product set (WebShop's
-own IL/RL baselines index goals the same way) takes the first 500 shuffled goals as the test split and
-the rest as training. We reproduce the shuffle exactly (Python's `Random(233).shuffle` on a list of
+`random.seed(233); random.shuffle(goals)`. WebShop's IL/RL baselines evaluate on goals 0-499 of that
+shuffled list (on its human goals), and agent-RL work on the 1000-product synthetic goals takes the
+same first 500 as test and the rest as training; we do the same. We reproduce the shuffle exactly (Python's `Random(233).shuffle` on a list of
 the same length gives the same permutation), so goal i here is the product and option combination of
 WebShop's goal i. The prices are not reproducible: WebShop draws them from the unseeded global RNG
 before seeding, so every WebShop process has different price bounds. We draw them from
