@@ -9,12 +9,12 @@ larger one kept; with fewer than two such multiples there is no bound (1e6) and 
 Order and split. WebShop builds the goals in product-file order, then shuffles them with
 `random.seed(233); random.shuffle(goals)`. WebShop's IL/RL baselines evaluate on goals 0-499 of that
 shuffled list (on its human goals), and agent-RL work on the 1000-product synthetic goals takes the
-same first 500 as test and the rest as training; we do the same. We reproduce the shuffle exactly (Python's `Random(233).shuffle` on a list of
-the same length gives the same permutation), so goal i here is the product and option combination of
-WebShop's goal i. The prices are not reproducible: WebShop draws them from the unseeded global RNG
-before seeding, so every WebShop process has different price bounds. We draw them from
-`Random(PRICE_SEED)` in WebShop's call order, which makes them fixed across runs (and they travel in
-each task's spec anyway).
+same first 500 as test and the rest as training; we do the same. We reproduce the shuffle exactly
+(Python's `Random(233).shuffle` on a list of the same length gives the same permutation), so goal i
+here is the product and option combination of WebShop's goal i. The prices are not reproducible:
+WebShop draws them from the unseeded global RNG before seeding, so every WebShop process has
+different price bounds. We draw them from `Random(PRICE_SEED)` in WebShop's call order, which makes
+them fixed across runs (and they travel in each task's spec anyway).
 """
 
 from __future__ import annotations
