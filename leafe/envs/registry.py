@@ -19,6 +19,7 @@ EnvMaker = Callable[..., Env]
 # (it fails on construction with an install hint), so listing names never needs extras.
 _BUILTIN_MODULES = (
     "leafe.envs.sokoban", "leafe.envs.code", "leafe.envs.scienceworld", "leafe.envs.textworld", "leafe.envs.alfworld",
+    "leafe.envs.webshop",
 )
 
 
