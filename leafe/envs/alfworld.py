@@ -15,21 +15,32 @@ Success is the game's `won` flag (reward 1).
 
 Rollback replays: `PddlEnv.copy()` is not implemented, and the game state lives inside the C library
 of fast-downward (one private copy per env) with no supported way to save and restore it, so the
-framework resets and re-plays the prefix (`base.replay`), which is deterministic here. The env loads
-a game file once and only resets it for a replay, so a replay costs one PDDL re-translation plus the
-steps (benchmarks/alfworld_speed.py measures it).
+framework resets and re-plays the prefix (`base.replay`), which is deterministic here.
+
+Resets are cheap because translations are cached. textworld builds the game state from fast-downward's
+PDDL-to-SAS translation of the problem, twice (plain, and optimised for the planner), on every load
+and again on every reset: four translations, about 1.2 s, before an episode's first step on an ALFRED
+scene, and every replay paid two of them again. The translation depends only on the domain and
+problem text, so `translate` answers it from memory, else from a pickle on disk under
+`leafe.files.cache_dir("alfworld")` keyed by the SHA-256 of that text (written atomically, so
+processes and Ray workers can share it); a reset then costs some 0.05 s and a new game some 0.2 s
+(benchmarks/alfworld_speed.py measures both, cached and not).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import pickle
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from leafe.envs.base import Env, EnvError, StepResult, Task
 from leafe.envs.registry import register
+from leafe.files import cache_dir, write_bytes
 
 SPLITS = ("train", "valid_seen", "valid_unseen", "valid_train")
 INSTALL_HINT = "pip install 'leafe[alfworld]'"
@@ -78,16 +89,97 @@ def game_files(data_dir: Path, split: str) -> tuple[str, ...]:
 
 
 def _textworld():
-    """textworld's PDDL engine and ALFWorld's demangler, imported on first use (optional extra)."""
+    """textworld's PDDL engine and ALFWorld's demangler, imported on first use (optional extra), with
+    the engine's translations served by `translate`."""
     try:
         import textworld
         from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
-        from textworld.envs.pddl import PddlEnv
+        from textworld.envs.pddl import PddlEnv, logic
     except ImportError as exc:
         raise EnvError(
             f"the alfworld env needs alfworld and textworld ({exc.name} is missing): {INSTALL_HINT}"
         ) from None
+    if not isinstance(logic.fast_downward, _CachedTranslator):
+        logic.fast_downward = _CachedTranslator(logic.fast_downward)
     return textworld, PddlEnv, AlfredDemangler
+
+
+# -- PDDL translations, cached ----------------------------------------------------------------
+#: Off: every load and reset translates again, as textworld alone does (the benchmark's "before").
+CACHE_TRANSLATIONS = True
+#: Bumped when what is pickled changes, so old cache files are not read.
+_CACHE_FORMAT = 1
+_MEMORY_GAMES = 64  # pickles of ~0.4 MB each (plain and optimised): ~50 MB at most
+_memory: OrderedDict[str, bytes] = OrderedDict()
+
+
+class _CachedTranslator:
+    """The `fast_downward` module as textworld's PDDL logic sees it, with `pddl2sas` answered by
+    `translate`. textworld calls the translator through that module global and has no other hook;
+    every other attribute is the module's own."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+    def pddl2sas(self, domain: str, problem: str, verbose: bool = False, optimize: bool = False):
+        if verbose or not CACHE_TRANSLATIONS:
+            return self._module.pddl2sas(domain, problem, verbose=verbose, optimize=optimize)
+        return translate(domain, problem, optimize)
+
+
+def translate(domain: str, problem: str, optimize: bool):
+    """fast-downward's (normalised PDDL task, SAS text) for a problem: from memory, else from the disk
+    cache, else translated and stored in both. Kept as pickles, so each call gets its own copy
+    (~5 ms to unpickle) and no two game states share objects."""
+    import fast_downward
+
+    key = hashlib.sha256(json.dumps([_CACHE_FORMAT, _translator_version(), optimize, domain, problem]).encode()).hexdigest()
+    path = cache_dir("alfworld") / key[:2] / f"{key}.pkl"
+    for data in (_memory.get(key), _read_bytes(path)):
+        if data is None:
+            continue
+        try:
+            translated = pickle.loads(data)
+        except Exception:  # a truncated or foreign cache file: translate again and overwrite it
+            continue
+        _remember(key, data)
+        return translated
+    translated = fast_downward.pddl2sas(domain, problem, optimize=optimize)
+    data = pickle.dumps(translated, pickle.HIGHEST_PROTOCOL)
+    _remember(key, data)
+    try:
+        write_bytes(path, data)
+    except OSError:
+        pass  # an unwritable cache only costs time
+    return translated
+
+
+@functools.cache
+def _translator_version() -> str:
+    """The installed fast-downward's version: another translator may translate differently."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fast_downward_textworld")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _remember(key: str, data: bytes) -> None:
+    _memory[key] = data
+    _memory.move_to_end(key)
+    while len(_memory) > 2 * _MEMORY_GAMES:  # two translations a game
+        _memory.popitem(last=False)
 
 
 def _engine(**infos: Any):
@@ -100,7 +192,7 @@ def _engine(**infos: Any):
 def _load(engine, path: Path) -> None:
     if not path.is_file():
         raise EnvError(f"ALFWorld game file {path} does not exist; check data_dir / ALFWORLD_DATA")
-    engine.load(str(path))  # the slow part: parsing the game's grammar
+    engine.load(str(path))  # parses the grammar (~0.1 s) and builds the initial state
 
 
 def split_intro(text: str) -> tuple[str, str]:
