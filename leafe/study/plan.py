@@ -219,7 +219,7 @@ class Study:
         return {
             "name": c.name,
             "env": c.env,
-            "env_params": c.env_params,
+            "env_params": evaluation.env_params,  # what the held-out tasks were played with
             "model": str(self.base_model()),
             "tasks": evaluation.tasks,
             "task_seed": evaluation.task_seed,
@@ -366,6 +366,8 @@ class Study:
         from leafe.envs import check_params
 
         check_params(self.config.env, self.config.env_params)
+        if self.config.eval_env_params() != self.config.env_params:
+            check_params(self.config.env, self.config.eval_env_params())
         if self.config.model != EMBEDDED and not self.base_model().exists():
             raise LeafeError(f"model {self.base_model()} does not exist; set `model:` in the config to a local "
                              f"model directory or pass --model DIR (nothing is downloaded at run time)")
