@@ -77,7 +77,7 @@ def measure(data_dir: str, split: str, games: int, cached: bool, prefix_len: int
     first time the game is played, again in the same process, and in a new process with only the disk
     cache warm; a reset of the game an env has loaded (what a replay pays); random valid steps; and a
     replay of them (reset + re-steps, hash-checked)."""
-    alfworld_env.CACHE_TRANSLATIONS = cached
+    alfworld_env.USE_CACHE = cached
     alfworld_env._memory.clear()
     started = time.perf_counter()
     env = make("alfworld", data_dir=data_dir, split=split, valid_action_hints=True)

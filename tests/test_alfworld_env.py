@@ -115,6 +115,21 @@ def translations(monkeypatch) -> list[bool]:
 
 
 @pytest.fixture
+def parses(monkeypatch) -> list[str]:
+    """Records every parse of a game's grammar textworld really does."""
+    from textworld.envs.pddl import logic
+
+    done, parse = [], logic._parse_and_convert  # what GameLogic() spends its time in
+
+    def counted(grammar, **kwargs):
+        done.append(grammar)
+        return parse(grammar, **kwargs)
+
+    monkeypatch.setattr(logic, "_parse_and_convert", counted)
+    return done
+
+
+@pytest.fixture
 def env(data_dir) -> AlfWorldEnv:
     return make("alfworld", data_dir=str(data_dir))
 
@@ -232,28 +247,32 @@ def play(env, task, actions) -> list[tuple[str, list[str]]]:
     return seen + [(env.step(a).observation, env.admissible_commands) for a in actions]
 
 
-def test_a_game_is_translated_once_then_reset_and_reloaded_from_the_cache(data_dir, translations, translation_cache):
+def test_a_game_is_parsed_and_translated_once_then_reset_and_reloaded_from_the_cache(
+        data_dir, translations, parses, translation_cache):
     env = make("alfworld", data_dir=str(data_dir))
     apple = env.make_tasks(1, 0)[0]
     first = play(env, apple, APPLE_PLAN)
     assert sorted(translations) == [False, True]  # textworld asks for four: plain and optimised, at load and reset
-    assert len(list(translation_cache.glob("*/*.pkl"))) == 2
+    assert len(parses) == 1 and len(list(translation_cache.glob("*/*.pkl"))) == 3
     assert play(env, apple, APPLE_PLAN) == first and len(translations) == 2  # a replay's reset translates nothing
+    assert play(make("alfworld", data_dir=str(data_dir)), apple, APPLE_PLAN) == first  # a new env, as each episode
+    assert (len(translations), len(parses)) == (2, 1)
     alfworld_env._memory.clear()  # as a new process would: only the disk cache is left
     fresh = make("alfworld", data_dir=str(data_dir))
-    assert play(fresh, apple, APPLE_PLAN) == first and len(translations) == 2
+    assert play(fresh, apple, APPLE_PLAN) == first and (len(translations), len(parses)) == (2, 1)
     assert first[-1][0] == "You move the apple 1 to the fridge 1."
 
 
-def test_cached_and_uncached_games_play_the_same(data_dir, monkeypatch, translations):
+def test_cached_and_uncached_games_play_the_same(data_dir, monkeypatch, translations, parses):
     task = make("alfworld", data_dir=str(data_dir)).make_tasks(1, 0)[0]
     cached = play(make("alfworld", data_dir=str(data_dir)), task, APPLE_PLAN)
     cached_again = play(make("alfworld", data_dir=str(data_dir)), task, APPLE_PLAN)
-    monkeypatch.setattr(alfworld_env, "CACHE_TRANSLATIONS", False)
+    monkeypatch.setattr(alfworld_env, "USE_CACHE", False)
     count = len(translations)
     uncached = play(make("alfworld", data_dir=str(data_dir)), task, APPLE_PLAN)
     assert cached == cached_again == uncached
     assert len(translations) - count == 4  # textworld alone: two translations at load, two at reset
+    assert len(parses) == 2  # the first cached load and the uncached one
 
 
 def test_a_damaged_cache_file_is_translated_again_and_rewritten(data_dir, translations, translation_cache):

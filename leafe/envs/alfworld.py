@@ -17,14 +17,14 @@ Rollback replays: `PddlEnv.copy()` is not implemented, and the game state lives 
 of fast-downward (one private copy per env) with no supported way to save and restore it, so the
 framework resets and re-plays the prefix (`base.replay`), which is deterministic here.
 
-Resets are cheap because translations are cached. textworld builds the game state from fast-downward's
-PDDL-to-SAS translation of the problem, twice (plain, and optimised for the planner), on every load
-and again on every reset: four translations, about 1.2 s, before an episode's first step on an ALFRED
-scene, and every replay paid two of them again. The translation depends only on the domain and
-problem text, so `translate` answers it from memory, else from a pickle on disk under
-`leafe.files.cache_dir("alfworld")` keyed by the SHA-256 of that text (written atomically, so
-processes and Ray workers can share it); a reset then costs some 0.05 s and a new game some 0.2 s
-(benchmarks/alfworld_speed.py measures both, cached and not).
+Resets are cheap because what textworld rebuilds from the game file is cached. It builds the game
+state from fast-downward's PDDL-to-SAS translation of the problem, twice (plain, and optimised for
+the planner), on every load and again on every reset, and parses the game's grammar on every load:
+about 1.2 s before an episode's first step on an ALFRED scene (the rollout engine makes a new env for
+every episode), and two translations again for every replay. Both depend only on the file's text, so
+`cached` answers them from memory, else from a pickle on disk under `leafe.files.cache_dir("alfworld")`
+keyed by the SHA-256 of that text (written atomically, so processes and Ray workers share it);
+benchmarks/alfworld_speed.py times resets and replays with and without it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import json
 import os
 import pickle
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ def game_files(data_dir: Path, split: str) -> tuple[str, ...]:
 
 def _textworld():
     """textworld's PDDL engine and ALFWorld's demangler, imported on first use (optional extra), with
-    the engine's translations served by `translate`."""
+    the engine's translations served from the cache."""
     try:
         import textworld
         from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
@@ -101,22 +102,53 @@ def _textworld():
         ) from None
     if not isinstance(logic.fast_downward, _CachedTranslator):
         logic.fast_downward = _CachedTranslator(logic.fast_downward)
-    return textworld, PddlEnv, AlfredDemangler
+    return textworld, PddlEnv, AlfredDemangler, logic
 
 
-# -- PDDL translations, cached ----------------------------------------------------------------
-#: Off: every load and reset translates again, as textworld alone does (the benchmark's "before").
-CACHE_TRANSLATIONS = True
+def _engine(**infos: Any):
+    """A demangled PDDL env, as ALFWorld evaluates (no shuffled names). Each one dlopens its own copy
+    of fast-downward's library and never unloads it, so an env keeps one engine for all its games."""
+    textworld, _, AlfredDemangler, _ = _textworld()
+    env = _cached_pddl_env()(textworld.EnvInfos(won=True, admissible_commands=True, **infos))
+    return AlfredDemangler(env, shuffle=False)
+
+
+@functools.cache
+def _cached_pddl_env() -> type:
+    """textworld's `PddlEnv` with the parsed grammar of a game from the cache."""
+    _, PddlEnv, _, logic = _textworld()
+
+    class CachedPddlEnv(PddlEnv):
+        def load(self, path: str) -> None:
+            """textworld 1.7's `PddlEnv.load`, step for step, but for where the grammar comes from."""
+            if not USE_CACHE:
+                return super().load(path)
+            with open(path) as f:
+                data = json.load(f)
+            self._game_file, self._game_data, self.walkthrough = path, data, data.get("walkthrough")
+            domain, grammar = data["pddl_domain"], data["grammar"]
+            self._logic = cached("grammar", [domain, grammar], lambda: logic.GameLogic(domain=domain, grammar=grammar))
+            self._pddl_state = logic.PddlState(self.downward_lib, data["pddl_problem"], self._logic)
+            self._entity_infos = self._get_entity_infos()
+
+    return CachedPddlEnv
+
+
+# -- what textworld rebuilds from a game file, cached ------------------------------------------
+#: Off: every load parses and translates, and every reset translates, as textworld alone does (the
+#: benchmark's "before").
+USE_CACHE = True
 #: Bumped when what is pickled changes, so old cache files are not read.
 _CACHE_FORMAT = 1
-_MEMORY_GAMES = 64  # pickles of ~0.4 MB each (plain and optimised): ~50 MB at most
+#: Pickles of a game: its grammar (~40 kB) and two translations (~0.4 MB each): ~50 MB for 64 games.
+_MEMORY_ITEMS = 3 * 64
 _memory: OrderedDict[str, bytes] = OrderedDict()
 
 
 class _CachedTranslator:
-    """The `fast_downward` module as textworld's PDDL logic sees it, with `pddl2sas` answered by
-    `translate`. textworld calls the translator through that module global and has no other hook;
-    every other attribute is the module's own."""
+    """The `fast_downward` module as textworld's PDDL logic sees it, with `pddl2sas` answered from the
+    cache. textworld calls the translator through that module global and has no other hook; every
+    other attribute is the module's own."""
 
     def __init__(self, module):
         self._module = module
@@ -125,47 +157,49 @@ class _CachedTranslator:
         return getattr(self._module, name)
 
     def pddl2sas(self, domain: str, problem: str, verbose: bool = False, optimize: bool = False):
-        if verbose or not CACHE_TRANSLATIONS:
+        if verbose or not USE_CACHE:
             return self._module.pddl2sas(domain, problem, verbose=verbose, optimize=optimize)
-        return translate(domain, problem, optimize)
+        return cached("translation", [optimize, domain, problem],
+                      lambda: self._module.pddl2sas(domain, problem, optimize=optimize))
 
 
-def translate(domain: str, problem: str, optimize: bool):
-    """fast-downward's (normalised PDDL task, SAS text) for a problem: from memory, else from the disk
-    cache, else translated and stored in both. Kept as pickles, so each call gets its own copy
-    (~5 ms to unpickle) and no two game states share objects."""
-    import fast_downward
-
-    key = hashlib.sha256(json.dumps([_CACHE_FORMAT, _translator_version(), optimize, domain, problem]).encode()).hexdigest()
+def cached(kind: str, inputs: list, build: Callable[[], Any]) -> Any:
+    """`build()`, which depends only on `inputs`: from memory, else from the disk cache, else built
+    and stored in both. Kept as pickles, so each call gets its own copy (a few ms to unpickle) and no
+    two games share objects that the engine mutates."""
+    key = hashlib.sha256(json.dumps([_CACHE_FORMAT, kind, _textworld_versions(), *inputs]).encode()).hexdigest()
     path = cache_dir("alfworld") / key[:2] / f"{key}.pkl"
     for data in (_memory.get(key), _read_bytes(path)):
         if data is None:
             continue
         try:
-            translated = pickle.loads(data)
-        except Exception:  # a truncated or foreign cache file: translate again and overwrite it
+            value = pickle.loads(data)
+        except Exception:  # a truncated or foreign cache file: build again and overwrite it
             continue
         _remember(key, data)
-        return translated
-    translated = fast_downward.pddl2sas(domain, problem, optimize=optimize)
-    data = pickle.dumps(translated, pickle.HIGHEST_PROTOCOL)
+        return value
+    value = build()
+    data = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
     _remember(key, data)
     try:
         write_bytes(path, data)
     except OSError:
         pass  # an unwritable cache only costs time
-    return translated
+    return value
 
 
 @functools.cache
-def _translator_version() -> str:
-    """The installed fast-downward's version: another translator may translate differently."""
+def _textworld_versions() -> tuple[str, ...]:
+    """The installed textworld and fast-downward: others may parse or translate differently."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version("fast_downward_textworld")
-    except PackageNotFoundError:
-        return "unknown"
+    found = []
+    for name in ("textworld", "fast_downward_textworld"):
+        try:
+            found.append(version(name))
+        except PackageNotFoundError:
+            found.append("unknown")
+    return tuple(found)
 
 
 def _read_bytes(path: Path) -> bytes | None:
@@ -178,21 +212,14 @@ def _read_bytes(path: Path) -> bytes | None:
 def _remember(key: str, data: bytes) -> None:
     _memory[key] = data
     _memory.move_to_end(key)
-    while len(_memory) > 2 * _MEMORY_GAMES:  # two translations a game
+    while len(_memory) > _MEMORY_ITEMS:
         _memory.popitem(last=False)
-
-
-def _engine(**infos: Any):
-    """A demangled PDDL env, as ALFWorld evaluates (no shuffled names). Each one dlopens its own copy
-    of fast-downward's library and never unloads it, so an env keeps one engine for all its games."""
-    textworld, PddlEnv, AlfredDemangler = _textworld()
-    return AlfredDemangler(PddlEnv(textworld.EnvInfos(won=True, admissible_commands=True, **infos)), shuffle=False)
 
 
 def _load(engine, path: Path) -> None:
     if not path.is_file():
         raise EnvError(f"ALFWorld game file {path} does not exist; check data_dir / ALFWORLD_DATA")
-    engine.load(str(path))  # parses the grammar (~0.1 s) and builds the initial state
+    engine.load(str(path))  # parses the grammar and builds the initial state (both cached)
 
 
 def split_intro(text: str) -> tuple[str, str]:
