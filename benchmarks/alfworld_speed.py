@@ -7,9 +7,9 @@ translation cache, side by side in one run; no model.
 With ALFWorld's data (`--data-dir` or $ALFWORLD_DATA holding json_2.1.1/<split>) it times the first
 games of the split. Without it, it writes one synthetic game of ALFWorld's format and size (ALFRED
 kitchens have some 20-40 receptacles and 30-80 objects; `--receptacles`, `--objects`) into a temp dir
-and times that. "before" is textworld alone (every load and reset translates the PDDL problem, as
-before the cache); "after" caches the translations (leafe/envs/alfworld.py), in a fresh cache
-directory so its first load of a game is cold. The env has no snapshot, so rollback = `replay` =
+and times that. "before" is textworld alone (every load parses the game's grammar and every load
+and reset translates the PDDL problem, as before the cache); "after" caches both
+(leafe/envs/alfworld.py), in a fresh cache directory, so its first load of a game is cold. The env has no snapshot, so rollback = `replay` =
 reset + re-steps.
 """
 
@@ -79,6 +79,7 @@ def measure(data_dir: str, split: str, games: int, cached: bool, prefix_len: int
     replay of them (reset + re-steps, hash-checked)."""
     alfworld_env.USE_CACHE = cached
     alfworld_env._memory.clear()
+    game_files.cache_clear()
     started = time.perf_counter()
     env = make("alfworld", data_dir=data_dir, split=split, valid_action_hints=True)
     tasks = env.make_tasks(games, 0)
@@ -132,7 +133,7 @@ def side_by_side(data_dir: str, split: str, games: int) -> dict:
                 os.environ.pop("LEAFE_CACHE")
             else:
                 os.environ["LEAFE_CACHE"] = previous
-    return {"before (textworld alone)": before, "after (cached translations)": after}
+    return {"before (textworld alone)": before, "after (cached grammar and translations)": after}
 
 
 def main() -> None:
