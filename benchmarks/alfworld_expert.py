@@ -1,7 +1,7 @@
 """ALFWorld's expert on every game of the evaluation splits: does its walkthrough win, in how many steps?
 
     python benchmarks/alfworld_expert.py [--data-dir $ALFWORLD_DATA] [--splits valid_seen valid_unseen]
-                                         [--out benchmarks/results/alfworld_expert.json]
+                                         [--out benchmarks/results/alfworld_expert.json] [--filter-only]
 
 The expert is what `AlfWorldEnv.expert_actions` gives (the game's stored walkthrough, ALFWorld's
 hand-coded expert; fast-downward's plan when a game has none), i.e. the demonstrations Early
@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from leafe.envs import make
-from leafe.envs.alfworld import default_data_dir, game_files  # importing it registers "alfworld"
+from leafe.envs.alfworld import SPLITS, default_data_dir, game_files  # importing it registers "alfworld"
 from leafe.files import write_json
 
 DEFAULT_MAX_STEPS = 50  # AlfWorldEnv's default step limit (ReAct's)
@@ -106,8 +106,14 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="the folder holding json_2.1.1 (default: $ALFWORLD_DATA)")
     parser.add_argument("--splits", nargs="+", default=["valid_seen", "valid_unseen"])
     parser.add_argument("--out", default="benchmarks/results/alfworld_expert.json")
+    parser.add_argument("--filter-only", action="store_true",
+                        help="only print every split's game counts before and after the filter (seconds)")
     args = parser.parse_args()
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    if args.filter_only:
+        found = [s for s in SPLITS if (data_dir / "json_2.1.1" / s).is_dir()]
+        print(json.dumps({split: filter_counts(data_dir, split) for split in found}, indent=2))
+        return
     started = time.perf_counter()
     results = {"data_dir": str(data_dir), "splits": {}}
     for split in args.splits:

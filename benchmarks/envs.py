@@ -3,7 +3,8 @@
     python benchmarks/envs.py [--reps 3] [--out benchmarks/results/envs.json]
 
 - steps/s: random (Sokoban, TextWorld), reference/wrong (code) or gold-path (ScienceWorld) actions
-  through `Env.step`, no model; ALFWorld on a synthetic game of ALFRED's size (alfworld_speed.py);
+  through `Env.step`, no model; ALFWorld on its first 10 valid_unseen games, or a synthetic game of
+  ALFRED's size without $ALFWORLD_DATA (alfworld_speed.py);
 - rollback: `snapshot` + `restore` vs `replay` of the action prefix (reset + re-step, hash-checked);
 - judge: the reference solution of every shipped stdin/stdout problem on all its tests, run (a) in the
   bubblewrap sandbox, (b) with rlimits only (`--unsafe-no-sandbox`), (c) as a bare subprocess.
@@ -23,7 +24,7 @@ import warnings
 from pathlib import Path
 
 from leafe.envs import make
-from leafe.envs.base import observation_hash, replay
+from leafe.envs.base import EnvError, observation_hash, replay
 from leafe.envs.code import judge, load_problems
 from leafe.envs.sandbox import Sandbox
 
@@ -92,11 +93,20 @@ def textworld(steps: int = 2000) -> dict:
 
 
 def alfworld() -> dict:
+    """The first 10 valid_unseen games when $ALFWORLD_DATA holds them, else one synthetic game of
+    ALFRED's size; with leafe's cache, as the env runs."""
     from alfworld_speed import measure, synthetic_game  # beside this script
 
-    with tempfile.TemporaryDirectory() as tmp:
-        synthetic_game(Path(tmp), receptacles=30, objects=40)
-        return {"game": "synthetic, 30 receptacles, 40 objects (no ALFWorld data here)", **measure(tmp, 1)}
+    from leafe.envs.alfworld import default_data_dir, game_files
+
+    try:
+        game_files(default_data_dir(), "valid_unseen")
+    except EnvError:
+        with tempfile.TemporaryDirectory() as tmp:
+            synthetic_game(Path(tmp), receptacles=30, objects=40)
+            return {"game": "synthetic, 30 receptacles, 40 objects (no ALFWorld data here)",
+                    **measure(tmp, "valid_seen", 1, cached=True)}
+    return {"game": "the first 10 valid_unseen games", **measure(str(default_data_dir()), "valid_unseen", 10, cached=True)}
 
 
 def code(box: Sandbox, reps: int) -> dict:
