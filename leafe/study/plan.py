@@ -225,7 +225,7 @@ class Study:
             "task_seed": evaluation.task_seed,
             "samples": evaluation.samples,
             "temperature": evaluation.temperature,
-            "train": c.train.model_dump(),
+            "train": {**c.train.model_dump(), "env_params": c.env_params},  # what the training stages played
             "leafe_start": self.leafe_start() if "leafe" in c.methods else None,
             "methods": methods,
             "cost": costs,
