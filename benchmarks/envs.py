@@ -3,7 +3,8 @@
     python benchmarks/envs.py [--reps 3] [--out benchmarks/results/envs.json] [--only webshop ...]
 
 - steps/s: random (Sokoban, TextWorld), reference/wrong (code) or gold-path (ScienceWorld) actions
-  through `Env.step`, no model; ALFWorld on a synthetic game of ALFRED's size (alfworld_speed.py);
+  through `Env.step`, no model; ALFWorld on its first 10 valid_unseen games, or a synthetic game of
+  ALFRED's size without $ALFWORLD_DATA (alfworld_speed.py);
   WebShop: random valid actions (a product query as the search, then random buttons, buys included)
   on the 1000-product set from $WEBSHOP_DATA (default ../shared/data/webshop), with its reset time;
 - rollback: `snapshot` + `restore` vs `replay` of the action prefix (reset + re-step, hash-checked);
@@ -25,7 +26,7 @@ import warnings
 from pathlib import Path
 
 from leafe.envs import make
-from leafe.envs.base import observation_hash, replay
+from leafe.envs.base import EnvError, observation_hash, replay
 from leafe.envs.code import judge, load_problems
 from leafe.envs.sandbox import Sandbox
 
@@ -94,11 +95,20 @@ def textworld(steps: int = 2000) -> dict:
 
 
 def alfworld() -> dict:
+    """The first 10 valid_unseen games when $ALFWORLD_DATA holds them, else one synthetic game of
+    ALFRED's size; with leafe's cache, as the env runs."""
     from alfworld_speed import measure, synthetic_game  # beside this script
 
-    with tempfile.TemporaryDirectory() as tmp:
-        synthetic_game(Path(tmp), receptacles=30, objects=40)
-        return {"game": "synthetic, 30 receptacles, 40 objects (no ALFWorld data here)", **measure(tmp, 1)}
+    from leafe.envs.alfworld import default_data_dir, game_files
+
+    try:
+        game_files(default_data_dir(), "valid_unseen")
+    except EnvError:
+        with tempfile.TemporaryDirectory() as tmp:
+            synthetic_game(Path(tmp), receptacles=30, objects=40)
+            return {"game": "synthetic, 30 receptacles, 40 objects (no ALFWorld data here)",
+                    **measure(tmp, "valid_seen", 1, cached=True)}
+    return {"game": "the first 10 valid_unseen games", **measure(str(default_data_dir()), "valid_unseen", 10, cached=True)}
 
 
 def webshop(steps: int = 2000) -> dict:
