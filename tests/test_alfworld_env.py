@@ -222,11 +222,10 @@ def test_make_tasks_indexes_the_sorted_playable_games_deterministically(env, dat
         env.make_tasks(2, 1)
 
 
-def test_missing_data_is_a_one_line_error_naming_alfworld_data_and_the_download(tmp_path, monkeypatch):
+def test_making_it_without_data_is_a_one_line_error_naming_alfworld_data_and_the_download(tmp_path, monkeypatch):
     monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path / "nowhere"))
-    env = make("alfworld")
     with pytest.raises(EnvError) as error:
-        env.make_tasks(1, 0)
+        make("alfworld")
     message = str(error.value)
     assert "\n" not in message and str(tmp_path / "nowhere" / "json_2.1.1" / "valid_seen") in message
     assert "ALFWORLD_DATA" in message and "alfworld-download" in message and "pip install 'leafe[alfworld]'" in message

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from leafe.envs.base import Env, EnvError, StepResult, Task
+from leafe.envs.base import DataStatus, Env, EnvError, StepResult, Task
 from leafe.envs.registry import register
 from leafe.files import cache_dir, write_bytes
 
@@ -73,10 +73,7 @@ def game_files(data_dir: Path, split: str) -> tuple[str, ...]:
     root = data_dir / "json_2.1.1" / split
     found = sorted(root.glob("**/game.tw-pddl")) if root.is_dir() else []
     if not found:
-        raise EnvError(
-            f"no ALFWorld games (game.tw-pddl) under {root}: {INSTALL_HINT}, run `alfworld-download` "
-            f"on a machine with internet, copy the data here and set ALFWORLD_DATA to its folder"
-        )
+        AlfWorldEnv.data_status(data_dir=str(data_dir), split=split).require()
     games = []
     for path in found:
         relative = path.relative_to(data_dir).as_posix()
@@ -243,13 +240,16 @@ class AlfWorldEnv(Env):
 
     def __init__(self, data_dir: str | None = None, split: str = "valid_seen", max_steps: int = 50,
                  valid_action_hints: bool = False):
-        """`max_steps`: 50, as in ReAct's ALFWorld runs. `valid_action_hints`: append the game's list of
-        valid commands to every observation (the setting where the agent picks from a list)."""
+        """`data_dir`: the folder holding json_2.1.1 (else $ALFWORLD_DATA, else ~/.cache/alfworld).
+        `split`: train, valid_seen, valid_unseen or valid_train. `max_steps`: 50, as in ReAct's
+        ALFWorld runs. `valid_action_hints`: append the game's list of valid commands to every
+        observation (the setting where the agent picks from a list)."""
         if split not in SPLITS:
             raise EnvError(f"unknown ALFWorld split {split!r}; use one of {', '.join(SPLITS)}")
         if max_steps < 1:
             raise EnvError(f"ALFWorld max_steps must be >= 1 (got {max_steps})")
         _textworld()  # fail now, with the install hint, rather than at the first reset
+        self.data_status(data_dir=data_dir, split=split).require()
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
         self.split, self.max_steps, self.valid_action_hints = split, max_steps, valid_action_hints
         self._game = None  # the textworld env playing the episode
@@ -258,6 +258,16 @@ class AlfWorldEnv(Env):
         self._admissible: list[str] = []
         self._steps = 0
         self._done = False
+
+    @classmethod
+    def data_status(cls, data_dir: str | None = None, split: str = "valid_seen", **_: object) -> DataStatus:
+        """The split's game files under `data_dir`, else $ALFWORLD_DATA, else ~/.cache/alfworld."""
+        root = (Path(str(data_dir)) if data_dir else default_data_dir()) / "json_2.1.1" / split
+        if root.is_dir() and next(root.glob("**/game.tw-pddl"), None) is not None:  # one is enough: cheap
+            return DataStatus(True, str(root))
+        return DataStatus(False, str(root), (
+            f"no ALFWorld games (game.tw-pddl) under {root}: {INSTALL_HINT}, run `alfworld-download` on a machine "
+            f"with internet, copy the data here and set $ALFWORLD_DATA (or data_dir=) to its folder"))
 
     # -- tasks ---------------------------------------------------------------------------------
     def make_tasks(self, n: int, seed: int) -> list[Task]:

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from leafe.envs.base import Env, EnvError, StepResult, Task
-from leafe.envs.code_datasets import load_problems
+from leafe.envs.base import DataStatus, Env, EnvError, StepResult, Task
+from leafe.envs.code_datasets import NAMES, dataset_status, load_problems
 from leafe.envs.registry import register
 from leafe.envs.sandbox import Limits, Outcome, Sandbox
 
@@ -254,19 +254,21 @@ def describe_example(i: int, test: dict[str, Any]) -> str:
 
 @register
 class CodeEnv(Env):
-    """Program synthesis with execution feedback; rollback by snapshot (the state is a counter).
-
-    `dataset` names the problems (`leafe`, `humaneval`, `mbpp`, `apps`, `codecontests` or a file:
-    see `code_datasets`); `data_dir` is where a downloaded set lies (else $MBPP_DATA, $APPS_DATA,
-    $CODECONTESTS_DATA)."""
+    """Program synthesis with execution feedback; rollback by snapshot (the state is a counter)."""
 
     name = "code"
     supports_snapshot = True
+    data_choices = ("dataset", NAMES)
 
     def __init__(self, dataset: str = "leafe", max_submissions: int = 4, time_limit_s: float = 2.0,
                  memory_mb: int = 512, unsafe_no_sandbox: bool = False, data_dir: str | None = None):
+        """`dataset`: leafe, humaneval, mbpp, apps, codecontests or a .jsonl/.parquet file of problems
+        (see `code_datasets`). `max_submissions`: 4, the paper's setting. `time_limit_s`: CPU seconds
+        per test. `memory_mb`: address space per run. `unsafe_no_sandbox`: run without bubblewrap.
+        `data_dir`: where a downloaded set lies (else $MBPP_DATA, $APPS_DATA, $CODECONTESTS_DATA)."""
         if max_submissions < 1:
             raise EnvError(f"max_submissions must be >= 1 (got {max_submissions})")
+        self.data_status(dataset=dataset, data_dir=data_dir).require()
         self.dataset, self.data_dir, self.max_submissions = str(dataset), data_dir, int(max_submissions)
         self.time_limit_s, self.memory_mb = float(time_limit_s), int(memory_mb)
         self.unsafe = unsafe_no_sandbox
@@ -274,6 +276,10 @@ class CodeEnv(Env):
         self._problem: dict[str, Any] | None = None
         self._submissions = 0
         self._done = False
+
+    @classmethod
+    def data_status(cls, dataset: str = "leafe", data_dir: str | None = None, **_: object) -> DataStatus:
+        return dataset_status(str(dataset), data_dir)
 
     @property
     def problems(self) -> list[dict[str, Any]]:

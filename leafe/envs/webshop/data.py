@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from leafe.envs.base import EnvError
+from leafe.envs.base import DataStatus, EnvError
 
 ENV_VAR = "WEBSHOP_DATA"
 #: products= setting -> (products file, attributes/instructions file)
@@ -25,11 +25,6 @@ FILES = {
     "1000": ("items_shuffle_1000.json", "items_ins_v2_1000.json"),
     "all": ("items_shuffle.json", "items_ins_v2.json"),
 }
-DOWNLOAD_HINT = (
-    "get items_shuffle_1000.json and items_ins_v2_1000.json (or the full items_shuffle.json and "
-    "items_ins_v2.json) from WebShop's data download (its setup.sh) and pass data_dir=FOLDER or set "
-    f"${ENV_VAR}"
-)
 #: WebShop prices a product without a price at $100.
 NO_PRICE = 100.0
 
@@ -52,22 +47,31 @@ class Product:
     instruction_attributes: tuple[str, ...]
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """`data_dir`, else $WEBSHOP_DATA; an error naming the download when neither is given."""
+def data_status(data_dir: str | os.PathLike | None = None, products: str = "1000") -> DataStatus:
+    """Where WebShop's item files are: `data_dir`, else $WEBSHOP_DATA (the one place that says so)."""
+    if products not in FILES:
+        raise EnvError(f"webshop products={products!r} is not one of {', '.join(FILES)}")
+    names = FILES[products]
+    hint = (f"get {names[0]} + {names[1]} from WebShop's data download (its setup.sh) into a folder and "
+            f"set ${ENV_VAR} to it or pass data_dir=FOLDER")
     chosen = data_dir or os.environ.get(ENV_VAR)
     if not chosen:
-        raise EnvError(f"the webshop env needs WebShop's product data: {DOWNLOAD_HINT}")
-    return Path(chosen)
+        return DataStatus(False, f"${ENV_VAR} is not set", f"the webshop env needs WebShop's product data: {hint}")
+    folder = Path(str(chosen))
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        return DataStatus(False, str(folder), f"{folder} has no {', '.join(missing)}: {hint}")
+    return DataStatus(True, str(folder))
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None, products: str = "1000") -> Path:
+    """The folder with WebShop's item files; the `data_status` line as the error when it has none."""
+    return Path(data_status(data_dir, products).require().where)
 
 
 def data_files(data_dir: Path, products: str) -> tuple[Path, Path]:
-    if products not in FILES:
-        raise EnvError(f"webshop products={products!r} is not one of {', '.join(FILES)}")
-    paths = tuple(data_dir / name for name in FILES[products])
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise EnvError(f"{data_dir} has no {', '.join(missing)}: {DOWNLOAD_HINT}")
-    return paths  # type: ignore[return-value]
+    resolve_data_dir(data_dir, products)
+    return tuple(data_dir / name for name in FILES[products])  # type: ignore[return-value]
 
 
 def parse_pricing(raw: str | None) -> tuple[tuple[float, ...], str]:

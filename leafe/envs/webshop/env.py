@@ -17,10 +17,10 @@ import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from leafe.envs.base import Env, EnvError, StepResult, Task
+from leafe.envs.base import DataStatus, Env, EnvError, StepResult, Task
 from leafe.envs.registry import register
 from leafe.envs.webshop import pages
-from leafe.envs.webshop.data import Product, load_products, resolve_data_dir
+from leafe.envs.webshop.data import Product, data_status, load_products, resolve_data_dir
 from leafe.envs.webshop.goals import Goal, split_indices, synthetic_goals
 from leafe.envs.webshop.pages import PageState
 from leafe.envs.webshop.reward import DEFAULT_SPACY_MODEL, NounParser, RewardParts, reward
@@ -67,12 +67,15 @@ def parse(action: str) -> tuple[str, str] | None:
 
 @register
 class WebShopEnv(Env):
+    """WebShop on the user's copy of its item files, with a step limit; rollback by snapshot."""
+
     name = "webshop"
     supports_snapshot = True
 
     def __init__(self, data_dir: str | None = None, split: str = "test", products: str = "1000",
                  spacy_model: str = DEFAULT_SPACY_MODEL, max_steps: int = 15):
-        """`data_dir`: the folder with WebShop's item files (else $WEBSHOP_DATA). `products`: "1000"
+        """`data_dir`: the folder with WebShop's item files (else $WEBSHOP_DATA). `split`: test (the first
+        500 goals) or train (the rest). `products`: "1000"
         (items_*_1000.json, the set agent papers use) or "all" (the full files). `spacy_model`: the
         tagger of the type reward, or "rule" (see reward.py). `max_steps`: 15, as ReAct's runs."""
         try:
@@ -81,7 +84,7 @@ class WebShopEnv(Env):
             raise EnvError(str(exc)) from None
         if max_steps < 1:
             raise EnvError(f"webshop max_steps must be >= 1 (got {max_steps})")
-        self.data_dir, self.products_size = resolve_data_dir(data_dir), str(products)
+        self.data_dir, self.products_size = resolve_data_dir(data_dir, str(products)), str(products)
         self.split, self.max_steps = split, max_steps
         self.shop = open_shop(self.data_dir, self.products_size)
         self.nouns = noun_parser(spacy_model)  # fails now, naming the install, when the model is missing
@@ -89,6 +92,10 @@ class WebShopEnv(Env):
         self.state = PageState()
         self._steps, self._done = 0, False
         self.last_reward: RewardParts | None = None
+
+    @classmethod
+    def data_status(cls, data_dir: str | None = None, products: str = "1000", **_: object) -> DataStatus:
+        return data_status(data_dir, str(products))
 
     # -- tasks ---------------------------------------------------------------------------------
     def goal_indices(self) -> range:
