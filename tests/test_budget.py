@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from real_models import SHARED_DATA
 from typer.testing import CliRunner
 
 import leafe.cli.run  # noqa: F401  (registers `leafe run` on the app)
@@ -102,7 +103,11 @@ def test_the_7b_dry_run_plans_every_stage_within_80gb_and_prints_the_figures(tmp
     assert not (tmp_path / "run").exists()
 
 
-def test_the_alfworld_7b_config_trains_on_train_evaluates_on_valid_unseen_and_plans_within_80gb(tmp_path):
+def test_the_alfworld_7b_config_trains_on_train_evaluates_on_valid_unseen_and_plans_within_80gb(tmp_path, monkeypatch):
+    # The dry run checks that the games are there: the real ones, beside the checkout.
+    if not (SHARED_DATA / "alfworld").is_dir():
+        pytest.skip(f"ALFWorld's games are not at {SHARED_DATA / 'alfworld'}")
+    monkeypatch.setenv("ALFWORLD_DATA", str(SHARED_DATA / "alfworld"))
     result = run(ALFWORLD_CONFIG, "--model", model_dir(tmp_path, "qwen2.5-7b"), "--dry-run", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert "resources, GB per GPU (checked against 8 GPUs of 80 GB)" in result.stdout and "ace.eval" in result.stdout

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from real_models import SHARED_DATA
 from test_cli_eval import leafe
 
 from leafe.errors import LeafeError
@@ -19,8 +20,13 @@ STAGES = ["base.eval", "grpo.train", "leafe.explore", "leafe.distill", "early_ex
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_shipped_config_parses_and_prints_its_plan(config, tmp_path):
+def test_every_shipped_config_parses_and_prints_its_plan(config, tmp_path, monkeypatch):
     (tmp_path / "model-dir").mkdir()  # a dry run checks that the model exists
+    # A dry run also checks that the env's data is there: the ALFWorld config plays the real games.
+    if load_config(config).env == "alfworld":
+        if not (SHARED_DATA / "alfworld").is_dir():
+            pytest.skip(f"ALFWorld's games are not at {SHARED_DATA / 'alfworld'}")
+        monkeypatch.setenv("ALFWORLD_DATA", str(SHARED_DATA / "alfworld"))
     run = leafe("run", config, "--dry-run", "--out", tmp_path / "run", "--model", tmp_path / "model-dir")
     assert run.returncode == 0, run.stderr
     for key in STAGES:
@@ -72,8 +78,11 @@ def test_eval_env_params_change_what_the_evaluations_play_and_nothing_else(tmp_p
     study = Study(config, tmp_path / "run")
     evals = [s for s in study.plan() if s.key.endswith(".eval")]
     assert evals and all(s.fingerprint["settings"]["eval"]["env_params"]["split"] == "valid_unseen" for s in evals)
-    # A dry run checks the evaluations' parameters too, by name.
-    bad = write_config(tmp_path / "bad.yaml", env="alfworld", eval={"env_params": {"splitt": "valid_unseen"}})
+    # A dry run checks the evaluations' parameters too, by name (after the data, which must be there).
+    if not (SHARED_DATA / "alfworld").is_dir():
+        pytest.skip(f"ALFWorld's games are not at {SHARED_DATA / 'alfworld'}")
+    bad = write_config(tmp_path / "bad.yaml", env="alfworld", env_params={"data_dir": str(SHARED_DATA / "alfworld")},
+                       eval={"env_params": {"splitt": "valid_unseen"}})
     run = leafe("run", bad, "--dry-run", "--out", tmp_path / "r")
     assert run.returncode == 2 and "env 'alfworld' has no parameter 'splitt'" in run.stderr
 
