@@ -1,17 +1,23 @@
-"""ALFWorld env speed: steps/s and rollback cost (replay of a 10-step prefix), no model.
+"""ALFWorld env speed: reset, steps/s and rollback (replay of a 10-step prefix), without and with the
+translation cache, side by side in one run; no model.
 
-    python benchmarks/alfworld_speed.py [--data-dir $ALFWORLD_DATA] [--receptacles 30] [--objects 40]
+    python benchmarks/alfworld_speed.py [--data-dir $ALFWORLD_DATA] [--split valid_unseen] [--games 5]
+                                        [--out benchmarks/results/alfworld_speed.json]
 
-With ALFWorld's data (`--data-dir` or $ALFWORLD_DATA holding json_2.1.1/valid_seen) it times the
-first games of valid_seen. Without it, it writes one synthetic game of ALFWorld's format and size
-(ALFRED kitchens have some 20-40 receptacles and 30-80 objects) into a temp dir and times that.
-The env has no snapshot (see leafe/envs/alfworld.py), so rollback = `replay` = reset + re-steps.
+With ALFWorld's data (`--data-dir` or $ALFWORLD_DATA holding json_2.1.1/<split>) it times the first
+games of the split. Without it, it writes one synthetic game of ALFWorld's format and size (ALFRED
+kitchens have some 20-40 receptacles and 30-80 objects; `--receptacles`, `--objects`) into a temp dir
+and times that. "before" is textworld alone (every load parses the game's grammar and every load
+and reset translates the PDDL problem, as before the cache); "after" caches both
+(leafe/envs/alfworld.py), in a fresh cache directory, so its first load of a game is cold. The env has no snapshot, so rollback = `replay` =
+reset + re-steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -20,8 +26,10 @@ from pathlib import Path
 
 import alfworld
 
+import leafe.envs.alfworld as alfworld_env  # importing it registers "alfworld"
 from leafe.envs import EnvError, make, observation_hash, replay
-from leafe.envs.alfworld import default_data_dir, game_files  # importing it registers "alfworld"
+from leafe.envs.alfworld import default_data_dir, game_files
+from leafe.files import write_json
 
 OBJECT_KINDS = ["Mug", "Bowl", "Plate", "Cup", "Fork", "Spoon", "Knife", "Bread", "Egg", "Potato", "Tomato", "Pan"]
 
@@ -58,66 +66,99 @@ def synthetic_game(data: Path, receptacles: int, objects: int, seed: int = 0) ->
                                 "pddl_problem": problem, "solvable": True, "walkthrough": None}))
 
 
-def measure(data_dir: str, games: int, prefix_len: int = 10, reps: int = 3) -> dict:
+def timed(f) -> float:
     started = time.perf_counter()
-    env = make("alfworld", data_dir=data_dir, valid_action_hints=True)
+    f()
+    return time.perf_counter() - started
+
+
+def measure(data_dir: str, split: str, games: int, cached: bool, prefix_len: int = 10, reps: int = 3) -> dict:
+    """Per game: a new env's reset (load + reset: what each episode of the rollout engine pays) the
+    first time the game is played, again in the same process, and in a new process with only the disk
+    cache warm; a reset of the game an env has loaded (what a replay pays); random valid steps; and a
+    replay of them (reset + re-steps, hash-checked)."""
+    alfworld_env.USE_CACHE = cached
+    alfworld_env._memory.clear()
+    game_files.cache_clear()
+    started = time.perf_counter()
+    env = make("alfworld", data_dir=data_dir, split=split, valid_action_hints=True)
     tasks = env.make_tasks(games, 0)
     first_load = time.perf_counter() - started  # import textworld + list the split (parses every game file)
-    env.reset(tasks[0])
-    start_commands = len(env.admissible_commands)
     rng = random.Random(0)
-    step_s, reset_s, replay_s, load_s = [], [], [], []
+    first_s, again_s, disk_s, reset_s, step_s, replay_s, commands = [], [], [], [], [], [], []
     for task in tasks:
-        t = time.perf_counter()
-        fresh = make("alfworld", data_dir=data_dir)
-        fresh.reset(task)  # includes loading (grammar parse) the game file
-        load_s.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        hashes, actions = [observation_hash(env.reset(task))], []
-        reset_s.append(time.perf_counter() - t)
+        first_s.append(timed(lambda: make("alfworld", data_dir=data_dir, split=split).reset(task)))
+        again_s.append(timed(lambda: make("alfworld", data_dir=data_dir, split=split).reset(task)))
+        alfworld_env._memory.clear()  # as in a new process (a Ray worker, the next study stage)
+        disk_s.append(timed(lambda: make("alfworld", data_dir=data_dir, split=split).reset(task)))
+        env.reset(task)  # load it into the timing env (a new game there)
+        hashes, actions = [], []
+        reset_s.append(timed(lambda: hashes.append(observation_hash(env.reset(task)))))
         admissible = env.admissible_commands
+        commands.append(len(admissible))
         for _ in range(prefix_len):  # random valid commands: the expensive kind of step
             action = rng.choice([a for a in admissible if a != "help"])
-            t = time.perf_counter()
-            result = env.step(action)
-            step_s.append(time.perf_counter() - t)
+            results = []
+            step_s.append(timed(lambda: results.append(env.step(action))))
             actions.append(action)
-            hashes.append(observation_hash(result.observation))
+            hashes.append(observation_hash(results[0].observation))
             admissible = env.admissible_commands
-            if result.done:
+            if results[0].done:
                 break
         for _ in range(reps):
-            t = time.perf_counter()
-            replay(env, task, actions, hashes)
-            replay_s.append(time.perf_counter() - t)
+            replay_s.append(timed(lambda: replay(env, task, actions, hashes)))
+    median = statistics.median
     return {
         "games": len(tasks), "construct_and_list_s": round(first_load, 3),
-        "load_and_first_reset_s": round(statistics.median(load_s), 3),
-        "reset_s": round(statistics.median(reset_s), 3),
-        "step_ms": round(1000 * statistics.median(step_s), 1), "steps_per_s": round(1 / statistics.median(step_s), 1),
-        "replay_prefix_steps": prefix_len, "replay_s": round(statistics.median(replay_s), 3),
-        "admissible_commands_at_start": start_commands,
+        "new_env_reset_first_time_s": round(median(first_s), 3),
+        "new_env_reset_same_process_s": round(median(again_s), 3),
+        "new_env_reset_new_process_s": round(median(disk_s), 3),
+        "reset_same_game_s": round(median(reset_s), 3),
+        "step_ms": round(1000 * median(step_s), 1), "steps_per_s": round(1 / median(step_s), 1),
+        "replay_prefix_steps": prefix_len, "replay_s": round(median(replay_s), 3),
+        "admissible_commands_at_start": round(median(commands)),
     }
+
+
+def side_by_side(data_dir: str, split: str, games: int) -> dict:
+    """The same games without and with the cache, the cache in a fresh temp directory."""
+    previous = os.environ.get("LEAFE_CACHE")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["LEAFE_CACHE"] = cache
+        try:
+            before = measure(data_dir, split, games, cached=False)
+            after = measure(data_dir, split, games, cached=True)
+        finally:
+            if previous is None:
+                os.environ.pop("LEAFE_CACHE")
+            else:
+                os.environ["LEAFE_CACHE"] = previous
+    return {"before (textworld alone)": before, "after (cached grammar and translations)": after}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--split", default="valid_unseen")
     parser.add_argument("--games", type=int, default=5)
     parser.add_argument("--receptacles", type=int, default=30)
     parser.add_argument("--objects", type=int, default=40)
+    parser.add_argument("--out", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     data_dir = args.data_dir or str(default_data_dir())
     try:
-        game_files(Path(data_dir), "valid_seen")
+        game_files(Path(data_dir), args.split)
     except EnvError as exc:
         print(f"no ALFWorld data ({exc})")
         print(f"timing a synthetic game: {args.receptacles} receptacles, {args.objects} objects")
         with tempfile.TemporaryDirectory() as tmp:
             synthetic_game(Path(tmp), args.receptacles, args.objects)
-            print("synthetic:", measure(tmp, 1))
-        return
-    print("ALFWorld data:", measure(data_dir, args.games))
+            results = {"synthetic": side_by_side(tmp, "valid_seen", 1)}
+    else:
+        results = {f"ALFWorld {args.split}": side_by_side(data_dir, args.split, args.games)}
+    print(json.dumps(results, indent=2))
+    if args.out:
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Env speed and rollback cost per env, and the code judge's throughput with and without its sandbox.
 
-    python benchmarks/envs.py [--reps 3] [--out benchmarks/results/envs.json]
+    python benchmarks/envs.py [--reps 3] [--out benchmarks/results/envs.json] [--only webshop ...]
 
 - steps/s: random (Sokoban, TextWorld), reference/wrong (code) or gold-path (ScienceWorld) actions
-  through `Env.step`, no model; ALFWorld on a synthetic game of ALFRED's size (alfworld_speed.py);
+  through `Env.step`, no model; ALFWorld on its first 10 valid_unseen games, or a synthetic game of
+  ALFRED's size without $ALFWORLD_DATA (alfworld_speed.py);
+  WebShop: random valid actions (a product query as the search, then random buttons, buys included)
+  on the 1000-product set from $WEBSHOP_DATA (default ../shared/data/webshop), with its reset time;
 - rollback: `snapshot` + `restore` vs `replay` of the action prefix (reset + re-step, hash-checked);
 - judge: the reference solution of every shipped stdin/stdout problem on all its tests, run (a) in the
   bubblewrap sandbox, (b) with rlimits only (`--unsafe-no-sandbox`), (c) as a bare subprocess.
@@ -23,7 +26,7 @@ import warnings
 from pathlib import Path
 
 from leafe.envs import make
-from leafe.envs.base import observation_hash, replay
+from leafe.envs.base import EnvError, observation_hash, replay
 from leafe.envs.code import judge, load_problems
 from leafe.envs.sandbox import Sandbox
 
@@ -92,11 +95,51 @@ def textworld(steps: int = 2000) -> dict:
 
 
 def alfworld() -> dict:
+    """The first 10 valid_unseen games when $ALFWORLD_DATA holds them, else one synthetic game of
+    ALFRED's size; with leafe's cache, as the env runs."""
     from alfworld_speed import measure, synthetic_game  # beside this script
 
-    with tempfile.TemporaryDirectory() as tmp:
-        synthetic_game(Path(tmp), receptacles=30, objects=40)
-        return {"game": "synthetic, 30 receptacles, 40 objects (no ALFWorld data here)", **measure(tmp, 1)}
+    from leafe.envs.alfworld import default_data_dir, game_files
+
+    try:
+        game_files(default_data_dir(), "valid_unseen")
+    except EnvError:
+        with tempfile.TemporaryDirectory() as tmp:
+            synthetic_game(Path(tmp), receptacles=30, objects=40)
+            return {"game": "synthetic, 30 receptacles, 40 objects (no ALFWorld data here)",
+                    **measure(tmp, "valid_seen", 1, cached=True)}
+    return {"game": "the first 10 valid_unseen games", **measure(str(default_data_dir()), "valid_unseen", 10, cached=True)}
+
+
+def webshop(steps: int = 2000) -> dict:
+    import os
+
+    data = os.environ.get("WEBSHOP_DATA", "../shared/data/webshop")
+    started = time.perf_counter()
+    env = make("webshop", data_dir=data)  # loads the products, builds goals and the index, loads spaCy
+    build_s = time.perf_counter() - started
+    tasks = env.make_tasks(50, 0)
+    queries = sorted({p.query for p in env.shop.products.values()})
+    rng = random.Random(0)
+    done, resets, reset_s, i = 0, 0, 0.0, 0
+    started = time.perf_counter()
+    while done < steps:
+        t = time.perf_counter()
+        observation = env.reset(tasks[i % len(tasks)])
+        reset_s += time.perf_counter() - t
+        resets, i, finished = resets + 1, i + 1, False
+        while not finished and done < steps:
+            valid = observation.rsplit("Valid actions: ", 1)[-1]
+            action = f"search[{rng.choice(queries)}]" if valid.startswith("search") else rng.choice(valid.split(", "))
+            result = env.step(action)
+            observation, finished, done = result.observation, result.done, done + 1
+    rate = done / (time.perf_counter() - started)
+    # 10 steps: the expert's search, product and option clicks, back to search, twice, then again
+    # up to the product (never buying, which would end the episode).
+    prefix = (env.expert_actions(tasks[0])[:-1] + ["click[back to search]"]) * 3
+    prefix = prefix[:10]
+    return {"steps_per_s": round(rate, 1), "reset_ms": round(1000 * reset_s / resets, 4),
+            "first_make_s": round(build_s, 2), "episodes": resets, **rollback_cost(env, tasks[0], prefix)}
 
 
 def code(box: Sandbox, reps: int) -> dict:
@@ -146,14 +189,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/envs.json"))
+    parser.add_argument("--only", nargs="+", choices=list(BENCHES),
+                        help="measure these only and update their entries in --out")
     args = parser.parse_args()
-    report = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "reps": args.reps,
-              "sokoban": sokoban(), "code": code(Sandbox(), args.reps), "judge": judge_throughput(args.reps),
-              "scienceworld": scienceworld(), "textworld": textworld(), "alfworld": alfworld()}
+    report = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "reps": args.reps}
+    if args.only and args.out.is_file():
+        report = {**json.loads(args.out.read_text()), **report}
+    for name in args.only or BENCHES:
+        report[name] = BENCHES[name](args.reps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
+
+BENCHES = {
+    "sokoban": lambda reps: sokoban(), "code": lambda reps: code(Sandbox(), reps), "judge": judge_throughput,
+    "scienceworld": lambda reps: scienceworld(), "textworld": lambda reps: textworld(),
+    "alfworld": lambda reps: alfworld(), "webshop": lambda reps: webshop(),
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from leafe.backends.base import Backend, BackendStats, Completion, SamplingParams
 from leafe.chat import ChatFormat
+from leafe.prompts import REFLECTION_PROMPT
 
 #: vLLM for CPU lives in its own venv (`make vllm-env`): it pins its own torch and transformers.
 VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
@@ -84,6 +85,25 @@ class ScriptedBackend(Backend):
                 self.stats.generated_tokens += len(ids)
             out.append(row)
         return out
+
+
+EXPERIENCE_MARK = "Experience from an earlier attempt"
+
+
+def scripted_explorer(expert_of: Callable[[str], list[str]], idle: str) -> Callable[[str, int], str]:
+    """A stage-1 agent for text games: idles until an experience is in context, then plays the expert's
+    actions (`expert_of(prompt text)`, for the task in the prompt) from where it is. Its reflection
+    names step 1 after a failure and finds nothing wrong once it has an experience."""
+
+    def reply(text: str, i: int) -> str:
+        if REFLECTION_PROMPT in text.rsplit("<|im_start|>user", 1)[1]:
+            return "Step: none\nExperience: on track." if EXPERIENCE_MARK in text else "Step: 1\nExperience: act, do not look."
+        if EXPERIENCE_MARK in text:
+            done = text.split(EXPERIENCE_MARK, 1)[1].count("<|im_start|>assistant") - 1
+            return f"Thought: follow the plan.\nAction: {expert_of(text)[done]}"
+        return f"Thought: let me look.\nAction: {idle}"
+
+    return reply
 
 
 def last_board(prompt_text: str):

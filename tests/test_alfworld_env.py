@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("textworld")
 alfworld = pytest.importorskip("alfworld")
 
-import leafe.envs.alfworld  # noqa: F401, E402  (registers "alfworld")
+import leafe.envs.alfworld as alfworld_env  # noqa: E402  (registers "alfworld")
 from leafe.envs import EnvError, make, names, observation_hash, replay  # noqa: E402
 from leafe.envs.alfworld import AlfWorldEnv  # noqa: E402
 
@@ -89,6 +89,44 @@ def data_dir(tmp_path_factory) -> Path:
     write_game(data, "pick_and_place_simple-Mug-None-Fridge-1", "trial_T4_movable", kitchen_problem("Mug", "Fridge"),
                "put a mug in fridge")
     return data
+
+
+@pytest.fixture(autouse=True)
+def translation_cache(tmp_path, monkeypatch) -> Path:
+    """Each test starts with empty translation caches: a disk cache of its own, nothing in memory."""
+    monkeypatch.setenv("LEAFE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(alfworld_env, "_memory", type(alfworld_env._memory)())
+    return tmp_path / "cache" / "alfworld"
+
+
+@pytest.fixture
+def translations(monkeypatch) -> list[bool]:
+    """Records every PDDL translation fast-downward really does (its `optimize` flag)."""
+    import fast_downward
+
+    done, translate = [], fast_downward.pddl2sas
+
+    def counted(domain, problem, verbose=False, optimize=False):
+        done.append(optimize)
+        return translate(domain, problem, verbose=verbose, optimize=optimize)
+
+    monkeypatch.setattr(fast_downward, "pddl2sas", counted)
+    return done
+
+
+@pytest.fixture
+def parses(monkeypatch) -> list[str]:
+    """Records every parse of a game's grammar textworld really does."""
+    from textworld.envs.pddl import logic
+
+    done, parse = [], logic._parse_and_convert  # what GameLogic() spends its time in
+
+    def counted(grammar, **kwargs):
+        done.append(grammar)
+        return parse(grammar, **kwargs)
+
+    monkeypatch.setattr(logic, "_parse_and_convert", counted)
+    return done
 
 
 @pytest.fixture
@@ -184,11 +222,10 @@ def test_make_tasks_indexes_the_sorted_playable_games_deterministically(env, dat
         env.make_tasks(2, 1)
 
 
-def test_missing_data_is_a_one_line_error_naming_alfworld_data_and_the_download(tmp_path, monkeypatch):
+def test_making_it_without_data_is_a_one_line_error_naming_alfworld_data_and_the_download(tmp_path, monkeypatch):
     monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path / "nowhere"))
-    env = make("alfworld")
     with pytest.raises(EnvError) as error:
-        env.make_tasks(1, 0)
+        make("alfworld")
     message = str(error.value)
     assert "\n" not in message and str(tmp_path / "nowhere" / "json_2.1.1" / "valid_seen") in message
     assert "ALFWORLD_DATA" in message and "alfworld-download" in message and "pip install 'leafe[alfworld]'" in message
@@ -201,3 +238,59 @@ def test_the_registry_builds_it_and_rejects_unknown_parameters(data_dir):
         make("alfworld", steps=3)
     with pytest.raises(EnvError, match="unknown ALFWorld split 'test'"):
         make("alfworld", split="test")
+
+
+def play(env, task, actions) -> list[tuple[str, list[str]]]:
+    """The reset observation and each step's, each with the valid commands after it."""
+    seen = [(env.reset(task), env.admissible_commands)]
+    return seen + [(env.step(a).observation, env.admissible_commands) for a in actions]
+
+
+def test_a_game_is_parsed_and_translated_once_then_reset_and_reloaded_from_the_cache(
+        data_dir, translations, parses, translation_cache):
+    env = make("alfworld", data_dir=str(data_dir))
+    apple = env.make_tasks(1, 0)[0]
+    first = play(env, apple, APPLE_PLAN)
+    assert sorted(translations) == [False, True]  # textworld asks for four: plain and optimised, at load and reset
+    assert len(parses) == 1 and len(list(translation_cache.glob("*/*.pkl"))) == 3
+    assert play(env, apple, APPLE_PLAN) == first and len(translations) == 2  # a replay's reset translates nothing
+    assert play(make("alfworld", data_dir=str(data_dir)), apple, APPLE_PLAN) == first  # a new env, as each episode
+    assert (len(translations), len(parses)) == (2, 1)
+    alfworld_env._memory.clear()  # as a new process would: only the disk cache is left
+    fresh = make("alfworld", data_dir=str(data_dir))
+    assert play(fresh, apple, APPLE_PLAN) == first and (len(translations), len(parses)) == (2, 1)
+    assert first[-1][0] == "You move the apple 1 to the fridge 1."
+
+
+def test_cached_and_uncached_games_play_the_same(data_dir, monkeypatch, translations, parses):
+    task = make("alfworld", data_dir=str(data_dir)).make_tasks(1, 0)[0]
+    cached = play(make("alfworld", data_dir=str(data_dir)), task, APPLE_PLAN)
+    cached_again = play(make("alfworld", data_dir=str(data_dir)), task, APPLE_PLAN)
+    monkeypatch.setattr(alfworld_env, "USE_CACHE", False)
+    count = len(translations)
+    uncached = play(make("alfworld", data_dir=str(data_dir)), task, APPLE_PLAN)
+    assert cached == cached_again == uncached
+    assert len(translations) - count == 4  # textworld alone: two translations at load, two at reset
+    assert len(parses) == 2  # the first cached load and the uncached one
+
+
+def test_a_damaged_cache_file_is_translated_again_and_rewritten(data_dir, translations, translation_cache):
+    task = make("alfworld", data_dir=str(data_dir)).make_tasks(1, 0)[0]
+    first = play(make("alfworld", data_dir=str(data_dir)), task, APPLE_PLAN[:2])
+    for path in translation_cache.glob("*/*.pkl"):
+        path.write_bytes(path.read_bytes()[:100])  # cut off, as by a full disk
+    alfworld_env._memory.clear()
+    assert play(make("alfworld", data_dir=str(data_dir)), task, APPLE_PLAN[:2]) == first
+    assert len(translations) == 4
+    alfworld_env._memory.clear()
+    assert play(make("alfworld", data_dir=str(data_dir)), task, APPLE_PLAN[:2]) == first and len(translations) == 4
+
+
+def test_an_unwritable_cache_only_costs_time(data_dir, tmp_path, monkeypatch, translations):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory would go")
+    monkeypatch.setenv("LEAFE_CACHE", str(blocker))
+    env = make("alfworld", data_dir=str(data_dir))
+    task = env.make_tasks(1, 0)[0]
+    assert play(env, task, APPLE_PLAN)[-1][0] == "You move the apple 1 to the fridge 1."
+    assert len(translations) == 2  # the memory cache still serves the reset

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from real_models import SHARED_DATA
 from typer.testing import CliRunner
 
 import leafe.cli.run  # noqa: F401  (registers `leafe run` on the app)
@@ -20,6 +21,7 @@ from leafe.study.plan import Study
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN7B_CONFIG = ROOT / "configs" / "sokoban-qwen2.5-7b.yaml"
+ALFWORLD_CONFIG = ROOT / "configs" / "alfworld-qwen2.5-7b.yaml"
 #: name -> (hidden, layers, heads, kv heads, intermediate, vocab, max positions, model_type), tied: no.
 SHAPES = {
     "qwen2.5-7b": (3584, 28, 28, 4, 18944, 152064, 32768, "qwen2"),
@@ -99,6 +101,27 @@ def test_the_7b_dry_run_plans_every_stage_within_80gb_and_prints_the_figures(tmp
     assert grpo[1:8] == ["8", "3.8", "56.0", "13.3", "30.3", "73.1", "1.5e8"]  # the figures, one column each
     assert max(len(line) for line in table.splitlines()) <= 80  # the figures keep their columns in 80 columns
     assert not (tmp_path / "run").exists()
+
+
+def test_the_alfworld_7b_config_trains_on_train_evaluates_on_valid_unseen_and_plans_within_80gb(tmp_path, monkeypatch):
+    # The dry run checks that the games are there: the real ones, beside the checkout.
+    if not (SHARED_DATA / "alfworld").is_dir():
+        pytest.skip(f"ALFWorld's games are not at {SHARED_DATA / 'alfworld'}")
+    monkeypatch.setenv("ALFWORLD_DATA", str(SHARED_DATA / "alfworld"))
+    result = run(ALFWORLD_CONFIG, "--model", model_dir(tmp_path, "qwen2.5-7b"), "--dry-run", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "resources, GB per GPU (checked against 8 GPUs of 80 GB)" in result.stdout and "ace.eval" in result.stdout
+    assert not (tmp_path / "run").exists()
+    config = load_config(ALFWORLD_CONFIG).model_copy(update={"model": str(model_dir(tmp_path, "qwen2.5-7b"))})
+    evaluation = config.eval_settings()
+    assert evaluation.env_params["split"] == "valid_unseen" and (evaluation.tasks, evaluation.samples) == (134, 128)
+    for settings in (config.grpo_settings(), config.explore_settings(), config.early_experience_settings(),
+                     config.ace_settings()):
+        assert settings.env_params["split"] == "train" and settings.tasks == 2000
+    plan = budget.plan(config, Study(config, tmp_path / "run"))
+    assert plan.refusal is None and all(0 < s.total <= 80e9 for s in plan.stages)
+    eval_ = next(s for s in plan.stages if s.key == "base.eval")
+    assert eval_.tokens == 134 * 128 * 50 * 512  # tasks x samples x turns (max_steps) x tokens, at most
 
 
 def test_the_7b_on_one_80gb_gpu_names_the_sharding_knob(tmp_path):

@@ -68,7 +68,8 @@ def test_the_settings_modules_import_no_torch():
         assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0, module
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["eval", "--help"], ["run", "configs/sokoban-demo.yaml", "--dry-run"]])
+@pytest.mark.parametrize("argv", [["--help"], ["eval", "--help"], ["envs"],
+                                  ["run", "configs/sokoban-demo.yaml", "--dry-run"]])
 def test_help_and_dry_run_load_no_torch(argv, tmp_path):
     code = ("import sys; sys.argv = ['leafe', *sys.argv[1:]]\nfrom leafe.cli import main\ntry:\n    main()\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"

@@ -9,7 +9,8 @@ from test_cli_eval import leafe
 
 from leafe.envs import make
 from leafe.envs.base import EnvError
-from leafe.envs.code import docstring_examples, extract_program, judge, load_problems
+from leafe.envs.code import extract_program, judge, load_problems
+from leafe.envs.code_datasets import docstring_examples
 
 
 def test_every_shipped_problem_is_solved_by_its_reference_and_rejects_a_wrong_program():

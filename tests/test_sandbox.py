@@ -117,6 +117,16 @@ def test_flooding_stdout_or_stderr_is_an_output_limit(box):
 
 
 # -- attacks -------------------------------------------------------------------------------------
+def test_a_correct_answer_larger_than_a_mebibyte_is_accepted_and_a_flood_still_ends(box):
+    # 1.3 MB of expected output: the cap follows it (twice its size plus 64 KiB), not a fixed 1 MiB.
+    big = [{"input": "130000\n", "output": "123456789\n" * 130000}]
+    answer = "import sys\nsys.stdout.write('123456789\\n' * int(input()))\n"
+    verdict = judge(answer, big, sandbox=box)
+    assert verdict.status == "accepted", verdict.feedback
+    flood = run_attack(box, "while True:\n    print('123456789')\n", tests=big)
+    assert flood.status == "output_limit" and f"more than {2 * 1_300_000 + (64 << 10)} bytes" in flood.feedback
+
+
 def test_fork_storm_is_contained_and_reaped(box):
     verdict = run_attack(box, """
         import os

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from real_models import SHARED_DATA
 from test_cli_eval import leafe
 
 from leafe.errors import LeafeError
@@ -19,8 +20,13 @@ STAGES = ["base.eval", "grpo.train", "leafe.explore", "leafe.distill", "early_ex
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_shipped_config_parses_and_prints_its_plan(config, tmp_path):
+def test_every_shipped_config_parses_and_prints_its_plan(config, tmp_path, monkeypatch):
     (tmp_path / "model-dir").mkdir()  # a dry run checks that the model exists
+    # A dry run also checks that the env's data is there: the ALFWorld config plays the real games.
+    if load_config(config).env == "alfworld":
+        if not (SHARED_DATA / "alfworld").is_dir():
+            pytest.skip(f"ALFWorld's games are not at {SHARED_DATA / 'alfworld'}")
+        monkeypatch.setenv("ALFWORLD_DATA", str(SHARED_DATA / "alfworld"))
     run = leafe("run", config, "--dry-run", "--out", tmp_path / "run", "--model", tmp_path / "model-dir")
     assert run.returncode == 0, run.stderr
     for key in STAGES:
@@ -52,12 +58,33 @@ def write_config(path: Path, **overrides) -> Path:
     ({"methods": ["grpo"]}, "methods must include base"),
     ({"methods": ["base", "leafe"], "leafe": {"start": "grpo"}}, "leafe.start is grpo but grpo is not in methods"),
     ({"methods": ["base", "ppo"]}, "methods.1: Input should be"),
+    ({"eval": {"env_params": "valid_unseen"}}, "eval.env_params must be a mapping of env parameters"),
 ])
 def test_a_bad_config_is_one_line_naming_the_key(tmp_path, overrides, message):
     path = write_config(tmp_path / "c.yaml", **overrides)
     with pytest.raises(LeafeError) as err:
         load_config(path)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_eval_env_params_change_what_the_evaluations_play_and_nothing_else(tmp_path):
+    path = write_config(tmp_path / "c.yaml", env="alfworld", env_params={"split": "train", "max_steps": 30},
+                        eval={"tasks": 4, "task_seed": 0, "env_params": {"split": "valid_unseen"}})
+    config = load_config(path)
+    assert config.eval_settings().env_params == {"split": "valid_unseen", "max_steps": 30}
+    for settings in (config.grpo_settings(), config.explore_settings(), config.early_experience_settings(),
+                     config.ace_settings()):
+        assert settings.env_params == {"split": "train", "max_steps": 30}
+    study = Study(config, tmp_path / "run")
+    evals = [s for s in study.plan() if s.key.endswith(".eval")]
+    assert evals and all(s.fingerprint["settings"]["eval"]["env_params"]["split"] == "valid_unseen" for s in evals)
+    # A dry run checks the evaluations' parameters too, by name (after the data, which must be there).
+    if not (SHARED_DATA / "alfworld").is_dir():
+        pytest.skip(f"ALFWorld's games are not at {SHARED_DATA / 'alfworld'}")
+    bad = write_config(tmp_path / "bad.yaml", env="alfworld", env_params={"data_dir": str(SHARED_DATA / "alfworld")},
+                       eval={"env_params": {"splitt": "valid_unseen"}})
+    run = leafe("run", bad, "--dry-run", "--out", tmp_path / "r")
+    assert run.returncode == 2 and "env 'alfworld' has no parameter 'splitt'" in run.stderr
 
 
 def test_run_rejects_missing_and_malformed_configs(tmp_path):

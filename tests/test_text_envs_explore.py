@@ -7,34 +7,18 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from helpers import ScriptedBackend
+from helpers import ScriptedBackend, scripted_explorer
 
 from leafe.envs import make
 from leafe.method import Job
 from leafe.methods.explore import explore
-from leafe.prompts import REFLECTION_PROMPT
 from leafe.settings import ExploreSettings
 from leafe.trees import read_trees
 
-EXPERIENCE_MARK = "Experience from an earlier attempt"
 CASES = {
     "textworld": ({}, "look"),
     "scienceworld": ({"tasks": "find-non-living-thing", "split": "dev"}, "look around"),
 }
-
-
-def scripted(expert: list[str], idle: str):
-    """Idles until an experience is in context, then plays the expert's actions from where it is."""
-
-    def reply(text: str, i: int) -> str:
-        if REFLECTION_PROMPT in text.rsplit("<|im_start|>user", 1)[1]:
-            return "Step: none\nExperience: on track." if EXPERIENCE_MARK in text else "Step: 1\nExperience: act, do not look."
-        if EXPERIENCE_MARK in text:
-            done = text.split(EXPERIENCE_MARK, 1)[1].count("<|im_start|>assistant") - 1
-            return f"Thought: follow the plan.\nAction: {expert[done]}"
-        return f"Thought: let me look.\nAction: {idle}"
-
-    return reply
 
 
 @pytest.mark.parametrize("env_name", list(CASES))
@@ -49,7 +33,7 @@ def test_leafe_rolls_back_a_real_text_game_and_the_branch_wins(env_name, tiny_to
     task = env.make_tasks(1, 0)[0]
     expert = env.expert_actions(task)
     assert len(expert) <= 5  # the branch starts at step 1 and has 5 steps left
-    backend = ScriptedBackend(tiny_tokenizer, scripted(expert, idle))
+    backend = ScriptedBackend(tiny_tokenizer, scripted_explorer(lambda text: expert, idle))
     settings = ExploreSettings(env=env_name, env_params=params, tasks=1, task_seed=0, budget=20, reflect_every=6,
                                branch_samples=1, max_depth=1)
     explore(Job("scripted", tmp_path / "explore", backend=backend), settings)

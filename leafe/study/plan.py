@@ -219,13 +219,13 @@ class Study:
         return {
             "name": c.name,
             "env": c.env,
-            "env_params": c.env_params,
+            "env_params": evaluation.env_params,  # what the held-out tasks were played with
             "model": str(self.base_model()),
             "tasks": evaluation.tasks,
             "task_seed": evaluation.task_seed,
             "samples": evaluation.samples,
             "temperature": evaluation.temperature,
-            "train": c.train.model_dump(),
+            "train": {**c.train.model_dump(), "env_params": c.env_params},  # what the training stages played
             "leafe_start": self.leafe_start() if "leafe" in c.methods else None,
             "methods": methods,
             "cost": costs,
@@ -366,6 +366,8 @@ class Study:
         from leafe.envs import check_params
 
         check_params(self.config.env, self.config.env_params)
+        if self.config.eval_env_params() != self.config.env_params:
+            check_params(self.config.env, self.config.eval_env_params())
         if self.config.model != EMBEDDED and not self.base_model().exists():
             raise LeafeError(f"model {self.base_model()} does not exist; set `model:` in the config to a local "
                              f"model directory or pass --model DIR (nothing is downloaded at run time)")

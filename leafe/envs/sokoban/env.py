@@ -11,7 +11,7 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
-from leafe.envs.base import Env, EnvError, StepResult, Task
+from leafe.envs.base import DataStatus, Env, EnvError, StepResult, Task
 from leafe.envs.registry import register
 from leafe.envs.sokoban.generator import generate
 from leafe.envs.sokoban.levels import (
@@ -65,9 +65,12 @@ class SokobanEnv(Env):
     def __init__(
         self, max_steps: int = 15, dim: tuple[int, int] = (6, 6), boxes: int = 1, levels: str | None = None
     ):
-        """`levels`: an XSB collection file to take tasks from instead of generating them."""
+        """`max_steps`: moves before the episode ends unsolved. `dim`: (rows, columns) of a generated
+        level. `boxes`: boxes in a generated level. `levels`: an XSB collection file to take tasks from
+        instead of generating them."""
         if max_steps < 1:
             raise EnvError(f"Sokoban max_steps must be >= 1 (got {max_steps})")
+        self.data_status(levels=levels).require()
         self.max_steps = max_steps
         self.dim = (int(dim[0]), int(dim[1]))
         self.boxes = boxes
@@ -80,6 +83,16 @@ class SokobanEnv(Env):
         self._table: dict[State, int] | None = None  # the level's distance table, for feedback
 
     # -- tasks ---------------------------------------------------------------------------------
+    @classmethod
+    def data_status(cls, levels: str | None = None, **_: object) -> DataStatus:
+        """Levels are generated from seeds; nothing to download unless you bring a `levels` file."""
+        if levels is None:
+            return DataStatus(True, "generated from seeds, nothing needed")
+        if Path(str(levels)).is_file():
+            return DataStatus(True, str(levels))
+        return DataStatus(False, str(levels), f"levels={levels} does not exist; give the path of an XSB collection "
+                                              f"file, or leave levels= out to generate levels")
+
     def make_tasks(self, n: int, seed: int) -> list[Task]:
         """Generated levels from seeds seed..seed+n-1, or the first n levels of the `levels` file."""
         if self.levels is not None:
