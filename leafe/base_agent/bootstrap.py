@@ -176,12 +176,15 @@ def bootstrap(job: Job, config: BootstrapConfig) -> MethodResult:
     record = job.out / "bootstrap.json"
     if not record.exists() or read_json(record).get("config_hash") != config.digest():
         phases: set[str] = set()
+        last = [0]  # what the current phase had done at its previous report
 
         def report(phase: str, done: int, total: int) -> None:
-            if phase not in phases:
+            if phase not in phases:  # each phase is a bar of its own (and an ETA of its own)
                 phases.add(phase)
                 job.progress.start(total, done)
-            job.progress.advance(0, status=f"{phase} {done}/{total}")
+                last[0] = done
+            job.progress.advance(done - last[0], status=phase)
+            last[0] = done
 
         job.out.parent.mkdir(parents=True, exist_ok=True)
         build(config, job.out, report)
