@@ -123,7 +123,7 @@ def test_settings_are_validated():
         GRPOSettings(tasks=2, tasks_per_step=4).validate()
 
 
-def test_grpo_steps_change_weights_checkpoint_and_resume(tiny_model_dir, tmp_path):
+def test_grpo_steps_change_weights_checkpoint_and_resume(tiny_model_dir, tmp_path, caplog):
     from leafe.backends.hf import HFBackend
 
     settings = GRPOSettings(tasks=4, task_seed=3, steps=3, tasks_per_step=2, group_size=4, learning_rate=1e-2,
@@ -133,6 +133,7 @@ def test_grpo_steps_change_weights_checkpoint_and_resume(tiny_model_dir, tmp_pat
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line]
     assert len(log) == 3
     assert all(0 < r["rollout_s"] <= r["wall_s"] for r in log)  # where a step's time went: sampling, then update
+    assert "Removed shared tensor" not in caplog.text  # the tied head's save warning, once printed at every save
     assert summary.method == "grpo" and summary.model == str(out)
     assert summary.cost["env_steps"] > 0 and summary.data["groups"] == 6
     assert (out / "checkpoints" / "step-2" / "state" / "optimizer.bin").exists()

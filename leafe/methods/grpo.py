@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import random
 import shutil
@@ -642,7 +643,15 @@ def _save_checkpoint(trainer: GRPOTrainer, out: Path, step: int, keep: int) -> N
         shutil.rmtree(tmp, ignore_errors=True)
     trainer._barrier()
     trainer.save_model(tmp)
-    trainer.accelerator.save_state(str(tmp / STATE))
+    # accelerate warns that it drops the tied output head from the safetensors file, at every save; the
+    # head is the embedding matrix itself, so loading the state (tested by the resume test) restores it.
+    shared_warning = logging.getLogger("accelerate.utils.other")
+    level = shared_warning.level
+    shared_warning.setLevel(logging.ERROR)
+    try:
+        trainer.accelerator.save_state(str(tmp / STATE))
+    finally:
+        shared_warning.setLevel(level)
     trainer._barrier()
     if trainer.rank != 0:
         return
