@@ -186,15 +186,11 @@ def test_missing_data_and_spacy_model_errors_name_the_fix(tmp_path, monkeypatch)
     assert make("webshop", spacy_model="rule").make_tasks(1, 0)[0].spec["goal"]["asin"] == PILLOW
 
 
-EXPERIENCE_MARK = "Experience from an earlier attempt"
-
-
 def test_leafe_stage1_rolls_back_webshop_and_the_branch_buys_the_goal(tiny_tokenizer, tmp_path, monkeypatch):
-    from helpers import ScriptedBackend
+    from helpers import ScriptedBackend, scripted_explorer
 
     from leafe.method import Job
     from leafe.methods.explore import explore
-    from leafe.prompts import REFLECTION_PROMPT
     from leafe.settings import ExploreSettings
     from leafe.trees import read_trees
 
@@ -205,13 +201,8 @@ def test_leafe_stage1_rolls_back_webshop_and_the_branch_buys_the_goal(tiny_token
     expert = env.expert_actions(task)
     assert len(expert) == 4  # search, the product, its size, buy: fits the 5 steps left after step 0
 
-    def reply(text: str, i: int) -> str:
-        if REFLECTION_PROMPT in text.rsplit("<|im_start|>user", 1)[1]:
-            return "Step: none\nExperience: on track." if EXPERIENCE_MARK in text else "Step: 1\nExperience: search."
-        if EXPERIENCE_MARK in text:
-            done = text.split(EXPERIENCE_MARK, 1)[1].count("<|im_start|>assistant") - 1
-            return f"Thought: buy what was asked.\nAction: {expert[done]}"
-        return "Thought: browse.\nAction: click[features]"
+    # Idles on the features page until an experience is in context, then plays the expert's actions.
+    reply = scripted_explorer(lambda text: expert, idle="click[features]")
 
     settings = ExploreSettings(env="webshop", env_params=params, tasks=1, task_seed=0, budget=20, reflect_every=6,
                                branch_samples=1, max_depth=1)
