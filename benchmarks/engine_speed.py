@@ -1,12 +1,16 @@
 """Side by side: evaluation speed of an older leafe against this checkout, on the same machine, in one run.
 
-    python benchmarks/engine_speed.py --before d5882ff --model OLD_AGENT [--model NEW_AGENT] \
-        --out benchmarks/results/engine_speed.json
+    python benchmarks/engine_speed.py --before d5882ff [--before COMMIT ...] --model OLD_AGENT [--model NEW_AGENT] \
+        [--variant end_when_lost=true] --out benchmarks/results/engine_speed.json
 
 The `--before` commit is exported (`git archive`) into a temporary directory and each side runs
 `leafe eval` as its own process with its own code on PYTHONPATH: the same tasks, seeds, samples and
 batch. Runs alternate (before, after, before, after, ...), so a machine whose speed drifts (other
 jobs, a 2x spread between machines of one kind) weighs on both sides alike; the medians are compared.
+
+Every `--before` commit is a side of its own; the first is the one the speed-ups are relative to.
+A `--variant K=V` is one more side: this checkout with that env parameter (e.g. `end_when_lost=true`,
+which ends a Sokoban episode once it can only fail: other episodes, the same expected outcome).
 
 For a model both sides run, the episodes' token ids are compared: an engine change that is exact
 gives the same episodes for the same seeds. A model run by this checkout only (an agent with another
@@ -32,15 +36,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def export(commit: str, into: Path) -> Path:
     """The tree of `commit` (leafe's package only) under `into`."""
+    into.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "leafe"], check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return into
 
 
-def run_eval(code: Path, model: str, out: Path, args: argparse.Namespace) -> dict:
+def run_eval(code: Path, model: str, out: Path, args: argparse.Namespace, env_params: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, "-m", "leafe", "eval", "--model", model, "--out", str(out), "--tasks", str(args.tasks),
            "--samples", str(args.samples), "--task-seed", str(args.task_seed), "--max-batch", str(args.max_batch),
-           "--env-param", "max_steps=15", "--save-episodes"]
+           "--save-episodes"]
+    for param in ("max_steps=15", *env_params):
+        cmd += ["--env-param", param]
     env = {**os.environ, "PYTHONPATH": str(code)}
     started = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, cwd=code, capture_output=True)
@@ -65,6 +72,14 @@ def run_eval(code: Path, model: str, out: Path, args: argparse.Namespace) -> dic
     }
 
 
+def cpu_model() -> str:
+    """The processor's name: machines of one kind differ (AMD EPYC on one day, Intel Xeon on another)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown processor"
+
+
 def summarize(runs: list[dict]) -> dict:
     keys = ("wall_s", "tokens_per_s", "env_steps_per_s", "episodes_per_s")
     out = {k: statistics.median(r[k] for r in runs) for k in keys}
@@ -76,7 +91,10 @@ def summarize(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before", required=True, help="commit of the code to compare against")
+    parser.add_argument("--before", action="append", required=True,
+                        help="commit of the code to compare against (repeatable; the first is the reference)")
+    parser.add_argument("--variant", action="append", default=[], metavar="K=V",
+                        help="one more side: this checkout with this env parameter (repeatable)")
     parser.add_argument("--model", action="append", required=True,
                         help="agent directory; the first is run by both sides, any other by this checkout only")
     parser.add_argument("--tasks", type=int, default=4)
@@ -88,24 +106,30 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="leafe-bench-") as tmp:
-        before = export(args.before, Path(tmp))
-        sides = [("before", before, args.model[0]), ("after", ROOT, args.model[0])]
-        sides += [(f"after, {Path(m).name}", ROOT, m) for m in args.model[1:]]
-        runs: dict[str, list[dict]] = {name: [] for name, _, _ in sides}
+        sides = []
+        for commit in args.before:
+            code = export(commit, Path(tmp) / f"code-{commit}")
+            sides.append((f"before {commit}", code, args.model[0], ()))
+        sides.append(("after", ROOT, args.model[0], ()))
+        sides += [(f"after, {Path(m).name}", ROOT, m, ()) for m in args.model[1:]]
+        sides += [(f"after, {v}", ROOT, args.model[0], (v,)) for v in args.variant]
+        runs: dict[str, list[dict]] = {name: [] for name, *_ in sides}
         for rep in range(args.reps):
-            for name, code, model in sides:
-                run = run_eval(code, model, Path(tmp) / f"{len(runs[name])}-{name}", args)
+            for name, code, model, params in sides:
+                run = run_eval(code, model, Path(tmp) / f"{len(runs[name])}-{name}", args, params)
                 runs[name].append(run)
                 print(f"rep {rep + 1} {name}: {run['tokens_per_s']} tok/s, {run['episodes_per_s']} episodes/s, "
                       f"wall {run['wall_s']} s", flush=True)
     result = {
-        "machine": os.uname().nodename and f"{os.cpu_count()}-core {os.uname().machine}",
+        "machine": f"{os.cpu_count()}-core {os.uname().machine}, {cpu_model()}",
         "before": args.before,
         "workload": {k: getattr(args, k) for k in ("tasks", "samples", "task_seed", "max_batch")},
         "sides": {name: summarize(r) for name, r in runs.items()},
     }
-    b, a = result["sides"]["before"], result["sides"]["after"]
-    result["same_episodes"] = b["digests"] == a["digests"] and len(a["digests"]) == 1
+    b, a = result["sides"][f"before {args.before[0]}"], result["sides"]["after"]
+    # Exact engine changes: every code side gave one and the same set of episodes on the first model.
+    same = [result["sides"][f"before {c}"]["digests"] for c in args.before] + [a["digests"]]
+    result["same_episodes"] = all(d == a["digests"] for d in same) and len(a["digests"]) == 1
     for name, side in result["sides"].items():
         side["speedup_tokens_per_s"] = round(side["tokens_per_s"] / b["tokens_per_s"], 2)
         side["speedup_episodes_per_s"] = round(side["episodes_per_s"] / b["episodes_per_s"], 2)

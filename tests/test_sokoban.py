@@ -11,8 +11,8 @@ CORRIDOR = """\
 #######"""
 
 
-def level_env(xsb: str, max_steps: int = 15) -> SokobanEnv:
-    return SokobanEnv.from_xsb(xsb, max_steps=max_steps)
+def level_env(xsb: str, max_steps: int = 15, **params) -> SokobanEnv:
+    return SokobanEnv.from_xsb(xsb, max_steps=max_steps, **params)
 
 
 def test_walking_moves_the_player_only():
@@ -104,6 +104,27 @@ def test_pushing_a_box_into_a_dead_corner_says_the_level_is_lost():
     result = env.step("left")  # box into column 1 with the goal in column 3: never reachable again
     assert result.info["solvable"] is False
     assert "can no longer be solved" in result.observation
+
+
+def test_end_when_lost_ends_the_episode_at_the_losing_step_only():
+    lost_level = "######\n#  . #\n# $@ #\n#    #\n######"
+    for params in ({}, {"end_when_lost": False}):
+        result = level_env(lost_level, **params).step("left")
+        assert "can no longer be solved" in result.observation and not result.done
+    env = level_env(lost_level, end_when_lost=True)
+    result = env.step("left")
+    assert result.done and not result.success and result.reward == 0.0
+    assert "can no longer be solved" in result.observation and "The attempt ends here." in result.observation
+    # A move that loses nothing goes on, and a solved level still ends as solved.
+    env = level_env(CORRIDOR, end_when_lost=True)
+    assert not env.step("right").done
+    assert not env.step("right").done
+    assert env.step("right").success
+    # Wasted moves lose a level too: the distance table says when too few are left.
+    # (CORRIDOR takes 3 moves; bumping the wall twice leaves 3 of 5, the third bump leaves 2.)
+    env = level_env(CORRIDOR, max_steps=5, end_when_lost=True)
+    steps = [env.step("left") for _ in range(3)]
+    assert [s.done for s in steps] == [False, False, True] and steps[-1].info["lost"]
 
 
 def test_observation_shows_the_grid_and_coordinates():

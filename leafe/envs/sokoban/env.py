@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from leafe.envs.base import DataStatus, Env, EnvError, StepResult, Task
 from leafe.envs.registry import register
@@ -63,11 +64,14 @@ class SokobanEnv(Env):
     has_oracle_reflection = True
 
     def __init__(
-        self, max_steps: int = 15, dim: tuple[int, int] = (6, 6), boxes: int = 1, levels: str | None = None
+        self, max_steps: int = 15, dim: tuple[int, int] = (6, 6), boxes: int = 1, levels: str | None = None,
+        end_when_lost: bool = False,
     ):
         """`max_steps`: moves before the episode ends unsolved. `dim`: (rows, columns) of a generated
         level. `boxes`: boxes in a generated level. `levels`: an XSB collection file to take tasks from
-        instead of generating them."""
+        instead of generating them. `end_when_lost`: end the episode at the step after which the level
+        can no longer be solved in the moves left (its outcome can no longer change, so an evaluation
+        loses nothing and skips the turns that cannot matter; training sees shorter failures)."""
         if max_steps < 1:
             raise EnvError(f"Sokoban max_steps must be >= 1 (got {max_steps})")
         self.data_status(levels=levels).require()
@@ -75,6 +79,7 @@ class SokobanEnv(Env):
         self.dim = (int(dim[0]), int(dim[1]))
         self.boxes = boxes
         self.levels = levels
+        self.end_when_lost = bool(end_when_lost)
         self.instruction = INSTRUCTION
         self._room: Room | None = None
         self._state: State | None = None
@@ -113,9 +118,9 @@ class SokobanEnv(Env):
         ]
 
     @classmethod
-    def from_xsb(cls, text: str, max_steps: int = 15) -> SokobanEnv:
-        """An env already reset to the given level."""
-        env = cls(max_steps=max_steps)
+    def from_xsb(cls, text: str, max_steps: int = 15, **params: Any) -> SokobanEnv:
+        """An env already reset to the given level (`params`: the constructor's other settings)."""
+        env = cls(max_steps=max_steps, **params)
         env.reset(Task(task_id="xsb", env=cls.name, spec={"xsb": text}))
         return env
 
@@ -181,11 +186,16 @@ class SokobanEnv(Env):
         if not success and self._winnable(state, left + 1) and self._winnable(self._state, left) is False:
             info["lost"] = True
             feedback += f" From step {self._steps - 1} on, the level can no longer be solved in the {left} moves left."
-        self._done = success or self._steps >= self.max_steps
+        # Lost for certain: beyond the moves left by the distance table, or (a room too big for the
+        # table) a box stuck or jammed, which the solver proved.
+        lost = info.get("lost", False) or (self._table is None and info.get("solvable") is False)
+        self._done = success or self._steps >= self.max_steps or (self.end_when_lost and lost)
         if success:
             feedback += " All boxes are on goals: solved!"
-        elif self._done:
+        elif self._steps >= self.max_steps:
             feedback += f" No moves left ({self.max_steps} used): the level was not solved."
+        elif self._done:
+            feedback += " The attempt ends here."
         info["boxes_on_goals"] = len(self._state.boxes & room.goals)
         return StepResult(self._observation(feedback), 1.0 if success else 0.0, self._done, success, info)
 
