@@ -9,9 +9,11 @@ Identical prompts in one call (n samples of a task, k branches of a node) are pr
 
 We drive the model ourselves rather than through `model.generate`: it lets us start from cached
 keys/values, fork one prefill into many samples, drop finished rows from the batch, and return
-log-probs of the exact sampled ids. Per-row caches are packed into one left-padded batch; a row's
-cached prefix and its new suffix may leave a gap of masked padding between them, which attention
-ignores (positions come from the mask, so rotary embeddings see contiguous positions).
+log-probs of the exact sampled ids. For a prefill, per-row caches are packed into one left-padded
+batch; a row's cached prefix and its new suffix may leave a gap of masked padding between them, which
+attention ignores (positions come from the mask, so rotary embeddings see contiguous positions).
+Decoding splits the rows into groups of similar length, each its own left-padded batch, since a
+decoded token reads every cached position of its batch's width; one sampling call still covers them all.
 """
 
 from __future__ import annotations
