@@ -125,6 +125,8 @@ def test_end_when_lost_ends_the_episode_at_the_losing_step_only():
     env = level_env(CORRIDOR, max_steps=5, end_when_lost=True)
     steps = [env.step("left") for _ in range(3)]
     assert [s.done for s in steps] == [False, False, True] and steps[-1].info["lost"]
+    with pytest.raises(EnvError, match="end_when_lost must be true or false"):
+        level_env(CORRIDOR, end_when_lost="no")
 
 
 def test_observation_shows_the_grid_and_coordinates():

@@ -74,12 +74,14 @@ class SokobanEnv(Env):
         loses nothing and skips the turns that cannot matter; training sees shorter failures)."""
         if max_steps < 1:
             raise EnvError(f"Sokoban max_steps must be >= 1 (got {max_steps})")
+        if not isinstance(end_when_lost, bool):  # a string "False" would otherwise read as true
+            raise EnvError(f"Sokoban end_when_lost must be true or false (got {end_when_lost!r})")
         self.data_status(levels=levels).require()
         self.max_steps = max_steps
         self.dim = (int(dim[0]), int(dim[1]))
         self.boxes = boxes
         self.levels = levels
-        self.end_when_lost = bool(end_when_lost)
+        self.end_when_lost = end_when_lost
         self.instruction = INSTRUCTION
         self._room: Room | None = None
         self._state: State | None = None
