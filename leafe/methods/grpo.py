@@ -592,7 +592,15 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
     if world > 1:  # the model is written before any rank reports done; ranks leave the process group together
         trainer.accelerator.wait_for_everyone()
         trainer.accelerator.end_training()
+        _KEPT_UNTIL_EXIT.append(trainer)
     return _result(summary, out)
+
+
+#: A multi-process trainer outlives `train_grpo` (the launched job then ends with os._exit, in
+#: `leafe.scale.stage`): freeing its DDP model runs ProcessGroupGloo's destructor, which joins a gloo
+#: thread while holding the GIL, and that thread can be waiting for the GIL to drop a Python object.
+#: CI hung there once, after the model was written (py-spy: ~Reducer -> ~ProcessGroupGloo -> join).
+_KEPT_UNTIL_EXIT: list = []
 
 
 @contextlib.contextmanager

@@ -166,6 +166,12 @@ def main(argv: list[str]) -> None:
     result = _run(spec)
     if process_rank()[0] == 0:
         write_json(Path(spec["out"]) / RESULT, result)
+    # Everything is written; leave without running destructors. Tearing down a gloo process group's
+    # DDP objects can deadlock on the GIL (see grpo._KEPT_UNTIL_EXIT), and a rank that never exits
+    # would hold the launcher, and the study, forever.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
