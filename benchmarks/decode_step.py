@@ -2,8 +2,8 @@
 
     python benchmarks/decode_step.py [--batch 240] [--threads 1] [--dtype fp32|bf16-autocast|bf16]
 
-A randomly initialised Llama of the default agent's shape (hidden 192, 4 layers, 3 heads, MLP 512,
-vocabulary 1024) decodes one token for each of `--batch` rows over a cache of L positions, through the
+A randomly initialised Llama of the default agent's shape (`BootstrapConfig()`: hidden 192, 4 layers,
+3 heads, MLP 512, vocabulary 1024) decodes one token for each of `--batch` rows over a cache of L positions, through the
 hf backend's own in-place cache layer. The step's time against L separates what a step costs anyway
 (the weights, the Python) from what reading the cached keys and values costs; the GB/s column is the
 fp32-equivalent size of those keys and values over the step's time. `bf16-autocast` is what
@@ -20,8 +20,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from leafe.backends.hf import _buffer_layer_class
-
-SHAPE = {"hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 3, "intermediate_size": 512}
+from leafe.settings import BootstrapConfig
 
 
 def step_ms(model, config, batch: int, length: int, dtype: torch.dtype, autocast: bool, steps: int = 12) -> float:
@@ -55,7 +54,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, num_key_value_heads=3, max_position_embeddings=4096, **SHAPE)
+    agent = BootstrapConfig()
+    config = LlamaConfig(vocab_size=agent.vocab_size, hidden_size=agent.hidden_size, num_hidden_layers=agent.layers,
+                         num_attention_heads=agent.heads, num_key_value_heads=agent.kv_heads or agent.heads,
+                         intermediate_size=agent.intermediate_size, max_position_embeddings=agent.context)
     model = LlamaForCausalLM(config).eval()
     cache_dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     if args.dtype == "bf16":

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vllm_overhead import machine  # the processor's name: machines of one kind differ (AMD, Intel)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,14 +72,6 @@ def run_eval(code: Path, model: str, out: Path, args: argparse.Namespace, env_pa
         "mean_context_tokens": round(statistics.mean(len(e["token_ids"]) for e in episodes), 1),
         "episodes_digest": digest[:16],
     }
-
-
-def cpu_model() -> str:
-    """The processor's name: machines of one kind differ (AMD EPYC on one day, Intel Xeon on another)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown processor"
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -121,7 +115,7 @@ def main() -> None:
                 print(f"rep {rep + 1} {name}: {run['tokens_per_s']} tok/s, {run['episodes_per_s']} episodes/s, "
                       f"wall {run['wall_s']} s", flush=True)
     result = {
-        "machine": f"{os.cpu_count()}-core {os.uname().machine}, {cpu_model()}",
+        "machine": machine(),
         "before": args.before,
         "workload": {k: getattr(args, k) for k in ("tasks", "samples", "task_seed", "max_batch")},
         "sides": {name: summarize(r) for name, r in runs.items()},
