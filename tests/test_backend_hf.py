@@ -149,6 +149,8 @@ def test_rows_are_grouped_by_length_so_short_rows_do_not_read_long_ones():
     assert sorted(r for g in groups for r in g) == list(range(len(mixed)))
     assert len(groups) == 2 and {mixed[g[0]] < 500 for g in groups} == {True, False}
     assert all({mixed[r] < 500 for r in g} == {mixed[g[0]] < 500} for g in groups)
+    # A call that reads a large model's weights costs more than these rows' padding: one group.
+    assert _length_groups(mixed, group_cost=250_000) == [list(range(len(mixed)))]
 
 
 def test_grouped_decoding_gives_what_one_padded_batch_gives(tiny_model_dir, monkeypatch):
@@ -169,13 +171,13 @@ def test_grouped_decoding_gives_what_one_padded_batch_gives(tiny_model_dir, monk
 
     original, seen = hf._length_groups, []
 
-    def recorded(lengths):
-        seen.append(original(lengths))
+    def recorded(lengths, group_cost):
+        seen.append(original(lengths, group_cost))
         return seen[-1]
 
     grouped = run(recorded)
     assert len(seen[0]) == 2  # the short and the long rows decoded apart
-    one = run(lambda lengths: [list(range(len(lengths)))])
+    one = run(lambda lengths, group_cost: [list(range(len(lengths)))])
     for row_a, row_b in zip(grouped, one):
         for (ids_a, lp_a), (ids_b, lp_b) in zip(row_a, row_b):
             assert ids_a == ids_b

@@ -248,6 +248,7 @@ class HFBackend(Backend):
         layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
         self._buffer_layer = _buffer_layer_class() if set(layer_types) == {"full_attention"} else None
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.group_cost = _group_cost(self.model)  # when decoding rows of unlike lengths apart pays
         self.stats = BackendStats()
 
     def _dtypes(self, dtype: str) -> tuple[torch.dtype, torch.dtype | None]:
@@ -404,7 +405,7 @@ class HFBackend(Backend):
         # sees the whole batch in one call, in the same order, so the random stream is the same.
         groups = [_Group(rows, *self._pack([rows_kv[source[r]] for r in rows], [lengths[r] for r in rows],
                                            room=sp.max_new_tokens), self.device)
-                  for rows in _length_groups(lengths)]
+                  for rows in _length_groups(lengths, self.group_cost)]
         logits = torch.stack([rows_logits[s] for s in source])
         stop = torch.tensor(sorted(set(sp.stop_token_ids)) or [-1], device=self.device)
         active = list(range(len(source)))  # decode-batch row -> output index
@@ -452,15 +453,27 @@ class HFBackend(Backend):
 
 
 #: A row-group's fixed cost per decoded token, in the units of its attention cost (rows x cached
-#: positions): one forward call of a small model costs about what reading ~2k positions' keys and
-#: values does (the embedded agent on a CPU). Larger models make calls relatively cheaper still.
+#: positions), at least: one forward call of the embedded agent on a CPU costs about what reading ~2k
+#: positions' keys and values does. A bigger model's call reads all its weights, which `_group_cost`
+#: adds: for a 7B model, hundreds of thousands of positions, so its batch rarely splits.
 _GROUP_COST = 2048
 _MAX_GROUPS = 8
 
 
-def _length_groups(lengths: list[int]) -> list[list[int]]:
+def _group_cost(model) -> float:
+    """A forward call's cost in cached positions: the weights' bytes over one position's keys/values."""
+    config = model.config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    size = next(model.parameters()).element_size()
+    return max(_GROUP_COST, weights / (2 * config.num_hidden_layers * kv_heads * head_dim * size))
+
+
+def _length_groups(lengths: list[int], group_cost: float = _GROUP_COST) -> list[list[int]]:
     """Rows split into at most `_MAX_GROUPS` runs of similar length, minimizing the positions read
-    (group size x its longest row, each group also paying `_GROUP_COST`); rows keep their order."""
+    (group size x its longest row, each group also paying `group_cost`); rows keep their order."""
     order = sorted(range(len(lengths)), key=lambda r: lengths[r])
     n = len(order)
     # Split points on a coarse grid of the sorted rows, so the search stays small for large batches.
@@ -472,7 +485,7 @@ def _length_groups(lengths: list[int]) -> list[list[int]]:
             for a in cuts:
                 if a >= b or a not in best:
                     continue
-                cost = best[a][0] + _GROUP_COST + (b - a) * lengths[order[b - 1]]
+                cost = best[a][0] + group_cost + (b - a) * lengths[order[b - 1]]
                 if b not in nxt or cost < nxt[b][0]:
                     nxt[b] = (cost, [*best[a][1], (a, b)])
         best = nxt
