@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,3 +199,32 @@ def test_a_study_runs_every_stage_then_skips_resumes_and_redoes_what_changed(tin
     redone = stamps(run_dir)
     assert {k for k in STAGES if redone[k] != after[k]} == {k for k, v in status.items() if v == "stale"}
     assert json.loads((run_dir / "grpo" / "train" / "train.json").read_text())["settings"]["learning_rate"] == 3e-5
+
+
+def test_stages_side_by_side_give_the_results_of_one_at_a_time(tiny_model_dir, tmp_path):
+    # parallel_stages runs each stage in a process of its own; what a stage computes must not depend
+    # on that (one thread each way, so the kernels sum in the same order), and a stage must start only
+    # after the stages it reads from have ended.
+    one = tiny_study(tmp_path, tiny_model_dir)
+    two = write_config(tmp_path / "side.yaml", **{**yaml.safe_load(one.read_text()), "parallel_stages": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, config in (("one", one), ("two", two)):
+        done = subprocess.run([sys.executable, "-m", "leafe", "run", str(config), "--out", str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+        assert "stage grpo.train done in" in done.stdout  # not a terminal: a line as each stage ends
+    assert {m: r["pass_at_k"] for m, r in runs["two"]["methods"].items()} == \
+        {m: r["pass_at_k"] for m, r in runs["one"]["methods"].items()}
+    assert {k: c["env_steps"] for k, c in runs["two"]["cost"].items()} == \
+        {k: c["env_steps"] for k, c in runs["one"]["cost"].items()}
+    records = {key: json.loads((tmp_path / "two" / key.replace(".", "/") / "stage.json").read_text())
+               for key in STAGES}
+    study = Study(load_config(two), tmp_path / "two")
+    for stage in study.plan():
+        for before in stage.after:
+            assert records[before]["ended"] <= records[stage.key]["started"], (before, stage.key)
+    spans = sorted((r["started"], r["ended"]) for r in records.values())
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # some stages did run side by side
+    assert (tmp_path / "two" / "grpo" / "train" / "stage.log").exists()

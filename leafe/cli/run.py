@@ -57,33 +57,45 @@ def run_cmd(
                         TextColumn("{task.fields[status]}"), console=console)
     overall = progress.add_task(f"study {study_config.name}", total=len(stages), status="")
 
-    current: list[Any] = []
+    tasks: dict[str, Any] = {}  # stage key -> its bar
+    began: dict[str, float] = {}
+    running: list[str] = []  # with parallel_stages, several at once
     live = console.is_terminal  # a log file gets one plain line per stage instead of a live display
 
-    def finish_current() -> None:
-        if current:
-            total = progress.tasks[current[-1]].total or 1
-            progress.update(current[-1], total=total, completed=total)
+    def show_overall() -> None:
+        done = sum(1 for t in tasks.values() if progress.tasks[t].finished)
+        progress.update(overall, completed=done, status=", ".join(running))
 
     def progress_for(index: int, total: int, stage, state: str):
-        finish_current()
-        progress.update(overall, completed=index, status=f"stage {index + 1}/{total}: {stage.key}")
         label = f"{index + 1}. {stage.title}"
         note = {"done": "done earlier, skipped", "partial": "resuming", "stale": "config changed: redoing"}.get(state, "")
         if not live:
             console.print(f"[{_clock(time.perf_counter() - started)}] stage {index + 1}/{total} {stage.key}"
                           + (f": {note}" if note else ""))
         if state == "done":
-            current.append(progress.add_task(label, total=1, completed=1, status=f"[dim]{note}"))
+            tasks[stage.key] = progress.add_task(label, total=1, completed=1, status=f"[dim]{note}")
+            show_overall()
             return NoProgress()
-        current.append(progress.add_task(label, total=None, status=note))
+        tasks[stage.key] = progress.add_task(label, total=None, status=note)
+        began[stage.key] = time.perf_counter()
+        running.append(stage.key)
+        show_overall()
         if live:
-            return BarProgress(progress, current[-1])
-        return LogProgress(progress, current[-1], stage.key, lambda: time.perf_counter() - started, console.print)
+            return BarProgress(progress, tasks[stage.key])
+        return LogProgress(progress, tasks[stage.key], stage.key, lambda: time.perf_counter() - started, console.print)
+
+    def on_finish(stage) -> None:
+        task = tasks[stage.key]
+        total = progress.tasks[task].total or 1
+        progress.update(task, total=total, completed=total)
+        running.remove(stage.key)
+        show_overall()
+        if not live:
+            console.print(f"[{_clock(time.perf_counter() - started)}] stage {stage.key} done in "
+                          f"{_clock(time.perf_counter() - began[stage.key])}")
 
     with Live(progress, console=console, refresh_per_second=4) if live else contextlib.nullcontext():
-        results = study.run(progress_for)
-        finish_current()
+        results = study.run(progress_for, on_finish)
         progress.update(overall, completed=len(stages), status="done")
     console.print(results_table(results))
     console.print(f"{_clock(time.perf_counter() - started)} in all; results: {run_dir / 'results.json'}; "

@@ -94,6 +94,11 @@ class StudyConfig(_Section):
     generation: dict[str, Any] = {}
     training: dict[str, Any] = {}
     resources: Resources = Resources()
+    #: Stages run side by side, each in its own process with an equal share of the CPU cores: on a
+    #: small CPU machine a stage leaves a core idle while its Python steps envs and samples, and two
+    #: evaluations side by side took 0.71x the wall of one after the other (BENCHMARKS.md). Stages on
+    #: GPUs take every GPU, so 1 there.
+    parallel_stages: int = Field(1, ge=1, le=64)
     #: The date a chat template that writes one renders; `leafe run` pins today's in run.json at the
     #: first run of a model whose template reads it, so a resumed run renders the same tokens.
     date_string: str | None = None
@@ -200,6 +205,9 @@ class StudyConfig(_Section):
                              f"training.processes ({processes}): every process samples as many tasks")
         if "leafe" in self.methods and self.leafe.start == "grpo" and "grpo" not in self.methods:
             raise LeafeError("leafe.start is grpo but grpo is not in methods; add grpo or set leafe.start: base")
+        if self.parallel_stages > 1 and (self.generation_settings().backend == "vllm" or processes > 1):
+            raise LeafeError("parallel_stages > 1 shares CPU cores between stages; a vllm engine or "
+                             "training.processes > 1 takes the whole machine, so set parallel_stages: 1")
 
 
 def _settings(cls: type, section: dict[str, Any], where: str, **fixed: Any) -> Any:

@@ -1,4 +1,5 @@
-"""`leafe run CONFIG`: the whole study in one run directory, one stage at a time.
+"""`leafe run CONFIG`: the whole study in one run directory, one stage at a time (or, with
+`parallel_stages`, the stages that do not depend on each other side by side: `leafe.study.parallel`).
 
     bootstrap (cached) -> base eval -> GRPO -> LEAFE stage 1 (from GRPO's checkpoint) -> distillation
     -> Early Experience -> ACE -> eval of every method -> results.json -> report.html
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -44,6 +46,9 @@ class Stage:
     fingerprint: dict[str, Any]
     #: -> the method's result and what else stage.json records (a note, `same_as`, `trained`)
     run: Callable[[Progress], tuple[MethodResult, dict[str, Any]]]
+    #: Stages that must have finished before this one starts: the ones it reads from (in its
+    #: fingerprint), and any it only waits for (ACE's evaluation copies the base's when it can).
+    after: tuple[str, ...] = ()
 
     def digest(self) -> str:
         return digest(self.fingerprint)
@@ -101,9 +106,11 @@ class Study:
         stages: list[Stage] = []
         by_key: dict[str, Stage] = {}
 
-        def add(key: str, title: str, settings: Any, run: Callable[[Progress], tuple], after: tuple[str, ...] = ()) -> None:
+        def add(key: str, title: str, settings: Any, run: Callable[[Progress], tuple], after: tuple[str, ...] = (),
+                waits: tuple[str, ...] = ()) -> None:
             fingerprint = {"settings": settings, "after": {k: by_key[k].digest() for k in after}}
-            stage = Stage(key, title, json.loads(json.dumps(fingerprint, default=str)), run)
+            stage = Stage(key, title, json.loads(json.dumps(fingerprint, default=str)), run,
+                          after + tuple(k for k in waits if k in by_key))
             stages.append(stage)
             by_key[key] = stage
 
@@ -150,7 +157,8 @@ class Study:
         for method in c.methods:
             if method != "base":
                 add(f"{method}.eval", f"eval {method}", {"eval": _fp(evaluation), **sampled_fp},
-                    lambda t, m=method: self._eval(m, t), (trained[method],))
+                    lambda t, m=method: self._eval(m, t), (trained[method],),
+                    waits=("base.eval",) if method == "ace" else ())
         return stages
 
     # -- execution -----------------------------------------------------------------------------
@@ -161,11 +169,14 @@ class Study:
             return "todo"  # the cached agent lives outside the run and was deleted: build it again
         return state
 
-    def run(self, progress_for: Callable[[int, int, Stage, str], Progress] | None = None) -> dict[str, Any]:
+    def run(self, progress_for: Callable[[int, int, Stage, str], Progress] | None = None,
+            on_finish: Callable[[Stage], None] | None = None) -> dict[str, Any]:
         """Run every stage not already done; write results.json and report.html; return the results.
 
         `progress_for(index, total, stage, status)` is called as each stage begins and returns the
         progress sink for it (the CLI's live display); `status` says whether it is skipped.
+        `on_finish(stage)` is called as each stage that ran ends. With `parallel_stages` above 1,
+        stages that do not depend on each other run side by side (`leafe.study.parallel`).
         """
         from leafe.study.report import write_report
 
@@ -174,24 +185,37 @@ class Study:
         if self.config.date_string is not None and not (self.out / "run.json").exists():
             write_json(self.out / "run.json", {"date_string": self.config.date_string})
         stages = self.plan()
-        for i, stage in enumerate(stages):
-            state = self.status(stage)
-            progress = progress_for(i, len(stages), stage, state) if progress_for else NoProgress()
-            if state == "done":
-                continue
-            where = self.stage_dir(stage.key)
-            if state == "stale":  # the config changed under this stage: its outputs are not the config's
-                shutil.rmtree(where)
-            where.mkdir(parents=True, exist_ok=True)
-            header = {"stage": stage.key, "digest": stage.digest(), "fingerprint": stage.fingerprint}
-            write_json(where / "stage.json", {**header, "done": False})
-            result, extra = stage.run(progress)
-            write_json(where / "stage.json", {**header, "done": True, **result.to_dict(), **extra})
+        progress_for = progress_for or (lambda *_: NoProgress())
+        if self.config.parallel_stages > 1:
+            from leafe.study.parallel import run_side_by_side
+
+            run_side_by_side(self, stages, self.config.parallel_stages, progress_for, on_finish)
+        else:
+            for i, stage in enumerate(stages):
+                state = self.status(stage)
+                progress = progress_for(i, len(stages), stage, state)
+                if state != "done":
+                    self.run_stage(stage, state, progress)
+                    if on_finish:
+                        on_finish(stage)
         self._release()
         results = self.results(stages)
         write_json(self.out / "results.json", results)
         write_report(self.out)
         return results
+
+    def run_stage(self, stage: Stage, state: str, progress: Progress) -> None:
+        """Run one stage that is not done (`state` from `status`), recording it in its stage.json."""
+        where = self.stage_dir(stage.key)
+        if state == "stale":  # the config changed under this stage: its outputs are not the config's
+            shutil.rmtree(where)
+        where.mkdir(parents=True, exist_ok=True)
+        header = {"stage": stage.key, "digest": stage.digest(), "fingerprint": stage.fingerprint}
+        started = time.time()
+        write_json(where / "stage.json", {**header, "done": False, "started": started})
+        result, extra = stage.run(progress)
+        write_json(where / "stage.json", {**header, "done": True, "started": started, "ended": time.time(),
+                                          **result.to_dict(), **extra})
 
     def results(self, stages: list[Stage] | None = None) -> dict[str, Any]:
         """results.json from the finished stages' records."""
