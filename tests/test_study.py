@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -227,4 +228,15 @@ def test_stages_side_by_side_give_the_results_of_one_at_a_time(tiny_model_dir, t
             assert records[before]["ended"] <= records[stage.key]["started"], (before, stage.key)
     spans = sorted((r["started"], r["ended"]) for r in records.values())
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # some stages did run side by side
+    assert "Traceback" not in (tmp_path / "two" / "grpo" / "train" / "stage.log").read_text()
+
+    # A changed setting redoes its stages side by side too; a redone stage's log is its new run's.
+    data = yaml.safe_load(two.read_text())
+    changed = write_config(tmp_path / "side.yaml", **{**data, "grpo": {**data["grpo"], "learning_rate": 3e-5}})
+    again = subprocess.run([sys.executable, "-m", "leafe", "run", str(changed), "--out", str(tmp_path / "two")],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr
+    redone = set(re.findall(r"stage (\S+) done in", again.stdout))
+    assert redone == {"grpo.train", "leafe.explore", "leafe.distill", "grpo.eval", "leafe.eval"}
+    assert json.loads((tmp_path / "two" / "grpo" / "train" / "train.json").read_text())["settings"]["learning_rate"] == 3e-5
     assert (tmp_path / "two" / "grpo" / "train" / "stage.log").exists()

@@ -24,10 +24,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from leafe.errors import LeafeError
@@ -74,7 +74,15 @@ def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any)
     """One stage in a process of its own (the target of a spawned process)."""
     # Before torch is imported: its thread pool starts at this size.
     os.environ["OMP_NUM_THREADS"] = str(threads.value)
-    directory = Path(out) / key.replace(".", "/")
+    from leafe.study.plan import Study
+
+    study = Study(config, out)
+    stage = next(s for s in study.plan() if s.key == key)
+    state = study.status(stage)
+    directory = study.stage_dir(key)
+    if state == "stale":  # cleared here, not by run_stage, so the log opened below is not deleted with it
+        shutil.rmtree(directory)
+        state = "todo"
     directory.mkdir(parents=True, exist_ok=True)
     log = open(directory / "stage.log", "a", buffering=1)  # noqa: SIM115 (it is the process's stdout until exit)
     sys.stdout.flush()
@@ -83,11 +91,7 @@ def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any)
     os.dup2(log.fileno(), 2)
     code = 0
     try:
-        from leafe.study.plan import Study
-
-        study = Study(config, out)
-        stage = next(s for s in study.plan() if s.key == key)
-        study.run_stage(stage, study.status(stage), _QueueProgress(messages, key, threads))
+        study.run_stage(stage, state, _QueueProgress(messages, key, threads))
         study._release()
         messages.put((key, "done", None))
     except BaseException as exc:  # noqa: BLE001 (whatever it is, the parent must hear of it)
@@ -135,6 +139,7 @@ def run_side_by_side(study: Any, stages: list, workers: int,
     messages = context.Queue()
     running: dict[str, tuple[Any, Progress]] = {}
     shares: dict[str, Any] = {}  # stage key -> its thread count, in memory its process reads
+    silent: set[str] = set()  # stage processes found dead at the last wait for a message
     failure: tuple[str, str, bool] | None = None
     try:
         while running or (pending and failure is None):
@@ -163,10 +168,13 @@ def run_side_by_side(study: Any, stages: list, workers: int,
                 key, kind, data = messages.get(timeout=_POLL_S)
             except queue.Empty:
                 for key, (process, _) in list(running.items()):
-                    if not process.is_alive() and process.exitcode != 0:
-                        # Gone without a word (killed, out of memory): the queue had nothing from it.
+                    if process.is_alive():
+                        continue
+                    if key in silent:  # dead at two waits in a row with nothing in the queue from it
                         running.pop(key)
-                        failure = failure or (key, f"its process ended with exit code {process.exitcode}", False)
+                        failure = failure or (key, f"its process ended with exit code {process.exitcode} "
+                                                   f"without a word (killed? out of memory?)", False)
+                    silent.add(key)  # its last message may have come after this wait began
                 continue
             if key not in running:
                 continue

@@ -321,7 +321,7 @@ class Study:
         target = self.stage_dir("ace.eval")
         target.mkdir(parents=True, exist_ok=True)
         for path in base.iterdir():
-            if path.is_file() and path.name != "stage.json":
+            if path.is_file() and path.name not in ("stage.json", "stage.log"):
                 shutil.copyfile(path, target / path.name)
         return read_json(base / "eval.json")
 
