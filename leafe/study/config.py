@@ -96,7 +96,7 @@ class StudyConfig(_Section):
     resources: Resources = Resources()
     #: Stages run side by side, each in its own process with an equal share of the CPU cores: on a
     #: small CPU machine a stage leaves a core idle while its Python steps envs and samples, and two
-    #: evaluations side by side took 0.71x the wall of one after the other (BENCHMARKS.md). Stages on
+    #: evaluations side by side took 0.82x the wall of one after the other (BENCHMARKS.md). Stages on
     #: GPUs take every GPU, so 1 there.
     parallel_stages: int = Field(1, ge=1, le=64)
     #: The date a chat template that writes one renders; `leafe run` pins today's in run.json at the

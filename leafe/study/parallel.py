@@ -3,7 +3,7 @@ in a process of its own with an equal share of the CPU cores.
 
 Why: on a small CPU machine one stage leaves a core idle whenever its Python steps the envs, packs
 caches and samples, while the model's kernels use both. Two evaluations of the embedded agent side by
-side, one thread each, took 0.71x the wall of the two one after the other (BENCHMARKS.md).
+side, one thread each, took 0.82x the wall of the two one after the other (BENCHMARKS.md).
 
 How:
 - A stage process rebuilds the study from its config and runs that one stage (`Study.run_stage`),
