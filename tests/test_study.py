@@ -240,3 +240,18 @@ def test_stages_side_by_side_give_the_results_of_one_at_a_time(tiny_model_dir, t
     assert redone == {"grpo.train", "leafe.explore", "leafe.distill", "grpo.eval", "leafe.eval"}
     assert json.loads((tmp_path / "two" / "grpo" / "train" / "train.json").read_text())["settings"]["learning_rate"] == 3e-5
     assert (tmp_path / "two" / "grpo" / "train" / "stage.log").exists()
+
+
+def test_a_stage_failing_side_by_side_is_one_line_naming_it_and_keeps_its_log(tmp_path):
+    # A model directory without a model passes the up-front check (it exists) and fails inside the
+    # stages, in their own processes: the run ends with the stage's one-line error, not a traceback.
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    config = tiny_study(tmp_path, empty, parallel_stages=2)
+    run = leafe("run", config, "--out", tmp_path / "run")
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines() == [f"error: {empty} has no config.json; pass a Hugging Face model "
+                                               f"directory (or a .gguf file with --gguf-file)"]
+    failed = [key for key in ("base.eval", "grpo.train") if (tmp_path / "run" / key.replace(".", "/") / "stage.log").exists()]
+    assert failed and all("Traceback" in (tmp_path / "run" / k.replace(".", "/") / "stage.log").read_text() for k in failed)
+    assert not (tmp_path / "run" / "results.json").exists()
