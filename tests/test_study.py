@@ -204,8 +204,8 @@ def test_a_study_runs_every_stage_then_skips_resumes_and_redoes_what_changed(tin
 
 def test_stages_side_by_side_give_the_results_of_one_at_a_time(tiny_model_dir, tmp_path):
     # parallel_stages runs each stage in a process of its own; what a stage computes must not depend
-    # on that (one thread each way, so the kernels sum in the same order), and a stage must start only
-    # after the stages it reads from have ended.
+    # on that (one thread each way, so the kernels sum in the same order: OMP_NUM_THREADS caps what the
+    # stages are given), and a stage must start only after the stages it reads from have ended.
     one = tiny_study(tmp_path, tiny_model_dir)
     two = write_config(tmp_path / "side.yaml", **{**yaml.safe_load(one.read_text()), "parallel_stages": 2})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

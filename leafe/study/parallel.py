@@ -12,9 +12,10 @@ How:
 - A stage starts once every stage in its `after` has finished. Among the ready ones, the stage with
   the longest chain of stages waiting on it goes first: GRPO before the base evaluation, since LEAFE's
   stages wait for GRPO.
-- The cores are shared equally by the stages running, and shared again whenever one starts or ends:
-  GRPO, left to run alone after the evaluations beside it end, takes every core back (at one thread
-  its training steps took 1.7x as long).
+- The cores are shared equally by the stages running, and shared again whenever one starts or ends
+  (GRPO, left alone, takes every core back). Favouring the longest chain instead (its stages every
+  core, the others one thread at `nice 10`) made GRPO slower, not faster, beside the evaluations (7:42
+  against 7:09): they still share the memory's bandwidth, and GRPO's kernels are short (BENCHMARKS.md).
 - When a stage fails, no new stage starts; those running are left to finish (nothing they compute is
   lost), then the failure is raised, naming the stage and its log.
 """
@@ -38,11 +39,14 @@ _POLL_S = 1.0
 
 
 def cpu_cores() -> int:
-    """The cores this process may run on (a container's share, not the host's count)."""
+    """The threads the stages may use in all: the cores this process may run on (a container's share,
+    not the host's count), and no more than OMP_NUM_THREADS when it is set, as torch would."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(cores, int(cap)) if cap.isdigit() and int(cap) > 0 else cores
 
 
 class _QueueProgress:
@@ -70,8 +74,11 @@ class _QueueProgress:
         self.messages.put((self.key, "advance", (n, status)))
 
 
-def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any) -> None:
-    """One stage in a process of its own (the target of a spawned process)."""
+def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any, behind: bool) -> None:
+    """One stage in a process of its own (the target of a spawned process); `behind`: off the longest
+    chain, so it runs at a lower priority and takes what that chain leaves idle."""
+    if behind:
+        os.nice(10)
     # Before torch is imported: its thread pool starts at this size.
     os.environ["OMP_NUM_THREADS"] = str(threads.value)
     from leafe.study.plan import Study
@@ -104,6 +111,18 @@ def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any)
     # A normal exit (not leafe.scale.stage's os._exit: no process group lives here), so what the
     # stage's libraries made (semaphores, temporary files) is cleaned up behind it.
     sys.exit(code)
+
+
+def _thread_counts(now: list[str], pending: list[str], chain: dict[str, int], cores: int) -> dict[str, int]:
+    """Threads for each stage running `now`: the ones on the longest chain still to run (the study's
+    wall) share the cores; the others get one thread each, to fill what that chain leaves idle."""
+    first = _on_longest_chain(now, pending, chain)
+    return {k: max(1, cores // len(first)) if k in first else 1 for k in now}
+
+
+def _on_longest_chain(now: list[str], pending: list[str], chain: dict[str, int]) -> list[str]:
+    top = max(chain[k] for k in [*now, *pending])
+    return [k for k in now if chain[k] == top] or now
 
 
 def _chain_lengths(stages: list) -> dict[str, int]:
@@ -151,15 +170,18 @@ def run_side_by_side(study: Any, stages: list, workers: int,
                 pending.remove(stage)
                 starting.append(stage)
             if starting or len(running) != len(shares):
-                share = max(1, cores // (len(running) + len(starting)))
+                now = [*running, *(s.key for s in starting)]
+                counts = _thread_counts(now, [s.key for s in pending], chain, cores)
                 shares = {key: threads for key, threads in shares.items() if key in running}
-                for threads in shares.values():
-                    threads.value = share
+                for key, threads in shares.items():
+                    threads.value = counts[key]
             for stage in starting:
-                shares[stage.key] = context.Value("i", share, lock=False)
+                shares[stage.key] = context.Value("i", counts[stage.key], lock=False)
+                behind = stage.key not in _on_longest_chain(now, [s.key for s in pending], chain)
                 progress = progress_for(index[stage.key], len(stages), stage, states[stage.key])
                 process = context.Process(target=_stage_process, name=f"leafe-stage-{stage.key}",
-                                          args=(study.config, str(study.out), stage.key, shares[stage.key], messages))
+                                          args=(study.config, str(study.out), stage.key, shares[stage.key], messages,
+                                                behind))
                 process.start()
                 running[stage.key] = (process, progress)
             if not running:
