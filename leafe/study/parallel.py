@@ -14,8 +14,8 @@ How:
   stages wait for GRPO.
 - The cores are shared equally by the stages running, and shared again whenever one starts or ends
   (GRPO, left alone, takes every core back). Favouring the longest chain instead (its stages every
-  core, the others one thread at `nice 10`) made GRPO slower, not faster, beside the evaluations (7:42
-  against 7:09): they still share the memory's bandwidth, and GRPO's kernels are short (BENCHMARKS.md).
+  core, the others one thread at `nice 10`; commit b0ee1b1) made GRPO slower beside the evaluations,
+  not faster: 7:42 against 7:09 (BENCHMARKS.md).
 - When a stage fails, no new stage starts; those running are left to finish (nothing they compute is
   lost), then the failure is raised, naming the stage and its log.
 """
@@ -74,11 +74,8 @@ class _QueueProgress:
         self.messages.put((self.key, "advance", (n, status)))
 
 
-def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any, behind: bool) -> None:
-    """One stage in a process of its own (the target of a spawned process); `behind`: off the longest
-    chain, so it runs at a lower priority and takes what that chain leaves idle."""
-    if behind:
-        os.nice(10)
+def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any) -> None:
+    """One stage in a process of its own (the target of a spawned process)."""
     # Before torch is imported: its thread pool starts at this size.
     os.environ["OMP_NUM_THREADS"] = str(threads.value)
     from leafe.study.plan import Study
@@ -111,18 +108,6 @@ def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any,
     # A normal exit (not leafe.scale.stage's os._exit: no process group lives here), so what the
     # stage's libraries made (semaphores, temporary files) is cleaned up behind it.
     sys.exit(code)
-
-
-def _thread_counts(now: list[str], pending: list[str], chain: dict[str, int], cores: int) -> dict[str, int]:
-    """Threads for each stage running `now`: the ones on the longest chain still to run (the study's
-    wall) share the cores; the others get one thread each, to fill what that chain leaves idle."""
-    first = _on_longest_chain(now, pending, chain)
-    return {k: max(1, cores // len(first)) if k in first else 1 for k in now}
-
-
-def _on_longest_chain(now: list[str], pending: list[str], chain: dict[str, int]) -> list[str]:
-    top = max(chain[k] for k in [*now, *pending])
-    return [k for k in now if chain[k] == top] or now
 
 
 def _chain_lengths(stages: list) -> dict[str, int]:
@@ -170,18 +155,15 @@ def run_side_by_side(study: Any, stages: list, workers: int,
                 pending.remove(stage)
                 starting.append(stage)
             if starting or len(running) != len(shares):
-                now = [*running, *(s.key for s in starting)]
-                counts = _thread_counts(now, [s.key for s in pending], chain, cores)
+                share = max(1, cores // (len(running) + len(starting)))
                 shares = {key: threads for key, threads in shares.items() if key in running}
-                for key, threads in shares.items():
-                    threads.value = counts[key]
+                for threads in shares.values():
+                    threads.value = share
             for stage in starting:
-                shares[stage.key] = context.Value("i", counts[stage.key], lock=False)
-                behind = stage.key not in _on_longest_chain(now, [s.key for s in pending], chain)
+                shares[stage.key] = context.Value("i", share, lock=False)
                 progress = progress_for(index[stage.key], len(stages), stage, states[stage.key])
                 process = context.Process(target=_stage_process, name=f"leafe-stage-{stage.key}",
-                                          args=(study.config, str(study.out), stage.key, shares[stage.key], messages,
-                                                behind))
+                                          args=(study.config, str(study.out), stage.key, shares[stage.key], messages))
                 process.start()
                 running[stage.key] = (process, progress)
             if not running:
