@@ -13,7 +13,7 @@ How:
   the longest chain of stages waiting on it goes first: GRPO before the base evaluation, since LEAFE's
   stages wait for GRPO.
 - The cores are shared equally by the stages running, and shared again whenever one starts or ends
-  (GRPO, left alone, takes every core back). Favouring the longest chain instead (its stages every
+  (a stage left alone takes every core back). Favouring the longest chain instead (its stages every
   core, the others one thread at `nice 10`; commit b0ee1b1) made GRPO slower beside the evaluations,
   not faster: 7:42 against 7:09 (BENCHMARKS.md).
 - When a stage fails, no new stage starts; those running are left to finish (nothing they compute is
