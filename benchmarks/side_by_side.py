@@ -23,6 +23,8 @@ from pathlib import Path
 
 from vllm_overhead import machine
 
+from leafe.study.parallel import cpu_cores  # the cores `parallel_stages` shares, counted the same way
+
 SEEDS = (900000, 910000)
 
 
@@ -43,13 +45,13 @@ def wait(process: subprocess.Popen) -> None:
 def one_after_the_other(model: str, work: Path, args: argparse.Namespace) -> float:
     started = time.perf_counter()
     for seed in SEEDS:
-        wait(start(model, work / f"seq-{seed}", seed, args, os.cpu_count() or 1))
+        wait(start(model, work / f"seq-{seed}", seed, args, cpu_cores()))
     return time.perf_counter() - started
 
 
 def side_by_side(model: str, work: Path, args: argparse.Namespace) -> float:
     started = time.perf_counter()
-    threads = max(1, (os.cpu_count() or 1) // len(SEEDS))
+    threads = max(1, cpu_cores() // len(SEEDS))
     for process in [start(model, work / f"par-{seed}", seed, args, threads) for seed in SEEDS]:
         wait(process)
     return time.perf_counter() - started

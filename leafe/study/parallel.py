@@ -25,7 +25,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
-import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -82,12 +81,8 @@ def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any)
 
     study = Study(config, out)
     stage = next(s for s in study.plan() if s.key == key)
-    state = study.status(stage)
-    directory = study.stage_dir(key)
-    if state == "stale":  # cleared here, not by run_stage, so the log opened below is not deleted with it
-        shutil.rmtree(directory)
-        state = "todo"
-    directory.mkdir(parents=True, exist_ok=True)
+    # A stale directory is emptied before the log opens in it, not after (run_stage then finds it "todo").
+    directory = study.ready_dir(stage, study.status(stage))
     log = open(directory / "stage.log", "a", buffering=1)  # noqa: SIM115 (it is the process's stdout until exit)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -95,7 +90,7 @@ def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any)
     os.dup2(log.fileno(), 2)
     code = 0
     try:
-        study.run_stage(stage, state, _QueueProgress(messages, key, threads))
+        study.run_stage(stage, study.status(stage), _QueueProgress(messages, key, threads))
         study._release()
         messages.put((key, "done", None))
     except BaseException as exc:  # noqa: BLE001 (whatever it is, the parent must hear of it)

@@ -204,12 +204,17 @@ class Study:
         write_report(self.out)
         return results
 
-    def run_stage(self, stage: Stage, state: str, progress: Progress) -> None:
-        """Run one stage that is not done (`state` from `status`), recording it in its stage.json."""
+    def ready_dir(self, stage: Stage, state: str) -> Path:
+        """The stage's directory, made if missing and emptied first if it is `stale`."""
         where = self.stage_dir(stage.key)
         if state == "stale":  # the config changed under this stage: its outputs are not the config's
             shutil.rmtree(where)
         where.mkdir(parents=True, exist_ok=True)
+        return where
+
+    def run_stage(self, stage: Stage, state: str, progress: Progress) -> None:
+        """Run one stage that is not done (`state` from `status`), recording it in its stage.json."""
+        where = self.ready_dir(stage, state)
         header = {"stage": stage.key, "digest": stage.digest(), "fingerprint": stage.fingerprint}
         started = time.time()
         write_json(where / "stage.json", {**header, "done": False, "started": started})
