@@ -255,3 +255,24 @@ def test_a_stage_failing_side_by_side_is_one_line_naming_it_and_keeps_its_log(tm
     failed = [key for key in ("base.eval", "grpo.train") if (tmp_path / "run" / key.replace(".", "/") / "stage.log").exists()]
     assert failed and all("Traceback" in (tmp_path / "run" / k.replace(".", "/") / "stage.log").read_text() for k in failed)
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.parametrize("overrides", [{"generation": {"backend": "vllm"}}, {"training": {"processes": 2}}])
+def test_side_by_side_stages_are_refused_where_a_stage_takes_the_whole_machine(tmp_path, overrides):
+    with pytest.raises(LeafeError, match="a vllm engine or training.processes > 1 takes the whole machine"):
+        load_config(tiny_study(tmp_path, tmp_path, parallel_stages=2, **overrides))
+    load_config(tiny_study(tmp_path, tmp_path, **overrides))  # one stage at a time is fine
+
+
+def test_side_by_side_stages_are_refused_on_a_machine_with_a_gpu(tmp_path, monkeypatch):
+    # Each stage process would load its own model copy onto the GPU. No GPU here, so torch is told
+    # there is one: the check is about the config's control flow, not about CUDA.
+    import torch
+
+    (tmp_path / "two").mkdir()
+    side_by_side = tiny_study(tmp_path / "two", tmp_path, parallel_stages=2)
+    load_config(side_by_side)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(LeafeError, match="this machine has a GPU.*set parallel_stages: 1"):
+        load_config(side_by_side)
+    load_config(tiny_study(tmp_path, tmp_path))  # one stage at a time is fine
