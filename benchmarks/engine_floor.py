@@ -7,8 +7,8 @@
 
 An exact engine gives these very episodes for these seeds, so whatever it does, it must:
 1. run every prompt token through the model once (the prefill): its linear layers, and its attention
-   over every position before it (the first prompt of a level once, however many samples share it;
-   after that only what follows the previous reply);
+   over every position before it (a prefix that several episodes share, such as a level's first
+   prompt, once; after the first turn only what follows the previous reply);
 2. for every generated token, read the keys and values of every position before it (decoding; on a
    CPU this reading, not the arithmetic, is the cost) and run the token through the linear layers.
 
@@ -61,11 +61,11 @@ def counts(episodes: list[dict], shape: dict) -> dict:
     arithmetic on keys that many queries share.
     """
     seen: set[int] = set()
-    prefill_runs = prefill_positions = decode_runs = decode_positions = generated = logits = 0
+    prefill_runs = prefill_positions = decode_runs = decode_positions = generated = 0
     for episode in episodes:
         ids = episode["token_ids"]
         decoding = bytearray(len(ids))
-        last = 0  # the last position any run needs: the one before the last reply's last token
+        last = 0  # positions 0..last-1 are run: all before the last reply's last token
         for step in episode["steps"]:
             start, end = step["action_start"], step["action_end"]
             generated += end - start
@@ -139,7 +139,13 @@ def main() -> None:
           f"decoding reads {need['decode_kv_bytes'] / 1e9:.0f} GB of keys/values, {need['flops'] / 1e12:.2f} TFLOP in all")
     print(f"floor: {read_s:.1f} s reading + {compute_s:.1f} s arithmetic = {floor:.1f} s "
           f"({result['floor_tokens_per_s']} generated tok/s)")
-    walls = [(name, float(seconds)) for name, _, seconds in (item.partition("=") for item in args.wall)]
+    walls = []
+    for item in args.wall:
+        name, _, seconds = item.partition("=")
+        try:
+            walls.append((name, float(seconds)))
+        except ValueError:
+            raise SystemExit(f"--wall takes NAME=SECONDS, e.g. d5882ff=143.4 (got {item!r})") from None
     if args.speed:
         speed = json.loads(args.speed.read_text())
         for name, side in speed["sides"].items():
