@@ -52,7 +52,9 @@ def run_eval(code: Path, model: str, out: Path, args: argparse.Namespace, env_pa
         cmd += ["--env-param", param]
     env = {**os.environ, "PYTHONPATH": str(code)}
     started = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, cwd=code, capture_output=True)
+    done = subprocess.run(cmd, env=env, cwd=code, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"leafe eval failed on {code}: {(done.stderr.strip().splitlines() or ['(no output)'])[-1]}")
     process_s = time.perf_counter() - started
     result = json.loads((out / "eval.json").read_text())
     episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
@@ -98,6 +100,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    # Each side runs with its own code as the working directory, so a relative path would not resolve.
+    args.model = [str(Path(m).resolve()) for m in args.model]
 
     with tempfile.TemporaryDirectory(prefix="leafe-bench-") as tmp:
         sides = []
