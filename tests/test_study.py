@@ -270,9 +270,8 @@ def test_side_by_side_stages_are_refused_on_a_machine_with_a_gpu(tmp_path, monke
     import torch
 
     (tmp_path / "two").mkdir()
-    side_by_side = tiny_study(tmp_path / "two", tmp_path, parallel_stages=2)
-    load_config(side_by_side)
+    side_by_side = Study(load_config(tiny_study(tmp_path / "two", tmp_path, parallel_stages=2)), tmp_path / "run")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(LeafeError, match="this machine has a GPU.*set parallel_stages: 1"):
-        load_config(side_by_side)
-    load_config(tiny_study(tmp_path, tmp_path))  # one stage at a time is fine
+        side_by_side.run()
+    assert not (tmp_path / "run").exists()  # refused before anything ran

@@ -97,7 +97,7 @@ class StudyConfig(_Section):
     #: Stages run side by side, each in its own process with an equal share of the CPU cores: on a
     #: small CPU machine a stage leaves a core idle while its Python steps envs and samples, and two
     #: evaluations side by side took 0.82x the wall of one after the other (BENCHMARKS.md). Stages on
-    #: GPUs take every GPU, so 1 there (`check` refuses more on a machine with a GPU).
+    #: GPUs take every GPU, so 1 there (`leafe run` refuses more on a machine with a GPU).
     parallel_stages: int = Field(1, ge=1, le=64)
     #: The date a chat template that writes one renders; `leafe run` pins today's in run.json at the
     #: first run of a model whose template reads it, so a resumed run renders the same tokens.
@@ -208,16 +208,6 @@ class StudyConfig(_Section):
         if self.parallel_stages > 1 and (self.generation_settings().backend == "vllm" or processes > 1):
             raise LeafeError("parallel_stages > 1 shares CPU cores between stages; a vllm engine or "
                              "training.processes > 1 takes the whole machine, so set parallel_stages: 1")
-        if self.parallel_stages > 1:
-            import torch
-
-            # Every stage process would load its own copy of the model onto the GPU (the trainers take
-            # one whenever it is there, whatever generation.device says): two 7B copies beside a GRPO
-            # trainer, which the planner does not count.
-            if torch.cuda.is_available():
-                raise LeafeError("parallel_stages > 1 shares CPU cores between stages, and this machine has a GPU, "
-                                 "which every stage would load its own model onto; set parallel_stages: 1 "
-                                 "(or hide the GPUs with CUDA_VISIBLE_DEVICES=)")
 
 
 def _settings(cls: type, section: dict[str, Any], where: str, **fixed: Any) -> Any:

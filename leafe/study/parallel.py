@@ -121,6 +121,22 @@ def _chain_lengths(stages: list) -> dict[str, int]:
     return {s.key: length(s.key) for s in stages}
 
 
+def refuse_gpu() -> None:
+    """Stages side by side are for a CPU machine: on one with a GPU, every stage process would load
+    its own copy of the model onto it (the trainers take the GPU whenever it is there, whatever
+    generation.device says), e.g. two 7B copies beside a GRPO trainer, which the planner does not count.
+
+    Checked when the stages are about to run, not in the config's own check: that one runs for
+    `--help`-fast commands like `leafe run --dry-run`, which must not load torch.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        raise LeafeError("parallel_stages > 1 shares CPU cores between stages, and this machine has a GPU, "
+                         "which every stage would load its own model onto; set parallel_stages: 1 "
+                         "(or hide the GPUs with CUDA_VISIBLE_DEVICES=)")
+
+
 def run_side_by_side(study: Any, stages: list, workers: int,
                      progress_for: Callable[[int, int, Any, str], Progress],
                      on_finish: Callable[[Any], None] | None = None) -> None:

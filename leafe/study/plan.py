@@ -181,6 +181,10 @@ class Study:
         from leafe.study.report import write_report
 
         self.check_inputs()  # a bad env or model fails here, not after the base agent is built
+        if self.config.parallel_stages > 1:
+            from leafe.study.parallel import refuse_gpu
+
+            refuse_gpu()
         self.out.mkdir(parents=True, exist_ok=True)
         if self.config.date_string is not None and not (self.out / "run.json").exists():
             write_json(self.out / "run.json", {"date_string": self.config.date_string})
