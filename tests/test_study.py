@@ -266,7 +266,7 @@ def test_side_by_side_stages_are_refused_where_a_stage_takes_the_whole_machine(t
 
 def test_side_by_side_stages_are_refused_on_a_machine_with_a_gpu(tmp_path, monkeypatch):
     # Each stage process would load its own model copy onto the GPU. No GPU here, so torch is told
-    # there is one: the check is about the config's control flow, not about CUDA.
+    # there is one: the check is about the run's control flow, not about CUDA.
     import torch
 
     (tmp_path / "two").mkdir()

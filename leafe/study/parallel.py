@@ -126,8 +126,8 @@ def refuse_gpu() -> None:
     its own copy of the model onto it (the trainers take the GPU whenever it is there, whatever
     generation.device says), e.g. two 7B copies beside a GRPO trainer, which the planner does not count.
 
-    Checked when the stages are about to run, not in the config's own check: that one runs for
-    `--help`-fast commands like `leafe run --dry-run`, which must not load torch.
+    Checked when the stages are about to run, not in the config's own check: that one also runs for
+    `leafe run --dry-run`, which must not load torch.
     """
     import torch
 
