@@ -125,6 +125,13 @@ def main() -> None:
                         help="a measured run of the same episodes (e.g. d5882ff=143.4)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    walls = []  # read before the machine is measured, so a bad --wall fails at once
+    for item in args.wall:
+        name, _, seconds = item.partition("=")
+        try:
+            walls.append((name, float(seconds)))
+        except ValueError:
+            raise SystemExit(f"--wall takes NAME=SECONDS, e.g. d5882ff=143.4 (got {item!r})") from None
     episodes = [json.loads(line) for line in (args.run / "episodes.jsonl").read_text().splitlines() if line.strip()]
     need = counts(episodes, shapes(args.model))
     rates = machine_rates(args.threads)
@@ -139,13 +146,6 @@ def main() -> None:
           f"decoding reads {need['decode_kv_bytes'] / 1e9:.0f} GB of keys/values, {need['flops'] / 1e12:.2f} TFLOP in all")
     print(f"floor: {read_s:.1f} s reading + {compute_s:.1f} s arithmetic = {floor:.1f} s "
           f"({result['floor_tokens_per_s']} generated tok/s)")
-    walls = []
-    for item in args.wall:
-        name, _, seconds = item.partition("=")
-        try:
-            walls.append((name, float(seconds)))
-        except ValueError:
-            raise SystemExit(f"--wall takes NAME=SECONDS, e.g. d5882ff=143.4 (got {item!r})") from None
     if args.speed:
         speed = json.loads(args.speed.read_text())
         for name, side in speed["sides"].items():
