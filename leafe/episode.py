@@ -31,7 +31,9 @@ class Step:
     done: bool
     success: bool
     info: dict[str, Any] = field(default_factory=dict)
-    logprobs: list[float] | None = None
+    #: The sampling engine's log-prob of each id of a_t, when asked (`Completion.logprobs`); None
+    #: (JSON null) for an id the engine reported none for.
+    logprobs: list[float | None] | None = None
 
 
 @dataclass

@@ -51,6 +51,9 @@ class Job:
     inputs: list[Path] = field(default_factory=list)  # files it reads (distillation: trees.jsonl)
     progress: Progress = field(default_factory=NoProgress)
     device: str = "auto"  # where a training method puts its model
+    #: A training method's mixed precision (auto, bf16, no: a study's `training.mixed_precision`);
+    #: None: what `accelerate launch` passed (ACCELERATE_MIXED_PRECISION), else auto.
+    precision: str | None = None
     #: Shuts `backend` down (its engine, its GPU memory). A method that samples and then trains
     #: (Early Experience) calls `done_sampling()` between the two, so one model is resident at a time.
     release: Callable[[], None] | None = None

@@ -335,6 +335,13 @@ class GRPOSettings(SamplingSettings):
         _at_least(self, 1, "steps", "tasks_per_step", "updates_per_batch", "max_batch_tokens")
         if self.group_size < 2:
             raise LeafeError(f"--group-size must be >= 2: advantages compare episodes of one task (got {self.group_size})")
+        # the trainer's log-probs are softmax(logits / temperature), the distribution the sampler drew from
+        if self.temperature <= 0:
+            raise LeafeError(f"--temperature must be > 0 for GRPO: its log-probs are of logits / temperature, and "
+                             f"greedy groups have no variance to learn from (got {self.temperature})")
+        if self.top_p != 1:
+            raise LeafeError(f"--top-p must be 1 for GRPO: the trainer's log-probs are a full softmax, which nucleus "
+                             f"sampling's truncated distribution is not (got {self.top_p})")
         if self.tasks_per_step > self.tasks:
             raise LeafeError(f"--tasks-per-step ({self.tasks_per_step}) cannot exceed --tasks ({self.tasks})")
         if self.learning_rate <= 0:

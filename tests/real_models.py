@@ -52,6 +52,39 @@ def build_tiny(name: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
+def build_acting(name: str, out: Path, steps: int = 30, seed: int = 0) -> Path:
+    """`build_tiny`, then taught the reply format on Sokoban's first turns ("Thought: ...\nAction: <a
+    random direction>"): sampled at T = 1 it then moves, bumps and sometimes answers out of format, so
+    GRPO's groups have rewards that differ (a random model's replies are all invalid, every group
+    equal and skipped). Trained with leafe's own SFT path, in this process."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from leafe.chat import ChatFormat
+    from leafe.envs import make
+    from leafe.methods.sft import span_row, train
+    from leafe.prompts import SYSTEM_PROMPT, first_message, format_reply
+    from leafe.settings import SFTSettings
+
+    build_tiny(name, out, seed)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    fmt = ChatFormat(tokenizer)
+    env, rng, rows = make("sokoban", max_steps=4), random.Random(seed), []
+    for task in env.make_tasks(16, 3):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": first_message(env.instruction, env.reset(task))}]
+        prompt = fmt.initial_ids(messages)
+        for _ in range(4):
+            reply = fmt.encode(fmt.message_text("assistant", format_reply(
+                "move.", rng.choice(["up", "down", "left", "right"])), after_assistant=False))
+            rows.append(span_row(prompt + reply, (len(prompt), len(prompt) + len(reply))))
+    train(str(out), tokenizer, rows, out, SFTSettings(epochs=1, max_steps=steps, batch_size=8, learning_rate=3e-3,
+                                                       warmup_ratio=0.0, seed=seed), precision="no")
+    shutil.copyfile(TOKENIZERS / name / "generation_config.json", out / "generation_config.json")  # its stop ids
+    return out
+
+
 if __name__ == "__main__":
     root = Path(sys.argv[1])
     for model_name in ARCHITECTURES:

@@ -19,7 +19,9 @@ def test_train_grpo_writes_a_model_that_eval_loads(tiny_model_dir, tmp_path):
     assert run.returncode == 0, run.stderr
     summary = json.loads((out / "train.json").read_text())
     assert summary["method"] == "grpo" and summary["cost"]["env_steps"] >= 8
-    assert set(summary["cost"]) == {"env_steps", "generated_tokens", "wall_s"}
+    assert set(summary["cost"]) == {"env_steps", "generated_tokens", "wall_s", "ran"}
+    assert summary["cost"]["ran"] == {"processes": 1, "machines": 1, "sharding": "none", "mixed_precision": "no",
+                                      "device": "cpu", "weights_to_engine": "shared"}
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
     check = leafe(*eval_args(out, tmp_path / "eval"))
     assert check.returncode == 0, check.stderr

@@ -18,7 +18,7 @@ from leafe.scale.stage import CONFIG, LOG, accelerate_config, launch
 from leafe.settings import DistillSettings, SFTSettings, TrainingSettings
 
 
-@pytest.mark.parametrize("sharding, cuda, kind", [("ddp", False, "MULTI_GPU"), ("fsdp", False, "MULTI_GPU"),
+@pytest.mark.parametrize("sharding, cuda, kind", [("ddp", False, "MULTI_GPU"), ("fsdp", False, "FSDP"),
                                                   ("ddp", True, "MULTI_GPU"), ("fsdp", True, "FSDP"),
                                                   ("zero3", True, "DEEPSPEED")])
 def test_the_training_section_becomes_a_config_accelerate_reads(tmp_path, sharding, cuda, kind):

@@ -46,8 +46,9 @@ class Completion:
     text: str
     #: "stop" when a stop token ended it (the last id), "length" when max_new_tokens did.
     finish_reason: str
-    #: Log-probability of each sampled id under the model's untempered distribution, when asked.
-    logprobs: list[float] | None = None
+    #: Log-probability of each sampled id under the distribution it was drawn from (temperature,
+    #: top-k and top-p applied), when asked; None for an id the engine reported none for.
+    logprobs: list[float | None] | None = None
 
 
 @dataclass
@@ -120,6 +121,12 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release resources (servers, worker processes, caches)."""
+
+    def sleep(self) -> None:
+        """Hand accelerator memory to a trainer sharing it (vLLM's sleep mode); no-op by default."""
+
+    def wake_up(self) -> None:
+        """Take the memory back after `sleep`; no-op by default."""
 
 
 def release_memory() -> None:

@@ -269,6 +269,25 @@ class HFBackend(Backend):
     def close(self) -> None:
         self.cache.clear()
 
+    @torch.no_grad()
+    def update_weights(self, weights) -> int:
+        """Copy a trainer's new weights into this engine's model, in memory: `weights` yields
+        (name, whole tensor) under the model's own parameter names, a layer at a time
+        (`leafe.methods.distributed.full_weights`). The prefix cache goes (its keys and values
+        belong to the old weights). Returns the bytes copied."""
+        params = dict(self.model.named_parameters())
+        copied, seen = 0, set()
+        for name, tensor in weights:
+            if name not in params:
+                raise BackendError(f"the trainer sent weight {name}, which this engine's model does not have")
+            params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+            copied += tensor.numel() * tensor.element_size()
+            seen.add(name)
+        if missing := set(params) - seen:
+            raise BackendError(f"the trainer sent no weights for {len(missing)} parameters (e.g. {min(missing)})")
+        self.cache.clear()
+        return copied
+
     # -- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Completion]]:
@@ -544,8 +563,10 @@ def entry_kv_prefix(entry: _Entry, length: int) -> list[tuple[torch.Tensor, torc
 
 
 def _sample(logits: torch.Tensor, sp: SamplingParams, generator: torch.Generator):
-    """Sampled ids and (when asked) their log-probs under the untempered distribution."""
-    logp = torch.log_softmax(logits, dim=-1) if sp.logprobs else None
+    """Sampled ids and (when asked) their log-probs under the distribution they were drawn from:
+    logits / temperature after top-k and top-p (the plain logits when greedy), as vLLM's
+    processed_logprobs mode reports them and GRPO's trainer computes them."""
+    drawn_from = logits
     if sp.temperature == 0:
         chosen = logits.argmax(dim=-1)
     else:
@@ -562,6 +583,8 @@ def _sample(logits: torch.Tensor, sp: SamplingParams, generator: torch.Generator
             scaled = torch.full_like(scaled, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
         probs = torch.softmax(scaled, dim=-1)
         chosen = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    chosen_lp = logp.gather(-1, chosen[:, None]).squeeze(-1) if logp is not None else None
-    return chosen, chosen_lp
+        drawn_from = scaled
+    if not sp.logprobs:
+        return chosen, None
+    return chosen, torch.log_softmax(drawn_from, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
 

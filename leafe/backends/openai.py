@@ -227,8 +227,9 @@ class OpenAIBackend(Backend):
             raw = (choice.get("logprobs") or {}).get("token_logprobs")
             if not isinstance(raw, list):
                 raise BackendError(f"{self.base_url} returned no log-probs although they were asked for")
-            logprobs = [float(x) if x is not None else 0.0 for x in raw]
-            logprobs += [0.0] * (len(ids) - len(logprobs))  # an appended stop id has none
+            # None where the server gave none (an appended stop id too): never a made-up 0.0
+            logprobs = [float(x) if x is not None else None for x in raw]
+            logprobs += [None] * (len(ids) - len(logprobs))
         return Completion([int(i) for i in ids], text, "stop" if stopped else "length", logprobs)
 
 

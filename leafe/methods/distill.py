@@ -146,7 +146,7 @@ def distill(job: Job, settings: DistillSettings, sft: SFTSettings) -> MethodResu
         job.progress.start(entry["max_steps"], entry["step"])
         job.progress.advance(0, status=f"loss {entry['loss']:.3f}")
 
-    stats = train(model, tokenizer, kept, out_dir, sft, on_log=on_log)
+    stats = train(model, tokenizer, kept, out_dir, sft, on_log=on_log, precision=job.precision)
     stats.pop("model")
     sets = {}
     for kind in ("cf", "reh"):
@@ -167,4 +167,4 @@ def distill(job: Job, settings: DistillSettings, sft: SFTSettings) -> MethodResu
     if is_main_process():  # one writer under a multi-process launch
         write_json(Path(out_dir) / "distill.json", summary)
     return MethodResult("distill", str(out_dir), {"distill": asdict(settings), "sft": asdict(sft)}, summary,
-                        cost(wall_s=summary["wall_s"]))
+                        {**cost(wall_s=summary["wall_s"]), "ran": stats["ran"]})

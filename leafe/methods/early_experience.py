@@ -209,9 +209,10 @@ def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFT
             raise LeafeError("no world-model rows: every sampled alternative was the expert's action")
         phase("training: world model")
         if job.train_sft is None:  # in this process: the world-model stage hands its model on in memory
-            first = train(model, tokenizer, iwm_rows, out / "iwm", sft, on_log=on_log, save=False)
+            first = train(model, tokenizer, iwm_rows, out / "iwm", sft, on_log=on_log, save=False,
+                          precision=job.precision)
             phase("training: imitation")
-            second = train(first.pop("model"), tokenizer, expert_rows, out, sft, on_log=on_log)
+            second = train(first.pop("model"), tokenizer, expert_rows, out, sft, on_log=on_log, precision=job.precision)
             second.pop("model")
         else:  # over processes: through OUT/iwm on disk
             first = job.train_sft(model, iwm_rows, out / "iwm", sft)
@@ -227,7 +228,7 @@ def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFT
         collect_s = time.perf_counter() - started
         phase("training: rationales + imitation")
         if job.train_sft is None:
-            mixed = train(model, tokenizer, sr_rows + expert_rows, out, sft, on_log=on_log)
+            mixed = train(model, tokenizer, sr_rows + expert_rows, out, sft, on_log=on_log, precision=job.precision)
             mixed.pop("model")
         else:
             mixed = job.train_sft(model, sr_rows + expert_rows, out, sft)
@@ -242,8 +243,10 @@ def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFT
         "training": {name: {k: v for k, v in t.items() if k != "log"} for name, t in trainings.items()},
         "loss_log": {name: t["log"] for name, t in trainings.items()},
         "cost": {"env_steps": counters.env_steps, "generated_tokens": generated,
-                 "collect_wall_s": round(collect_s, 2), "wall_s": round(time.perf_counter() - started, 2)},
+                 "collect_wall_s": round(collect_s, 2), "wall_s": round(time.perf_counter() - started, 2),
+                 "ran": list(trainings.values())[-1].get("ran")},
     }
     write_json(out / "train.json", summary)
     return MethodResult("early_experience", str(out), {"early_experience": summary["settings"], "sft": summary["sft"]},
-                        data, cost(counters.env_steps, summary["cost"]["generated_tokens"], summary["cost"]["wall_s"]))
+                        data, {**cost(counters.env_steps, summary["cost"]["generated_tokens"], summary["cost"]["wall_s"]),
+                               "ran": summary["cost"]["ran"]})

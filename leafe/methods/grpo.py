@@ -14,6 +14,19 @@ and the loss is the mean over every agent token of the batch (token-level mean);
 prompt and system tokens contribute nothing. Log-probs are recomputed by a full forward pass over
 the exact ids the sampler produced (never re-encoded text).
 
+Every log-prob the trainer computes, the policy's, the old policy's and the reference's alike (and
+the logged entropy), is of softmax(logits / T) at the sampling temperature T, as in TRL's
+GRPOTrainer: the ratio and the KL then compare the distribution that drew the tokens, whichever
+engine drew them (vLLM reports its log-probs after temperature too: `logprobs_mode` is
+`processed_logprobs` in `leafe.backends.vllm`). Nucleus sampling draws from a truncated distribution
+that a plain softmax does not reproduce, so GRPO refuses top_p < 1 (`GRPOSettings.validate`).
+
+When another engine samples, its log-probs weight each token's policy-gradient term by
+min(p_trainer / p_sampler, is_cap) (`importance_weights`), sample by sample. A token the engine
+reported no log-prob for, and every token of an episode without engine log-probs, keeps weight 1;
+the step's record in log.jsonl counts them (`is_missing`, `is_unweighted_tokens`), and the run warns
+the first time.
+
 Why not TRL's GRPOTrainer: its `rollout_func`/`env_mask` path (experimental in TRL 1.16) could carry
 our multi-turn episodes, but zero-variance groups stay in its batch (their tokens still count in the
 loss normaliser and still carry the KL term), and its sampling without vLLM is its own `generate`
@@ -31,6 +44,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -47,6 +61,16 @@ from leafe.errors import LeafeError
 from leafe.files import append_jsonl, process_rank, read_json, read_jsonl, write_json, write_jsonl
 from leafe.fingerprint import resume_fingerprint
 from leafe.method import Job, MethodResult
+from leafe.methods.distributed import (
+    full_weights,
+    lora_scaling,
+    make_accelerator,
+    merge_lora,
+    mixed_precision,
+    ran,
+    sharded_launch,
+    without_tied_head,
+)
 from leafe.methods.sft import bf16_state, make_batches
 from leafe.methods.token_logprobs import logits_only_at, scored_positions, token_logprobs
 from leafe.rollout import RolloutEngine
@@ -120,13 +144,14 @@ def token_loss(
 
 
 def agent_logprobs(model, sequences: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   with_entropy: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the masked tokens of each sequence under `model`, flattened in sequence order.
 
     Token j of a sequence is scored by the logits at j - 1, so a mask's first position never counts
     (the first token of an episode is never the agent's). Only those positions reach the output head
     and the fp32 softmax (`leafe.methods.token_logprobs`). With `with_entropy`, also the entropy of
-    the full next-token distribution at each of those positions.
+    the full next-token distribution at each of those positions. Both are of softmax(logits /
+    `temperature`), the distribution a sampler at that temperature draws from.
     """
     device = next(model.parameters()).device
     width = max(len(s) for s in sequences)
@@ -141,7 +166,7 @@ def agent_logprobs(model, sequences: Sequence[Sequence[int]], masks: Sequence[Se
     ids, attention, select = ids.to(device), attention.to(device), select.to(device)
     with logits_only_at(model, scored_positions(select)):
         logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-    return token_logprobs(logits, ids[select], with_entropy)
+    return token_logprobs(logits, ids[select], with_entropy, temperature=temperature)
 
 
 def importance_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> torch.Tensor:
@@ -150,9 +175,11 @@ def importance_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, c
     The trainer's log-probs are those of the weights that sampled (before the update); the sampler's
     are what the engine reported for the same ids. The two differ by the engine's numerics (other
     kernels, bf16 paths), which biases the gradient of episodes sampled off the trainer's own
-    distribution; capping keeps one unlikely token from dominating the step.
+    distribution; capping keeps one unlikely token from dominating the step. NaN in `sampler_logp`
+    marks a token without an engine log-prob: its weight is 1 (never a guess at the engine's number).
     """
-    return torch.exp(trainer_logp.detach() - sampler_logp).clamp(max=cap)
+    weight = torch.exp(trainer_logp.detach() - sampler_logp).clamp(max=cap)
+    return torch.where(torch.isnan(sampler_logp), torch.ones_like(weight), weight)
 
 
 # -- the trainer --------------------------------------------------------------------------------
@@ -165,19 +192,37 @@ class Sample:
     mask: list[int]
     advantage: float
     #: The sampling engine's log-prob of each agent token after the first position (the order of
-    #: `agent_logprobs`), when another engine than the trainer sampled it.
-    sampler_logp: list[float] | None = None
+    #: `agent_logprobs`), when another engine than the trainer sampled it; None for a token the
+    #: engine reported none for.
+    sampler_logp: list[float | None] | None = None
 
 
-def sampler_logprobs(episode: Episode) -> list[float] | None:
-    """The engine's log-probs of the episode's agent tokens in sequence order, or None when a step
-    has none (the trainer sampled it itself)."""
-    out: list[float] = []
+def sampler_logprobs(episode: Episode) -> list[float | None] | None:
+    """The engine's log-probs of the episode's agent tokens in sequence order, one per token (None
+    where the engine reported none, a whole step's worth for a step without any), or None when no
+    step has any (the trainer sampled it itself)."""
+    if all(step.logprobs is None for step in episode.steps):
+        return None
+    out: list[float | None] = []
     for step in episode.steps:
-        if step.logprobs is None:
-            return None
-        out.extend(step.logprobs[: step.action_end - step.action_start])
+        length = step.action_end - step.action_start
+        given = list(step.logprobs or [])[:length]
+        out.extend(given + [None] * (length - len(given)))
     return out
+
+
+def sampler_logp_tensor(batch: Sequence[Sample]) -> torch.Tensor:
+    """The engine's log-probs of a micro-batch's agent tokens in `agent_logprobs` order, NaN where
+    there is none (a token the engine left out; every token of a sample without engine log-probs)."""
+    nan = float("nan")
+    values: list[float] = []
+    for x in batch:
+        tokens = sum(x.mask[1:])
+        logps = x.sampler_logp if x.sampler_logp is not None else [None] * tokens
+        if len(logps) != tokens:
+            raise ValueError(f"a sample has {len(logps)} engine log-probs for its {tokens} agent tokens")
+        values.extend(nan if v is None else float(v) for v in logps)
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def group_samples(episodes: Sequence[Episode], invalid_penalty: float = 0.0,
@@ -244,8 +289,8 @@ class GRPOTrainer:
     """
 
     def __init__(self, policy, sampler, settings: GRPOSettings, ref_model=None, envs: EnvMaker = make,
-                 sync_dir: Path | None = None, shared: bool | None = None):
-        from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
+                 sync_dir: Path | None = None, shared: bool | None = None, precision: str | None = None):
+        from accelerate import DistributedDataParallelKwargs, DistributedType
 
         self.sampler = sampler
         # the hf backend samples the policy itself (under LoRA: the base it holds, with the adapters in it)
@@ -254,18 +299,14 @@ class GRPOTrainer:
         self.settings = settings
         self.envs = envs  # envs.make, or a worker pool's (workers.env_workers)
         device = next(policy.parameters()).device
-        cuda = device.type == "cuda"
         # No buffer broadcast before each forward: DDP's default is a collective at the first forward
         # after a synced backward, and ranks run different numbers of forwards (their own micro-batches);
         # the model's only buffers (rotary frequencies) are constants.
-        self.accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no",
-                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        self.accelerator = make_accelerator(precision,
+                                            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         self.sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         if self.shared and self.sharded:
             raise LeafeError(SHARDED_WEIGHTS)
-        if self.lora and self.sharded:
-            raise LeafeError("LoRA GRPO merges its adapters into whole weights for the engine after every step: "
-                             "train it data parallel (training.sharding: ddp), the frozen base needs no sharding")
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         if settings.activation_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -283,6 +324,12 @@ class GRPOTrainer:
         pad = sampler.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0  # padding is masked out of attention and loss alike
         self.sync_dir = sync_dir
+        if self.sharded and self.lora:
+            # FSDP2 fixes each layer's gradient dtype at its first forward, from the parameters that
+            # require grad then; PEFT's disable_adapter (the reference) turns that off for the adapters,
+            # so the first forward must be one with the adapters on (else bf16 gradients meet fp32 shards).
+            with torch.no_grad():
+                self._logprobs(self.policy, [])
 
     def rollout(self, tasks: list[Task], step: int) -> list[Episode]:
         s = self.settings
@@ -298,47 +345,49 @@ class GRPOTrainer:
     def sync(self) -> float:
         """Give the sampler the policy's new weights; returns the seconds it took (0 when shared).
 
-        The weights go through a Hugging Face directory (`sync_dir`, in /dev/shm when there is one):
-        one path for an engine in this process, in its own process or in replicas, and the reload
-        is vLLM's own, which re-runs each layer's post-load processing."""
+        In memory when the engine takes weights (`update_weights`: the hf engine's own copy, vLLM):
+        every rank gathers the whole weights a layer at a time (`full_weights`; sharded ones are
+        all-gathered, LoRA adapters merged) and hands them to its own engine; no file is written.
+        An engine that cannot (vLLM replicas in other processes) reloads a Hugging Face directory
+        that rank 0 writes into `sync_dir` (/dev/shm when there is one)."""
         if self.shared:
             self.sampler.cache.clear()  # cached keys/values belong to the old weights
             return 0.0
         started = time.perf_counter()
-        assert self.sync_dir is not None
-        self.save_model(self.sync_dir)  # rank 0 writes; every local rank's engine reads the same directory
-        self._barrier()
         self.sampler.wake_up()
-        self.sampler.load_weights(str(self.sync_dir))
-        self._barrier()  # nobody reads it while rank 0 overwrites it next step
+        if hasattr(self.sampler, "update_weights"):
+            self.sync_bytes = self.sampler.update_weights(full_weights(self.accelerator.unwrap_model(self.policy)))
+        else:
+            assert self.sync_dir is not None
+            self.save_model(self.sync_dir)  # rank 0 writes; every local rank's engine reads the same directory
+            self._barrier()
+            self.sampler.load_weights(str(self.sync_dir))
+            self._barrier()  # nobody reads it while rank 0 overwrites it next step
         return time.perf_counter() - started
 
     def save_model(self, path: Path) -> None:
-        """The policy as a plain Hugging Face directory, in bf16 when training in bf16 (GPUs), else
-        fp32. Every rank calls it: sharded weights are gathered first; rank 0 writes."""
-        state = self._merged_state() if self.lora else self.accelerator.get_state_dict(self.policy)
+        """The policy as a plain Hugging Face directory, in bf16 when training in bf16, else fp32;
+        under LoRA, the adapters alone in `path/adapter` too. Every rank calls it: sharded weights
+        are gathered on rank 0 (a collective), which writes."""
+        state = self.accelerator.get_state_dict(self.policy)
         if self.rank != 0:
             return
-        if self.accelerator.mixed_precision == "bf16":
-            state = bf16_state(state)
         model = self.accelerator.unwrap_model(self.policy)
         if self.lora:
-            model.save_pretrained(path / "adapter")  # the adapters alone, for PEFT
+            model.save_pretrained(path / "adapter", state_dict=state)  # PEFT keeps the adapters' entries
+            state = merge_lora(state, lora_scaling(model))
             model = model.get_base_model()
+        state = without_tied_head(state, model)
+        if self.accelerator.mixed_precision == "bf16":
+            state = bf16_state(state)
         model.save_pretrained(path, state_dict=state)
         self.sampler.tokenizer.save_pretrained(path)
 
-    def _merged_state(self) -> dict[str, torch.Tensor]:
-        """The weights with the LoRA update added (W + BA), under the base model's own names; the
-        policy itself keeps its adapters apart (merged in place for the copy, then unmerged)."""
-        peft_model = self.accelerator.unwrap_model(self.policy)
-        peft_model.merge_adapter()
-        try:  # copies of the merged layers only (unmerging changes them back); the rest stay shared, ties too
-            return {k.removeprefix("base_model.model.").replace(".base_layer.", "."):
-                    v.detach().clone() if ".base_layer." in k else v.detach()
-                    for k, v in peft_model.state_dict().items() if "lora_" not in k}
-        finally:
-            peft_model.unmerge_adapter()
+    def ran(self) -> dict[str, Any]:
+        """What this training ran on (`distributed.ran`), and how the sampler got the new weights."""
+        to_engine = ("shared" if self.shared else "in-memory" if hasattr(self.sampler, "update_weights")
+                     else "file")
+        return {**ran(self.accelerator), "weights_to_engine": to_engine}
 
     def _barrier(self) -> None:
         if self.world > 1:
@@ -350,7 +399,14 @@ class GRPOTrainer:
         return [[samples[i] for i in batch] for batch in order]
 
     def _logprobs(self, model, batch: list[Sample], with_entropy: bool = False):
-        return agent_logprobs(model, [x.ids for x in batch], [x.mask for x in batch], self.pad_id, with_entropy)
+        """Log-probs at the sampling temperature: the policy's, the old policy's and the reference's alike.
+        An empty micro-batch (sharded weights, see `update`) runs a forward for its collectives only."""
+        if not batch:
+            ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.accelerator.device)
+            model(input_ids=ids, use_cache=False)
+            return torch.zeros(0, device=self.accelerator.device), None
+        return agent_logprobs(model, [x.ids for x in batch], [x.mask for x in batch], self.pad_id, with_entropy,
+                              temperature=self.settings.temperature)
 
     def _sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over the ranks (every rank must call it)."""
@@ -373,6 +429,16 @@ class GRPOTrainer:
                 "skip_rate": out["skipped_groups"] / max(out["groups"], 1)}
         return out
 
+    def _max(self, value: int) -> int:
+        """The largest of the ranks' values (every rank must call it)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.long, device=self.accelerator.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
     def _zero_backward(self) -> None:
         """Join the gradient all-reduce with a zero gradient (a rank whose groups were all skipped)."""
         ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.accelerator.device)
@@ -386,6 +452,10 @@ class GRPOTrainer:
         """
         s = self.settings
         batches = self._micro_batches(samples, seed) if samples else []
+        if self.sharded:
+            # Under sharded weights every forward and backward is a collective: every rank runs as many
+            # micro-batches, a rank with fewer joining with empty ones (a forward, a zero gradient).
+            batches += [[] for _ in range(self._max(len(batches)) - len(batches))]
         total = self._sum([float(sum(sum(x.mask[1:]) for x in samples))])[0]
         old: list[torch.Tensor] | None = None
         if s.updates_per_batch > 1:  # later passes need the log-probs of the weights that sampled
@@ -398,28 +468,43 @@ class GRPOTrainer:
         elif self.lora and s.kl_coef > 0:  # the reference is the starting model: the adapters switched off
             with torch.no_grad(), self.accelerator.autocast(), self.accelerator.unwrap_model(self.policy).disable_adapter():
                 refs = [self._logprobs(self.policy, b)[0] for b in batches]
-        weighted = s.is_cap > 0 and all(x.sampler_logp is not None for x in samples)
         self.policy.train()
         if not self.shared:
             self.sampler.sleep()  # a colocated engine hands its GPU memory to the update (GPUs only)
         for _ in range(s.updates_per_batch):
+            # weighted_tokens: those with an engine log-prob; is_missing: tokens of samples with engine
+            # log-probs whose own is missing; is_unweighted_tokens: tokens of samples without any
             sums = {"pg": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0,
-                    "is_weight": 0.0, "is_capped": 0.0, "sampler_gap": 0.0}
+                    "is_weight": 0.0, "is_capped": 0.0, "sampler_gap": 0.0, "weighted_tokens": 0,
+                    "is_missing": 0, "is_unweighted_tokens": 0}
             for i, batch in enumerate(batches):
-                # DDP all-reduces on the last micro-batch only: once per optimiser step on every rank
-                last = i == len(batches) - 1
+                if not batch:
+                    self._zero_backward()
+                    continue
+                # DDP all-reduces on the last micro-batch only: once per optimiser step on every rank.
+                # FSDP reduce-scatters after every micro-batch: skipping it would keep whole unsharded
+                # gradients on every rank (the memory sharding is for), and with bf16 parameters FSDP2
+                # cannot add them into its fp32 gradient shards ("grad_dtype") anyway.
+                last = i == len(batches) - 1 or self.sharded
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy):
                     with self.accelerator.autocast():
                         logp, entropy = self._logprobs(self.policy, batch, with_entropy=True)
                     adv = torch.cat([torch.full((sum(x.mask[1:]),), x.advantage) for x in batch]).to(logp.device)
                     before = old[i] if old is not None else logp.detach()  # the weights that sampled
                     is_weight = None
-                    if weighted:
-                        sampled = torch.tensor([v for x in batch for v in x.sampler_logp], device=logp.device)
-                        is_weight = importance_weights(before, sampled, s.is_cap)
-                        sums["is_weight"] += is_weight.sum().item()
-                        sums["is_capped"] += (is_weight >= s.is_cap).sum().item()
-                        sums["sampler_gap"] += (before - sampled).abs().sum().item()
+                    # sample by sample: one without engine log-probs leaves the others weighted
+                    unweighted = sum(sum(x.mask[1:]) for x in batch if x.sampler_logp is None)
+                    sums["is_unweighted_tokens"] += unweighted
+                    if s.is_cap > 0 and any(x.sampler_logp is not None for x in batch):
+                        sampled = sampler_logp_tensor(batch).to(logp.device)
+                        reported = ~torch.isnan(sampled)
+                        sums["is_missing"] += int((~reported).sum().item()) - unweighted
+                        if bool(reported.any()):
+                            is_weight = importance_weights(before, sampled, s.is_cap)
+                            sums["is_weight"] += is_weight[reported].sum().item()
+                            sums["is_capped"] += (is_weight[reported] >= s.is_cap).sum().item()
+                            sums["sampler_gap"] += (before - sampled)[reported].abs().sum().item()
+                            sums["weighted_tokens"] += int(reported.sum().item())
                     parts = token_loss(logp, before, refs[i] if refs else None, adv, s.clip_eps, s.kl_coef, total,
                                        is_weight)
                     self.accelerator.backward(parts.loss * self.world)
@@ -439,10 +524,28 @@ class GRPOTrainer:
         out = {"loss": (sums["pg"] + s.kl_coef * sums["kl"]) / n, "pg_loss": sums["pg"] / n, "kl": sums["kl"] / n,
                "entropy": sums["entropy"] / n, "clip_frac": sums["clipped"] / n, "grad_norm": float(grad_norm),
                "agent_tokens": int(sums["tokens"])}
-        if weighted:  # how far the engine's numbers were from the trainer's (mean |log-prob gap| per token)
-            out |= {"is_weight": sums["is_weight"] / n, "is_capped": sums["is_capped"] / n,
-                    "sampler_gap": sums["sampler_gap"] / n}
+        if s.is_cap > 0 and (not self.shared or sums["weighted_tokens"] > 0):
+            # how far the engine's numbers were from the trainer's (means over the weighted tokens), and
+            # how many tokens went unweighted for want of an engine log-prob
+            w = max(sums["weighted_tokens"], 1)
+            out |= {"is_weight": sums["is_weight"] / w, "is_capped": sums["is_capped"] / w,
+                    "sampler_gap": sums["sampler_gap"] / w, "is_missing": int(sums["is_missing"]),
+                    "is_unweighted_tokens": int(sums["is_unweighted_tokens"])}
+            self._warn_unweighted(out)
         return out
+
+    #: Whether this run has warned about tokens without importance weights (once per run).
+    _warned_unweighted = False
+
+    def _warn_unweighted(self, record: dict[str, Any]) -> None:
+        """Warn once (rank 0) when another engine sampled but some tokens had no engine log-prob."""
+        missing, unweighted = record["is_missing"], record["is_unweighted_tokens"]
+        if self.shared or self._warned_unweighted or self.rank != 0 or not (missing or unweighted):
+            return
+        self._warned_unweighted = True
+        warnings.warn(f"GRPO: {unweighted} agent tokens of episodes without engine log-probs and {missing} tokens "
+                      f"whose engine log-prob was missing kept importance weight 1 this step (counted per step "
+                      f"in log.jsonl as is_unweighted_tokens and is_missing; warned once per run)", stacklevel=3)
 
 
 # -- the run: resumable, logged, checkpointed -----------------------------------------------------
@@ -498,9 +601,18 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
     torch.manual_seed(settings.seed)
     start = str(resume_from or model)
     sync_dir = None
-    if engine == "hf":
+    precision = mixed_precision(job.precision)
+    shared = engine == "hf" and not sharded_launch()
+    if shared:
         sampler = HFBackend(start, device=device, dtype="float32")
         policy = sampler.model
+    elif engine == "hf":
+        # Sharded weights cannot sample (every decode step would be a collective): each rank samples
+        # from its own whole copy, given the new weights in memory after every step (`sync`).
+        sampler = HFBackend(start, device=device, dtype="bfloat16" if precision == "bf16" else "float32")
+        with loading_model(start):
+            policy = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+        policy.to(pick_device(device))
     else:
         from leafe.backends import backend_for
 
@@ -525,10 +637,10 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
                                                    target_modules="all-linear", task_type="CAUSAL_LM"))
     ref = None
     if settings.kl_coef > 0 and not settings.lora:  # frozen, in bf16 on GPUs (the precision of the forward)
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        bf16 = precision == "bf16" and torch.cuda.is_available()
         with loading_model(model):
             ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if bf16 else torch.float32)
-    trainer = GRPOTrainer(policy, sampler, settings, ref, envs, sync_dir, shared=engine == "hf")
+    trainer = GRPOTrainer(policy, sampler, settings, ref, envs, sync_dir, shared=shared, precision=precision)
     log_path = out / "log.jsonl"
     logged = list(read_jsonl(log_path))
     log = [r for r in logged if r["step"] <= start_step]
@@ -584,7 +696,7 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
                  "agent_tokens": sum(r.get("agent_tokens", 0) for r in log)},
         "cost": {"env_steps": sum(r["env_steps"] for r in log),
                  "generated_tokens": sum(r["generated_tokens"] for r in log),
-                 "wall_s": round(sum(r["wall_s"] for r in log), 2)},
+                 "wall_s": round(sum(r["wall_s"] for r in log), 2), "ran": trainer.ran()},
         "final": {k: log[-1].get(k) for k in ("reward", "success", "kl", "entropy")} if log else {},
     }
     if main:

@@ -24,6 +24,14 @@ import torch
 from leafe.backends.base import loading_model
 from leafe.errors import LeafeError
 from leafe.files import is_main_process, process_rank
+from leafe.methods.distributed import (
+    lora_scaling,
+    make_accelerator,
+    merge_lora,
+    mixed_precision,
+    ran,
+    without_tied_head,
+)
 from leafe.methods.token_logprobs import logits_only_at, scored_positions, token_logprobs
 from leafe.settings import SFTSettings
 
@@ -182,18 +190,6 @@ def bf16_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for k, v in state.items()}
 
 
-def _merged_on_cpu(base_path: str | Path, lora: Any, state: dict[str, torch.Tensor]):
-    """The base model with LoRA adapters of `state` (a PeftModel's whole state dict) merged in."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    with loading_model(base_path):
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    adapted = get_peft_model(base, lora)
-    adapted.load_state_dict({k: v.float() for k, v in state.items()})
-    return adapted.merge_and_unload()
-
-
 def train(
     model: Any,
     tokenizer: Any,
@@ -202,12 +198,15 @@ def train(
     settings: SFTSettings,
     on_log: Callable[[dict], None] | None = None,
     save: bool = True,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Train `model` (a transformers model, or a path to one) on `rows`; save a plain HF directory.
 
     Batches of similar-length rows (see `make_batches`) come in a fresh random order every epoch.
     With `settings.lora`, LoRA adapters are trained and merged into the saved weights, so every
-    backend loads the result like any other checkpoint. Returns a summary with the loss log.
+    backend loads the result like any other checkpoint. `precision`: auto, bf16 or no (None: as
+    launched, `distributed.mixed_precision`); sharding is the launch's (`distributed.make_accelerator`).
+    Returns a summary with the loss log and what ran.
     """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -222,6 +221,7 @@ def train(
     # The Trainer places the model (a freshly loaded one sits on the CPU): train on a GPU whenever there is one.
     use_cuda = torch.cuda.is_available()
     processes = process_rank()[1]  # > 1 under `accelerate launch` (leafe launch)
+    precision = mixed_precision(precision)
     checkpointing = _checkpointing_field()
     config = SFTConfig(
         output_dir=str(out / "trainer"),
@@ -243,7 +243,7 @@ def train(
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
-        bf16=use_cuda and torch.cuda.is_bf16_supported(),
+        bf16=precision == "bf16",
         use_cpu=not use_cuda,
         dataloader_num_workers=0,
         **{checkpointing: settings.activation_checkpointing},
@@ -252,8 +252,9 @@ def train(
     )
     # Load the model only now: SFTConfig starts the process group of a multi-process launch and, under
     # ZeRO-3, registers the DeepSpeed config, which is what makes from_pretrained build the model
-    # already partitioned (zero3_init_flag) instead of whole in every process.
-    base_path = model if isinstance(model, (str, Path)) else None
+    # already partitioned (zero3_init_flag) instead of whole in every process. The accelerator state
+    # is made here, sharded as launched (on CPU processes too); the trainer's own Accelerator reuses it.
+    make_accelerator(precision)
     if isinstance(model, (str, Path)):
         with loading_model(model):
             model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
@@ -263,9 +264,6 @@ def train(
 
         lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                           target_modules="all-linear", task_type="CAUSAL_LM")
-        if processes > 1 and base_path is None:
-            raise LeafeError("LoRA over several processes merges on rank 0 from the base model's directory: pass "
-                             "the model as a path")
         model = get_peft_model(model, lora)
     log: list[dict] = []
     trainer = _trainer_class()(
@@ -284,12 +282,14 @@ def train(
     wall = time.perf_counter() - started
     trained = trainer.model
     if settings.lora and processes > 1:
-        # The adapters may be split over the ranks (FSDP, ZeRO-3): gather the whole adapted state, then
-        # rank 0 merges it into a fresh copy of the base on the CPU and writes a plain model.
+        # The adapters may be split over the ranks (FSDP): gather the whole adapted state on rank 0,
+        # which merges W + scaling * B @ A into a plain model and writes it.
         state = trainer.accelerator.get_state_dict(trainer.model)
         if save and is_main_process():
-            merged = _merged_on_cpu(base_path, lora, state)
-            merged.save_pretrained(out, state_dict=bf16_state(merged.state_dict()) if config.bf16 else None)
+            peft_model = trainer.accelerator.unwrap_model(trainer.model)
+            base = peft_model.get_base_model()
+            merged = without_tied_head(merge_lora(state, lora_scaling(peft_model)), base)
+            base.save_pretrained(out, state_dict=bf16_state(merged) if config.bf16 else merged)
             tokenizer.save_pretrained(out)
         save = False
     elif settings.lora:
@@ -300,6 +300,7 @@ def train(
         state = trainer.accelerator.get_state_dict(trainer.model) if processes > 1 else trained.state_dict()
         if is_main_process():
             writer = trainer.accelerator.unwrap_model(trained) if processes > 1 else trained
+            state = without_tied_head(state, writer)
             writer.save_pretrained(out, state_dict=bf16_state(state) if config.bf16 else state)
             tokenizer.save_pretrained(out)
     return {
@@ -309,6 +310,7 @@ def train(
         "steps": result.global_step,
         "train_loss": result.training_loss if not math.isnan(result.training_loss) else None,
         "wall_s": round(wall, 2),
+        "ran": ran(trainer.accelerator),
         "log": log,
         "model": trained,
     }

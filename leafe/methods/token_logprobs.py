@@ -40,24 +40,25 @@ def logits_only_at(model, positions: torch.Tensor) -> Iterator[None]:
         handle.remove()
 
 
-def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
-                   chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   chunk: int = CHUNK, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) for each row of `logits` (N, vocab), in fp32, a chunk of rows at a time; with
-    `with_entropy`, also each row's entropy (no graph: for logging)."""
+    `with_entropy`, also each row's entropy (no graph: for logging). With `temperature`, both are of
+    softmax(logits / temperature): the distribution a sampler at that temperature draws from."""
     pieces, entropies = [], []
     for start in range(0, logits.shape[0], chunk):
         part, wanted = logits[start:start + chunk], targets[start:start + chunk]
         if torch.is_grad_enabled() and part.requires_grad:
-            pieces.append(checkpoint(_chunk_logprobs, part, wanted, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logprobs, part, wanted, temperature, use_reentrant=False))
         else:
-            pieces.append(_chunk_logprobs(part, wanted))
+            pieces.append(_chunk_logprobs(part, wanted, temperature))
         if with_entropy:
             with torch.no_grad():
-                logp = torch.log_softmax(part.detach().float(), dim=-1)
+                logp = torch.log_softmax(part.detach().float() / temperature, dim=-1)
                 entropies.append(-(logp.exp() * logp).sum(-1))
     empty = logits.new_zeros(0, dtype=torch.float32)
     logp = torch.cat(pieces) if pieces else empty

@@ -24,9 +24,12 @@ from typing import Any
 from leafe.errors import LeafeError
 from leafe.files import process_rank, read_json, read_jsonl, write_json, write_jsonl
 from leafe.method import Job, MethodResult
+from leafe.methods.distributed import SHARDING_ENV
 from leafe.settings import DistillSettings, GenerationSettings, GRPOSettings, SFTSettings, TrainingSettings
 
 JOB, RESULT, LOG, CONFIG = "launch_job.json", "launch_result.json", "launch.log", "accelerate.yaml"
+#: training.sharding -> what a rank reports it ran (`leafe.methods.distributed.ran`).
+SHARDING_RAN = {"ddp": "ddp", "fsdp": "fsdp2", "zero3": "zero3"}
 #: The methods a study can launch over processes (sft: Early Experience's trainings, `sft_launcher`).
 LAUNCHED = ("grpo", "distill", "sft")
 ROWS = "launch_rows.jsonl"
@@ -35,24 +38,25 @@ ROWS = "launch_rows.jsonl"
 def accelerate_config(training: TrainingSettings, cuda: bool) -> dict[str, Any]:
     """The accelerate config of `training` on this machine (the keys configs/accelerate/*.yaml explain).
 
-    Without GPUs the processes are DDP ranks over gloo (accelerate's MULTI_GPU launcher; its
-    MULTI_CPU one starts a single process without MPI), and sharding needs accelerators."""
+    The same config on GPUs and CPUs: without GPUs the ranks meet over gloo (accelerate's MULTI_GPU
+    launcher starts them; its MULTI_CPU one starts a single process without MPI), and an FSDP config
+    shards on CPU processes too (`leafe.methods.distributed`). ZeRO-3 is refused on CPUs (`launch`)."""
     with socket.socket() as s:  # a free port: two studies on one machine must not meet
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    bf16 = cuda and training.mixed_precision != "no"
+    bf16 = training.mixed_precision == "bf16" or (training.mixed_precision == "auto" and cuda)
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU",
         "mixed_precision": "bf16" if bf16 else "no", "num_machines": 1, "num_processes": training.processes,
         "machine_rank": 0, "main_process_ip": "127.0.0.1", "main_process_port": port, "rdzv_backend": "static",
         "same_network": True, "use_cpu": False, "downcast_bf16": "no", "debug": False}
-    if training.sharding == "fsdp" and cuda:
+    if training.sharding == "fsdp":
         config["distributed_type"] = "FSDP"
         config["fsdp_config"] = {
             "fsdp_version": 2, "fsdp_reshard_after_forward": True, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True,
             "fsdp_offload_params": False, "fsdp_activation_checkpointing": False}
-    elif training.sharding == "zero3" and cuda:
+    elif training.sharding == "zero3":
         config["distributed_type"] = "DEEPSPEED"
         config["deepspeed_config"] = {"zero_stage": 3, "zero3_init_flag": True, "zero3_save_16bit_model": True,
                                       "offload_optimizer_device": "none", "offload_param_device": "none"}
@@ -68,7 +72,10 @@ def launch(method: str, job: Job, training: TrainingSettings, **settings: Any) -
     if method not in LAUNCHED:
         raise LeafeError(f"{method} runs in one process; training.processes > 1 is for {', '.join(LAUNCHED)}")
     cuda = torch.cuda.is_available()
-    if training.sharding == "zero3" and cuda and importlib.util.find_spec("deepspeed") is None:
+    if training.sharding == "zero3" and not cuda:
+        raise LeafeError("training.sharding: zero3 cannot run on CPU processes (DeepSpeed's CPU accelerator needs "
+                         "Intel's extension and oneCCL, not installable here); use sharding: fsdp")
+    if training.sharding == "zero3" and importlib.util.find_spec("deepspeed") is None:
         raise LeafeError("training.sharding: zero3 needs deepspeed: pip install deepspeed (or use sharding: fsdp)")
     out = job.out
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +83,8 @@ def launch(method: str, job: Job, training: TrainingSettings, **settings: Any) -
     config = accelerate_config(training, cuda)
     (out / CONFIG).write_text(yaml.safe_dump(config))
     spec = {"method": method, "model": job.model, "out": str(out), "inputs": [str(p) for p in job.inputs],
-            "device": job.device, "settings": {k: asdict(v) for k, v in settings.items() if v is not None}}
+            "device": job.device, "precision": config["mixed_precision"],
+            "settings": {k: asdict(v) for k, v in settings.items() if v is not None}}
     write_json(out / JOB, spec)
     beside = Path(sys.executable).parent / "accelerate"
     command = [str(beside) if beside.exists() else "accelerate", "launch", "--config_file", str(out / CONFIG),
@@ -85,8 +93,9 @@ def launch(method: str, job: Job, training: TrainingSettings, **settings: Any) -
     with open(out / LOG, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                              check=False)
+        # Each rank checks it got the sharding asked for (`distributed.check_ran`): never silently unsharded.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", SHARDING_ENV: SHARDING_RAN[training.sharding]}
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     if done.returncode != 0 or not (out / RESULT).exists():
         tail = (out / LOG).read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise LeafeError(f"{method} on {training.processes} processes failed (exit {done.returncode}); "
@@ -137,7 +146,7 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
 
     settings = spec["settings"]
     job = Job(model=spec["model"], out=Path(spec["out"]), inputs=[Path(p) for p in spec["inputs"]],
-              device=spec["device"], progress=_LogLines(spec["method"]) if process_rank()[0] == 0 else NoProgress())
+              device=spec["device"], precision=spec.get("precision"), progress=_LogLines(spec["method"]) if process_rank()[0] == 0 else NoProgress())
     if spec["method"] == "grpo":
         from leafe.methods.grpo import train_grpo
 
@@ -150,7 +159,7 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
 
         rows = [Row(**r) for r in read_jsonl(job.inputs[0])]
         summary = train(job.model, AutoTokenizer.from_pretrained(job.model), rows, job.out,
-                        SFTSettings(**settings["sft"]))
+                        SFTSettings(**settings["sft"]), precision=job.precision)
         summary.pop("model")
         return MethodResult("sft", str(job.out), settings["sft"], summary, {}).to_dict()
     from leafe.methods.distill import NoDistillationRows, distill

@@ -270,7 +270,8 @@ class Study:
         # A training stage in this process puts its model on generation's `device`; over
         # `training.processes` each rank takes the GPU of its LOCAL_RANK (leafe.scale.stage).
         return Job(model=str(model), out=self.stage_dir(key), progress=progress,
-                   device=self.config.generation_settings().device, release=self._release, **more)
+                   device=self.config.generation_settings().device, release=self._release,
+                   precision=self.config.training_settings().mixed_precision, **more)
 
     def _load(self, model: Path):
         """The engine for `model` (the config's `generation:`), reusing the running one when it
