@@ -179,21 +179,26 @@ def test_data_parallel_and_deepspeed_file_configs_are_planned(tmp_path):
 
 
 @pytest.mark.parametrize("config", [FSDP, ZERO3])
-def test_grpo_under_sharded_weights_is_refused_with_the_reason(config):
+def test_grpo_under_sharded_weights_samples_from_a_whole_copy_synced_in_memory(config):
     result = launch(config, "--dry-run", "--", *GRPO)
-    assert result.exit_code == 2
-    message = " ".join(result.stderr.split())
-    assert "GRPO samples in process from the policy it trains, and with sharded weights (FSDP, ZeRO-3)" in message
-    assert "launch it with a MULTI_GPU (DDP) config, or sample with --backend vllm" in message
-    sharded = launch(config, "--dry-run", "--", *GRPO, "--backend", "vllm")  # a vLLM engine samples instead
-    assert sharded.exit_code == 0, sharded.output
-    assert "samples with its own vLLM engine (synced after every step)" in " ".join(sharded.stdout.split())
+    assert result.exit_code == 0, result.output
+    plan = " ".join(result.stdout.split())
+    assert "samples with its own whole copy (synced in memory after every step)" in plan
+    vllm = launch(config, "--dry-run", "--", *GRPO, "--backend", "vllm")
+    assert "samples with its own vLLM engine (synced in memory after every step)" in " ".join(vllm.stdout.split())
+
+
+@pytest.mark.parametrize("config, sharding", [(FSDP, "fsdp2"), (ZERO3, "zero3"), (DDP, "ddp")])
+def test_every_rank_is_told_the_sharding_its_launch_asked_for(config, sharding):
+    assert launch_plan(config, DISTILL).sharding == sharding
+    # one process shards nothing under DDP; an FSDP or ZeRO-3 config still asks its rank for that sharding
+    assert launch_plan(config, DISTILL, num_processes=1).sharding == ("none" if config == DDP else sharding)
 
 
 def test_grpo_runs_data_parallel_each_rank_sampling_its_share_of_the_tasks():
     plan = launch_plan(DDP, [*GRPO, "--tasks-per-step", "16"], num_processes=4)
     assert plan.command[-len(GRPO) - 2:] == [*GRPO, "--tasks-per-step", "16"]
-    each_rank = "each rank    samples with its own copy on 4 of the 16 tasks of a step"
+    each_rank = "each rank    samples with the policy itself on 4 of the 16 tasks of a step"
     assert any(line.startswith(each_rank) for line in plan.lines)
     assert "output       rank 0 alone writes /runs/grpo: log.jsonl (the whole step), checkpoints, the model, " \
            "train.json" in plan.lines

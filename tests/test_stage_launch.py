@@ -77,9 +77,9 @@ def test_two_processes_train_lora_grpo_with_the_adapters_off_as_reference(tiny_m
 
 
 @pytest.mark.slow
-def test_a_study_trains_grpo_distillation_and_early_experience_on_two_processes(tiny_model_dir, tmp_path):
+def test_a_study_trains_grpo_distillation_and_early_experience_sharded_in_bf16(tiny_model_dir, tmp_path):
     config = tiny_study(tmp_path, tiny_model_dir, methods=["base", "grpo", "leafe", "early_experience"],
-                        training={"processes": 2}, grpo={"steps": 2})
+                        training={"processes": 2, "sharding": "fsdp", "mixed_precision": "bf16"}, grpo={"steps": 2})
     run_dir = tmp_path / "run"
     done = leafe("run", config, "--out", run_dir)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -96,5 +96,10 @@ def test_a_study_trains_grpo_distillation_and_early_experience_on_two_processes(
     assert json.loads((ee / "train.json").read_text())["training"]["imitation"]["steps"] > 0
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results["methods"]) == {"base", "grpo", "leafe", "early_experience"}
+    sharded = {"processes": 2, "machines": 1, "sharding": "fsdp2", "mixed_precision": "bf16", "device": "cpu"}
+    assert results["cost"]["grpo.train"]["ran"] == {**sharded, "weights_to_engine": "in-memory"}
+    assert results["cost"]["early_experience.train"]["ran"] == sharded
+    if json.loads((run_dir / "leafe" / "distill" / "stage.json").read_text())["trained"]:
+        assert results["cost"]["leafe.distill"]["ran"] == sharded
     again = leafe("run", config, "--out", run_dir)  # finished: nothing relaunched
     assert again.returncode == 0 and (grpo / "log.jsonl").read_text().count("\n") == 2

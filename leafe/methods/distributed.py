@@ -75,6 +75,8 @@ def make_accelerator(precision: str | None = None, **kwargs: Any):
     if wanted == "zero3" and not cuda:
         raise LeafeError("training.sharding: zero3 cannot run on CPU processes (DeepSpeed's CPU accelerator needs "
                          "Intel's extension and oneCCL, not installable here); use sharding: fsdp")
+    if wanted == "fsdp1" and not cuda:
+        raise LeafeError("FSDP version 1 does not shard on CPU processes; set fsdp_version: 2 in the accelerate config")
     accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision(precision), **kwargs)
     if wanted.startswith("fsdp") and not cuda and accelerator.num_processes > 1:
         _shard_on_cpu(accelerator)
@@ -184,8 +186,13 @@ def full_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     scaling = lora_scaling(model)
     pending: dict[str, torch.Tensor] = {}  # one adapted layer's base, A and B until all three arrive
     for name, param in model.named_parameters():
-        whole = param.full_tensor() if isinstance(param, DTensor) else param
-        whole = whole.detach()
+        if hasattr(param, "ds_id"):  # a ZeRO-3 partition: gathered for the moment it is read
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                whole = param.detach().clone()
+        else:
+            whole = (param.full_tensor() if isinstance(param, DTensor) else param).detach()
         if scaling is None:
             yield name, whole
             continue

@@ -10,15 +10,16 @@ Two commands run multi-process. LEAFE stage 2, `leafe distill`: every rank reads
 the same rows (deterministic), TRL's SFTTrainer (transformers' Trainer on accelerate) gives each rank
 one batch in N, shards the model as the config says, and gathers the weights on rank 0, which alone
 writes the model directory and distill.json. Tested: 2 real ranks (torchrun, gloo on CPU) split the
-batches and write one loadable model; FSDP and ZeRO-3 sharding need GPUs and have not run here (on a
-CPU-only machine accelerate trains an FSDP config as plain data parallel).
+batches and write one loadable model. An FSDP (version 2) config shards on CPU processes too, through
+accelerate's own FSDP2 code (`leafe.methods.distributed`; tested on 2 gloo ranks); ZeRO-3 needs GPUs.
 
 `leafe train grpo`: each rank samples its share of the step's tasks (with its own copy of the
-policy, or with `--backend vllm` its own engine synced after every step), the ranks meet in one
-gradient all-reduce per optimiser step, and rank 0 writes the log, checkpoints and model. Sampling
-from the policy itself is refused under FSDP or ZeRO-3: its forward passes on the policy it trains
-would each be a collective under sharded weights, which ranks reach unequally. Early Experience and
-ACE run in one process here (a study launches Early Experience's SFT itself: `leafe.scale.stage`).
+policy, or with `--backend vllm` its own engine, given the new weights in memory after every step),
+the ranks meet in the gradient collectives of each optimiser step, and rank 0 writes the log,
+checkpoints and model. Under FSDP a rank never samples from the sharded policy (every decode step
+would be a collective that ranks reach unequally): the hf engine is then a whole copy of its own.
+Early Experience and ACE run in one process here (a study launches Early Experience's SFT itself:
+`leafe.scale.stage`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Annotated, Any
 import typer
 
 from leafe.errors import LeafeError
+from leafe.methods.distributed import SHARDING_ENV
 
 #: accelerate's distributed types this module plans for.
 SUPPORTED = ("FSDP", "DEEPSPEED", "MULTI_GPU", "MULTI_CPU", "NO")
@@ -47,6 +49,7 @@ class LaunchPlan:
     command: list[str]  # the `accelerate launch ...` argv
     kind: str  # accelerate's distributed_type
     lines: list[str] = field(default_factory=list)  # the plan, one aligned line each
+    sharding: str = "ddp"  # what every rank must report it ran (`leafe.methods.distributed.ran`)
 
     def shell(self) -> str:
         return shlex.join(self.command)
@@ -123,7 +126,8 @@ def launch_plan(config_file: str | Path, args: list[str], *, num_processes: int 
               f"processes    {processes} on {machines} machine(s), {processes // machines} per machine",
               f"sharding     {sharding}"]
     if args[0] == "train":
-        return LaunchPlan(command, kind, header + _grpo_lines(kind, args, processes, machines, address))
+        return LaunchPlan(command, kind, header + _grpo_lines(kind, args, processes, machines, address),
+                          _ran_as(config, kind, processes))
     if args[0] != "distill":
         raise LeafeError(f"leafe {args[0]} is not a training command; multi-GPU launch is for `leafe distill` "
                          f"and `leafe train grpo`")
@@ -148,7 +152,16 @@ def launch_plan(config_file: str | Path, args: list[str], *, num_processes: int 
         lines.append(f"machines     run this command on each machine with its own --machine-rank (0..{machines - 1});"
                      f" rendezvous {address}:{port}; --model and --trees at the same path everywhere, "
                      f"the output lands on machine 0")
-    return LaunchPlan(command, kind, lines)
+    return LaunchPlan(command, kind, lines, _ran_as(config, kind, processes))
+
+
+def _ran_as(config, kind: str, processes: int) -> str:
+    """The sharding every rank of this launch must report (`leafe.methods.distributed.ran`)."""
+    if kind == "FSDP":
+        return f"fsdp{(config.fsdp_config or {}).get('fsdp_version', 1)}"
+    if kind == "DEEPSPEED":
+        return "zero3"
+    return "ddp" if processes > 1 else "none"
 
 
 def _command(config_file, args, num_processes, num_machines, machine_rank, main_process_ip) -> list[str]:
@@ -166,20 +179,22 @@ def _grpo_lines(kind, args, processes, machines, address) -> list[str]:
     if method != "grpo":
         raise LeafeError(f"leafe train {method} runs in one process; multi-GPU launch is for `leafe distill` "
                          f"and `leafe train grpo`")
-    from leafe.methods.grpo import SHARDED_WEIGHTS, check_tasks_per_step
+    from leafe.methods.grpo import check_tasks_per_step
     from leafe.settings import GRPOSettings
 
     engine = _option(args, "--backend") or "hf"
-    if kind in ("FSDP", "DEEPSPEED") and engine != "vllm":
-        raise LeafeError(SHARDED_WEIGHTS)
     per_step = int(_option(args, "--tasks-per-step") or GRPOSettings().tasks_per_step)
     check_tasks_per_step(per_step, processes)
     out = _option(args, "--out") or "--out"
-    sampler = "its own vLLM engine (synced after every step)" if engine == "vllm" else "its own copy"
+    sampler = ("its own vLLM engine (synced in memory after every step)" if engine == "vllm" else
+               "its own whole copy (synced in memory after every step)" if kind in ("FSDP", "DEEPSPEED")
+               else "the policy itself")
     lines = [
         (f"each rank    samples with {sampler} on {per_step // processes} of the {per_step} tasks of a step "
          f"(--group-size episodes each), then trains on them"),
-        "sync         one gradient all-reduce per optimiser step; the loss is the token mean over all ranks' samples",
+        ("sync         gradients reduce-scattered after every micro-batch (every rank runs as many)" if kind == "FSDP"
+         else "sync         one gradient all-reduce per optimiser step") + "; the loss is the token mean over all "
+        "ranks' samples",
         f"output       rank 0 alone writes {out}: log.jsonl (the whole step), checkpoints, the model, train.json",
     ]
     if machines > 1:
@@ -250,6 +265,8 @@ def run(plan: LaunchPlan) -> None:
                          "(or use configs/accelerate/fsdp.yaml)")
     beside = Path(sys.executable).parent / "accelerate"
     program = str(beside) if beside.exists() else plan.command[0]
+    # every rank checks it got this sharding (`leafe.methods.distributed.check_ran`): never silently unsharded
+    os.environ[SHARDING_ENV] = plan.sharding
     sys.stdout.flush()
     os.execvp(program, [program, *plan.command[1:]])
 
