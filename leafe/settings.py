@@ -161,9 +161,24 @@ class TrainingSettings:
     #: Above this many parameters a study turns activation checkpointing on in every training stage
     #: that does not set it (recomputation costs about a third more compute, activations ~17x less).
     checkpointing_above: float = knob(1e9, "Parameters above which activation checkpointing is on by default.")
+    machines: int = knob(1, "Machines the training stages span (each runs `processes` of them; docs/scaling.md).")
+    machine_rank: int = knob(0, "This machine's rank: 0 runs the study, the others join its training stages.")
+    main_address: str | None = knob(None, "Machine 0's address the ranks meet at (machines > 1).")
+    main_port: int = knob(29500, "The port they meet at on machine 0 (machines > 1).")
+
+    @property
+    def world(self) -> int:
+        """Training processes on all machines together."""
+        return self.processes * self.machines
 
     def validate(self) -> None:
         _at_least(self, 1, "processes")
+        _at_least(self, 1, "machines")
+        if not 0 <= self.machine_rank < self.machines:
+            raise LeafeError(f"training.machine_rank must be in [0, {self.machines - 1}] (got {self.machine_rank})")
+        if self.machines > 1 and not self.main_address:
+            raise LeafeError("training.machines > 1 needs training.main_address: machine 0's address, where the "
+                             "ranks meet")
         if self.sharding not in SHARDINGS:
             raise LeafeError(f"training.sharding must be one of {', '.join(SHARDINGS)} (got {self.sharding!r})")
         if self.mixed_precision not in PRECISIONS:

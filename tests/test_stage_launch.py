@@ -103,3 +103,40 @@ def test_a_study_trains_grpo_distillation_and_early_experience_sharded_in_bf16(t
         assert results["cost"]["leafe.distill"]["ran"] == sharded
     again = leafe("run", config, "--out", run_dir)  # finished: nothing relaunched
     assert again.returncode == 0 and (grpo / "log.jsonl").read_text().count("\n") == 2
+
+
+@pytest.mark.slow
+def test_a_study_trains_across_two_machines_on_localhost(tiny_model_dir, tmp_path):
+    # Two `leafe run` processes stand for two machines (one training process each) sharing the run
+    # directory, as machines share a filesystem: machine 0 runs the study, machine 1 joins its GRPO.
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tiny_study(tmp_path, tiny_model_dir, methods=["base", "grpo"], grpo={"steps": 2},
+                        training={"processes": 1, "machines": 2, "main_address": "127.0.0.1", "main_port": port,
+                                  "sharding": "fsdp"})
+    run_dir = tmp_path / "run"
+    leafe_cli = [sys.executable, "-m", "leafe", "run", str(config), "--out", str(run_dir)]
+    second = subprocess.Popen([*leafe_cli, "--set", "training.machine_rank=1"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        first = leafe("run", config, "--out", run_dir)
+        assert first.returncode == 0, first.stderr[-2000:]
+        said, _ = second.communicate(timeout=120)
+    finally:
+        second.kill()
+    assert second.returncode == 0, said[-2000:]
+    assert "joined 1 training launch(es)" in said
+    grpo = run_dir / "grpo" / "train"
+    assert (grpo / "launch.machine1.log").exists()  # machine 1's ranks ran
+    assert yaml.safe_load((grpo / "accelerate.machine1.yaml").read_text())["machine_rank"] == 1
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["cost"]["grpo.train"]["ran"] == {"processes": 2, "machines": 2, "sharding": "fsdp2",
+                                                    "mixed_precision": "no", "device": "cpu",
+                                                    "weights_to_engine": "in-memory"}
+    steps = [json.loads(line) for line in (grpo / "log.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2] and all(s["groups"] == 2 for s in steps)  # a task per machine

@@ -50,6 +50,15 @@ def run_cmd(
     budget.check(study_config, study)  # a config that cannot fit fails now, not hours into a stage
     if dry_run:
         return
+    training = study_config.training_settings()
+    if training.machine_rank > 0:  # machine 0 runs the study; this one joins its training stages
+        from leafe.scale.stage import follow
+
+        console.print(f"machine {training.machine_rank} of {training.machines}: joining the training stages machine 0 "
+                      f"launches in {run_dir} (ranks meet at {training.main_address}:{training.main_port})")
+        joined = follow(run_dir, training)
+        console.print(f"machine {training.machine_rank}: the study ended; joined {joined} training launch(es)")
+        return
     quiet_transformers()
     started = time.perf_counter()
     progress = Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("[bold]{task.description}"),

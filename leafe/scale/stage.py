@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,15 +42,20 @@ def accelerate_config(training: TrainingSettings, cuda: bool) -> dict[str, Any]:
     The same config on GPUs and CPUs: without GPUs the ranks meet over gloo (accelerate's MULTI_GPU
     launcher starts them; its MULTI_CPU one starts a single process without MPI), and an FSDP config
     shards on CPU processes too (`leafe.methods.distributed`). ZeRO-3 is refused on CPUs (`launch`)."""
-    with socket.socket() as s:  # a free port: two studies on one machine must not meet
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    if training.machines > 1:  # every machine must name the same place to meet
+        address, port = training.main_address, training.main_port
+    else:
+        address = "127.0.0.1"
+        with socket.socket() as s:  # a free port: two studies on one machine must not meet
+            s.bind((address, 0))
+            port = s.getsockname()[1]
     bf16 = training.mixed_precision == "bf16" or (training.mixed_precision == "auto" and cuda)
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU",
-        "mixed_precision": "bf16" if bf16 else "no", "num_machines": 1, "num_processes": training.processes,
-        "machine_rank": 0, "main_process_ip": "127.0.0.1", "main_process_port": port, "rdzv_backend": "static",
-        "same_network": True, "use_cpu": False, "downcast_bf16": "no", "debug": False}
+        "mixed_precision": "bf16" if bf16 else "no", "num_machines": training.machines,
+        "num_processes": training.world, "machine_rank": training.machine_rank, "main_process_ip": address,
+        "main_process_port": port, "rdzv_backend": "static", "same_network": True, "use_cpu": False,
+        "downcast_bf16": "no", "debug": False}
     if training.sharding == "fsdp":
         config["distributed_type"] = "FSDP"
         config["fsdp_config"] = {
@@ -71,6 +77,8 @@ def launch(method: str, job: Job, training: TrainingSettings, **settings: Any) -
 
     if method not in LAUNCHED:
         raise LeafeError(f"{method} runs in one process; training.processes > 1 is for {', '.join(LAUNCHED)}")
+    if training.machine_rank != 0:
+        raise LeafeError("machine 0 launches the training stages; the others join them with `leafe run` (follow)")
     cuda = torch.cuda.is_available()
     if training.sharding == "zero3" and not cuda:
         raise LeafeError("training.sharding: zero3 cannot run on CPU processes (DeepSpeed's CPU accelerator needs "
@@ -82,20 +90,15 @@ def launch(method: str, job: Job, training: TrainingSettings, **settings: Any) -
     (out / RESULT).unlink(missing_ok=True)
     config = accelerate_config(training, cuda)
     (out / CONFIG).write_text(yaml.safe_dump(config))
+    # `accelerate` and `launch_id` are for the other machines' `leafe run` (`follow`): the same config
+    # with their own machine_rank, each launch once.
     spec = {"method": method, "model": job.model, "out": str(out), "inputs": [str(p) for p in job.inputs],
-            "device": job.device, "precision": config["mixed_precision"],
+            "device": job.device, "precision": config["mixed_precision"], "accelerate": config,
+            "sharding": SHARDING_RAN[training.sharding], "launch_id": uuid.uuid4().hex,
             "settings": {k: asdict(v) for k, v in settings.items() if v is not None}}
     write_json(out / JOB, spec)
-    beside = Path(sys.executable).parent / "accelerate"
-    command = [str(beside) if beside.exists() else "accelerate", "launch", "--config_file", str(out / CONFIG),
-               "-m", "leafe.scale.stage", str(out / JOB)]
     job.progress.start(None)
-    with open(out / LOG, "a") as log:
-        log.write(f"$ {' '.join(command)}\n")
-        log.flush()
-        # Each rank checks it got the sharding asked for (`distributed.check_ran`): never silently unsharded.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", SHARDING_ENV: SHARDING_RAN[training.sharding]}
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    done = _accelerate_launch(out / CONFIG, out / JOB, out / LOG, spec["sharding"])
     if done.returncode != 0 or not (out / RESULT).exists():
         tail = (out / LOG).read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise LeafeError(f"{method} on {training.processes} processes failed (exit {done.returncode}); "
@@ -106,6 +109,58 @@ def launch(method: str, job: Job, training: TrainingSettings, **settings: Any) -
 
         raise NoDistillationRows(result["trees"], result["no_rows"])
     return MethodResult(**result)
+
+
+def _accelerate_launch(config: Path, job: Path, log_path: Path, sharding: str) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file CONFIG -m leafe.scale.stage JOB`, its output appended to LOG."""
+    beside = Path(sys.executable).parent / "accelerate"
+    command = [str(beside) if beside.exists() else "accelerate", "launch", "--config_file", str(config),
+               "-m", "leafe.scale.stage", str(job)]
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        # Each rank checks it got the sharding asked for (`distributed.check_ran`): never silently unsharded.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", SHARDING_ENV: sharding}
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+
+
+def follow(run_dir: Path, training: TrainingSettings, poll_s: float = 0.5) -> int:
+    """Machine `training.machine_rank` (> 0) of a study that trains across machines: join each
+    training stage machine 0 launches, until its study ends; returns the number joined.
+
+    Machine 0 writes each launch's job (with its accelerate config and a launch id) into the stage's
+    directory under the run directory, which every machine must see at the same path (a shared
+    filesystem); this machine starts its own `accelerate launch` of the same job with its machine
+    rank, and the ranks meet at training.main_address. The study ends when machine 0 writes
+    results.json (newer than this machine's start)."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    started, served = time.time(), set()
+    while True:
+        for job_path in sorted(run_dir.rglob(JOB)):
+            try:
+                spec = read_json(job_path)
+            except (OSError, ValueError):  # being written
+                continue
+            if spec.get("launch_id") in served or "accelerate" not in spec:
+                continue
+            served.add(spec["launch_id"])
+            if job_path.stat().st_mtime < started:  # a launch of an earlier run: long over
+                continue
+            out = job_path.parent
+            config = out / f"accelerate.machine{training.machine_rank}.yaml"
+            config.write_text(yaml.safe_dump({**spec["accelerate"], "machine_rank": training.machine_rank}))
+            print(f"machine {training.machine_rank}: joining {spec['method']} in {out}", flush=True)
+            done = _accelerate_launch(config, job_path, out / f"launch.machine{training.machine_rank}.log",
+                                      spec["sharding"])
+            if done.returncode != 0:
+                raise LeafeError(f"{spec['method']} failed on machine {training.machine_rank} (exit "
+                                 f"{done.returncode}); see {out / f'launch.machine{training.machine_rank}.log'}")
+        results = run_dir / "results.json"
+        if results.exists() and results.stat().st_mtime >= started:
+            return len(served)
+        time.sleep(poll_s)
 
 
 class _LogLines:

@@ -199,7 +199,7 @@ class StudyConfig(_Section):
             if method in self.methods:
                 for build in builders:
                     build()
-        processes = self.training_settings().processes
+        processes = self.training_settings().world
         if "grpo" in self.methods and self.grpo_settings().tasks_per_step % processes:
             raise LeafeError(f"grpo.tasks_per_step ({self.grpo_settings().tasks_per_step}) must be a multiple of "
                              f"training.processes ({processes}): every process samples as many tasks")

@@ -129,8 +129,8 @@ class Study:
         # distillation's optimiser steps span a batch per rank); one process is left out, so run
         # directories from before the training section stay done.
         training = c.training_settings()
-        trained_fp = {} if training.processes == 1 else {"training": {"processes": training.processes,
-                                                                      "sharding": training.sharding}}
+        trained_fp = {} if training.world == 1 else {"training": {"processes": training.world,
+                                                                  "sharding": training.sharding}}
         evaluation = c.eval_settings()
         add("base.eval", "eval base", {"eval": _fp(evaluation), **sampled_fp},
             lambda t: self._eval("base", t), base_after)
@@ -341,7 +341,7 @@ class Study:
         self._release()  # GRPO loads the model it trains itself, and its own rollout engine
         job = self._job("grpo.train", self.base_model(), progress)
         settings, generation = self.config.grpo_settings(), self.config.generation_settings()
-        if (training := self.config.training_settings()).processes > 1:
+        if (training := self.config.training_settings()).world > 1:
             from leafe.scale.stage import launch
 
             return launch("grpo", job, training, settings=settings, generation=generation), {}
@@ -361,7 +361,7 @@ class Study:
         start = self.model_of(self.leafe_start())
         job = self._job("leafe.distill", start, progress, inputs=[self.stage_dir("leafe.explore") / "trees.jsonl"])
         try:
-            if (training := self.config.training_settings()).processes > 1:
+            if (training := self.config.training_settings()).world > 1:
                 from leafe.scale.stage import launch
 
                 return launch("distill", job, training, settings=self.config.distill_settings(),
@@ -380,7 +380,7 @@ class Study:
 
         base = self.base_model()
         job = self._job("early_experience.train", base, progress, backend=self._load(base))
-        if (training := self.config.training_settings()).processes > 1:  # its SFT over the processes
+        if (training := self.config.training_settings()).world > 1:  # its SFT over the processes
             from leafe.scale.stage import sft_launcher
 
             job.train_sft = sft_launcher(training, job.device)
