@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issues 25 and 26's GPU check: hf == vllm in bf16 on the tiny real-template models, GPU memory handed
+# Issues 25, 26 and 37's GPU check: FSDP2 over every GPU, LoRA under FSDP2, bf16, in-memory weight sync
+# (benchmarks/gpu_check_sharded.py, first); hf == vllm in bf16 on the tiny real-template models, GPU memory handed
 # back when an engine closes, vLLM replicas, a short `leafe run` with generation.backend: vllm; then
 # GRPO with its vLLM engine colocated (asleep during updates, synced after each) and a study whose
 # GRPO and distillation train in bf16 on CUDA. About 10 minutes on one GPU; no network.
@@ -16,6 +17,11 @@ WORK=${WORK:-$(mktemp -d)}
 OUT=${OUT:-$WORK}
 export PYTHONPATH=${PYTHONPATH:-.} OUT
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv
+
+# Issue 37 first (about 4 minutes): FSDP2 over every visible GPU (one update equal to one process's),
+# GRPO with LoRA under FSDP2 in bf16 on an hf copy and on vLLM, both synced in memory.
+echo "== sharded training: FSDP2 over every GPU, LoRA, bf16, in-memory sync"
+timeout 360 "$PYTHON" benchmarks/gpu_check_sharded.py "$WORK"
 
 echo "== parity, stop ids, memory, replicas"
 timeout 420 "$PYTHON" benchmarks/gpu_check.py "$WORK/models"

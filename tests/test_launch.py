@@ -133,7 +133,7 @@ def test_leafe_launch_dry_run_prints_the_plan_and_the_exact_command(config, shar
 def test_dry_run_prints_the_command_as_its_last_line_and_launches_nothing(monkeypatch):
     import os
 
-    monkeypatch.setattr(os, "execvp", lambda *a: pytest.fail("a dry run launched"))
+    monkeypatch.setattr(os, "execvpe", lambda *a: pytest.fail("a dry run launched"))
     result = launch(FSDP, "--dry-run", "--", *DISTILL)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
@@ -146,10 +146,11 @@ def test_without_dry_run_accelerate_replaces_the_process_with_the_planned_comman
     import os
 
     seen = []
-    monkeypatch.setattr(os, "execvp", lambda program, argv: seen.append((program, argv)))
+    monkeypatch.setattr(os, "execvpe", lambda program, argv, env: seen.append((program, argv, env)))
     result = launch(FSDP, "--num-processes", 2, "--", *DISTILL)
     assert result.exit_code == 0, result.output
-    [(program, argv)] = seen
+    [(program, argv, env)] = seen
+    assert env["LEAFE_SHARDING"] == "fsdp2" and "LEAFE_SHARDING" not in os.environ  # the ranks', not ours
     assert program == str(Path(sys.executable).parent / "accelerate")  # this environment's accelerate
     assert argv[1:] == ["launch", "--config_file", str(FSDP), "--num_processes", "2", "-m", "leafe", *DISTILL]
 
@@ -249,7 +250,7 @@ def test_a_deepspeed_launch_without_deepspeed_installed_says_what_to_install(mon
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
-    monkeypatch.setattr(os, "execvp", lambda *a: pytest.fail("launched without deepspeed"))
+    monkeypatch.setattr(os, "execvpe", lambda *a: pytest.fail("launched without deepspeed"))
     dry = launch(ZERO3, "--dry-run", "--", *DISTILL)
     assert dry.exit_code == 0 and "needs        deepspeed, not installed in this environment" in dry.stdout
     result = launch(ZERO3, "--", *DISTILL)

@@ -16,11 +16,14 @@ vllm` beside leafe. vLLM starts worker processes, so scripts that build this bac
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams, request_seed
 from leafe.chat import generation_stop_ids
+
+#: Bytes of weights per `collective_rpc` in `VLLMBackend.update_weights` (a 7B layer is ~0.47 GB in bf16).
+CHUNK_BYTES = 256 << 20
 
 
 class VLLMBackend(Backend):
@@ -63,6 +66,9 @@ class VLLMBackend(Backend):
                                    "tensor_parallel_size": tensor_parallel_size, "enforce_eager": enforce_eager,
                                    # lets a trainer push new weights into the workers (`load_weights`)
                                    "worker_extension_cls": "leafe.backends.vllm_sync.WeightSync",
+                                   # a sampled id's log-prob under the distribution it was drawn from
+                                   # (temperature applied), which GRPO's trainer computes too
+                                   "logprobs_mode": "processed_logprobs",
                                    **engine_options}
         if max_model_len is not None:
             options["max_model_len"] = max_model_len
@@ -122,7 +128,8 @@ class VLLMBackend(Backend):
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else -1, max_tokens=sampling.max_new_tokens, seed=seed,
             stop_token_ids=list(sampling.stop_token_ids) or None, include_stop_str_in_output=True,
-            # The sampled id's own log-prob, under the untempered distribution (vLLM's raw_logprobs mode).
+            # The sampled id's own log-prob, under the distribution it was drawn from (the engine's
+            # processed_logprobs mode: after temperature, top-k and top-p).
             logprobs=0 if sampling.logprobs else None, skip_special_tokens=True, detokenize=False,
         )
 
@@ -136,8 +143,9 @@ class VLLMBackend(Backend):
         if sampling.logprobs:
             if output.logprobs is None:
                 raise BackendError("vLLM returned no log-probs although they were asked for")
-            logprobs = [float(step[token].logprob) for step, token in zip(output.logprobs, output.token_ids)]
-            logprobs += [0.0] * (len(ids) - len(logprobs))
+            logprobs = [float(step[token].logprob) if token in step else None
+                        for step, token in zip(output.logprobs, output.token_ids)]
+            logprobs += [None] * (len(ids) - len(logprobs))  # an appended stop id has none (never a made-up 0.0)
         # Text from our tokenizer (as the hf backend does), never from a detokenizer with other settings.
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(ids, text, "stop" if stopped else "length", logprobs)
@@ -156,6 +164,92 @@ class VLLMBackend(Backend):
         self.llm.collective_rpc("leafe_reload", args=(str(model_dir),))
         self.llm.reset_prefix_cache()
 
+    def update_weights(self, weights: Iterable[tuple[str, Any]], chunk_bytes: int = CHUNK_BYTES,
+                       shared_memory: bool = True) -> int:
+        """Replace the engine's weights in memory, no file written: `weights` yields (Hugging Face
+        name, whole tensor) a layer at a time, as `AutoModelForCausalLM.named_parameters()` names them
+        (`leafe.methods.distributed.full_weights`; a tied head comes only as the embedding). Every
+        worker loads them with vLLM's layerwise reload (`leafe.backends.vllm_sync`: its CPU workers
+        repack each layer once its weights are in, a tied head is tied again), then the prefix
+        cache is dropped. Returns the bytes handed over (in the engine's dtype, which tensors are
+        cast to).
+
+        About `chunk_bytes` go per `collective_rpc` (a few layers; a bigger tensor goes alone), so
+        neither side holds more than a chunk beyond the model. With `shared_memory` (workers on this
+        machine, as vLLM's own are) a chunk is copied into one shared-memory segment this backend
+        keeps and reuses, and workers read it from there; without, it travels as bytes inside the
+        call (about 4x slower on CPU: `vllm_sync`)."""
+        import torch
+
+        dtype = self.llm.llm_engine.model_config.dtype
+        sent, chunk, size = 0, [], 0
+
+        def flush() -> None:
+            nonlocal chunk, size
+            if chunk:
+                segment = self._segment.name if shared_memory else None
+                self.llm.collective_rpc("leafe_update_chunk", args=(chunk, segment))
+            chunk, size = [], 0
+
+        self.llm.collective_rpc("leafe_update_begin")
+        try:
+            for name, tensor in weights:
+                tensor = tensor.detach()
+                kind = dtype if tensor.is_floating_point() else tensor.dtype
+                nbytes = tensor.numel() * kind.itemsize
+                label, shape = str(kind).removeprefix("torch."), list(tensor.shape)
+                if shared_memory:
+                    start = -(-size // 64) * 64  # aligned for any element type
+                    if chunk and start + nbytes > self._segment_size():  # the segment grows only when empty
+                        flush()
+                        start = 0
+                    if nbytes:
+                        buffer = self._staging(start + nbytes, chunk_bytes)
+                        staged = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=start)
+                        staged.view(kind).view(tensor.shape).copy_(tensor)  # one copy, cast included
+                        del staged, buffer
+                    chunk.append((name, label, shape, (start, nbytes)))
+                    size = start + nbytes
+                else:
+                    tensor = tensor.to(dtype=kind).to("cpu").contiguous()
+                    raw = tensor.reshape(-1).view(torch.uint8).numpy().data if nbytes else b""
+                    chunk.append((name, label, shape, raw))
+                    size += nbytes
+                sent += nbytes
+                if size >= chunk_bytes:
+                    flush()
+            flush()
+        finally:  # also after a failure: layers that got nothing take their old weights back
+            missing = self.llm.collective_rpc("leafe_update_end")
+            self.llm.reset_prefix_cache()
+        if missing := sorted({name for names in missing for name in names}):
+            raise BackendError(f"update_weights sent no weights for {len(missing)} of the engine's parameters "
+                               f"(e.g. {missing[0]}); they keep their old values")
+        return sent
+
+    def _segment_size(self) -> int:
+        segment = getattr(self, "_segment", None)
+        return 0 if segment is None else segment.size
+
+    def _staging(self, nbytes: int, chunk_bytes: int):
+        """The shared-memory segment `update_weights` stages chunks in, grown to hold `nbytes`
+        (only between chunks: a flush has emptied it whenever it is replaced)."""
+        from multiprocessing import shared_memory
+
+        if self._segment_size() < nbytes:
+            self._drop_segment()
+            self._segment = shared_memory.SharedMemory(create=True, size=max(nbytes, chunk_bytes))
+        return self._segment.buf
+
+    def _drop_segment(self) -> None:
+        segment, self._segment = getattr(self, "_segment", None), None
+        if segment is not None:
+            try:
+                segment.close()
+            except BufferError:  # a view still alive: the mapping goes with the process
+                pass
+            segment.unlink()
+
     def sleep(self) -> None:
         """Hand the GPU memory to a trainer sharing the GPUs (engine started with enable_sleep_mode,
         on GPUs): weights offloaded to host memory, KV cache discarded. No-op otherwise."""
@@ -167,6 +261,7 @@ class VLLMBackend(Backend):
             self.llm.wake_up()
 
     def close(self) -> None:
+        self._drop_segment()
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)

@@ -324,6 +324,7 @@ class GRPOTrainer:
         pad = sampler.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0  # padding is masked out of attention and loss alike
         self.sync_dir = sync_dir
+        self.sync_bytes = 0  # handed to the engine in memory by the last `sync`
         if self.sharded and self.lora:
             # FSDP2 fixes each layer's gradient dtype at its first forward, from the parameters that
             # require grad then; PEFT's disable_adapter (the reference) turns that off for the adapters,

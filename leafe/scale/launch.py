@@ -265,10 +265,9 @@ def run(plan: LaunchPlan) -> None:
                          "(or use configs/accelerate/fsdp.yaml)")
     beside = Path(sys.executable).parent / "accelerate"
     program = str(beside) if beside.exists() else plan.command[0]
-    # every rank checks it got this sharding (`leafe.methods.distributed.check_ran`): never silently unsharded
-    os.environ[SHARDING_ENV] = plan.sharding
     sys.stdout.flush()
-    os.execvp(program, [program, *plan.command[1:]])
+    # every rank checks it got this sharding (`leafe.methods.distributed.check_ran`): never silently unsharded
+    os.execvpe(program, [program, *plan.command[1:]], {**os.environ, SHARDING_ENV: plan.sharding})
 
 
 # Registered in cli.py as `app.command("launch", context_settings=LAUNCH_CONTEXT)(_cli_errors(launch_cmd))`:

@@ -81,8 +81,8 @@ def launch(method: str, job: Job, training: TrainingSettings, **settings: Any) -
         raise LeafeError("machine 0 launches the training stages; the others join them with `leafe run` (follow)")
     cuda = torch.cuda.is_available()
     if training.sharding == "zero3" and not cuda:
-        raise LeafeError("training.sharding: zero3 cannot run on CPU processes (DeepSpeed's CPU accelerator needs "
-                         "Intel's extension and oneCCL, not installable here); use sharding: fsdp")
+        raise LeafeError("training.sharding: zero3 is not wired for CPU processes (its engine fixes the micro-batches "
+                         "per step that GRPO varies; docs/scaling.md); use sharding: fsdp")
     if training.sharding == "zero3" and importlib.util.find_spec("deepspeed") is None:
         raise LeafeError("training.sharding: zero3 needs deepspeed: pip install deepspeed (or use sharding: fsdp)")
     out = job.out

@@ -203,6 +203,10 @@ class _Planner:
         else:
             seq = min(self.context(g.max_new_tokens), self.model_len())
             need.kv = g.tasks_per_step * g.group_size * seq * self.shape.kv_per_token(TRAIN_BYTES["weights"])
+            if t.sharding != "ddp":  # a sharded policy cannot sample: each process holds a whole copy to sample from
+                copy = 2 if t.mixed_precision != "no" else 4
+                need.weights += self.shape.params * copy
+                need.note += f"; rollouts: a whole {'bf16' if copy == 2 else 'fp32'} copy per process, synced in memory"
         need.minimum = need.total
         return need
 

@@ -2,11 +2,15 @@
 `accelerate launch` (each rank takes every world-th sample): prints what the update logged, what ran,
 and a checksum of the updated weights, as one JSON line from rank 0.
 
-    python tests/workers/grpo_update.py MODEL_DIR OUT.json [PRECISION]
+    python tests/workers/grpo_update.py MODEL_DIR OUT.json [PRECISION] [--updates N]
+
+With --updates N it also times N - 1 more updates, each followed by the in-memory sync into the hf
+engine's copy (benchmarks/sharded_step.py).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -31,7 +35,10 @@ def fixed_batch(tokenizer, n: int = 6) -> list:
     return samples
 
 
-def main(model: str, out: str, precision: str | None = None) -> None:
+def main(argv: list[str]) -> None:
+    import argparse
+    import time
+
     from transformers import AutoModelForCausalLM
 
     from leafe.backends.hf import HFBackend
@@ -40,25 +47,39 @@ def main(model: str, out: str, precision: str | None = None) -> None:
     from leafe.methods.grpo import GRPOTrainer
     from leafe.settings import GRPOSettings
 
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("out")
+    parser.add_argument("precision", nargs="?", default=None)
+    parser.add_argument("--updates", type=int, default=1, help="timed updates, each followed by a sync")
+    args = parser.parse_args(argv)
     rank, world = process_rank()
     torch.manual_seed(0)
-    sampler = HFBackend(model, device="cpu", dtype="float32")
-    policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"  # the GPU check
+    sampler = HFBackend(args.model, device=device, dtype="float32")
+    policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
+    ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     # small micro-batches: several per rank, and unequal counts over the ranks
     settings = GRPOSettings(learning_rate=1e-3, kl_coef=0.05, max_batch_tokens=64, is_cap=0.0)
-    trainer = GRPOTrainer(policy, sampler, settings, ref, shared=False, precision=precision)
+    trainer = GRPOTrainer(policy, sampler, settings, ref, shared=False, precision=args.precision)
     samples = fixed_batch(sampler.tokenizer)
     record = trainer.update(samples[rank::world], seed=11)
     checksum = sum(float(w.double().sum()) for _, w in full_weights(trainer.accelerator.unwrap_model(trainer.policy)))
+    timings = []
+    for i in range(args.updates - 1):  # the first update above warms up; these are timed (benchmarks)
+        trainer._barrier()
+        started = time.perf_counter()
+        trainer.update(samples[rank::world], seed=12 + i)
+        updated = time.perf_counter()
+        trainer.sync()
+        timings.append({"update_s": updated - started, "sync_s": time.perf_counter() - updated,
+                        "sync_bytes": trainer.sync_bytes})
     if rank == 0:
-        write_json(Path(out), {**record, "checksum": checksum, "ran": trainer.ran()})
+        write_json(Path(args.out), {**record, "checksum": checksum, "ran": trainer.ran(), "timings": timings})
     trainer.accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(sys.argv[1:])
     sys.stdout.flush()
-    import os
-
     os._exit(0)  # see leafe.scale.stage.main: no gloo teardown at exit
