@@ -24,11 +24,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from leafe.errors import LeafeError
+
+if TYPE_CHECKING:  # torch loads only when a training stage runs (`leafe run --dry-run` never loads it)
+    import torch
 
 #: What a launcher asked each rank for (fsdp2, zero3, ddp): set by `leafe.scale.stage`, checked by `check_ran`.
 SHARDING_ENV = "LEAFE_SHARDING"
@@ -53,6 +54,8 @@ def mixed_precision(requested: str | None = None) -> str:
     """'bf16' or 'no' for this machine: `requested` (auto / bf16 / no), else what accelerate launch
     passed (ACCELERATE_MIXED_PRECISION), else auto: bf16 on GPUs that support it, fp32 elsewhere.
     bf16 on a CPU is honoured: its autocast runs the matmuls in bf16 (fp32 master weights)."""
+    import torch
+
     value = (requested or os.environ.get("ACCELERATE_MIXED_PRECISION") or "auto").lower()
     cuda = torch.cuda.is_available()
     if value == "auto":
@@ -69,6 +72,7 @@ def make_accelerator(precision: str | None = None, **kwargs: Any):
 
     Made once per process: accelerate's state is process-wide, so the SFT trainer's own Accelerator
     (transformers') finds this state and reuses it."""
+    import torch
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
