@@ -148,7 +148,8 @@ def _vllm_scores_like_transformers(model: Path) -> None:
     ids = AutoTokenizer.from_pretrained(model).encode("Thought: push the box.\nAction: up")
     code = ("import json, sys; from leafe.backends.vllm import VLLMBackend; "
             "b = VLLMBackend(sys.argv[1], dtype='float32', max_model_len=512); "
-            "print('logprobs', json.dumps(b.sequence_logprobs(json.loads(sys.argv[2]))))")
+            "print('logprobs', json.dumps(b.sequence_logprobs(json.loads(sys.argv[2]))), flush=True); "
+            "b.close(); import os; os._exit(0)")  # the engine shut down first; its teardown at exit can abort
     run = in_vllm_venv("-c", code, model, json.dumps(ids), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     engine = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("logprobs "))[9:])

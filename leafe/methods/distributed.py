@@ -82,6 +82,12 @@ def make_accelerator(precision: str | None = None, **kwargs: Any):
                          "per step that GRPO varies; docs/scaling.md); use sharding: fsdp")
     if wanted == "fsdp1" and not cuda:
         raise LeafeError("FSDP version 1 does not shard on CPU processes; set fsdp_version: 2 in the accelerate config")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # One process may train several times (a study's stages, the tests) and in other precisions:
+        # accelerate's process-wide state would refuse a second precision, so each training starts anew.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision(precision), **kwargs)
     if wanted.startswith("fsdp") and not cuda and accelerator.num_processes > 1:
         _shard_on_cpu(accelerator)

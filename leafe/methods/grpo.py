@@ -261,9 +261,9 @@ def task_schedule(n_tasks: int, per_step: int, step: int, seed: int) -> list[int
 
 
 #: Why GRPO refuses sharded weights; `leafe launch` says it before launching, the trainer on start.
-SHARDED_WEIGHTS = ("GRPO samples in process from the policy it trains, and with sharded weights (FSDP, ZeRO-3) every "
-                   "decode step would be a collective that ranks reach unequally; launch it with a MULTI_GPU (DDP) "
-                   "config, or sample with --backend vllm")
+SHARDED_WEIGHTS = ("GRPO cannot sample from the policy it trains when its weights are sharded (FSDP, ZeRO-3): every "
+                   "decode step would be a collective that ranks reach unequally; give the trainer a sampler of its "
+                   "own (train_grpo gives each rank a whole copy, synced in memory)")
 
 
 def check_tasks_per_step(per_step: int, processes: int) -> None:
@@ -630,7 +630,8 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
         with loading_model(start):
             policy = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
         policy.to(pick_device(device))  # where the hf path's backend would put it
-        sync_dir = _sync_dir(out)
+        if not hasattr(sampler, "update_weights"):  # replicas reload a directory; an engine here takes memory
+            sync_dir = _sync_dir(out)
     if settings.lora:
         from peft import LoraConfig, get_peft_model
 
