@@ -27,7 +27,7 @@ def test_the_training_section_becomes_a_config_accelerate_reads(tmp_path, shardi
     path.write_text(yaml.safe_dump(config))
     loaded = load_accelerate_config(path)  # accelerate's own reader; leafe's check of every key
     assert loaded.distributed_type.value == kind and loaded.num_processes == 8
-    assert str(getattr(loaded.mixed_precision, "value", loaded.mixed_precision)) == ("bf16" if cuda else "no")  # fp32 on CPUs: no bf16 kernels to use
+    assert str(getattr(loaded.mixed_precision, "value", loaded.mixed_precision)) == ("bf16" if cuda else "no")  # auto: bf16 on GPUs, fp32 on CPUs
 
 
 def test_a_study_refuses_grpo_tasks_that_do_not_split_over_the_processes(tiny_model_dir, tmp_path):
