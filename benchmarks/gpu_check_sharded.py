@@ -16,34 +16,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 
 def update(model: Path, out: Path, gpus: int | None) -> dict:
-    from leafe.methods.distributed import SHARDING_ENV
-    from leafe.scale.stage import accelerate_config
-    from leafe.settings import TrainingSettings
+    from workers.grpo_update import run_update
 
-    command = [str(ROOT / "tests" / "workers" / "grpo_update.py"), str(model), str(out), "no"]
-    env = dict(os.environ)
-    if gpus is None:
-        command = [sys.executable, *command]
-    else:
-        config = out.with_suffix(".yaml")
-        training = TrainingSettings(processes=gpus, sharding="fsdp")
-        config.write_text(yaml.safe_dump(accelerate_config(training, torch.cuda.is_available())))
-        command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config), *command]
-        env[SHARDING_ENV] = "fsdp2"
-    subprocess.run(command, check=True, env=env, timeout=240)
-    return json.loads(out.read_text())
+    return run_update(model, out, None if gpus is None else "fsdp", processes=gpus or 1, timeout=240)
 
 
 def main(work: Path) -> None:

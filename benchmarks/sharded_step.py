@@ -15,39 +15,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 from vllm_overhead import machine
 
-from leafe.methods.distributed import SHARDING_ENV
-from leafe.scale.stage import SHARDING_RAN, accelerate_config
-from leafe.settings import TrainingSettings
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from workers.grpo_update import run_update  # noqa: E402 (the worker the sharding tests run)
 
-WORKER = Path(__file__).resolve().parent.parent / "tests" / "workers" / "grpo_update.py"
 CONFIGS = {"1 process": None, "2 ranks, DDP": "ddp", "2 ranks, FSDP2": "fsdp"}
 
 
 def run(model: str, sharding: str | None, updates: int, work: Path) -> dict:
-    out = work / f"{sharding or 'one'}.json"
-    command = [str(WORKER), model, str(out), "no", "--updates", str(updates)]
-    env = dict(os.environ)
-    if sharding is None:
-        command = [sys.executable, *command]
-    else:
-        config = work / f"{sharding}.yaml"
-        config.write_text(yaml.safe_dump(accelerate_config(TrainingSettings(processes=2, sharding=sharding), False)))
-        command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config), *command]
-        env[SHARDING_ENV] = SHARDING_RAN[sharding]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"{sharding or 'one process'} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.read_text())
+    try:
+        return run_update(Path(model), work / f"{sharding or 'one'}.json", sharding, updates=updates, timeout=3600)
+    except RuntimeError as failed:
+        raise SystemExit(str(failed).strip().splitlines()[-1]) from None
 
 
 def main() -> None:

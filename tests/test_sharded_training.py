@@ -16,15 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 from real_models import TOKENIZERS, build_acting
+from workers.grpo_update import run_update
 
 from leafe.errors import LeafeError
 from leafe.method import Job
 from leafe.methods.distributed import SHARDING_ENV
-from leafe.scale.stage import CONFIG, LOG, SHARDING_RAN, accelerate_config, launch
+from leafe.scale.stage import CONFIG, LOG, launch
 from leafe.settings import GRPOSettings, SFTSettings, TrainingSettings
 
-TESTS = Path(__file__).resolve().parent
-WORKER = TESTS / "workers" / "grpo_update.py"
 pytestmark = pytest.mark.skipif(not (TOKENIZERS / "qwen2.5").is_dir(), reason="needs ../shared/data/tokenizers")
 
 
@@ -46,17 +45,7 @@ def log_of(out: Path) -> list[dict]:
 def one_update(model: Path, out: Path, sharding: str | None, precision: str = "no") -> dict:
     """tests/workers/grpo_update.py on the fixed batch: in this machine's one process (sharding None),
     or on 2 processes under `accelerate launch` with the config a study would write."""
-    command = [sys.executable, str(WORKER), str(model), str(out), precision]
-    env = dict(os.environ)
-    if sharding is not None:
-        config = out.with_suffix(".yaml")
-        config.write_text(yaml.safe_dump(accelerate_config(TrainingSettings(processes=2, sharding=sharding), False)))
-        accelerate = Path(sys.executable).parent / "accelerate"
-        command = [str(accelerate), "launch", "--config_file", str(config), *command[1:]]
-        env[SHARDING_ENV] = SHARDING_RAN[sharding]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_update(model, out, sharding, processes=2, precision=precision)
 
 
 def test_one_update_is_the_same_on_one_process_ddp_and_fsdp2(qwen, tmp_path):

@@ -403,8 +403,7 @@ class GRPOTrainer:
         """Log-probs at the sampling temperature: the policy's, the old policy's and the reference's alike.
         An empty micro-batch (sharded weights, see `update`) runs a forward for its collectives only."""
         if not batch:
-            ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.accelerator.device)
-            model(input_ids=ids, use_cache=False)
+            self._padding_forward(model)
             return torch.zeros(0, device=self.accelerator.device), None
         return agent_logprobs(model, [x.ids for x in batch], [x.mask for x in batch], self.pad_id, with_entropy,
                               temperature=self.settings.temperature)
@@ -440,10 +439,14 @@ class GRPOTrainer:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return int(tensor.item())
 
+    def _padding_forward(self, model):
+        """A forward on two padding tokens: a rank's share of the collectives when it has nothing to score."""
+        ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.accelerator.device)
+        return model(input_ids=ids, use_cache=False)
+
     def _zero_backward(self) -> None:
         """Join the gradient all-reduce with a zero gradient (a rank whose groups were all skipped)."""
-        ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.accelerator.device)
-        self.accelerator.backward(self.policy(input_ids=ids, use_cache=False).logits.sum() * 0.0)
+        self.accelerator.backward(self._padding_forward(self.policy).logits.sum() * 0.0)
 
     def update(self, samples: list[Sample], seed: int) -> dict[str, float]:
         """`updates_per_batch` optimiser steps on one batch of samples; returns the last step's stats.

@@ -101,7 +101,7 @@ def launch(method: str, job: Job, training: TrainingSettings, **settings: Any) -
     done = _accelerate_launch(out / CONFIG, out / JOB, out / LOG, spec["sharding"])
     if done.returncode != 0 or not (out / RESULT).exists():
         tail = (out / LOG).read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise LeafeError(f"{method} on {training.processes} processes failed (exit {done.returncode}); "
+        raise LeafeError(f"{method} on {training.world} processes failed (exit {done.returncode}); "
                          f"see {out / LOG}: {tail[0][:200]}")
     result = read_json(out / RESULT)
     if "no_rows" in result:
@@ -111,17 +111,25 @@ def launch(method: str, job: Job, training: TrainingSettings, **settings: Any) -
     return MethodResult(**result)
 
 
+def accelerate_command(config: Path, *target: str) -> list[str]:
+    """`accelerate launch --config_file CONFIG TARGET...`, with the accelerate of this Python's environment."""
+    beside = Path(sys.executable).parent / "accelerate"
+    return [str(beside) if beside.exists() else "accelerate", "launch", "--config_file", str(config), *target]
+
+
+def ranks_env(sharding: str) -> dict[str, str]:
+    """The environment of a launch's ranks: unbuffered output, and the sharding each must report it
+    got (`distributed.check_ran`): a launch never trains unsharded in silence."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", SHARDING_ENV: sharding}
+
+
 def _accelerate_launch(config: Path, job: Path, log_path: Path, sharding: str) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file CONFIG -m leafe.scale.stage JOB`, its output appended to LOG."""
-    beside = Path(sys.executable).parent / "accelerate"
-    command = [str(beside) if beside.exists() else "accelerate", "launch", "--config_file", str(config),
-               "-m", "leafe.scale.stage", str(job)]
+    command = accelerate_command(config, "-m", "leafe.scale.stage", str(job))
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        # Each rank checks it got the sharding asked for (`distributed.check_ran`): never silently unsharded.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", SHARDING_ENV: sharding}
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=ranks_env(sharding), check=False)
 
 
 def follow(run_dir: Path, training: TrainingSettings, poll_s: float = 0.5) -> int:

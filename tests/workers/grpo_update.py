@@ -1,6 +1,6 @@
-"""One GRPO update on a fixed batch, run by tests/test_sharded_training.py in one process or under
-`accelerate launch` (each rank takes every world-th sample): prints what the update logged, what ran,
-and a checksum of the updated weights, as one JSON line from rank 0.
+"""One GRPO update on a fixed batch, in one process or under `accelerate launch` (each rank takes
+every world-th sample; `run_update` starts either): rank 0 writes what the update logged, what ran
+and a checksum of the updated weights to OUT.json.
 
     python tests/workers/grpo_update.py MODEL_DIR OUT.json [PRECISION] [--updates N]
 
@@ -33,6 +33,35 @@ def fixed_batch(tokenizer, n: int = 6) -> list:
                 mask[j] = 1
         samples.append(Sample(ids, mask, advantage=(-1.0) ** i * (0.5 + 0.25 * i)))
     return samples
+
+
+def run_update(model: Path, out: Path, sharding: str | None = None, processes: int = 2, precision: str = "no",
+               updates: int = 1, timeout: float = 600) -> dict:
+    """This worker on the fixed batch, in one process (`sharding` None) or on `processes` ranks under
+    `accelerate launch` with the config a study writes for `sharding` (ddp, fsdp) on this machine;
+    returns what rank 0 wrote to `out`. Used by the sharding tests, benchmarks/sharded_step.py and
+    benchmarks/gpu_check_sharded.py."""
+    import json
+    import subprocess
+
+    args = [str(Path(__file__)), str(model), str(out), precision, "--updates", str(updates)]
+    if sharding is None:
+        command, env = [sys.executable, *args], dict(os.environ)
+    else:
+        import yaml
+
+        from leafe.scale.stage import SHARDING_RAN, accelerate_command, accelerate_config, ranks_env
+        from leafe.settings import TrainingSettings
+
+        config = out.with_suffix(".yaml")
+        training = TrainingSettings(processes=processes, sharding=sharding)
+        config.write_text(yaml.safe_dump(accelerate_config(training, torch.cuda.is_available())))
+        command, env = accelerate_command(config, *args), ranks_env(SHARDING_RAN[sharding])
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"the update ({sharding or 'one process'}) failed (exit {done.returncode}): "
+                           f"{done.stderr[-3000:]}")
+    return json.loads(out.read_text())
 
 
 def main(argv: list[str]) -> None:
