@@ -184,6 +184,21 @@ def test_zero3_is_refused_on_cpu_processes_in_one_line(qwen, tmp_path):
     assert not (tmp_path / "z" / LOG).exists()  # refused before anything was launched
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process under it, as a preempted machine loses them all: the ranks
+    torchrun starts need not share the launcher's process group, so killing the group can miss them."""
+    import psutil
+
+    root = psutil.Process(pid)
+    processes = [root, *root.children(recursive=True)]
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=60)
+
+
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
     started = time.monotonic()
     while not path.exists():
@@ -201,7 +216,7 @@ def test_sharded_grpo_killed_after_a_checkpoint_resumes_to_the_same_next_step(qw
     expected = log_of(reference)
     assert [s["step"] for s in expected] == [1, 2, 3]
 
-    # The same run in a process of its own, killed with its ranks (SIGKILL to the whole group) once
+    # The same run in a process of its own, killed with its ranks (SIGKILL to every process of it) once
     # step 1's checkpoint is complete (renamed into place), then run again.
     out = tmp_path / "killed"
     script = (f"from leafe.method import Job; from leafe.scale.stage import launch; "
@@ -212,7 +227,7 @@ def test_sharded_grpo_killed_after_a_checkpoint_resumes_to_the_same_next_step(qw
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(out / "checkpoints" / "step-1" / "state", process)
-        os.killpg(process.pid, signal.SIGKILL)
+        _kill_tree(process.pid)
     finally:
         process.wait(timeout=60)
     assert (out / "checkpoints" / "step-1" / "state").is_dir() and not (out / "train.json").exists()  # cut short
