@@ -2,8 +2,8 @@
 
     python benchmarks/webshop_reward.py [--data ../shared/data/webshop] [--out benchmarks/results/webshop_reward.json]
 
-The type reward counts a goal title's nouns (spaCy NOUN/PROPN) in the bought title. WebShop used
-en_core_web_lg, which PyPI does not carry; here en_core_web_sm (its PyPI mirror) and the "rule"
+The type reward counts a goal title's nouns (spaCy NOUN/PROPN) in the bought title. WebShop loads
+en_core_web_sm (here its PyPI mirror, the default); it is compared with the "rule"
 fallback (every non-stop-word a noun) are compared on the 500 test goals, for two purchases each:
 the expert's (goal product, goal options) and a random one (a product drawn from the 50 results of the
 goal's instruction words, random option values; seed 0). Also: every fuzzy ratio those rewards
@@ -42,14 +42,15 @@ def purchases(env, rng: random.Random) -> list[tuple[int, str, dict]]:
     return out
 
 
-def fuzz_pairs(env, bought: list[tuple[int, str, dict]]) -> list[tuple[str, str]]:
+def fuzz_pairs(env, bought: list[tuple[int, str, dict]]) -> list[tuple]:
+    """Every (have, want) the rewards score: attributes, and chosen values against goal (name, value) pairs."""
     pairs = set()
     for i, asin, options in bought:
         goal, product = env.shop.goals[i], env.shop.products[asin]
         pairs.update((have, want) for want in goal.attributes for have in product.attributes)
-        wanted = [normalize_color(v) for v in goal.goal_options.values()]
-        pairs.update((w, normalize_color(v)) for v in options.values() for w in wanted)
-    return sorted(pairs)
+        wanted = [normalize_color(pair) for pair in goal.goal_options.items()]
+        pairs.update((normalize_color(v), w) for v in options.values() for w in wanted)
+    return sorted(pairs, key=str)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ pytest.importorskip("Stemmer")
 pytest.importorskip("spacy")
 
 from leafe.envs import EnvError, make  # noqa: E402
-from leafe.envs.webshop.reward import normalize_color, token_set_ratio  # noqa: E402
+from leafe.envs.webshop.reward import normalize_color, options_matched, token_set_ratio  # noqa: E402
 
 DATA = Path(os.environ.get("LEAFE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")) / "webshop"
 if not (DATA / "items_shuffle_1000.json").is_file():
@@ -37,41 +37,68 @@ def env():
     return make("webshop", data_dir=str(DATA))
 
 
-# reward = r_type * (attributes matched + options matched + [price <= bound]) / (n_attributes + n_options + 1)
+# WebShop's get_reward (master, web_agent_site/engine/goal.py), worked by hand from its code:
+# reward = r_type * (attributes matched + goal options matched + [price <= bound]) / (n_attributes + n_goal_options + 1)
+# A goal option is its (name, value) pair, which thefuzz scores as text ("size 28 x 28"), unless the value
+# is exactly a colour word; a chosen value is cut to the first colour word it contains (a substring);
+# a goal option matches when some chosen value has token-set ratio > 85 with it. Token-set ratio is 100
+# whenever one side's tokens are a subset of the other's.
 #
 # Goal 0 (product PILLOW, an Ambesonne throw pillow cover): attributes double sided, machine washable,
 # printing technology; option size 28" x 28"; price bound $30; query "decorative pillows". Its title has
 # 20 noun tokens (en_core_web_sm), 19 distinct ("pillow" twice).
 # a) PILLOW, size 28" x 28": the same title -> title_score 19/20 = 0.95 > 0.2 and the query matches ->
-#    r_type 1; 3 attributes are in its attribute list (token-set ratio 100); the size is an exact match;
-#    $14.95 <= $30. (3 + 1 + 1) / (3 + 1 + 1) = 1.
-# b) PILLOW, size 40" x 40": size matches only exactly and "40\" x 40\"" is not in the title, bullets or
-#    description -> 0 options. (3 + 0 + 1) / 5 = 0.8.
-# c) PILLOW, no option chosen: WebShop counts chosen options only -> 0 options. 4 / 5 = 0.8.
-# d) COWHIDE (cowhide pillow covers, $17.99, same query), size 18 x 18-inch: shared nouns {pillow,
+#    r_type 1; 3 attributes are in its attribute list (token-set ratio 100); {28, x} is a subset of the
+#    goal pair's {size, 28, x} -> 100; $14.95 <= $30. (3 + 1 + 1) / (3 + 1 + 1) = 1.
+# b) PILLOW, size 40" x 40": {40, x} against {size, 28, x}: only "x" shared, best ratio 40 -> 0 options.
+#    (3 + 0 + 1) / 5 = 0.8.
+# c) PILLOW, size 16" x 16": a value in the product's own text ("16\" x 16\"" is in its bullets) does not
+#    count for an option (only attributes are looked up in the text) -> 0.8.
+# d) PILLOW, no option chosen: nothing to match the goal's size -> 4 / 5 = 0.8.
+# e) COWHIDE (cowhide pillow covers, $17.99, same query), size 18 x 18-inch: shared nouns {pillow,
 #    cushion, cover, square, case, x} -> title_score 6/20 = 0.3, query matches -> r_type 1. Attributes:
 #    "double sided" is in its list (ratio 100); "machine washable" (best ratio 29) and "printing
-#    technology" (best 39) are not, nor in its text -> 1. The size is not the goal's, nor in its text -> 0.
-#    Price ok -> 1. (1 + 0 + 1) / 5 = 0.4.
-# e) CANVAS (canvas prints, $100, query "wall art", categories share only "Home & Kitchen"): no noun in
+#    technology" (best 39) are not, nor in its text -> 1. {18, x, inch} vs {size, 28, x} -> 0. Price ok.
+#    (1 + 0 + 1) / 5 = 0.4.
+# f) CANVAS (canvas prints, $100, query "wall art", categories share only "Home & Kitchen"): no noun in
 #    common -> title_score 0 -> r_type 0 -> reward 0, whatever else matches.
 # Goal 8 (a "100th day of school" T-shirt, 7 attributes, options color/fit type/size, bound $50;
 # nouns day, school, football, boy, day, school, t, shirt = 8 tokens):
-# f) B017L3XL54 ("14 Day Plain Black Candle", $29.95, query candles): shared nouns {day} -> title_score
+# g) B017L3XL54 ("14 Day Plain Black Candle", $29.95, query candles): shared nouns {day} -> title_score
 #    1/8 = 0.125: not > 0.2, no query or category match -> r_type 0.5 (>= 0.1, so not 0.1). No T-shirt
 #    attribute matches, no option chosen, price ok: 0.5 * (0 + 0 + 1) / (7 + 3 + 1) = 0.5 / 11.
 # Goal 103 (an Amanti door mirror, attributes space saving + living room, colour "ridge bronze", bound $160):
-# g) its product at $147.42, colour "accent bronze": both values normalise to the colour word "bronze"
-#    (ratio 100 > 85) -> the option matches; both attributes are in its list; query matches -> r_type 1.
-#    (2 + 1 + 1) / (2 + 1 + 1) = 1.
+# h) its product at $147.42, colour "accent bronze": the chosen value becomes "bronze"; the goal pair is
+#    not a colour word, so it stays "color ridge bronze", whose tokens include "bronze" -> 100. Both
+#    attributes in its list, query matches. (2 + 1 + 1) / (2 + 1 + 1) = 1.
+# Goal 1 (leggings: 4 attributes, color black, size 3x-large):
+# i) its product with color black and size "large": {large} is a subset of {size, 3x, large} -> the size
+#    matches although it is the wrong size (WebShop has no exact rule for sizes). (4 + 2 + 1) / 7 = 1.
+# Goal 20 (a shoe: 4 attributes, color "r.brown2070", size 7):
+# j) its own product and options: "r.brown2070" is cut to "brown", which is no token of the goal pair
+#    {color, r, brown2070} (the pair is not cut: "brown" is not the whole value) -> the colour fails,
+#    the size matches. (4 + 1 + 1) / (4 + 2 + 1) = 6/7: the right purchase scores under 1.
+# Goal 28 (a rug: attributes dining room + living room, color "navy | red", item shape "rectangular",
+# size "1 ft 9 in x 7 ft 2 in"):
+# k) its own product and options: "navy | red" -> "navy", a token of {color, navy, red} -> match; but
+#    "rectangular" contains "tan" and is cut to it -> no match; the size matches. (2 + 2 + 1) / 6 = 5/6.
+# Goal 132 (shoes, attributes non slip + rubber sole, no options, bound $120):
+# l) B09HH6P68W (walking shoes, $100, same query: title_score 0.25) with size "6" chosen: a chosen
+#    option with no goal option adds nothing (per goal option, at most 1 each) -> (2 + 0 + 1) / 3 = 1.
+#    Counting per chosen option, and "6" in its text, gave 4/3 here.
 REWARD_CASES = [
     (0, PILLOW, {"size": '28" x 28"'}, 1.0),
     (0, PILLOW, {"size": '40" x 40"'}, 0.8),
+    (0, PILLOW, {"size": '16" x 16"'}, 0.8),
     (0, PILLOW, {}, 0.8),
     (0, COWHIDE, {"size": "18 x 18-inch"}, 0.4),
     (0, CANVAS, {"size": '28" x 20"'}, 0.0),
     (8, "B017L3XL54", {}, 0.5 / 11),
     (103, "B07S2Z9KGP", {"color": "accent bronze"}, 1.0),
+    (1, "B09QCP4579", {"color": "black", "size": "large"}, 1.0),
+    (20, "B07S7HDC88", {"color": "r.brown2070", "size": "7"}, 6 / 7),
+    (28, "B07FKGQKZ1", {"color": "navy | red", "item shape": "rectangular", "size": "1 ft 9 in x 7 ft 2 in"}, 5 / 6),
+    (132, "B09HH6P68W", {"size": "6"}, 1.0),
 ]
 
 
@@ -86,6 +113,27 @@ def test_colours_normalise_to_webshops_first_colour_word_and_ratios_round_like_t
     assert normalize_color("style1-black") == "black" and normalize_color("28 x 28") == "28 x 28"
     assert token_set_ratio("Machine-Washable", "machine washable") == 100  # thefuzz's processing
     assert isinstance(token_set_ratio("tea tree oil", "tea tree"), int)
+    # A goal's (name, value) pair maps only when its value is exactly a colour word; a chosen value on a substring.
+    assert normalize_color(("color", "black")) == "black" and normalize_color("rectangular") == "tan"
+    assert normalize_color(("color", "ridge bronze")) == ("color", "ridge bronze")
+    # thefuzz scores a pair as its str(): repr escapes a no-break space ("xa0green": no "green" token),
+    # and force_ascii drops code points 128-255 only.
+    assert token_set_ratio("green", ("color", "b17-army\xa0green")) < 85 and token_set_ratio("green", "army green") == 100
+    assert token_set_ratio("green", "army\xa0green") < 85  # dropped, not made a space: one token "armygreen"
+    assert token_set_ratio("caf\u00e9", "caf") == 100 and token_set_ratio("t\u014dky\u014d", "tky") < 85
+    # (each of these equals thefuzz 0.22's fuzz.token_set_ratio on the same arguments)
+
+
+@pytest.mark.parametrize(("goal_options", "chosen", "matched"), [
+    ({"color": "black", "size": "large"}, {"color": "black", "size": "large", "fit": "large"}, 2),  # each goal option once
+    ({}, {"size": "6"}, 0),  # a chosen option with no goal option adds nothing
+    ({"size": "x-large"}, {"size": "large"}, 1),  # {large} is a subset of {size, x, large}
+    ({"size": "large"}, {"size": "x-large"}, 0),  # {x, large} against {size, large}: ratio under 85
+    ({"color": "navy blue"}, {"style": "navy blue"}, 1),  # names are not compared: any chosen value may match
+    ({"color": "standard"}, {"color": "standard"}, 0),  # "standard" is cut to "tan"
+])
+def test_goal_options_are_matched_per_goal_option_as_webshop_does(goal_options, chosen, matched):
+    assert options_matched(goal_options, chosen) == matched
 
 
 def test_goals_are_webshops_shuffled_synthetic_goals_and_the_first_500_are_test(env):
@@ -103,9 +151,15 @@ def test_goals_are_webshops_shuffled_synthetic_goals_and_the_first_500_are_test(
     assert test[0].spec["goal"]["price_upper"] == 30.0 and json.loads(json.dumps(test[0].spec)) == test[0].spec
 
 
-def test_the_expert_wins_499_of_the_500_test_goals(env):
-    """The one miss, goal 444: its instruction words ("power amplifier, hands free av receivers &
-    amplifiers with usb port") do not bring its product, a car radio, into the search's top 50."""
+#: Test goals where WebShop's reward gives under 1 to the goal's own product with the goal's options
+#: (a chosen value cut to a colour word the goal pair does not hold as a token: cases j and k above).
+UNWINNABLE = [20, 28, 73, 149, 150, 155, 205, 236, 269, 315, 328, 334, 358, 388, 403, 410, 429, 458, 459, 465]
+
+
+def test_the_expert_wins_479_of_the_500_test_goals(env):
+    """Misses: goal 444, whose instruction words ("power amplifier, hands free av receivers & amplifiers
+    with usb port") do not bring its product, a car radio, into the search's top 50; and the 20 goals
+    nothing can win under WebShop's reward (UNWINNABLE)."""
     tasks = env.make_tasks(500, 0)
     wins, missed = 0, []
     for task in tasks:
@@ -117,7 +171,11 @@ def test_the_expert_wins_499_of_the_500_test_goals(env):
         results = [env.step(a) for a in plan]
         assert results[-1].done and all(not r.done for r in results[:-1])
         wins += results[-1].success and results[-1].reward == 1.0
-    assert wins == 499 and missed == ["webshop-test-444"]
+    assert wins == 479 and missed == sorted((f"webshop-test-{i}" for i in [*UNWINNABLE, 444]), key=lambda t: int(t[13:]))
+    for goal in UNWINNABLE[:3]:
+        env.reset(env.task(goal))
+        right = env.score(env.goal.asin, env.goal.goal_options)
+        assert 0.5 < right.reward < 1.0 and right.options_matched < len(env.goal.goal_options)
 
 
 def test_pages_buttons_and_invalid_actions(env):
@@ -131,20 +189,28 @@ def test_pages_buttons_and_invalid_actions(env):
     results = env.step("search[Decorative Pillows]")
     assert not results.info["invalid"] and "Page 1 (Total results: 50)" in results.observation
     assert "click[next >]" in results.observation and "click[< prev]" not in results.observation
-    assert env.step("search[again]").info["invalid"]  # the search box is on the search page only
+    assert all(line.startswith("Instruction: ") for line in (first.splitlines()[1], results.observation.splitlines()[0]))
     page2 = env.step("click[Next >]")
     assert "Page 2 (Total results: 50)" in page2.observation and "click[< prev]" in page2.observation
     env.step("click[< prev]")
     item = env.step(f"click[{PILLOW.lower()}]")
     assert 'size [16" x 16"]' in item.observation and "click[buy now]" in item.observation
+    assert "Rating: N.A." in item.observation  # WebShop's loader reads no ratings
     env.step('click[28" x 28"]')
     features = env.step("click[features]")
     assert "Double sided print" in features.observation and "click[buy now]" not in features.observation
     back = env.step("click[< prev]")
     assert 'You have clicked 28" x 28".' in back.observation  # the chosen option survives the sub-page
-    assert env.state.chosen == {"size": '28" x 28"'} and env.steps_taken == 10
+    assert env.state.chosen == {"size": '28" x 28"'} and env.steps_taken == 9
     env.step("click[back to search]")
     assert env.state.page == "search" and env.state.chosen == {}
+    # search[...] works from any page, as in WebShop's text env, and starts over (no product, no options).
+    env.step("search[decorative pillows]")
+    env.step(f"click[{PILLOW.lower()}]")
+    env.step('click[28" x 28"]')
+    again = env.step("search[cowhide pillow]")
+    assert not again.info["invalid"] and env.state.page == "results" and env.state.chosen == {}
+    assert env.state.query == "cowhide pillow" and f"Instruction: {task.spec['goal']['instruction_text']}" in again.observation
 
 
 def test_the_episode_ends_at_max_steps_without_a_purchase():

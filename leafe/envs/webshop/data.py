@@ -3,14 +3,13 @@
 The files are WebShop's own: `items_shuffle_1000.json` (raw products) and `items_ins_v2_1000.json`
 (attributes and synthetic instructions per ASIN) for the 1000-product set, or `items_shuffle.json` and
 `items_ins_v2.json` for the full set. We never ship or download them: `data_dir` or `$WEBSHOP_DATA`
-names the folder. Reviews (`reviews.json`) are not read: the 1000-product set does not need them and
-the text observation only shows a rating, taken from the product's own `average_rating`.
+names the folder. Reviews and ratings are not read, as in WebShop's loader (master), whose review
+loading is commented out: every item page shows "Rating: N.A." and no reviews.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from leafe.envs.base import DataStatus, EnvError
+from leafe.errors import CorruptFile
+from leafe.files import expect, read_json
 
 ENV_VAR = "WEBSHOP_DATA"
 #: products= setting -> (products file, attributes/instructions file)
@@ -116,7 +117,7 @@ def product_from_raw(raw: dict, info: dict | None) -> Product:
         category=raw.get("category") or "",
         query=(raw.get("query") or "").lower().strip(),
         product_category=raw.get("product_category") or "",
-        rating=str(raw.get("average_rating") or "N.A."),
+        rating="N.A.",  # WebShop's loader leaves every rating out (see above)
         instruction=info.get("instruction"),
         instruction_attributes=tuple(info.get("instruction_attributes") or ()),
     )
@@ -127,16 +128,30 @@ def load_products(data_dir: Path, products: str = "1000") -> tuple[Product, ...]
     """The products in file order (the order goals and the search index follow), without WebShop's
     skipped ASINs ('nan', longer than 10 characters) and repeats. Cached per folder and size."""
     products_path, info_path = data_files(data_dir, products)
-    with open(products_path) as f:
-        raw_products = json.load(f)
-    with open(info_path) as f:
-        infos = json.load(f)
+    raw_products, infos = read_json(products_path, list), read_json(info_path, dict)
     seen: set[str] = set()
     out = []
-    for raw in raw_products:
-        asin = raw.get("asin", "nan")
+    for number, raw in enumerate(raw_products):
+        where = f"{products_path}: product {number}"
+        asin = expect(expect(raw, dict, where).get("asin", "nan"), str, f"{where}: its asin")
         if asin == "nan" or len(asin) > 10 or asin in seen:
             continue
         seen.add(asin)
-        out.append(product_from_raw(raw, infos.get(asin)))
+        info = _info(infos.get(asin), f"{info_path}: {asin}")
+        try:
+            out.append(product_from_raw(raw, info))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a field of another type than WebShop's
+            raise CorruptFile(f"{products_path}: product {asin} is not in WebShop's format "
+                              f"({type(exc).__name__}: {exc}); is it the right file?") from None
     return tuple(out)
+
+
+def _info(info: object, where: str) -> dict | None:
+    """A product's entry of the attributes file, checked: an object whose attribute fields are lists."""
+    if info is None:
+        return None
+    expect(info, dict, where)
+    for key in ("attributes", "instruction_attributes"):
+        if info.get(key) is not None:
+            expect(info[key], list, f"{where}.{key}")
+    return info

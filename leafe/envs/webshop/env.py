@@ -4,8 +4,9 @@ Tasks are goals of a split ("test": WebShop's first 500 shuffled goals, "train":
 goals.py); task i of `make_tasks(n, seed)` is goal seed+i of the split, and its spec carries the whole
 goal (so a saved task keeps its price bound). Actions are `search[keywords]` on the search page and
 `click[button]` with a button of the current page; anything else is an ordinary step whose
-observation says why it did nothing. Unlike WebShop's text env, `search[...]` is only valid where the
-search box is (the search page), as its `get_available_actions` reports. Buying ends the episode with
+observation says why it did nothing. `search[...]` works from any page, as in WebShop's text env (its
+`step` searches whatever the page; only the search page lists it among the valid actions, as
+`get_available_actions` reports a search bar there only). Buying ends the episode with
 WebShop's reward in `StepResult.reward` and its parts in `info`; success is a reward of 1.
 Rollback is by snapshot: the page state is one immutable object.
 """
@@ -160,8 +161,6 @@ class WebShopEnv(Env):
         verb, arg = parsed
         state = self.state
         if verb == "search":
-            if state.page != "search":
-                return "search is only available on the search page (click[back to search] first)"
             if not arg:
                 return "search[...] needs keywords"
             self.state = PageState(page="results", query=arg, results=tuple(self.shop.index.search(arg)),
@@ -196,7 +195,7 @@ class WebShopEnv(Env):
         return self.shop.products.get(self.state.asin) if self.state.asin else None
 
     def _render(self) -> str:
-        return pages.render(self.state, self.shop.products)
+        return pages.render(self.state, self.shop.products, self.goal.instruction_text)
 
     @property
     def steps_taken(self) -> int:

@@ -4,6 +4,10 @@ The pages and buttons are WebShop's (search, results 10 per page with "Next >"/"
 with option buttons, Description/Features/Reviews sub-pages, "Back to Search", "Buy Now"), rendered
 in the compact text form agents are prompted with (ReAct's WebShop transcripts): one button per
 `[...]`, then a line naming every valid action. Clicks are matched lower-case, as WebShop does.
+Every page carries the instruction, as each of WebShop's pages does (ReAct's wrapper cut it from all
+but the first; WebShop's own text env keeps it), and the item page shows "Rating: N.A.", as WebShop's
+loader never reads ratings. Where the text differs from WebShop's `[SEP]`-joined page text: buttons
+are `[...]`, the results page names its query, an empty sub-page says so ("(no reviews)").
 """
 
 from __future__ import annotations
@@ -71,12 +75,12 @@ def page_results(state: PageState) -> tuple[str, ...]:
     return state.results[start:start + PAGE_SIZE]
 
 
-def render(state: PageState, products: dict[str, Product]) -> str:
-    """The page's text and, last, the line of valid actions."""
+def render(state: PageState, products: dict[str, Product], instruction: str) -> str:
+    """The page's text, with the goal's `instruction` at the top, and, last, the line of valid actions."""
     product = products.get(state.asin) if state.asin else None
-    lines: list[str] = []
+    lines: list[str] = [f"Instruction: {instruction}"]
     if state.page == "search":
-        lines += ["WebShop search page.", "[Search]"]
+        lines = ["WebShop", *lines, "[Search]"]
     elif state.page == "results":
         lines += ["[Back to Search]", f"Results for: {state.query}",
                   f"Page {state.page_no} (Total results: {len(state.results)})"]

