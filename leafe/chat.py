@@ -272,7 +272,7 @@ def generation_stop_ids(model: str | Path) -> tuple[int, ...]:
         return ()
     try:
         eos = json.loads(path.read_text()).get("eos_token_id")
-    except (json.JSONDecodeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         raise ChatTemplateError(f"{path} is not a JSON object; fix or delete it") from None
     if isinstance(eos, int):
         return (eos,)

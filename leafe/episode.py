@@ -45,7 +45,8 @@ class Episode:
     first_observation_hash: str
     steps: list[Step] = field(default_factory=list)
     success: bool = False
-    #: Why it ended: "success", "done" (the env ended it), "context" (no room for another turn).
+    #: Why it ended: "success", "done" (the env ended it), "context" (no room for another turn),
+    #: "fault" (the env's machinery failed a step: no outcome, never scored; `leafe.rollout`).
     finish: str = ""
     wall_s: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)

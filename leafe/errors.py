@@ -7,3 +7,13 @@ class LeafeError(Exception):
 
 class CorruptFile(LeafeError, ValueError):
     """A file leafe reads is not what it should be (truncated, not JSON, not the record it expects)."""
+
+
+class DiskFull(LeafeError):
+    """A write met a full disk (ENOSPC) or a full quota (EDQUOT). The writer kept nothing half-written,
+    so once space is freed a rerun resumes where the run stopped."""
+
+    def __init__(self, path: object = None, quota: bool = False):
+        what = "disk quota exceeded" if quota else "no space left on device"
+        super().__init__(f"{f'{path}: ' if path else ''}{what}; free space and rerun: the run resumes")
+        self.path = path

@@ -9,6 +9,12 @@ waiting ones take their place, so the batch stays full.
 
 Evaluation, exploration, GRPO, Early Experience and the embedded model's synthetic pretraining data
 all go through here, so they share prompts, step limits and token accounting.
+
+A step whose env failed in its own machinery (`EnvFault`: the code judge's sandbox could not run the
+program) has no outcome, so it never becomes feedback or a reward: the Recorder ends the episode as
+faulted (finish "fault", the message in meta["fault"]), `RolloutEngine.run` runs it again from its
+start (meta["faulted_runs"] counts how often), exploration explores its task again. After
+`MAX_FAULTS_IN_A_ROW` such steps with no real one between them the stage stops (`EnvUnavailable`).
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from typing import Any
 
 from leafe.backends.base import Backend, Completion, SamplingParams
 from leafe.chat import ChatFormat, Conversation
-from leafe.envs.base import Env, StepResult, Task, observation_hash, replay
+from leafe.envs.base import Env, EnvFault, StepResult, Task, observation_hash, replay
 from leafe.episode import Episode, Step
+from leafe.errors import LeafeError
 from leafe.prompts import (
     REFLECTION_PROMPT,
     SYSTEM_PROMPT,
@@ -29,6 +36,14 @@ from leafe.prompts import (
     first_message,
     observation_message,
 )
+
+#: Env steps that may fail in the env's machinery one after another (no real step between them)
+#: before the stage stops: a sandbox that fails this often is down, not unlucky.
+MAX_FAULTS_IN_A_ROW = 20
+
+
+class EnvUnavailable(LeafeError, RuntimeError):
+    """The env's machinery failed `MAX_FAULTS_IN_A_ROW` steps in a row; the message has its last words."""
 
 
 @dataclass
@@ -51,6 +66,7 @@ class Counters:
     generated_tokens: int = 0
     episodes: int = 0
     replayed_steps: int = 0
+    faults: int = 0  # steps the env's machinery failed (EnvFault), never counted as env steps
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -58,6 +74,7 @@ class Counters:
             "generated_tokens": self.generated_tokens,
             "episodes": self.episodes,
             "replayed_steps": self.replayed_steps,
+            "faults": self.faults,
         }
 
 
@@ -69,6 +86,7 @@ class Recorder:
         self.system = system
         self.keep_snapshots = keep_snapshots
         self.counters = Counters()
+        self.faults_in_a_row = 0
 
     def start(self, env: Env, task: Task, meta: dict[str, Any] | None = None) -> Live:
         """Reset `env` to `task` and open the conversation: system prompt, instruction, o_0."""
@@ -89,21 +107,42 @@ class Recorder:
         return Live(task, env, Conversation.start(self.fmt, messages), episode, snapshots)
 
     def apply(self, live: Live, completion: Completion) -> None:
-        """Append a reply to the history, act on it in the env, and record the step."""
+        """Append a reply to the history, act on it in the env, and record the step (or, when the env
+        faulted, end the episode as faulted: check `live.episode.finish`)."""
         self.apply_all([live], [completion])
 
     def apply_all(self, lives: list[Live], completions: list[Completion]) -> None:
         """`apply` for a batch: every env is handed its reply before any is waited for, so envs on
         workers step concurrently; steps are recorded in batch order either way."""
-        pending = [live.env.submit(c.text) for live, c in zip(lives, completions)]
+        pending = [_submit(live.env, c.text) for live, c in zip(lives, completions)]
         for live, completion, wait in zip(lives, completions, pending):
-            action, result = wait()
+            try:
+                action, result = wait()
+            except EnvFault as fault:
+                self._fault(live, fault)
+                continue
             self._record(live, completion, action, result)
+
+    def _fault(self, live: Live, fault: EnvFault) -> None:
+        """End `live` as faulted: its last step has no outcome, so nothing of it is recorded."""
+        live.done = True
+        live.episode.finish = "fault"
+        live.episode.meta["fault"] = str(fault)
+        self.count_fault(fault)
+
+    def count_fault(self, fault: EnvFault) -> None:
+        """Count a step the env's machinery failed; `EnvUnavailable` once too many came in a row."""
+        self.counters.faults += 1
+        self.faults_in_a_row += 1
+        if self.faults_in_a_row >= MAX_FAULTS_IN_A_ROW:
+            raise EnvUnavailable(f"{self.faults_in_a_row} env steps in a row failed in the env itself, not through "
+                                 f"the agent (the last: {fault}); {fault.hint or 'fix the env, then rerun'}") from fault
 
     def _record(self, live: Live, completion: Completion, action: str, result: StepResult) -> None:
         t = len(live.episode.steps)
         context_len = len(live.conv.ids)
         start, end = live.conv.add_generation(completion.token_ids, completion.finish_reason == "stop")
+        self.faults_in_a_row = 0
         self.counters.env_steps += 1
         self.counters.generated_tokens += len(completion.token_ids)
         live.episode.steps.append(
@@ -171,7 +210,11 @@ class Recorder:
         if live.snapshots is not None and tau < len(live.snapshots):
             env.restore(live.snapshots[tau])
         else:
-            replay(env, live.task, live.episode.actions[:tau], live.episode.observation_hashes[: tau + 1])
+            try:
+                replay(env, live.task, live.episode.actions[:tau], live.episode.observation_hashes[: tau + 1])
+            except EnvFault as fault:  # the caller gives up on this branch; counted like any faulted step
+                self.count_fault(fault)
+                raise
             self.counters.replayed_steps += tau
         conv = live.conv.prefix(steps[tau].context_len)
         if experience is not None:
@@ -237,7 +280,8 @@ class RolloutEngine:
         return self.recorder.finish(live)
 
     def run(self, lives: Iterable[Live], on_finish: Callable[[Episode], None] | None = None) -> list[Episode]:
-        """Run every Live to the end, at most `max_batch` at a time; returns episodes as they ended."""
+        """Run every Live (each opened by `start`) to the end, at most `max_batch` at a time; returns
+        episodes as they ended. An episode whose env faulted is run again from its start, in place."""
         finished: list[Episode] = []
         waiting: Iterator[Live] = iter(lives)
         active: list[Live] = []
@@ -252,7 +296,9 @@ class RolloutEngine:
             self.step(active)
             still = []
             for live in active:
-                if live.done:
+                if live.done and live.episode.finish == "fault":
+                    still.append(self.rerun(live))
+                elif live.done:
                     episode = self.finish(live)
                     finished.append(episode)
                     if on_finish is not None:
@@ -260,6 +306,12 @@ class RolloutEngine:
                 else:
                     still.append(live)
             active = still
+
+    def rerun(self, live: Live) -> Live:
+        """A fresh start of a faulted episode's task, on the same env, its meta counting the faulted runs."""
+        meta = {k: v for k, v in live.episode.meta.items() if k != "fault"}
+        meta["faulted_runs"] = meta.get("faulted_runs", 0) + 1
+        return self.start(live.env, live.task, meta)
 
     def step(self, lives: list[Live]) -> None:
         """Give every live episode one turn, with one batched generate call."""
@@ -284,3 +336,17 @@ class RolloutEngine:
     def _next_seed(self) -> int:
         self._calls += 1
         return (self.seed * 1_000_003 + self._calls) % (2**63)
+
+
+def _submit(env: Env, reply: str) -> Callable[[], tuple[str, StepResult]]:
+    """`env.submit(reply)`; an `EnvFault` raised at once (an env in this process) is raised when its
+    turn is waited for, so the other envs of the batch are still heard."""
+    try:
+        return env.submit(reply)
+    except EnvFault as fault:
+        error = fault  # `fault` is unbound when the except block ends
+
+        def faulted() -> tuple[str, StepResult]:
+            raise error
+
+        return faulted

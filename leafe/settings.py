@@ -96,6 +96,10 @@ class GenerationSettings:
                                 flags=("--base-url",))
     api_key_env: str = knob("OPENAI_API_KEY", "openai backend: the environment variable holding the API key (unset: none sent).")
     max_concurrency: int | None = knob(None, "openai backend: requests in flight at once (default: one per episode in flight).")
+    request_timeout_s: float = knob(120.0, "openai backend: seconds one try of a request may take, from connecting "
+                                    "to the answer's last byte.")
+    request_retries: int = knob(4, "openai backend: tries after the first for a request that times out, is cut short, "
+                                   "gets a 5xx/408/429 or a malformed answer (exponential backoff; Retry-After honoured).")
     # -- vllm --
     tensor_parallel_size: int = knob(1, "vllm backend: GPUs each replica shards the model over.")
     data_parallel_size: int = knob(1, "vllm backend: replicas of the model, each on its own GPUs (requests are spread over them).")
@@ -124,6 +128,9 @@ class GenerationSettings:
         _at_least(self, 1, "tensor_parallel_size", "data_parallel_size", "kv_cache_gb")
         if self.max_concurrency is not None:
             _at_least(self, 1, "max_concurrency")
+        if self.request_timeout_s <= 0:
+            raise LeafeError(f"--request-timeout-s must be > 0 (got {self.request_timeout_s})")
+        _at_least(self, 0, "request_retries")
         if self.max_model_len is not None:
             _at_least(self, 1, "max_model_len")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -308,7 +315,16 @@ class SFTSettings:
     # TRL turns activation checkpointing on by default; it saves memory on large models at ~30% more
     # compute, which small models on CPU do not need.
     activation_checkpointing: bool = knob(False, "Recompute activations in the backward pass (saves memory).")
+    save_every: int = knob(100, "Save a checkpoint a killed run resumes from every N optimiser steps (0: none, a "
+                                "killed run starts over).")
     extra: dict[str, Any] = knob(factory=dict, help="More TRL SFTConfig arguments.", cli=False)
+
+    #: A resumed run ends with the weights and loss log of one never stopped (`leafe.methods.sft`).
+    speed_only: ClassVar[tuple[str, ...]] = ("save_every",)
+
+    def validate(self) -> None:
+        _at_least(self, 0, "save_every")
+        _at_least(self, 1, "logging_steps")
 
 
 @dataclass
@@ -461,10 +477,14 @@ class BootstrapConfig:
     plans: bool = knob(True, "Optimal moves say the plan they serve before the move.")
     batch_size: int = knob(32, "Most rows per batch.")
     max_batch_tokens: int = knob(4096, "Most padded tokens per batch.")
+    save_every: int = knob(100, "Save a checkpoint a killed build resumes from every N optimiser steps (0: none).")
 
     added_later: ClassVar[dict[str, Any]] = BOOTSTRAP_ADDED_LATER
+    #: A resumed build is the build never stopped, so the digest (the cache's name) leaves it out.
+    speed_only: ClassVar[tuple[str, ...]] = ("save_every",)
 
     def validate(self) -> None:
+        _at_least(self, 0, "save_every")
         if self.decision_weight <= 0:
             raise LeafeError(f"--decision-weight must be > 0 (got {self.decision_weight})")
         if self.tokenizer not in ("cells", "pieces"):

@@ -105,7 +105,7 @@ def test_a_corrupt_model_file_is_one_line(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file" * 8)
     run = leafe("eval", "--model", broken, "--out", tmp_path / "e", "--tasks", 1, "--samples", 1)
-    _one_line_error(run, "could not load the model at", "SafetensorError")
+    _one_line_error(run, str(broken / "model.safetensors"), "is not a safetensors file")
 
 
 def test_an_out_that_is_a_file_is_one_line(tiny_model_dir, tmp_path):

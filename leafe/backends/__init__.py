@@ -34,7 +34,8 @@ def backend_for(model: str, settings: GenerationSettings, **engine: object) -> B
     settings.validate()
     if settings.backend == "openai":  # the servers hold the model; `model` only lends its tokenizer
         return load_backend("openai", model, base_url=settings.base_urls, max_concurrency=settings.max_concurrency,
-                            api_key=os.environ.get(settings.api_key_env) or None)
+                            api_key=os.environ.get(settings.api_key_env) or None,
+                            timeout_s=settings.request_timeout_s, retries=settings.request_retries)
     if settings.backend == "vllm":  # vLLM places the model itself (GPUs when there are)
         options = dict(dtype=settings.dtype, trust_remote_code=settings.trust_remote_code,
                        tensor_parallel_size=settings.tensor_parallel_size,

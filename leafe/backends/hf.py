@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -31,6 +32,8 @@ import torch
 
 from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams, loading_model
 from leafe.chat import generation_stop_ids
+from leafe.errors import CorruptFile
+from leafe.files import read_json
 
 _BLOCK = 16  # tokens per hashed block of the prefix cache
 
@@ -175,7 +178,7 @@ def resolve_model_path(path: str, gguf_file: str | None = None) -> tuple[Path, s
     """(directory, gguf file name or None); a path to a .gguf file is split into both."""
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
-        return p.parent, p.name
+        return p.parent, check_gguf(p).name
     if not p.exists():
         raise BackendError(f"model path {path} does not exist; pass a Hugging Face model directory or a .gguf file")
     if not p.is_dir():
@@ -183,11 +186,58 @@ def resolve_model_path(path: str, gguf_file: str | None = None) -> tuple[Path, s
     if gguf_file is None and not (p / "config.json").exists():
         ggufs = sorted(x.name for x in p.glob("*.gguf"))
         if len(ggufs) == 1:
-            return p, ggufs[0]
+            return p, check_gguf(p / ggufs[0]).name
         raise BackendError(
             f"{path} has no config.json; pass a Hugging Face model directory (or a .gguf file with --gguf-file)"
         )
+    if gguf_file is None:
+        check_model_dir(p)
+    elif (p / gguf_file).is_file():
+        check_gguf(p / gguf_file)
     return p, gguf_file
+
+
+def check_gguf(path: Path) -> Path:
+    """`path` when it starts as every GGUF file does, else one line naming it."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CorruptFile(f"{path} is not a GGUF file (it does not start with 'GGUF'); is it the right file?")
+    return path
+
+
+#: The JSON files of a model directory that transformers reads, each one object.
+MODEL_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "chat_template.json", "vocab.json",
+              "model.safetensors.index.json")
+
+
+def check_model_dir(directory: Path) -> None:
+    """One line naming the file, before anything loads, for a model directory that cannot load: a JSON
+    file of it that is not text or not a JSON object, or a safetensors file cut short (a copy or a
+    download that stopped). Reads the JSON files and the safetensors headers, not the weights."""
+    for name in MODEL_JSON:
+        if (directory / name).is_file():
+            read_json(directory / name)
+    for path in sorted(directory.glob("*.safetensors")):
+        check_safetensors(path)
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header giving each tensor's byte range, and
+    the data: the file must be as long as its header says."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise CorruptFile(f"{path} is not a safetensors file or is truncated ({size} bytes); copy it again")
+        try:
+            header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            raise CorruptFile(f"{path} is not a safetensors file (its header is not one); copy it again") from None
+    if 8 + length + end > size:
+        raise CorruptFile(f"{path} is truncated: {size} bytes of the {8 + length + end} its header gives; copy it again")
 
 
 def pick_device(device: str) -> torch.device:

@@ -8,6 +8,11 @@ ordinary model directory: every backend and trainer loads it as it loads Qwen.
 Levels come from seeds >= 10,000,000, disjoint from every range leafe evaluates or trains on
 (configs and tests use seeds below 1,000,000). The build is deterministic for a config, and
 `ensure_base_agent` caches it under the hash of its config, so `make demo` builds it once.
+
+A killed build resumes: it builds in a hidden sibling (.NAME.building), where the pretraining's
+checkpoints stay (`leafe.methods.sft`), and a rerun of the same config makes the same data and
+tokenizer again (deterministic, seconds) and goes on from the newest checkpoint, to the bits of a
+build never stopped. The output directory appears, renamed whole, only when the build is done.
 """
 
 from __future__ import annotations
@@ -34,7 +39,39 @@ Report = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = None) -> dict:
-    """Build the base agent into `out_dir` (written to a temporary sibling, then renamed)."""
+    """Build the base agent into `out_dir` (in a sibling directory, renamed when whole); a build of
+    the same config killed before resumes from its last checkpoint."""
+    from leafe.lock import run_lock
+
+    out, digest = Path(out_dir), config.digest()
+    tmp = out.with_name(f".{out.name}.building")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with run_lock(out, "leafe bootstrap"):  # one build in the building directory at a time
+        for stale in out.parent.glob(f".{out.name}.building-*"):  # killed builds of older leafe (one per process)
+            shutil.rmtree(stale, ignore_errors=True)
+        mark = tmp / "config_hash"
+        if _built(tmp) != digest:  # else killed between finishing and the rename: only that is left
+            if tmp.exists() and not (mark.exists() and mark.read_text() == digest):
+                shutil.rmtree(tmp)  # another config's build: nothing in it is this one's
+            tmp.mkdir(exist_ok=True)
+            mark.write_text(digest)
+            _build(config, tmp, report or (lambda phase, done, total: None))
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)  # the checkpoints: the model is there
+        mark.unlink(missing_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    return read_json(out / "bootstrap.json")
+
+
+def _built(directory: Path) -> str | None:
+    """The config digest of the finished build in `directory` (None: none is there)."""
+    record = directory / "bootstrap.json"
+    return read_json(record).get("config_hash") if record.exists() else None
+
+
+def _build(config: BootstrapConfig, tmp: Path, report: Report) -> dict:
+    """The build itself, into `tmp`: bootstrap.json is written last, when the model is there."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -56,10 +93,6 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
     from leafe.rollout import Recorder
     from leafe.settings import SFTSettings
 
-    report = report or (lambda phase, done, total: None)
-    out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.building-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     started = time.perf_counter()
 
     rng = random.Random(f"leafe-bootstrap:{config.seed}")
@@ -136,7 +169,7 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
     phase = "pretraining"
     settings = SFTSettings(learning_rate=config.learning_rate, epochs=1.0, batch_size=config.batch_size,
                            max_batch_tokens=config.max_batch_tokens, warmup_ratio=0.05, seed=config.seed,
-                           logging_steps=5)
+                           logging_steps=5, save_every=config.save_every)
     stats = {phase: train(model, tokenizer, fragment_rows + episode_rows, tmp, settings, save=False,
                           on_log=lambda entry: report(phase, entry["step"], entry["max_steps"]))}
     model = stats[phase].pop("model")
@@ -145,7 +178,6 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
     trained.generation_config.pad_token_id = tokenizer.pad_token_id
     trained.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
     kinds: dict[str, dict[str, int]] = {}
     for row in fragment_rows + episode_rows:
         k = kinds.setdefault(row.kind, {"rows": 0, "tokens": 0, "loss_tokens": 0})
@@ -163,9 +195,6 @@ def build(config: BootstrapConfig, out_dir: str | Path, report: Report | None = 
         "wall_s": round(time.perf_counter() - started, 1),
     }
     write_json(tmp / "bootstrap.json", summary)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return summary
 
 

@@ -1,14 +1,18 @@
 """The `leafe` Typer app, its progress displays, and the one place where bad input becomes one line.
 
 Every error a user can cause derives from `LeafeError` (a bad option, a corrupt file, a model that
-does not load) or is an `OSError` naming a path; `LeafeGroup` prints it as one line on stderr and
-exits with status 2, for every command. Anything else is a bug and keeps its traceback.
+does not load) or is an `OSError` naming a path, or is a full disk, whichever library met it;
+`LeafeGroup` prints it as one line on stderr and exits with status 2, for every command. Anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -19,7 +23,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from leafe.errors import LeafeError
-from leafe.files import is_main_process
+from leafe.files import disk_full_error, is_main_process
 
 
 class LeafeGroup(TyperGroup):
@@ -28,12 +32,38 @@ class LeafeGroup(TyperGroup):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
-        except (LeafeError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.filename is None:
-                raise  # not about a path the user gave: a bug or the machine, keep the traceback
+            with contextlib.ExitStack() as held:  # what the command holds till it ends (`hold_out`)
+                token = _held.set(held)
+                try:
+                    return super().invoke(ctx)
+                finally:
+                    _held.reset(token)
+        except Exception as exc:
+            if not isinstance(exc, LeafeError):
+                # A full disk met by a write that named no path (os.write, safetensors) is the machine's
+                # state, not a bug: one line too. Other OSErrors are the user's when they name a path.
+                full = disk_full_error(exc, getattr(exc, "filename", None))
+                if full is None and not (isinstance(exc, OSError) and exc.filename is not None):
+                    raise  # a bug or the machine: keep the traceback
+                exc = full or exc
             err_console.print(f"[bold red]error:[/] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+
+
+#: The resources of the command that runs now, released when it ends (return, exception or Ctrl-C).
+_held: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar("leafe_held", default=None)
+
+
+def hold_out(directory: Path, command: str) -> None:
+    """Hold the run lock of `directory` (`leafe.lock`) until this command ends, however it ends.
+    Every command that writes an --out or run directory calls it before it writes (or loads) anything;
+    `command` (its words after `leafe`) goes in the lock file, for the message that refuses a second."""
+    from leafe.lock import run_lock
+
+    held = _held.get()
+    if held is None:
+        raise RuntimeError("hold_out is for the commands of the leafe app (LeafeGroup releases the lock)")
+    held.enter_context(run_lock(directory, f"leafe {command}"))
 
 
 app = typer.Typer(

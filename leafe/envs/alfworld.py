@@ -41,7 +41,7 @@ from typing import Any
 
 from leafe.envs.base import DataStatus, Env, EnvError, StepResult, Task
 from leafe.envs.registry import register
-from leafe.files import cache_dir, write_bytes
+from leafe.files import cache_dir, expect, read_json, write_bytes
 
 SPLITS = ("train", "valid_seen", "valid_unseen", "valid_train")
 INSTALL_HINT = "pip install 'leafe[alfworld]'"
@@ -79,9 +79,8 @@ def game_files(data_dir: Path, split: str) -> tuple[str, ...]:
         relative = path.relative_to(data_dir).as_posix()
         if "movable" in relative or "Sliced" in relative:
             continue
-        with open(path) as f:
-            if json.load(f).get("solvable", True) is False:
-                continue
+        if read_json(path).get("solvable", True) is False:
+            continue
         games.append(relative)
     return tuple(games)
 
@@ -120,8 +119,7 @@ def _cached_pddl_env() -> type:
             """textworld 1.7's `PddlEnv.load`, step for step, but for where the grammar comes from."""
             if not USE_CACHE:
                 return super().load(path)
-            with open(path) as f:
-                data = json.load(f)
+            data = expect(read_json(path), dict, path, ("pddl_domain", "grammar", "pddl_problem"))
             self._game_file, self._game_data, self.walkthrough = path, data, data.get("walkthrough")
             domain, grammar = data["pddl_domain"], data["grammar"]
             self._logic = cached("grammar", [domain, grammar], lambda: logic.GameLogic(domain=domain, grammar=grammar))
@@ -285,8 +283,7 @@ class AlfWorldEnv(Env):
         """The game's walkthrough (ALFWorld's hand-coded expert, stored in the file), else a plan
         from fast-downward for the initial state."""
         path = self._path(task)
-        with open(path) as f:
-            walkthrough = json.load(f).get("walkthrough")
+        walkthrough = read_json(path).get("walkthrough")
         if walkthrough:
             return list(walkthrough)
         # A separate engine: planning must not disturb the episode this env may be in.

@@ -3,7 +3,8 @@
 An env is a multi-turn text environment: `reset(task)` gives the first observation, `step(action)`
 gives the next one with reward and termination. Actions are free text; an action the env cannot
 parse is an ordinary step whose observation says so, never an exception, because a model's malformed
-reply is part of the trajectory we learn from.
+reply is part of the trajectory we learn from. The one exception a step may raise about itself is
+`EnvFault`: the env's own machinery failed (the code judge's sandbox), so the step has no outcome.
 
 Rollback (LEAFE stage 1) needs the env put back into its state at an earlier step. Envs whose state
 is cheap to copy implement `snapshot`/`restore`; every env gets `replay`, which resets and re-plays
@@ -68,6 +69,17 @@ class DataStatus:
         return self
 
 
+class EnvFault(Exception):
+    """A step failed in the env's own machinery (a sandbox that could not start, a simulator's process),
+    not through the agent's action: it has no observation and no reward, and the env is left as it
+    was before the step. The rollout records the episode as faulted and every stage runs it again or
+    leaves it out (`leafe.rollout`); `hint` says what to do when it keeps happening."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.hint = hint
+
+
 class ReplayDivergence(LeafeError, RuntimeError):
     """Replaying a recorded action prefix did not reproduce the recorded observations."""
 
@@ -106,7 +118,8 @@ class Env(ABC):
 
     @abstractmethod
     def step(self, action: str) -> StepResult:
-        """Apply one agent action (free text) and return what the agent observes next."""
+        """Apply one agent action (free text) and return what the agent observes next; `EnvFault`
+        when the env's machinery, not the action, failed (then the env is as it was)."""
 
     @abstractmethod
     def make_tasks(self, n: int, seed: int) -> list[Task]:

@@ -12,6 +12,10 @@ of the submission's function (APPS's call-based problems).
 
 Every submission runs in `sandbox.Sandbox` (bubblewrap + rlimits); see that module. A run may write
 twice its expected output plus 64 KiB (at least 1 MiB) before it is stopped as `output_limit`.
+
+When the sandbox itself fails (after its own retries), the verdict is `sandbox_error`: it says
+nothing about the program, so the env never turns it into feedback or a reward but raises `EnvFault`,
+and the rollout runs the episode again (`leafe.rollout`).
 """
 
 from __future__ import annotations
@@ -22,12 +26,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from leafe.envs.base import DataStatus, Env, EnvError, StepResult, Task
+from leafe.envs.base import DataStatus, Env, EnvError, EnvFault, StepResult, Task
 from leafe.envs.code_datasets import NAMES, dataset_status, load_problems
 from leafe.envs.registry import register
-from leafe.envs.sandbox import Limits, Outcome, Sandbox
+from leafe.envs.sandbox import Limits, Outcome, Sandbox, SandboxFault
 
-STATUSES = ("accepted", "wrong_answer", "runtime_error", "syntax_error", "time_limit", "memory_limit", "output_limit")
+#: The program's verdicts, then the judge's own: `sandbox_error`, the sandbox failed to run it.
+STATUSES = ("accepted", "wrong_answer", "runtime_error", "syntax_error", "time_limit", "memory_limit", "output_limit",
+            "sandbox_error")
+#: What to do when the sandbox keeps failing (the stage's last line, `leafe.rollout.EnvUnavailable`).
+SANDBOX_HINT = ("check that bubblewrap can make its namespaces here (`bwrap --unshare-all true`; "
+                "user.max_user_namespaces), and that the machine has processes, memory and space in $TMPDIR to "
+                "spare; then rerun the stage, which resumes from what it saved")
 #: Longest piece of input / expected / actual output quoted back to the agent.
 QUOTE_CHARS = 400
 
@@ -55,7 +65,8 @@ def default_sandbox(unsafe: bool = False) -> Sandbox:
 
 def judge(source: str, tests: Sequence[dict[str, Any]], time_limit_s: float = 2.0, memory_mb: int = 512, *,
           sandbox: Sandbox | None = None, label: str = "test", stop_at_first_failure: bool = True) -> Verdict:
-    """Run `source` on each test (stdin/stdout tests: {"input", "output"}; function tests: {"code"})."""
+    """Run `source` on each test (stdin/stdout tests: {"input", "output"}; function tests: {"code"}).
+    `sandbox_error` when the sandbox failed to run it on every try: the judge's verdict, not the program's."""
     if not tests:
         raise EnvError("judge() needs at least one test")
     syntax = _syntax_error(source)
@@ -67,15 +78,19 @@ def judge(source: str, tests: Sequence[dict[str, Any]], time_limit_s: float = 2.
     first_failure: Verdict | None = None
     for i, test in enumerate(tests, 1):
         limits = Limits(time_s=time_limit_s, memory_mb=memory_mb, output_bytes=output_cap(test))
-        if "code" in test:
-            outcome = sandbox.run([*python, "main.py"], files={"main.py": f"{source}\n\n{test['code']}\n"},
-                                  limits=limits)
-        elif "call" in test:
-            outcome = sandbox.run([*python, "main.py"], files={"main.py": f"{source}\n\n{call_harness(test)}"},
-                                  limits=limits)
-        else:
-            outcome = sandbox.run([*python, "main.py"], stdin=str(test["input"]), files={"main.py": source},
-                                  limits=limits)
+        try:
+            if "code" in test:
+                outcome = sandbox.run([*python, "main.py"], files={"main.py": f"{source}\n\n{test['code']}\n"},
+                                      limits=limits)
+            elif "call" in test:
+                outcome = sandbox.run([*python, "main.py"], files={"main.py": f"{source}\n\n{call_harness(test)}"},
+                                      limits=limits)
+            else:
+                outcome = sandbox.run([*python, "main.py"], stdin=str(test["input"]), files={"main.py": source},
+                                      limits=limits)
+        except SandboxFault as fault:  # after the sandbox's retries; whatever else was found is moot
+            results.append({"index": i, "status": "sandbox_error", "wall_s": None})
+            return Verdict(False, "sandbox_error", f"The sandbox failed to run {label} {i}: {fault}", results)
         status = classify(outcome, test)
         results.append({"index": i, "status": status, "wall_s": outcome.wall_s})
         if status != "accepted" and first_failure is None:
@@ -322,18 +337,17 @@ class CodeEnv(Env):
             raise RuntimeError("the code env has no problem yet; call reset(task) first")
         if self._done:
             raise RuntimeError("step() after the episode ended; call reset() first")
+        public, private = self._problem["public_tests"], self._problem["private_tests"]
+        verdict = self._judge(action, public, "public test") if public else None
+        hidden = self._judge(action, private, "hidden test") if verdict is None or (verdict.passed and private) else None
+        # Counted once judged: a step the sandbox failed (EnvFault) leaves the env as it was.
         self._submissions += 1
         left = self.max_submissions - self._submissions
-        sandbox = default_sandbox(self.unsafe)
-        limits = {"time_limit_s": self.time_limit_s, "memory_mb": self.memory_mb, "sandbox": sandbox}
         info: dict[str, Any] = {"submission": self._submissions}
-        public = self._problem["public_tests"]
-        verdict = judge(action, public, label="public test", **limits) if public else None
         success = False
-        if verdict is not None and verdict.passed and not self._problem["private_tests"]:
+        if verdict is not None and verdict.passed and hidden is None:
             success, text, info["status"] = True, "Accepted: all public tests passed.", "accepted"
-        elif verdict is None or verdict.passed:
-            hidden = judge(action, self._problem["private_tests"], label="hidden test", **limits)
+        elif hidden is not None:
             info["hidden"] = hidden.status
             success = hidden.passed
             if success:
@@ -350,6 +364,15 @@ class CodeEnv(Env):
         if not success:  # on its own line: feedback often ends with a quoted program line
             text += f"\n{left} submission{'s' if left != 1 else ''} left." if left > 0 else "\nNo submissions left."
         return StepResult(text, 1.0 if success else 0.0, self._done, success, info)
+
+    def _judge(self, program: str, tests: list[dict[str, Any]], label: str) -> Verdict:
+        """The judge's verdict on `tests`; `EnvFault` when the sandbox failed to run the program, a
+        failure of the machine that must never reach the agent as feedback or the trainer as reward."""
+        verdict = judge(program, tests, self.time_limit_s, self.memory_mb, sandbox=default_sandbox(self.unsafe),
+                        label=label)
+        if verdict.status == "sandbox_error":
+            raise EnvFault(verdict.feedback, hint=SANDBOX_HINT)
+        return verdict
 
     def snapshot(self) -> tuple:
         return (self._problem, self._submissions, self._done)

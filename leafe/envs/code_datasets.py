@@ -44,11 +44,14 @@ import importlib.util
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from leafe.envs.base import DataStatus, EnvError
+from leafe.errors import CorruptFile
+from leafe.files import json_lines
 
 PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
 #: dataset name -> (environment variable with its path, file names looked for in a folder)
@@ -152,11 +155,18 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             import pyarrow.parquet as pq
         except ImportError:
             raise EnvError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
+            raise CorruptFile(f"{path} is not a readable parquet file ({e}); the file is truncated or corrupt") from None
     else:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError, zlib.error) as e:
+                raise CorruptFile(f"{path} is not a readable gzip file ({e}); the file is truncated or corrupt") from None
+        rows = list(json_lines(data, path))  # each a JSON object, or one line naming the file and line
     return _unique([_convert(row, path) for row in rows], path)
 
 
@@ -178,6 +188,9 @@ def _convert(row: dict[str, Any], path: Path) -> dict[str, Any]:
         missing = {"id", "statement", "public_tests", "private_tests"} - keys
         if missing:
             raise EnvError(f"{path}: problem {row.get('id', '?')} lacks {', '.join(sorted(missing))}")
+        for key in ("public_tests", "private_tests"):  # the judge indexes each test: check their shape now
+            if not isinstance(row[key], list) or not all(isinstance(t, dict) for t in row[key]):
+                raise EnvError(f"{path}: problem {row['id']}: {key} is not a list of tests (objects)")
         return row
     for required, convert in CONVERTERS:
         if required <= keys:

@@ -18,6 +18,11 @@ Layers, outermost first:
 scratch directory and the process-group kill, and drops the namespaces: for machines where bwrap
 cannot run, with a warning, never silently. Without a PID namespace a process that leaves the
 session (`setsid`) is out of reach of the kill, and the file system is the judge's own.
+
+A failure of the sandbox or of the machine (bwrap cannot make its namespaces, no process can be
+forked, the scratch directory cannot be written, the interpreter is gone) is never the program's
+outcome: `Sandbox.run` tries again a few times, then raises `SandboxFault`. What tells the two
+apart is a status pipe the program never holds (see `_never_ran`), not its exit status or stderr.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from leafe.errors import LeafeError
 
@@ -42,23 +48,42 @@ NOBODY = 65534
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 # Runs between the judge and bwrap in a fresh process (so no preexec_fn in a threaded judge): sets
-# the rlimits, drops to the sandbox user when there is one, then becomes bwrap.
-# argv: [python, -I, -c, LAUNCHER, limits-json, uid (-1: keep), command...]
+# the rlimits, drops to the sandbox user when there is one, then becomes bwrap (unsafe: the program,
+# in the environment it is given). It reports on the status pipe (`status_fd`, JSON lines) why it
+# failed, if it does; bwrap then writes its own status lines there (--json-status-fd). Unsafe, it
+# says "exec" just before it becomes the program, and the program never inherits the pipe.
+# argv: [python, -I, -c, LAUNCHER, spec-json, command...]; spec: rlimits, uid (-1: keep), status_fd,
+# env (None: keep ours for bwrap, which clears the program's).
 LAUNCHER = """
 import json, os, resource, sys
-for name, value in json.loads(sys.argv[1]).items():
-    resource.setrlimit(getattr(resource, name), (value, value))
-uid = int(sys.argv[2])
-if uid >= 0:
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
-os.execvp(sys.argv[3], sys.argv[3:])
+spec = json.loads(sys.argv[1])
+fd = spec["status_fd"]
+try:
+    for name, value in spec["rlimits"].items():
+        resource.setrlimit(getattr(resource, name), (value, value))
+    if spec["uid"] >= 0:
+        os.setgroups([])
+        os.setgid(spec["uid"])
+        os.setuid(spec["uid"])
+    if spec["env"] is None:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    os.set_inheritable(fd, False)
+    os.write(fd, b'{"exec": true}\\n')
+    os.execvpe(sys.argv[2], sys.argv[2:], spec["env"])
+except BaseException as e:
+    os.write(fd, (json.dumps({"launcher-error": f"{type(e).__name__}: {e}"}) + "\\n").encode())
+    os._exit(127)
 """
 
 
 class SandboxError(LeafeError):
     """The sandbox cannot run here; the message says why and what to do."""
+
+
+class SandboxFault(RuntimeError):
+    """The sandbox or the machine failed to run a program (bwrap could not make its namespaces, no
+    process or file could be created, the interpreter is gone): nothing is known of the program.
+    Often passing (a machine out of processes for a moment), so `Sandbox.run` tries again first."""
 
 
 @dataclass(frozen=True)
@@ -127,30 +152,55 @@ class Sandbox:
             # orphan goes to the nearest subreaper. Being one, we reap it (a container whose PID 1
             # never reaps would otherwise collect a zombie per run).
             _become_subreaper()
-        probe = self.run([self.interpreter, "-I", "-c", "print('ok')"], limits=Limits(time_s=5.0))
+        where = "under bubblewrap" if self.bwrap else "with rlimits"
+        try:
+            probe = self.run([self.interpreter, "-I", "-c", "print('ok')"], limits=Limits(time_s=5.0))
+        except SandboxFault as fault:
+            raise SandboxError(f"cannot run {self.interpreter} {where} here ({fault}); pass --unsafe-no-sandbox to "
+                               f"skip bubblewrap") from None
         if probe.stdout.strip() != "ok":
-            where = "under bubblewrap" if self.bwrap else "with rlimits"
             raise SandboxError(f"cannot run {self.interpreter} {where} here (exit {probe.returncode}: "
                                f"{' '.join(probe.stderr.split())[:300]}); pass --unsafe-no-sandbox to skip "
                                f"bubblewrap")
 
     # -- one run -------------------------------------------------------------------------------
+    #: Pauses before each further try of a run that the sandbox failed (never one the program ran):
+    #: three tries in all, over 1.5 s, outlast a machine short of processes for a moment.
+    retry_delays_s: tuple[float, ...] = (0.5, 1.0)
+
     def run(self, argv: list[str], stdin: str = "", files: dict[str, str] | None = None,
             limits: Limits = Limits()) -> Outcome:
-        """Run `argv` in a fresh scratch directory holding `files` (name -> text)."""
-        scratch = Path(tempfile.mkdtemp(prefix="leafe-sandbox-"))
-        try:
-            for name, text in (files or {}).items():
-                (scratch / name).write_text(text)
-            if self.drop_root:
-                for path in [scratch, *scratch.iterdir()]:
-                    os.chown(path, NOBODY, NOBODY)
-            command = self._command(argv, scratch, limits)
-            return self._execute(command, stdin, limits, cwd=scratch)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        """Run `argv` in a fresh scratch directory holding `files` (name -> text): the program's own
+        outcome, or `SandboxFault` when the sandbox failed to run it on every try."""
+        delays = iter(self.retry_delays_s)
+        while True:
+            try:
+                return self._run_once(argv, stdin, files or {}, limits)
+            except SandboxFault as fault:
+                delay = next(delays, None)
+                if delay is None:
+                    tries = len(self.retry_delays_s) + 1
+                    raise SandboxFault(f"{fault}, {tries} {'try' if tries == 1 else 'tries'}") from None
+                time.sleep(delay)
 
-    def _command(self, argv: list[str], scratch: Path, limits: Limits) -> list[str]:
+    def _run_once(self, argv: list[str], stdin: str, files: dict[str, str], limits: Limits) -> Outcome:
+        scratch = None
+        try:
+            try:
+                scratch = Path(tempfile.mkdtemp(prefix="leafe-sandbox-"))
+                for name, text in files.items():
+                    (scratch / name).write_text(text)
+                if self.drop_root:
+                    for path in [scratch, *scratch.iterdir()]:
+                        os.chown(path, NOBODY, NOBODY)
+            except OSError as e:  # a full or read-only disk: the machine's failure, before any program
+                raise SandboxFault(f"cannot write a scratch directory in {tempfile.gettempdir()}: {e}") from None
+            return self._execute(argv, scratch, stdin, limits)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    def _command(self, argv: list[str], scratch: Path, limits: Limits, status_fd: int) -> list[str]:
         rlimits = {
             "RLIMIT_CPU": max(1, int(limits.time_s + 0.999)),
             "RLIMIT_AS": limits.memory_mb << 20,
@@ -159,10 +209,11 @@ class Sandbox:
             "RLIMIT_NOFILE": limits.open_files,
             "RLIMIT_CORE": 0,
         }
-        launcher = [sys.executable, "-I", "-c", LAUNCHER, json.dumps(rlimits), str(NOBODY if self.drop_root else -1)]
+        spec = {"rlimits": rlimits, "uid": NOBODY if self.drop_root else -1, "status_fd": status_fd, "env": None}
+        launcher = [sys.executable, "-I", "-c", LAUNCHER]
         if self.bwrap is None:
-            return launcher + ["env", "-i", f"PATH={SAFE_PATH}", f"HOME={scratch}", "LANG=C.UTF-8",
-                               "PYTHONDONTWRITEBYTECODE=1", *argv]
+            spec["env"] = {"PATH": SAFE_PATH, "HOME": str(scratch), "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+            return [*launcher, json.dumps(spec), *argv]
         jail = [
             self.bwrap,
             "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
@@ -171,21 +222,68 @@ class Sandbox:
             "--bind", str(scratch), "/work", "--chdir", "/work",
             "--clearenv", "--setenv", "PATH", SAFE_PATH, "--setenv", "HOME", "/work", "--setenv", "LANG", "C.UTF-8",
             "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
+            "--json-status-fd", str(status_fd),
             "--",
         ]
-        return launcher + jail + argv
+        return [*launcher, json.dumps(spec), *jail, *argv]
 
-    def _execute(self, command: list[str], stdin: str, limits: Limits, cwd: Path) -> Outcome:
-        started = time.perf_counter()
-        with _IN_FLIGHT_LOCK:  # registered before it can exec bwrap, so _reap_orphans never takes it
-            proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    cwd=cwd, start_new_session=True, close_fds=True)
-            _IN_FLIGHT.add(proc.pid)
+    def _execute(self, argv: list[str], scratch: Path, stdin: str, limits: Limits) -> Outcome:
         try:
-            return self._collect(proc, stdin, limits, started)
+            status_r, status_w = os.pipe()
+        except OSError as e:  # out of file descriptors
+            raise SandboxFault(f"cannot open the sandbox's status pipe: {e}") from None
+        try:
+            command = self._command(argv, scratch, limits, status_w)
+            started = time.perf_counter()
+            with _IN_FLIGHT_LOCK:  # registered before it can exec bwrap, so _reap_orphans never takes it
+                try:
+                    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, cwd=scratch, start_new_session=True,
+                                            close_fds=True, pass_fds=(status_w,))
+                except OSError as e:  # no process to fork (EAGAIN), no memory, our own interpreter gone
+                    raise SandboxFault(f"cannot start the sandbox: {e}") from None
+                _IN_FLIGHT.add(proc.pid)
+        except BaseException:
+            os.close(status_r)
+            raise
         finally:
+            os.close(status_w)  # the launcher holds its own copy, and bwrap after it
+        try:
+            outcome = self._collect(proc, stdin, limits, started)
+            status = _read_status(status_r)
+        finally:
+            os.close(status_r)
             with _IN_FLIGHT_LOCK:
                 _IN_FLIGHT.discard(proc.pid)
+        why = self._never_ran(outcome, status)
+        if why is not None:
+            raise SandboxFault(why)
+        return outcome
+
+    def _never_ran(self, outcome: Outcome, status: dict[str, Any]) -> str | None:
+        """Why the program never ran, or None when it did and `outcome` is its own.
+
+        Told by the status pipe, which the program never holds, so nothing it prints ("bwrap: ...")
+        or exits with (1, as bwrap does when it fails) passes for a sandbox failure or hides one.
+        bwrap writes "exit-code" there only when it had exec'd the program (it hands a byte over a
+        pipe just before its execvp: `--json-status-fd`, bwrap >= 0.3.2); unsafe, the launcher says
+        "exec" just before it becomes the program. A run we killed at its limits gets no "exit-code":
+        it counts as the program's once bwrap had made its namespaces ("child-pid"). What we cannot
+        tell apart: bwrap's own mounts hanging past the wall clock would count as the program's.
+        """
+        if "launcher-error" in status:
+            return f"the sandbox's launcher failed: {status['launcher-error']}"
+        if self.bwrap is None:
+            ran = "exec" in status
+        elif outcome.timed_out or outcome.output_limit:
+            ran = "child-pid" in status
+        else:
+            ran = "exit-code" in status
+        if ran:
+            return None
+        said = " ".join(line.strip() for line in outcome.stderr.splitlines() if line.strip())[-500:]
+        how = "was killed at the wall clock" if outcome.timed_out else f"exited with {outcome.returncode}"
+        return f"{said or 'nothing on stderr'} (the sandbox {how} before the program started)"
 
     def _collect(self, proc: subprocess.Popen, stdin: str, limits: Limits, started: float) -> Outcome:
         out, err = bytearray(), bytearray()
@@ -237,6 +335,29 @@ class Sandbox:
             output_limit=flooded,
             signal=_signal_of(code),
         )
+
+
+def _read_status(fd: int) -> dict[str, Any]:
+    """The status lines of a finished run (the launcher's, then bwrap's), merged into one dict."""
+    os.set_blocking(fd, False)  # every writer is gone once the run is reaped; never wait on one that is not
+    data = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data.extend(chunk)
+    status: dict[str, Any] = {}
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            status.update(entry)
+    return status
 
 
 def _feed(pipe, data: bytes) -> None:

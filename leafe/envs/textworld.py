@@ -22,7 +22,7 @@ from typing import Any
 
 from leafe.envs.base import DataStatus, Env, EnvError, StepResult, Task
 from leafe.envs.registry import register
-from leafe.files import cache_dir
+from leafe.files import cache_dir, read_json
 
 INSTALL_HINT = "pip install 'leafe[textworld]'"
 PACKAGE_MISSING = f"the textworld env needs the textworld package: {INSTALL_HINT}"
@@ -61,6 +61,28 @@ def generate_game(seed: int, rooms: int, objects: int, quest_length: int, out_di
         # The .json beside the game holds what the interpreter's infos need (objective, walkthrough).
         os.replace(built.with_suffix(".json"), path.with_suffix(".json"))
         os.replace(built, path)
+    return path
+
+
+def check_game(path: Path) -> Path:
+    """A game file the interpreter can run, else one EnvError naming it: Jericho ends the whole process
+    ("Fatal error: Story file read error") on a file that is not a story or is cut short, so the header
+    is checked first (a Z-machine file gives its version and length at bytes 0 and 0x1a, a Glulx one its
+    length at byte 12); and the .json beside it, which TextWorld reads for the quest, must be JSON."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[:4] == b"Glul":
+        length = int.from_bytes(head[12:16], "big")
+    elif len(head) == 64 and 1 <= head[0] <= 8:
+        length = int.from_bytes(head[0x1A:0x1C], "big") * (2 if head[0] <= 3 else 4 if head[0] <= 5 else 8)
+    else:
+        raise EnvError(f"TextWorld game {path} is not a Z-machine or Glulx story file; is it the right file?")
+    if size < length:
+        raise EnvError(f"TextWorld game {path} is truncated ({size} bytes of the {length} its header gives); "
+                       f"copy or make it again")
+    if path.with_suffix(".json").is_file():
+        read_json(path.with_suffix(".json"))
     return path
 
 
@@ -134,7 +156,7 @@ class TextWorldEnv(Env):
             path = Path(spec["game"])
             if not path.exists():
                 raise EnvError(f"TextWorld game {path} of task {task.task_id!r} does not exist")
-            return path
+            return check_game(path)
         missing = {"seed", "rooms", "objects", "quest_length"} - set(spec)
         if missing:
             raise EnvError(f"TextWorld task {task.task_id!r} lacks {', '.join(sorted(missing))} (or a 'game' path)")

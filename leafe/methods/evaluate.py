@@ -3,6 +3,10 @@
 Plain rollouts of the policy, as at test time in the paper: no reflection, no rollback. Results are
 written per task as each task's n episodes finish (`eval_tasks.jsonl`), so an interrupted evaluation
 resumes where it stopped; `eval.json` is written atomically at the end.
+
+An episode whose env failed in its own machinery (a `sandbox_error` of the code judge) is no failure
+of the model: the rollout engine runs it again, so every task still has its n scored episodes, and
+`faulted_episodes` in eval.json counts the runs thrown away.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 from leafe.envs import make
 from leafe.episode import Episode
 from leafe.errors import LeafeError
-from leafe.files import append_jsonl, read_jsonl, write_json
+from leafe.files import append_jsonl, expect, read_jsonl, write_json
 from leafe.fingerprint import resume_fingerprint
 from leafe.method import Job, MethodResult, Tally, cost
 from leafe.passk import default_ks, summarize
@@ -75,6 +79,7 @@ def evaluate(job: Job, settings: EvalSettings, *, save_episodes: bool = False) -
             "c": sum(e.success for e in episodes),
             "env_steps": sum(len(e.steps) for e in episodes),
             "generated_tokens": sum(e.generated_tokens for e in episodes),
+            "faulted_episodes": sum(e.meta.get("faulted_runs", 0) for e in episodes),  # run again, never scored
             "session": session,
             "elapsed_s": round(time.perf_counter() - started, 3),
         }
@@ -107,6 +112,8 @@ def evaluate(job: Job, settings: EvalSettings, *, save_episodes: bool = False) -
         "tasks": [{"task_id": r["task_id"], "n": r["n"], "c": r["c"]} for r in records],
         "env_steps": sum(r["env_steps"] for r in records),
         "generated_tokens": sum(r["generated_tokens"] for r in records),
+        # episodes whose env failed (sandbox_error): run again, none of them scored
+        "faulted_episodes": sum(r.get("faulted_episodes", 0) for r in records),
         "prefill_tokens": backend.stats.prefill_tokens - prefill_before,
         "wall_s": round(sum(sessions.values()), 3),
     }
@@ -119,5 +126,7 @@ def _load_progress(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict]:
     records = list(read_jsonl(path))
     if not records:
         return {}
-    check_resume(records[0].get("settings") or {}, fingerprint, path.parent, "a partial evaluation")
-    return {r["task_id"]: r for r in records[1:]}
+    check_resume(expect(records[0], dict, path, ("settings",))["settings"] or {}, fingerprint, path.parent,
+                 "a partial evaluation")
+    keys = ("task_id", "n", "c", "env_steps", "generated_tokens", "session", "elapsed_s")  # what the result sums
+    return {expect(r, dict, path, keys)["task_id"]: r for r in records[1:]}

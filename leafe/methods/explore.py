@@ -19,6 +19,11 @@ Many tasks explore at once: each round gives one turn to every live episode of e
 batched generate call, then runs every reflection due in one more. A task's tree is appended to
 `trees.jsonl` (fsynced) when the task finishes, so a rerun skips finished tasks, and a kill loses
 only unfinished ones, which the rerun explores again from scratch.
+
+A step whose env failed in its own machinery (`EnvFault`: the code judge's sandbox) has no outcome,
+and a tree built around it would score a failure of the machine as the agent's: the task's search is
+dropped and explored again from scratch, and its tree record counts the dropped ones
+(`faulted_episodes`, summed in summary.json).
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ from typing import Any
 
 from leafe.backends.base import Backend
 from leafe.envs import EnvMaker, make
-from leafe.envs.base import Task
+from leafe.envs.base import EnvFault, Task
 from leafe.errors import LeafeError
-from leafe.files import append_jsonl, read_jsonl, write_json
+from leafe.files import append_jsonl, expect, read_jsonl, write_json
 from leafe.fingerprint import resume_fingerprint
 from leafe.method import Job, MethodResult, Tally, cost
 from leafe.passk import bootstrap_ci
@@ -64,12 +69,19 @@ class _Search:
         self.budget_left = settings.budget
         self.success = False
         self.stalled = False  # an episode could not take a single turn (prompt beyond the context)
+        self.fault: str | None = None  # the env failed a step: this search is dropped (`abandon`)
         self.experiences: list[str] = []  # refine: everything learnt so far
         self.started = time.perf_counter()
 
     @property
     def done(self) -> bool:
-        return not self.live and (self.success or self.stalled or self.budget_left <= 0)
+        return not self.live and (self.success or self.stalled or self.budget_left <= 0 or self.fault is not None)
+
+    def abandon(self, fault: str) -> None:
+        """Drop this search: a step of it has no outcome (EnvFault), so `explore` runs the task again."""
+        self.fault = fault
+        self.live.clear()
+        self.queue.clear()
 
     def branches(self) -> int:
         return sum(1 for n in self.nodes if n.parent is not None)
@@ -167,7 +179,10 @@ class Explorer:
         """One turn for every live episode of every search, then every reflection that is due."""
         for search in searches:
             if not search.live and not search.done:
-                self._spawn(search)
+                try:
+                    self._spawn(search)
+                except EnvFault as fault:  # a rollback replayed a step that the env failed
+                    search.abandon(str(fault))
         stepping: list[tuple[_Search, int, Live]] = []
         for search in searches:
             for i, node_id in enumerate(sorted(search.live)):
@@ -180,6 +195,11 @@ class Explorer:
 
         due: list[tuple[_Search, int, Live, str]] = []
         for search, node_id, live in stepping:
+            if search.fault is not None:
+                continue
+            if live.episode.finish == "fault":
+                search.abandon(live.episode.meta["fault"])
+                continue
             node = search.nodes[node_id]
             taken = len(live.episode.steps) - before[id(live)]
             search.budget_left -= taken
@@ -199,6 +219,7 @@ class Explorer:
                     self._close(search, node_id, "failed")
             elif search.can_branch(node) and len(live.episode.steps) % self.settings.reflect_every == 0:
                 due.append((search, node_id, live, "interval"))
+        due = [entry for entry in due if entry[0].fault is None]
         reflecting = {(id(search), node_id) for search, node_id, _, _ in due}
         for search in searches:
             if search.success or search.budget_left <= 0:  # the first success ends the task
@@ -252,7 +273,9 @@ def explore(job: Job, settings: ExploreSettings) -> MethodResult:
     out.mkdir(parents=True, exist_ok=True)
     trees_path = out / "trees.jsonl"
     claim(out / "settings.json", resume_fingerprint(settings, job.model), "an exploration")
-    done = {r["task_id"]: r for r in read_jsonl(trees_path)}
+    keys = ("task_id", "success", "session", "env_steps", "replayed_steps", "generated_tokens", "reflections",
+            "reflections_parsed", "branches", "branches_succeeded")  # what `summarize` reads of earlier trees
+    done = {expect(r, dict, trees_path, keys)["task_id"]: r for r in read_jsonl(trees_path)}
     tasks = make(settings.env, **settings.env_params).make_tasks(settings.tasks, settings.task_seed)
     todo = deque(t for t in tasks if t.task_id not in done)
     job.progress.start(len(tasks), len(tasks) - len(todo))
@@ -262,13 +285,19 @@ def explore(job: Job, settings: ExploreSettings) -> MethodResult:
     session, started = uuid.uuid4().hex[:8], time.perf_counter()
     prompt0, prefill0 = backend.stats.prompt_tokens, backend.stats.prefill_tokens
     active: list[_Search] = []
+    faulted: dict[str, int] = {}  # task id -> searches dropped because the env failed a step
     while todo or active:
         while todo and len(active) < settings.parallel_tasks:
             active.append(_Search(todo.popleft(), settings))
         explorer.round(active)
         for search in [s for s in active if s.done]:
             active.remove(search)
+            if search.fault is not None:  # the env failed, not the agent: the task is explored again, first
+                faulted[search.task.task_id] = faulted.get(search.task.task_id, 0) + 1
+                todo.appendleft(search.task)
+                continue
             record = search.record()
+            record["faulted_episodes"] = faulted.pop(search.task.task_id, 0)
             # Session-cumulative work, so a summary over resumed runs adds up each session once.
             record["session"] = {"id": session, "elapsed_s": round(time.perf_counter() - started, 3),
                                  "prompt_tokens": backend.stats.prompt_tokens - prompt0,
@@ -299,6 +328,7 @@ def summarize(settings: ExploreSettings, records: list[dict[str, Any]]) -> dict[
         "success_rate": sum(c for _, c in successes) / len(records),
         "ci95": list(bootstrap_ci(successes, 1)),
         **{k: sum(r[k] for r in records) for k in keys},
+        "faulted_episodes": sum(r.get("faulted_episodes", 0) for r in records),  # absent from older trees: 0
         "prompt_tokens": sum(s["prompt_tokens"] for s in sessions.values()),
         "prefill_tokens": sum(s["prefill_tokens"] for s in sessions.values()),
         "wall_s": round(sum(s["elapsed_s"] for s in sessions.values()), 3),

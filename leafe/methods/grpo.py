@@ -58,7 +58,7 @@ from leafe.envs import EnvMaker, make
 from leafe.envs.base import Task
 from leafe.episode import Episode
 from leafe.errors import LeafeError
-from leafe.files import append_jsonl, process_rank, read_json, read_jsonl, write_json, write_jsonl
+from leafe.files import append_jsonl, expect, process_rank, read_json, read_jsonl, write_json, write_jsonl, writing
 from leafe.fingerprint import resume_fingerprint
 from leafe.method import Job, MethodResult
 from leafe.methods.distributed import (
@@ -421,11 +421,11 @@ class GRPOTrainer:
 
     def merged(self, record: dict[str, Any], episodes: int) -> dict[str, Any]:
         """A step's log record over all ranks (every rank must call it)."""
-        keys = ("groups", "skipped_groups", "env_steps", "generated_tokens")
+        keys = ("groups", "skipped_groups", "env_steps", "generated_tokens", "faulted_episodes")
         sums = self._sum([*(float(record[k]) for k in keys), record["reward"] * episodes,
                           record["success"] * episodes, float(episodes)])
         out = record | {k: int(v) for k, v in zip(keys, sums)}
-        out |= {"reward": sums[4] / max(sums[6], 1), "success": sums[5] / max(sums[6], 1),
+        out |= {"reward": sums[-3] / max(sums[-1], 1), "success": sums[-2] / max(sums[-1], 1),
                 "skip_rate": out["skipped_groups"] / max(out["groups"], 1)}
         return out
 
@@ -596,7 +596,8 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
     out = job.out
     out.mkdir(parents=True, exist_ok=True)
     claim(out / "grpo_settings.json", resume_fingerprint(settings, str(model)), "a GRPO run", write=main)
-    finished = read_json(out / "train.json") if (out / "train.json").exists() else None
+    finished = (expect(read_json(out / "train.json"), dict, out / "train.json", keys=("settings",))
+                if (out / "train.json").exists() else None)
     if finished is not None and finished["settings"] == asdict(settings):
         return _result(finished, out)
     checkpoints = _checkpoints(out)
@@ -669,8 +670,10 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
             sampled_s = time.perf_counter() - started  # the rest of wall_s is the update (about half on a CPU)
             samples, stats = group_samples(episodes, settings.invalid_penalty, settings.adv_eps)
             record: dict[str, Any] = {"step": step + 1, **stats}
+            # faulted_episodes: runs whose env failed (sandbox_error), thrown away and run again: never a reward
             record |= {"env_steps": sum(len(e.steps) for e in episodes),
-                       "generated_tokens": sum(e.generated_tokens for e in episodes)}
+                       "generated_tokens": sum(e.generated_tokens for e in episodes),
+                       "faulted_episodes": sum(e.meta.get("faulted_runs", 0) for e in episodes)}
             if world > 1:
                 record = trainer.merged(record, len(episodes))
             if trainer.any_samples(samples):
@@ -691,14 +694,23 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
             if sync_dir is not None and main:
                 shutil.rmtree(sync_dir, ignore_errors=True)
 
-    trainer.save_model(out)
+    # The final model is whole before it is in OUT (`publish_model_dir`): a run killed while writing it
+    # leaves no directory that loads as a finished model, and its rerun resumes from the last checkpoint.
+    from leafe.files import MODEL_STAGING, publish_model_dir
+
+    if main:
+        shutil.rmtree(out / MODEL_STAGING, ignore_errors=True)
+    trainer.save_model(out / MODEL_STAGING)
+    if main:
+        publish_model_dir(out)
     summary = {
         "method": "grpo",
         "model": str(model),
         "settings": asdict(settings),
         "data": {"tasks": settings.tasks, "episodes": sum(r["groups"] for r in log) * settings.group_size,
                  "groups": sum(r["groups"] for r in log), "skipped_groups": sum(r["skipped_groups"] for r in log),
-                 "agent_tokens": sum(r.get("agent_tokens", 0) for r in log)},
+                 "agent_tokens": sum(r.get("agent_tokens", 0) for r in log),
+                 "faulted_episodes": sum(r.get("faulted_episodes", 0) for r in log)},
         "cost": {"env_steps": sum(r["env_steps"] for r in log),
                  "generated_tokens": sum(r["generated_tokens"] for r in log),
                  "wall_s": round(sum(r["wall_s"] for r in log), 2), "ran": trainer.ran()},
@@ -761,22 +773,27 @@ def _save_checkpoint(trainer: GRPOTrainer, out: Path, step: int, keep: int) -> N
     """The model of `step` (a plain directory a user can keep) and the training state to resume
     from, written under a temporary name and renamed when complete. Every rank calls it (gathering
     sharded weights and saving sharded state are collectives); rank 0 renames and prunes: older
-    checkpoints lose their training state, and only the newest `keep` models stay."""
+    checkpoints lose their training state, and only the newest `keep` models stay.
+
+    A save that fails (a full disk: `DiskFull`, one line naming the checkpoint) leaves the checkpoints
+    as they were: the temporary one is deleted (its space freed; `_checkpoints` never takes its name
+    for one), the older ones are pruned only after the rename, so a rerun resumes from the last one."""
     final = out / "checkpoints" / f"step-{step}"
     tmp = out / "checkpoints" / f".step-{step}.tmp"
     if trainer.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     trainer._barrier()
-    trainer.save_model(tmp)
-    # accelerate warns that it drops the tied output head from the safetensors file, at every save; the
-    # head is the embedding matrix itself, so loading the state (tested by the resume test) restores it.
-    shared_warning = logging.getLogger("accelerate.utils.other")
-    level = shared_warning.level
-    shared_warning.setLevel(logging.ERROR)
-    try:
-        trainer.accelerator.save_state(str(tmp / STATE))
-    finally:
-        shared_warning.setLevel(level)
+    with writing(final, scratch=tmp if trainer.rank == 0 else None):
+        trainer.save_model(tmp)
+        # accelerate warns that it drops the tied output head from the safetensors file, at every save; the
+        # head is the embedding matrix itself, so loading the state (tested by the resume test) restores it.
+        shared_warning = logging.getLogger("accelerate.utils.other")
+        level = shared_warning.level
+        shared_warning.setLevel(logging.ERROR)
+        try:
+            trainer.accelerator.save_state(str(tmp / STATE))
+        finally:
+            shared_warning.setLevel(level)
     trainer._barrier()
     if trainer.rank != 0:
         return

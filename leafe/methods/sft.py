@@ -7,13 +7,24 @@ counterfactual rows have weight 1 and the rehearsal rows weight beta. SFTTrainer
 per-row weight, so `compute_loss` is ours; batching, optimisation, schedules, checkpointing and
 (optional) LoRA are TRL/transformers/peft.
 
+A killed training resumes: every `save_every` steps the Trainer writes a checkpoint (weights,
+optimiser, schedule, random states) under OUT/trainer, marked whole once every rank has written its
+share, and a rerun on the same rows with the same settings goes on from the newest whole one, to the
+same weights as a run never stopped (the data order and random states are the checkpoint's). The
+final model reaches OUT through `publish_model_dir`, so OUT never looks like a finished model while
+it is not one; the checkpoints go once it is there.
+
 Used by bootstrap (pretraining the embedded agent), distillation and the Early Experience baseline.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import shutil
+import struct
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +34,8 @@ import torch
 
 from leafe.backends.base import loading_model
 from leafe.errors import LeafeError
-from leafe.files import is_main_process, process_rank
+from leafe.files import MODEL_STAGING, is_main_process, process_rank, publish_model_dir, read_json, write_json, writing
+from leafe.fingerprint import fingerprint_fields
 from leafe.methods.distributed import (
     lora_scaling,
     make_accelerator,
@@ -33,6 +45,7 @@ from leafe.methods.distributed import (
     without_tied_head,
 )
 from leafe.methods.token_logprobs import logits_only_at, scored_positions, token_logprobs
+from leafe.rundir import check_resume
 from leafe.settings import SFTSettings
 
 
@@ -169,18 +182,126 @@ def _trainer_class():
     return WeightedSFTTrainer
 
 
-def _progress_callback(on_log: Callable[[dict], None] | None, log: list[dict]):
+def _progress_callback(on_log: Callable[[dict], None]):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and state.is_world_process_zero:  # one progress report per launch
-                entry = {"step": state.global_step, "max_steps": state.max_steps, **logs}
-                log.append(entry)
-                if on_log is not None:
-                    on_log(entry)
+                on_log(_log_entry({**logs, "step": state.global_step}, state.max_steps))
 
     return Progress()
+
+
+def _log_entry(logged: dict, max_steps: int) -> dict:
+    """One loss-log record, from what the Trainer logged at a step (an entry of its log_history)."""
+    return {"step": logged["step"], "max_steps": max_steps, **{k: v for k, v in logged.items() if k != "step"}}
+
+
+# -- resuming a killed training -----------------------------------------------------------------
+
+#: Inside a training's output directory: transformers' output_dir, where the checkpoints go.
+CHECKPOINTS = "trainer"
+#: In CHECKPOINTS: what its checkpoints were made from (`resume_key`); only the same training resumes them.
+RESUME_KEY = "resume_key.json"
+#: In a checkpoint, written once every rank has saved its share: a checkpoint without it is partial.
+WHOLE = "whole.json"
+
+
+def resume_key(model: Any, rows: Sequence[Row], settings: SFTSettings, precision: str, processes: int) -> dict[str, Any]:
+    """What checkpoints must have been made from to be resumed: the rows (a digest of their ids,
+    labels and weights), the settings that change results, the starting model, precision and ranks."""
+    digest = hashlib.sha256()
+    for r in rows:
+        digest.update(struct.pack("<qqd", len(r.input_ids), len(r.token_weights or ()), r.weight))
+        digest.update(array("q", r.input_ids).tobytes() + array("q", r.labels).tobytes())
+        digest.update(array("d", r.token_weights or ()).tobytes())
+    if isinstance(model, (str, Path)):
+        start = str(model)
+    else:  # built in memory (bootstrap): its architecture; its initial weights are its builder's seed's
+        start = f"{type(model).__name__} {hashlib.sha256(model.config.to_json_string().encode()).hexdigest()[:16]}"
+    return {**fingerprint_fields(settings), "model": start, "rows": f"{len(rows)}, sha256 {digest.hexdigest()[:16]}",
+            "precision": precision, "processes": processes}
+
+
+def whole_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints in `directory` a rerun can resume from, oldest first."""
+    found = []
+    for path in directory.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and (path / WHOLE).exists():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def resume_point(directory: Path, key: dict[str, Any], record: bool = True) -> Path | None:
+    """The newest whole checkpoint in `directory`, or None to start at step 0. Checkpoints made from
+    other rows or settings are refused (resuming them would mix two trainings); rank 0 clears partial
+    ones (a run killed while saving) and, with `record`, records `key` for the next rerun."""
+    recorded = read_json(directory / RESUME_KEY) if (directory / RESUME_KEY).exists() else None
+    whole = whole_checkpoints(directory)
+    if whole:
+        check_resume(recorded, key, directory, "the checkpoints of another training")
+    if is_main_process():
+        for path in directory.glob("checkpoint-*"):
+            if not (path / WHOLE).exists():
+                shutil.rmtree(path, ignore_errors=True)
+        if record:
+            write_json(directory / RESUME_KEY, key)
+    return whole[-1][1] if whole else None
+
+
+def _checkpoint_callback(directory: Path):
+    """Marks each checkpoint whole once every rank has saved its share and then drops the older ones
+    (the Trainer's own rotation could drop the last whole one while the newest is still partial).
+    None at the last step: the final model is written right after it."""
+    from accelerate import PartialState
+    from transformers import TrainerCallback
+
+    class Checkpoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = False
+
+        def on_save(self, args, state, control, **kwargs):
+            PartialState().wait_for_everyone()
+            if state.is_world_process_zero:
+                write_json(directory / f"checkpoint-{state.global_step}" / WHOLE, {"step": state.global_step})
+                for _, older in whole_checkpoints(directory)[:-1]:
+                    shutil.rmtree(older, ignore_errors=True)
+
+    return Checkpoints()
+
+
+def _save_steps(settings: SFTSettings) -> int:
+    """`save_every` rounded up to a multiple of `logging_steps`: a run resumed from a checkpoint then
+    logs the same mean losses as one never stopped (each logged mean covers the steps since the last)."""
+    return math.ceil(settings.save_every / settings.logging_steps) * settings.logging_steps
+
+
+def _run_loss(history: list[dict], session_loss: float, steps: int, resumed_at: int) -> float:
+    """The mean loss over all `steps` of a training resumed at step `resumed_at`: the Trainer's own
+    mean covers its session only, so the steps before it come from the logged means (one log falls
+    on every checkpoint: `_save_steps`). Equal to an unbroken run's up to rounding (~1e-16 relative)."""
+    if not resumed_at:
+        return session_loss
+    total, last = 0.0, 0
+    for logged in history:
+        if "loss" in logged and logged["step"] <= resumed_at:
+            total += logged["loss"] * (logged["step"] - last)
+            last = logged["step"]
+    return (total + session_loss * (steps - resumed_at)) / steps
+
+
+def _publish(out: Path, model: Any, state: dict[str, torch.Tensor], tokenizer: Any) -> None:
+    """Write the trained model into `out` (`publish_model_dir`), then drop the checkpoints it ends."""
+    staging = out / MODEL_STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    with writing(out, scratch=staging):  # a full disk: DiskFull naming OUT; the half-written staging goes
+        model.save_pretrained(staging, state_dict=state)
+        tokenizer.save_pretrained(staging)
+    publish_model_dir(out)
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
 def bf16_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -207,6 +328,10 @@ def train(
     backend loads the result like any other checkpoint. `precision`: auto, bf16 or no (None: as
     launched, `distributed.mixed_precision`); sharding is the launch's (`distributed.make_accelerator`).
     Returns a summary with the loss log and what ran.
+
+    Resumes from the newest whole checkpoint in OUT/trainer (see the module docstring); with `save`
+    the model is then published into `out_dir` and the checkpoints removed, without it the caller
+    saves the returned model and removes OUT/trainer itself (until then a rerun can resume).
     """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -222,9 +347,13 @@ def train(
     use_cuda = torch.cuda.is_available()
     processes = process_rank()[1]  # > 1 under `accelerate launch` (leafe launch)
     precision = mixed_precision(precision)
+    checkpoints = out / CHECKPOINTS
+    # Without checkpoints (save_every 0) a killed run starts over, which is as deterministic.
+    resume_from = resume_point(checkpoints, resume_key(model, rows, settings, precision, processes),
+                               record=settings.save_every > 0)
     checkpointing = _checkpointing_field()
     config = SFTConfig(
-        output_dir=str(out / "trainer"),
+        output_dir=str(checkpoints),
         learning_rate=settings.learning_rate,
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
@@ -237,7 +366,9 @@ def train(
         seed=settings.seed,
         data_seed=settings.seed,
         logging_steps=settings.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if settings.save_every else "no",
+        save_steps=_save_steps(settings) if settings.save_every else 500,
+        save_total_limit=None,  # `_checkpoint_callback` keeps the newest whole checkpoint
         report_to=[],
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -265,21 +396,22 @@ def train(
         lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
-    log: list[dict] = []
     trainer = _trainer_class()(
         model=model,
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
         data_collator=_Collator(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
-        callbacks=[_progress_callback(on_log, log)],
+        callbacks=[_checkpoint_callback(checkpoints)] + ([_progress_callback(on_log)] if on_log else []),
     )
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # progress goes through `on_log`, not raw dicts on stdout
     started = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - started
+    resumed_at = int(resume_from.name.removeprefix("checkpoint-")) if resume_from else 0
+    history = trainer.state.log_history  # a resumed run's holds the logs before its checkpoint too
     trained = trainer.model
     if settings.lora and processes > 1:
         # The adapters may be split over the ranks (FSDP): gather the whole adapted state on rank 0,
@@ -289,8 +421,7 @@ def train(
             peft_model = trainer.accelerator.unwrap_model(trainer.model)
             base = peft_model.get_base_model()
             merged = without_tied_head(merge_lora(state, lora_scaling(peft_model)), base)
-            base.save_pretrained(out, state_dict=bf16_state(merged) if config.bf16 else merged)
-            tokenizer.save_pretrained(out)
+            _publish(out, base, bf16_state(merged) if config.bf16 else merged, tokenizer)
         save = False
     elif settings.lora:
         trained = trained.merge_and_unload()
@@ -301,16 +432,17 @@ def train(
         if is_main_process():
             writer = trainer.accelerator.unwrap_model(trained) if processes > 1 else trained
             state = without_tied_head(state, writer)
-            writer.save_pretrained(out, state_dict=bf16_state(state) if config.bf16 else state)
-            tokenizer.save_pretrained(out)
+            _publish(out, writer, bf16_state(state) if config.bf16 else state, tokenizer)
     return {
         "rows": len(rows),
         "tokens": sum(len(r.input_ids) for r in rows),
         "loss_tokens": sum(r.loss_tokens for r in rows),
         "steps": result.global_step,
-        "train_loss": result.training_loss if not math.isnan(result.training_loss) else None,
+        "train_loss": (None if math.isnan(result.training_loss)
+                       else _run_loss(history, result.training_loss, result.global_step, resumed_at)),
+        "resumed_from_step": resumed_at,
         "wall_s": round(wall, 2),
         "ran": ran(trainer.accelerator),
-        "log": log,
+        "log": [_log_entry(logged, trainer.state.max_steps) for logged in history if "loss" in logged],
         "model": trained,
     }

@@ -20,6 +20,11 @@ checkpoints and model. Under FSDP a rank never samples from the sharded policy (
 would be a collective that ranks reach unequally): the hf engine is then a whole copy of its own.
 Early Experience and ACE run in one process here (a study launches Early Experience's SFT itself:
 `leafe.scale.stage`).
+
+The run lock (`leafe.lock`): `leafe launch` takes none itself, since it becomes accelerate's launcher
+(exec) and could not release it. Rank 0, the one writer, takes the --out directory's lock as the
+command it runs; the other ranks, on every machine, take none. A launch started inside a locked run
+inherits its LEAFE_RUN_LOCK with the rest of the environment.
 """
 
 from __future__ import annotations
@@ -266,7 +271,8 @@ def run(plan: LaunchPlan) -> None:
     beside = Path(sys.executable).parent / "accelerate"
     program = str(beside) if beside.exists() else plan.command[0]
     sys.stdout.flush()
-    # every rank checks it got this sharding (`leafe.methods.distributed.check_ran`): never silently unsharded
+    # every rank checks it got this sharding (`leafe.methods.distributed.check_ran`): never silently
+    # unsharded; the environment carries a holder's LEAFE_RUN_LOCK to the ranks (`leafe.lock`)
     os.execvpe(program, [program, *plan.command[1:]], {**os.environ, SHARDING_ENV: plan.sharding})
 
 

@@ -7,6 +7,11 @@ study reads back.
 Why a subprocess: the ranks need a process group from their start, and the study's own process holds
 the sampling engine's client and the run's state. The engine is shut down before the launch (one
 model resident at a time); the study process waits and holds no model meanwhile.
+
+The study holds the run directory's lock (`leafe.lock`); the ranks' environment (`ranks_env`) carries
+its LEAFE_RUN_LOCK, so rank 0, which writes the stage's directory under it, is known for the study's
+own child and goes on; a job started by hand takes the directory's lock like any writer. Other ranks,
+and other machines' (`follow`), take no lock.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from leafe.errors import LeafeError
-from leafe.files import process_rank, read_json, read_jsonl, write_json, write_jsonl
+from leafe.files import process_rank, read_json, read_jsonl, write_json, write_jsonl, write_text
+from leafe.lock import run_lock
 from leafe.method import Job, MethodResult
 from leafe.methods.distributed import SHARDING_ENV
 from leafe.settings import DistillSettings, GenerationSettings, GRPOSettings, SFTSettings, TrainingSettings
@@ -89,7 +95,7 @@ def launch(method: str, job: Job, training: TrainingSettings, **settings: Any) -
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULT).unlink(missing_ok=True)
     config = accelerate_config(training, cuda)
-    (out / CONFIG).write_text(yaml.safe_dump(config))
+    write_text(out / CONFIG, yaml.safe_dump(config))
     # `accelerate` and `launch_id` are for the other machines' `leafe run` (`follow`): the same config
     # with their own machine_rank, each launch once.
     spec = {"method": method, "model": job.model, "out": str(out), "inputs": [str(p) for p in job.inputs],
@@ -119,7 +125,8 @@ def accelerate_command(config: Path, *target: str) -> list[str]:
 
 def ranks_env(sharding: str) -> dict[str, str]:
     """The environment of a launch's ranks: unbuffered output, and the sharding each must report it
-    got (`distributed.check_ran`): a launch never trains unsharded in silence."""
+    got (`distributed.check_ran`): a launch never trains unsharded in silence. It is this process's
+    environment, so a run lock this process holds reaches the ranks (LEAFE_RUN_LOCK)."""
     return {**os.environ, "PYTHONUNBUFFERED": "1", SHARDING_ENV: sharding}
 
 
@@ -158,7 +165,7 @@ def follow(run_dir: Path, training: TrainingSettings, poll_s: float = 0.5) -> in
                 continue
             out = job_path.parent
             config = out / f"accelerate.machine{training.machine_rank}.yaml"
-            config.write_text(yaml.safe_dump({**spec["accelerate"], "machine_rank": training.machine_rank}))
+            write_text(config, yaml.safe_dump({**spec["accelerate"], "machine_rank": training.machine_rank}))
             print(f"machine {training.machine_rank}: joining {spec['method']} in {out}", flush=True)
             done = _accelerate_launch(config, job_path, out / f"launch.machine{training.machine_rank}.log",
                                       spec["sharding"])
@@ -235,9 +242,10 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     spec = read_json(Path(argv[0]))
-    result = _run(spec)
-    if process_rank()[0] == 0:
-        write_json(Path(spec["out"]) / RESULT, result)
+    with run_lock(spec["out"], f"leafe.scale.stage {spec['method']}"):  # rank 0 only; the study's own: nothing
+        result = _run(spec)
+        if process_rank()[0] == 0:
+            write_json(Path(spec["out"]) / RESULT, result)
     # Everything is written; leave without running destructors. Tearing down a gloo process group's
     # DDP objects can deadlock on the GIL (see grpo._KEPT_UNTIL_EXIT), and a rank that never exits
     # would hold the launcher, and the study, forever.

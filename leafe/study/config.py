@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from leafe.errors import LeafeError
+from leafe.files import read_text
 from leafe.settings import (
     ACESettings,
     DistillSettings,
@@ -260,11 +261,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     if not path.exists():
         raise LeafeError(f"config {path} does not exist; see configs/ for examples")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         raise LeafeError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        raise LeafeError(f"{path} is empty; a study config is a YAML mapping with at least a 'name'")
     if not isinstance(data, dict):
-        raise LeafeError(f"{path} must be a YAML mapping with at least a 'name'")
+        raise LeafeError(f"{path} holds a YAML {type(data).__name__}, not a mapping; a study config is a mapping "
+                         f"with at least a 'name'")
     for item in overrides:
         apply_override(data, item)
     try:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from leafe.errors import LeafeError
-from leafe.files import read_json, write_json
+from leafe.files import expect, read_json, write_json
 from leafe.fingerprint import fingerprint_fields as _fp
 from leafe.method import Job, MethodResult, NoProgress, Progress, cost
 from leafe.passk import compare_tasks
@@ -232,10 +232,12 @@ class Study:
         evaluation = c.eval_settings()
         methods, costs = {}, {}
         for stage in stages:
-            record = read_json(self.stage_dir(stage.key) / "stage.json")
+            path = self.stage_dir(stage.key) / "stage.json"
+            record = expect(read_json(path), dict, path, keys=("cost",))
             costs[stage.key] = record["cost"]
             if stage.key.endswith(".eval"):
-                result = read_json(self.stage_dir(stage.key) / "eval.json")
+                path = self.stage_dir(stage.key) / "eval.json"
+                result = expect(read_json(path), dict, path, keys=("pass_at_k", "ci95", "tasks"))
                 method = stage.key.split(".")[0]
                 methods[method] = {"pass_at_k": result["pass_at_k"], "ci95": result["ci95"],
                                    "model": record.get("model"), "tasks": result["tasks"]}

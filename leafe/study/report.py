@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from leafe.errors import LeafeError
-from leafe.files import read_json, read_jsonl, write_text
+from leafe.files import expect, read_json, write_text
 from leafe.passk import compare_tasks
+from leafe.trees import read_trees
 
 COLORS = {"base": "#6b7280", "grpo": "#d97706", "leafe": "#059669", "early_experience": "#2563eb", "ace": "#9333ea"}
 NAMES = {"base": "Base", "grpo": "GRPO", "leafe": "LEAFE", "early_experience": "Early Experience", "ace": "ACE"}
@@ -31,12 +32,34 @@ def write_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     if not (run / "results.json").exists():
         raise LeafeError(f"{run} has no results.json; run `leafe run CONFIG --out {run}` first")
-    results = read_json(run / "results.json")
+    results = read_results(run / "results.json")
     trees_path = run / "leafe" / "explore" / "trees.jsonl"
-    trees = pick_trees(list(read_jsonl(trees_path))) if trees_path.exists() else []
+    trees = pick_trees(read_report_trees(trees_path)) if trees_path.exists() else []
     path = run / "report.html"
     write_text(path, render(results, trees))
     return path
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """results.json, checked for what the page reads of it, so another file is one line, not a KeyError."""
+    results = expect(read_json(path), dict, path, ("env", "tasks", "samples", "model", "methods"))
+    for name, method in expect(results["methods"], dict, f"{path}: methods").items():
+        expect(method, dict, f"{path}: methods.{name}", ("pass_at_k", "ci95"))
+    return results
+
+
+#: What the tree viewer reads of a tree record (`leafe.methods.explore` writes them all).
+TREE_KEYS = ("task_id", "success", "branches", "branches_succeeded", "env_steps", "budget", "reflections",
+             "reflections_parsed", "nodes")
+
+
+def read_report_trees(path: Path) -> list[dict[str, Any]]:
+    """The tree records of a trees.jsonl with their nodes as plain dicts, every field there (the
+    nodes are checked by `read_trees`)."""
+    records = [expect(record, dict, path, TREE_KEYS) for record in read_trees(path)]
+    for record in records:
+        record["nodes"] = [node.to_dict() for node in record["nodes"]]
+    return records
 
 
 def pick_trees(records: list[dict[str, Any]], n: int = TREES_SHOWN) -> list[dict[str, Any]]:

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from leafe.errors import LeafeError
+from leafe.files import read_json
 
 GATED_MLP = ("llama", "mistral", "qwen2", "qwen3")  # gate, up and down projections: three matrices
 
@@ -34,10 +34,7 @@ def read_shape(model_dir: Path) -> ModelShape | None:
     path = model_dir / "config.json"
     if not path.exists():
         return None
-    try:
-        c = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LeafeError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    c = read_json(path)
 
     def need(key: str) -> int:
         if not isinstance(c.get(key), int):

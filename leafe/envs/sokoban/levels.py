@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 from leafe.envs.base import EnvError
+from leafe.files import read_text
 
 ACTIONS: dict[str, tuple[int, int]] = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 
@@ -176,7 +176,7 @@ def read_collection(path: str) -> list[str]:
     """Levels of an XSB collection file: blank lines separate levels; ';' comments and
     'Key: value' metadata lines are skipped. Every level is validated."""
     try:
-        text = Path(path).read_text()
+        text = read_text(path)
     except OSError as exc:
         raise EnvError(f"cannot read Sokoban levels from {path}: {exc.strerror}") from exc
     levels, rows = [], []
