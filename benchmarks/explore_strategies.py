@@ -42,8 +42,10 @@ def main() -> None:
     runs = [(b, s, True) for b in args.budgets for s in args.strategies]
     runs.append((args.budgets[0], "leafe", False))  # rollback by replay: what snapshots save
     for budget, strategy, snapshots in runs:
+        # Success within the budget does not depend on what a task does after its first success;
+        # stopping there keeps the cost columns (steps, tokens, wall) the cost of finding it.
         settings = ExploreSettings(strategy=strategy, tasks=args.tasks, task_seed=args.task_seed, budget=budget,
-                                   snapshots=snapshots, parallel_tasks=32)
+                                   snapshots=snapshots, stop_on_success=True, parallel_tasks=32)
         name = f"{strategy}-b{budget}" + ("" if snapshots else "-replay")
         summary = explore(Job(args.model, args.work / name, backend=backend), settings).data
         row = {"strategy": strategy, "budget": budget, "snapshots": snapshots, **{k: summary[k] for k in KEYS}}

@@ -74,7 +74,7 @@ class Job:
 @dataclass
 class MethodResult:
     method: str  # eval, explore, distill, grpo, early_experience, ace, bootstrap
-    model: str  # the model produced (training) or used (eval, explore; ACE: the base with a playbook)
+    model: str  # the model produced (training) or used (eval, explore; ACE: its starting model with a playbook)
     settings: dict[str, Any]
     data: dict[str, Any]  # what the method measured or made; each method documents its keys
     cost: dict[str, Any]  # env_steps, generated_tokens, wall_s (this run's share when it resumed)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass, field, replace
 from typing import Any, ClassVar
 
 from leafe.errors import LeafeError
@@ -243,7 +243,8 @@ class ExploreSettings(SamplingSettings):
     tasks: int = knob(20, "Number of tasks (consecutive seeds).")
     strategy: str = knob("leafe", "leafe (tree), refine (linear retries) or independent.")
     budget: int = knob(60, "Env steps the agent may take per task.")
-    reflect_every: int = knob(5, "leafe: reflect every K steps (and on failure).")
+    reflect_every: int = knob(5, "leafe: reflect every K steps an episode takes (a branch counts from its "
+                                 "branch point), and on failure.")
     max_depth: int = knob(3, "leafe: deepest branch level.")
     max_branches: int = knob(8, "leafe: branches per task.")
     branch_samples: int = knob(2, "leafe: branches sampled per branching event, in one call.")
@@ -251,10 +252,17 @@ class ExploreSettings(SamplingSettings):
     reflector: str = knob("policy", "policy (the method: the model reflects) or oracle (a diagnostic: the env's "
                                     "solver does; Sokoban).")
     snapshots: bool = knob(True, "Roll back by env snapshot (--no-snapshots: replay the action prefix).")
+    #: Off is the paper's stage 1: a task's tree keeps growing after a success, so D_cf gets the
+    #: branching events of the whole budget, not only those on the first winning path. On suits a
+    #: comparison of strategies by success within the budget (docs/usage.md, `leafe explore`).
+    stop_on_success: bool = knob(False, "End a task's search at its first success (off, the paper's: it "
+                                        "explores until its budget is spent).")
     parallel_tasks: int = knob(16, "Tasks explored at once, batched together (speed only).")
 
     speed_only: ClassVar[tuple[str, ...]] = ("parallel_tasks",)
-    added_later: ClassVar[dict[str, Any]] = {**SamplingSettings.added_later, "reflector": "policy"}
+    #: Runs recorded before `stop_on_success` existed stopped at the first success.
+    added_later: ClassVar[dict[str, Any]] = {**SamplingSettings.added_later, "reflector": "policy",
+                                             "stop_on_success": True}
 
     def validate(self) -> None:
         from leafe.envs import env_class
@@ -387,42 +395,91 @@ class GRPOSettings(SamplingSettings):
 
 
 
+#: K, the alternatives at each expert state, where Early Experience's App. B gives one; they are drawn
+#: from the env's admissible actions there. Other envs default to `EE_DEFAULT_ALTERNATIVES` policy samples.
+EE_ALTERNATIVES = {"alfworld": 8, "scienceworld": 3}
+EE_DEFAULT_ALTERNATIVES = 3
+
+
 @dataclass
 class EarlyExperienceSettings(SamplingSettings):
     """Early Experience: the expert's states, K alternative actions at each, and what they led to."""
 
     variant: str = knob("iwm", "iwm (implicit world model) or sr (self-reflection).")
-    alternatives: int = knob(3, "Alternative actions sampled at each expert state (K).")
-    rationale_tokens: int = knob(128, "sr: token limit of one rationale.")
+    alternatives: int | None = knob(None, "Alternative actions at each expert state (K): distinct admissible actions "
+                                          "where the env lists them, else distinct policy samples. Default: EE's App. B "
+                                          "for the env (alfworld 8, scienceworld 3), else 3.")
+    iwm_epochs: float = knob(1.0, "iwm: epochs over the world-model rows, taken out of the SFT's --epochs (the rest "
+                                  "imitate the expert), as EE runs one world-modelling epoch within the imitation budget.")
+    rationale_tokens: int = knob(64, "sr: token limit of one rationale (at most --max-new-tokens).")
     states_per_call: int = knob(64, "Expert states whose alternatives are sampled in one generate call.")
 
     added_later: ClassVar[dict[str, Any]] = {**SamplingSettings.added_later, "top_p": 1.0}
+
+    def __post_init__(self) -> None:
+        # K resolved here, once, so every reader (the sampler, the planner's budget, fingerprints) sees the number.
+        if self.alternatives is None:
+            self.alternatives = EE_ALTERNATIVES.get(self.env, EE_DEFAULT_ALTERNATIVES)
 
     def validate(self) -> None:
         super().validate()
         if self.variant not in VARIANTS:
             raise LeafeError(f"--variant must be one of {', '.join(VARIANTS)} (got {self.variant!r})")
-        _at_least(self, 1, "alternatives", "states_per_call")
+        _at_least(self, 1, "alternatives", "states_per_call", "rationale_tokens")
+        if not self.iwm_epochs > 0:
+            raise LeafeError(f"--iwm-epochs must be > 0 (got {self.iwm_epochs})")
+        # A rationale is the reply the trained agent learns to write: one longer than an agent turn is cut
+        # when the agent is evaluated, so its action line is never reached.
+        if self.variant == "sr" and self.rationale_tokens > self.max_new_tokens:
+            raise LeafeError(f"--rationale-tokens ({self.rationale_tokens}) must be <= --max-new-tokens "
+                             f"({self.max_new_tokens}): the agent is evaluated with replies cut at --max-new-tokens; "
+                             f"lower --rationale-tokens or raise --max-new-tokens")
+
+    def sft_stages(self, sft: SFTSettings) -> tuple[SFTSettings | None, SFTSettings]:
+        """The SFT of the world model (None for sr) and of what follows it. EE runs one world-modelling
+        epoch within the imitation budget (App. B): `iwm_epochs` of `sft.epochs` train the IWM rows and
+        the rest imitate the expert (the default 2 = 1 + 1). A step count set by hand (`sft.max_steps`
+        > 0, for short runs) is each training's own, as it is for any SFT."""
+        if self.variant != "iwm":
+            return None, sft
+        if sft.max_steps > 0:
+            return sft, sft
+        if sft.epochs <= self.iwm_epochs:
+            raise LeafeError(f"Early Experience: iwm_epochs ({self.iwm_epochs:g}) must be < the SFT's epochs ({sft.epochs:g}), "
+                             "the budget it is taken from (the rest imitates the expert); raise epochs or lower iwm_epochs")
+        return replace(sft, epochs=self.iwm_epochs), replace(sft, epochs=sft.epochs - self.iwm_epochs)
 
 
 @dataclass
 class ACESettings(SamplingSettings):
-    """ACE: a playbook of lessons curated from the policy's own play, put in its system prompt."""
+    """ACE: a playbook of bullets curated from the policy's own play, put in its system prompt
+    (`leafe.methods.ace`; docs/usage.md says which source each default follows)."""
 
     epochs: int = knob(1, "Passes over the training tasks.")
     tasks_per_round: int = knob(16, "Tasks played between curations.")
-    max_lessons: int = knob(20, "Playbook cap.")
-    similarity: float = knob(0.6, "Word overlap at which a lesson is a duplicate.")
-    reflection_tokens: int = knob(96, "Token limit of one reflection.")
+    #: 100: the LEAFE paper's account of ACE's official implementation.
+    max_lessons: int = knob(100, "Playbook cap in bullets: over it, those with the lowest helpful - harmful go "
+                                 "(ties: the fewer proposals, then the older).")
+    #: 1: ACE's embedding dedup is off by default (ace-agent/ace, use_bulletpoint_analyzer); only a
+    #: bullet with the very words of one in the playbook merges into it.
+    similarity: float = knob(1.0, "Word overlap (Jaccard) at which a new bullet is a duplicate of one in the "
+                                  "playbook (1: the same words only).")
+    reflection_tokens: int = knob(512, "Token limit of one reflection (its tags and new bullets).")
+    reflect_temperature: float = knob(0.0, "Sampling temperature of the reflector (ACE's: 0, greedy).")
+    bullets_per_reflection: int = knob(3, "New bullets one reflection may add (the rest are dropped, counted).")
+    bullet_chars: int = knob(1000, "Characters kept of one bullet.")
 
     added_later: ClassVar[dict[str, Any]] = {**SamplingSettings.added_later, "top_p": 1.0}
     resume_free: ClassVar[tuple[str, ...]] = ("epochs",)  # more passes continue the playbook
 
     def validate(self) -> None:
         super().validate()
-        _at_least(self, 1, "epochs", "tasks_per_round", "max_lessons")
+        _at_least(self, 1, "epochs", "tasks_per_round", "max_lessons", "reflection_tokens",
+                  "bullets_per_reflection", "bullet_chars")
         if not 0 < self.similarity <= 1:
             raise LeafeError(f"--similarity must be in (0, 1] (got {self.similarity})")
+        if self.reflect_temperature < 0:
+            raise LeafeError(f"--reflect-temperature must be >= 0 (got {self.reflect_temperature})")
 
 
 # -- the embedded base agent ---------------------------------------------------------------------

@@ -95,7 +95,7 @@ def test_leafe_stage_1_rolls_back_real_alfworld_games_and_the_branches_win(qwen_
 
     backend = ScriptedBackend(qwen_tokenizer, scripted_explorer(expert_of, "look"))
     settings = ExploreSettings(env="alfworld", env_params=params, tasks=2, task_seed=1, budget=20, reflect_every=5,
-                               branch_samples=1, max_depth=1)
+                               branch_samples=1, max_depth=1, stop_on_success=True)
     explore(Job("scripted", tmp_path / "explore", backend=backend), settings)
     trees = sorted(read_trees(tmp_path / "explore" / "trees.jsonl"), key=lambda t: t["task_id"])
     assert [t["task_id"] for t in trees] == ["alfworld-valid_unseen-1", "alfworld-valid_unseen-2"]

@@ -163,7 +163,7 @@ def eval_case(file: str, fault: str, tmp: Path, model: Path) -> tuple[list, Path
         if fault == "missing key":
             _write(path, json.dumps({"lessons": [{"helpful": 3}]}))  # a lesson without its text
         else:
-            JSON_FAULTS[fault](path, {"lessons": [{"text": "push boxes from behind"}]})
+            JSON_FAULTS[fault](path, {"next_id": 2, "lessons": [{"id": "ctx-00001", "text": "push boxes from behind"}]})
         return _eval(model, out, "--playbook", path), path
     if file == "eval_tasks.jsonl":  # a partial evaluation to resume
         records = [{"settings": {}}, {"task_id": "sokoban-0", "n": 1}]

@@ -35,7 +35,7 @@ def two_level_policy(text: str, i: int) -> str:
 @pytest.fixture(scope="module")
 def trees_file(tiny_tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("explored")
-    settings = ExploreSettings(tasks=3, task_seed=40, budget=60, branch_samples=1, max_depth=3)
+    settings = ExploreSettings(tasks=3, task_seed=40, budget=60, branch_samples=1, max_depth=3, stop_on_success=True)
     summary = explore(Job("scripted", out, backend=ScriptedBackend(tiny_tokenizer, two_level_policy)), settings).data
     assert summary["success_rate"] == 1.0
     return out / "trees.jsonl"

@@ -17,9 +17,10 @@ from leafe.envs.sokoban import SokobanEnv
 from leafe.envs.sokoban.oracle import Expert, first_mistake, oracle_experience
 from leafe.errors import LeafeError
 from leafe.method import Job
+from leafe.methods.distill import build_rows
 from leafe.methods.explore import explore
 from leafe.prompts import REFLECTION_PROMPT
-from leafe.settings import ExploreSettings
+from leafe.settings import DistillSettings, ExploreSettings
 from leafe.trees import read_trees
 
 EXPERIENCE_MARK = "Experience from an earlier attempt"
@@ -49,7 +50,7 @@ def run(tokenizer, tmp_path, reply, **settings):
 
 def test_leafe_reflects_rolls_back_and_branches_with_the_experience(tiny_tokenizer, tmp_path):
     summary, trees, _ = run(tiny_tokenizer, tmp_path, policy("Step: 2\nExperience: stop dancing."),
-                            budget=60, reflect_every=5, branch_samples=2)
+                            budget=60, reflect_every=5, branch_samples=2, stop_on_success=True)
     assert summary["success_rate"] == 1.0
     for tree in trees:
         root, first, second = tree["nodes"][:3]
@@ -73,6 +74,43 @@ def test_leafe_reflects_rolls_back_and_branches_with_the_experience(tiny_tokeniz
             assert all(r["step"] is None and not r["valid"] for r in branch.reflections)
     reflections = sum(len(n.reflections) for tree in trees for n in tree["nodes"])
     assert summary["reflections"] == summary["reflections_parsed"] == reflections >= 3
+
+
+def cf_rows_per_task(trees) -> list[int]:
+    """D_cf rows (the default: branches that went on to succeed) each task's tree gives."""
+    return [len(build_rows([tree], DistillSettings(reh_fraction=0))[0]) for tree in trees]
+
+
+def test_without_stop_on_success_a_task_explores_its_whole_budget_and_gives_more_cf_rows(tiny_tokenizer, tmp_path):
+    reply = policy("Step: 2\nExperience: stop dancing.")
+    runs = {stop: run(tiny_tokenizer, tmp_path / str(stop), reply, budget=60, tasks=2, stop_on_success=stop)
+            for stop in (True, False)}
+    (on, stopped, _), (off, grown, _) = runs[True], runs[False]
+    assert on["success_rate"] == off["success_rate"] == 1.0  # the first success comes the same way
+    # Stopping: one branching event (2 samples), both winning, then the task ends well within budget.
+    assert cf_rows_per_task(stopped) == [2, 2] and all(t["env_steps"] < 60 for t in stopped)
+    # The paper's stage 1: after the success a fresh root dances, reflects and branches again, until
+    # the budget is spent (sokoban-41's fourth pair of branches runs out of it before winning).
+    assert cf_rows_per_task(grown) == [8, 6] and all(t["env_steps"] == 60 for t in grown)
+    for tree in grown:
+        assert sum(n.parent is None for n in tree["nodes"]) == 4 and "stopped" not in {n.outcome for n in tree["nodes"]}
+    # A directory explored before the knob existed stopped at the first success: its settings read
+    # the same as stop_on_success=True, so it resumes under that and is refused under the default.
+    assert "stop_on_success" not in json.loads((tmp_path / "True" / "settings.json").read_text())
+    with pytest.raises(LeafeError, match="different settings \\(stop_on_success\\)"):
+        run(tiny_tokenizer, tmp_path / "True", reply, budget=60, tasks=2)
+
+
+def test_a_branch_reflects_k_steps_after_its_branch_point(tiny_tokenizer, tmp_path):
+    # A branch from tau = 4 has 4 inherited steps; with K = 5 it reflects after 5 steps of its own.
+    never = policy("Step: 4\nExperience: go another way.", solve_with_experience=False)
+    _, trees, _ = run(tiny_tokenizer, tmp_path, never, budget=40, tasks=1, reflect_every=5, branch_samples=1,
+                      max_branches=2, max_depth=2)
+    root, branch, deeper = trees[0]["nodes"][:3]
+    assert [(r["after_step"], r["why"]) for r in root.reflections] == [(5, "interval")]
+    assert branch.tau == 4 and [(r["after_step"], r["why"]) for r in branch.reflections] == [(9, "interval")]
+    assert branch.env_steps == 5 and branch.outcome == "rolled_back"
+    assert (deeper.parent, deeper.tau) == (branch.id, 4)
 
 
 def test_rollback_by_replay_restores_the_recorded_state_and_counts_it(tiny_tokenizer, tmp_path):
@@ -158,7 +196,8 @@ def test_refine_restarts_with_every_experience_so_far_in_context(tiny_tokenizer,
     assert all(n.parent is None for n in nodes)
     text = tiny_tokenizer.decode(nodes[2].episode.token_ids[: nodes[2].episode.steps[0].context_len])
     assert text.count(EXPERIENCE_MARK) == 2
-    _, solved, _ = run(tiny_tokenizer, tmp_path / "solves", policy(), strategy="refine", budget=60, tasks=2)
+    _, solved, _ = run(tiny_tokenizer, tmp_path / "solves", policy(), strategy="refine", budget=60, tasks=2,
+                       stop_on_success=True)
     assert all(t["success"] and len(t["nodes"]) == 2 for t in solved)
 
 

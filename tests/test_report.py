@@ -62,6 +62,27 @@ def test_report_is_self_contained_and_holds_the_results(tiny_tokenizer, tmp_path
     assert "cell box" in page and "cell player" in page  # Sokoban grids, not text
 
 
+def test_report_says_the_model_each_method_started_from(tiny_tokenizer, tmp_path):
+    results = make_run(tmp_path, tiny_tokenizer)
+    starts = {"grpo": "base", "leafe": "grpo", "early_experience": "grpo", "ace": "base"}
+    for name, start in starts.items():
+        results["methods"][name] |= {"start": start, "start_model": f"/runs/unit/{start}"}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    page = write_report(tmp_path).read_text()
+    assert "<th>starts from</th>" in page
+    rows = re.findall(r"</i>([^<]+)</th><td class=start title='([^']*)'>([^<]*)</td>", page)
+    assert rows == [("Base", "", "-"), ("GRPO", "/runs/unit/base", "Base"), ("LEAFE", "/runs/unit/grpo", "GRPO"),
+                    ("Early Experience", "/runs/unit/grpo", "GRPO"), ("ACE", "/runs/unit/base", "Base")]
+    # A results.json from before each method recorded its start: LEAFE's from `leafe_start`, the
+    # others from the base, as they then ran.
+    for m in results["methods"].values():
+        for key in ("start", "start_model"):
+            m.pop(key, None)
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    rows = re.findall(r"</i>([^<]+)</th><td class=start title='[^']*'>([^<]*)</td>", write_report(tmp_path).read_text())
+    assert rows == [("Base", "-"), ("GRPO", "Base"), ("LEAFE", "GRPO"), ("Early Experience", "Base"), ("ACE", "Base")]
+
+
 def test_report_command_rewrites_and_refuses_a_directory_without_results(tiny_tokenizer, tmp_path):
     (tmp_path / "run").mkdir()
     make_run(tmp_path / "run", tiny_tokenizer)

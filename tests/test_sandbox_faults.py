@@ -238,7 +238,7 @@ def test_exploration_explores_a_faulted_task_again_and_counts_it(flaky, tiny_tok
 
     backend = ScriptedBackend(tiny_tokenizer, reply)
     settings = ExploreSettings(env="code", env_params={"max_submissions": 2}, tasks=1, task_seed=0,
-                               strategy="independent", budget=4, max_new_tokens=400)
+                               strategy="independent", budget=4, max_new_tokens=400, stop_on_success=True)
     summary = explore(Job("scripted", tmp_path, backend=backend), settings).data
     assert summary["faulted_episodes"] == 1 and summary["success_rate"] == 1.0 and summary["env_steps"] == 2
     (tree,) = read_trees(tmp_path / "trees.jsonl")

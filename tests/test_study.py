@@ -35,9 +35,27 @@ def test_every_shipped_config_parses_and_prints_its_plan(config, tmp_path, monke
     assert run.returncode == 0, run.stderr
     for key in STAGES:
         assert key in run.stdout
+    # Issue 39: every shipped config runs the baselines as the paper did, from GRPO's checkpoint.
+    what = plan_rows(run.stdout)
+    assert (what["leafe.explore"], what["ace.train"]) == ("LEAFE explore from grpo", "ACE playbook from grpo")
+    assert what["early_experience.train"].endswith(" from grpo")
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
     study = Study(load_config(config), tmp_path)
     assert [s.key for s in study.plan()][-len(STAGES):] == STAGES
+
+
+def plan_rows(stdout: str) -> dict[str, str]:
+    """The dry run's stage table as {stage key: its 'what' cell}, the cell's wrapped lines joined."""
+    rows: dict[str, str] = {}
+    key = ""
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) != 5:
+            continue
+        if cells[0]:  # a row's first line: its number and its key (never wrapped)
+            key = cells[1]
+        rows[key] = f"{rows.get(key, '')} {cells[2]}".strip()
+    return rows
 
 
 def test_demo_config_is_the_embedded_default():
@@ -63,6 +81,13 @@ def write_config(path: Path, **overrides) -> Path:
     ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
     ({"methods": ["grpo"]}, "methods must include base"),
     ({"methods": ["base", "leafe"], "leafe": {"start": "grpo"}}, "leafe.start is grpo but grpo is not in methods"),
+    ({"methods": ["base", "ace"]}, "ace.start is grpo but grpo is not in methods; add grpo to methods or set "
+                                   "ace.start: base"),
+    ({"methods": ["base", "early_experience", "ace"]}, "early_experience.start and ace.start are grpo but grpo is "
+                                                       "not in methods; add grpo to methods or set "
+                                                       "early_experience.start: base, ace.start: base"),
+    ({"ace": {"start": "sft"}}, "ace.start: Input should be 'grpo' or 'base'"),
+    ({"ace": {"max_lesons": 3}}, "ace.max_lesons is not a setting; known:"),
     ({"methods": ["base", "ppo"]}, "methods.1: Input should be"),
     ({"eval": {"env_params": "valid_unseen"}}, "eval.env_params must be a mapping of env parameters"),
 ])
@@ -113,15 +138,61 @@ RECORDED_BEFORE_THE_LATER_KNOBS = {
 }
 
 
+#: The values older run directories ran with, of the knobs whose default changed since (issue 39):
+#: the baselines then started from the base, and stage 1 stopped a task at its first success.
+AS_RECORDED = {"early_experience": {"start": "base"}, "ace": {"start": "base"},
+               "leafe": {"explore": {"stop_on_success": True}}}
+#: Stages whose method itself changed since, so older run directories redo them whatever their knobs:
+#: ACE credits the bullets its reflector tags, caps by that credit and reflects greedily; Early
+#: Experience adds the expert's transitions to IWM, de-duplicates its alternatives and splits its
+#: epochs between world modelling and imitation (issue 39).
+REDONE = {"ace.train", "ace.eval", "early_experience.train", "early_experience.eval"}
+
+
 def test_a_knob_added_later_leaves_older_run_directories_done(tmp_path):
     # A stage whose digest differs is cleared and redone with everything below it, so a new knob at
     # the value older runs used must not enter any digest (it once redid every stage of every study).
-    defaults = Study(load_config(write_config(tmp_path / "a.yaml")), tmp_path)
-    assert {s.key: s.digest() for s in defaults.plan()} == RECORDED_BEFORE_THE_LATER_KNOBS
+    as_before = Study(load_config(write_config(tmp_path / "a.yaml", **AS_RECORDED)), tmp_path)
+    digests = {s.key: s.digest() for s in as_before.plan()}
+    assert {k for k in REDONE if digests[k] == RECORDED_BEFORE_THE_LATER_KNOBS[k]} == set()
+    assert {k: v for k, v in digests.items() if k not in REDONE} == {
+        k: v for k, v in RECORDED_BEFORE_THE_LATER_KNOBS.items() if k not in REDONE}
     # at another value it does: that stage and the ones reading from it are redone, the others are not
-    oracle = load_config(write_config(tmp_path / "b.yaml", leafe={"explore": {"reflector": "oracle"}}))
+    oracle = load_config(write_config(tmp_path / "b.yaml", **{**AS_RECORDED, "leafe": {"explore": {
+        **AS_RECORDED["leafe"]["explore"], "reflector": "oracle"}}}))
     changed = {s.key for s in Study(oracle, tmp_path).plan() if s.digest() != RECORDED_BEFORE_THE_LATER_KNOBS[s.key]}
-    assert changed == {"leafe.explore", "leafe.distill", "leafe.eval"}
+    assert changed - REDONE == {"leafe.explore", "leafe.distill", "leafe.eval"}
+
+
+def test_the_baselines_start_from_grpos_checkpoint_unless_told_base(tmp_path):
+    # The paper's protocol (issue 39): Early Experience fine-tunes GRPO's checkpoint and ACE plays it,
+    # so both read grpo.train's model, run after it and are redone when it changes.
+    study = Study(load_config(write_config(tmp_path / "a.yaml")), tmp_path / "run")
+    stages = {s.key: s for s in study.plan()}
+    order = list(stages)
+    grpo = tmp_path / "run" / "grpo" / "train"
+    for method, key in (("leafe", "leafe.explore"), ("early_experience", "early_experience.train"),
+                        ("ace", "ace.train")):
+        assert stages[key].after == ("grpo.train",) and order.index(key) > order.index("grpo.train"), key
+        assert stages[key].fingerprint["after"] == {"grpo.train": stages["grpo.train"].digest()}, key
+        assert study.start_model(method) == grpo
+    assert study.model_of("ace") == grpo  # ACE is evaluated on GRPO's checkpoint with its playbook
+    # An empty playbook leaves ACE's evaluation GRPO's: it waits for that one, to copy it.
+    assert stages["ace.eval"].after == ("ace.train", "grpo.eval")
+
+    # `start: base` restores the comparison from the base: the same settings, read from the base
+    # model, with nothing of `start` in the fingerprint (so older run directories stay done).
+    base = Study(load_config(write_config(tmp_path / "b.yaml", early_experience={"start": "base"},
+                                          ace={"start": "base"})), tmp_path / "run")
+    from_grpo, stages = stages, {s.key: s for s in base.plan()}
+    for method, key in (("early_experience", "early_experience.train"), ("ace", "ace.train")):
+        assert stages[key].after == ("bootstrap",) and stages[key].title.endswith(" from base")
+        assert stages[key].fingerprint == {"settings": from_grpo[key].fingerprint["settings"],
+                                           "after": {"bootstrap": stages["bootstrap"].digest()}}
+        assert base.start_model(method) == base.base_model()
+    assert base.model_of("ace") == base.base_model()
+    assert stages["ace.eval"].after == ("ace.train", "base.eval")
+    assert stages["leafe.explore"].after == ("grpo.train",)  # each method's start is its own
 
 
 def tiny_study(tmp_path: Path, model: Path, **overrides) -> Path:
@@ -132,7 +203,7 @@ def tiny_study(tmp_path: Path, model: Path, **overrides) -> Path:
         "eval": {"tasks": 2, "task_seed": 900, "samples": 4, **short},
         "grpo": {"steps": 1, "tasks_per_step": 2, "group_size": 2, **short},
         "leafe": {"explore": {"tasks": 2, "budget": 8, **short, "reflection_tokens": 8}, "sft": {"epochs": 1}},
-        "early_experience": {"tasks": 2, "settings": short, "sft": {"epochs": 1}},
+        "early_experience": {"tasks": 2, "settings": short, "sft": {"epochs": 2}},  # 1 world-model epoch + 1 imitation
         "ace": {"tasks": 2, "tasks_per_round": 2, **short, "reflection_tokens": 8},
     }
     for key, value in overrides.items():
@@ -154,6 +225,16 @@ def test_a_study_runs_every_stage_then_skips_resumes_and_redoes_what_changed(tin
     assert list(results["methods"]) == ["base", "grpo", "leafe", "early_experience", "ace"]
     for method in results["methods"].values():
         assert list(method["pass_at_k"]) == ["1", "2", "4"] and list(method["ci95"]) == ["1", "2", "4"]
+    # Each method's starting model (issue 39): the baselines start from GRPO's checkpoint, as LEAFE does.
+    grpo_model = str(run_dir / "grpo" / "train")
+    starts = {name: (m.get("start"), m.get("start_model")) for name, m in results["methods"].items()}
+    assert starts == {"base": (None, None), "grpo": ("base", str(tiny_model_dir)), "leafe": ("grpo", grpo_model),
+                      "early_experience": ("grpo", grpo_model), "ace": ("grpo", grpo_model)}
+    assert results["leafe_start"] == "grpo"
+    # ... and read it: Early Experience fine-tuned it; ACE played it and was evaluated on it.
+    assert json.loads((run_dir / "early_experience" / "train" / "train.json").read_text())["model"] == grpo_model
+    for key in ("ace/train", "ace/eval"):
+        assert json.loads((run_dir / key / "stage.json").read_text())["model"] == grpo_model
     base = results["methods"]["base"]
     for name, method in results["methods"].items():  # each method against the base, paired on tasks
         assert ("vs_base" in method) == (name != "base")
@@ -169,14 +250,14 @@ def test_a_study_runs_every_stage_then_skips_resumes_and_redoes_what_changed(tin
             assert cost["ran"]["sharding"] == "none" and cost["ran"]["processes"] == 1
     assert results["cost"]["base.eval"]["env_steps"] == 2 * 4 * 4  # 2 tasks x 4 samples x 4 steps (never solved)
     assert results["cost"]["grpo.train"]["env_steps"] > 0 and results["cost"]["leafe.explore"]["env_steps"] > 0
-    # ACE with an empty playbook is the base agent with the base's prompt and seeds: its evaluation
-    # is the base's, copied rather than played again; with lessons it is played.
+    # ACE with an empty playbook is its starting model (GRPO's) with that model's prompt and seeds:
+    # its evaluation is GRPO's, copied rather than played again; with lessons it is played.
     if json.loads((run_dir / "ace" / "train" / "playbook.json").read_text())["lessons"]:
         assert results["cost"]["ace.eval"]["env_steps"] == results["cost"]["base.eval"]["env_steps"]
     else:
         assert results["cost"]["ace.eval"]["env_steps"] == 0
-        assert (run_dir / "ace" / "eval" / "eval.json").read_bytes() == (run_dir / "base" / "eval" / "eval.json").read_bytes()
-        assert results["methods"]["ace"]["note"] == "no lesson learnt: the episodes of base.eval"
+        assert (run_dir / "ace" / "eval" / "eval.json").read_bytes() == (run_dir / "grpo" / "eval" / "eval.json").read_bytes()
+        assert results["methods"]["ace"]["note"] == "no lesson learnt: the episodes of grpo.eval"
     assert (run_dir / "report.html").stat().st_size > 1000
     assert "Pass@4" in first.stdout  # the final table
 
@@ -197,8 +278,9 @@ def test_a_study_runs_every_stage_then_skips_resumes_and_redoes_what_changed(tin
     changed = tiny_study(tmp_path, tiny_model_dir, grpo={"learning_rate": 3e-5})
     study = Study(load_config(changed), run_dir)
     status = {s.key: study.status(s) for s in study.plan()}
-    assert {k for k, v in status.items() if v == "stale"} == {"grpo.train", "leafe.explore", "leafe.distill",
-                                                              "grpo.eval", "leafe.eval"}
+    assert {k for k, v in status.items() if v == "stale"} == {  # the baselines too: they start from GRPO's
+        "grpo.train", "leafe.explore", "leafe.distill", "early_experience.train", "ace.train", "grpo.eval",
+        "leafe.eval", "early_experience.eval", "ace.eval"}
     assert {k for k, v in status.items() if v == "done"} == set(STAGES) - {k for k, v in status.items() if v == "stale"}
     assert leafe("run", changed, "--out", run_dir).returncode == 0
     redone = stamps(run_dir)
@@ -241,7 +323,8 @@ def test_stages_side_by_side_give_the_results_of_one_at_a_time(tiny_model_dir, t
                            capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stderr
     redone = set(re.findall(r"stage (\S+) done in", again.stdout))
-    assert redone == {"grpo.train", "leafe.explore", "leafe.distill", "grpo.eval", "leafe.eval"}
+    assert redone == {"grpo.train", "leafe.explore", "leafe.distill", "early_experience.train", "ace.train",
+                      "grpo.eval", "leafe.eval", "early_experience.eval", "ace.eval"}
     assert json.loads((tmp_path / "two" / "grpo" / "train" / "train.json").read_text())["settings"]["learning_rate"] == 3e-5
     assert (tmp_path / "two" / "grpo" / "train" / "stage.log").exists()
 

@@ -35,7 +35,7 @@ def test_leafe_rolls_back_a_real_text_game_and_the_branch_wins(env_name, tiny_to
     assert len(expert) <= 5  # the branch starts at step 1 and has 5 steps left
     backend = ScriptedBackend(tiny_tokenizer, scripted_explorer(lambda text: expert, idle))
     settings = ExploreSettings(env=env_name, env_params=params, tasks=1, task_seed=0, budget=20, reflect_every=6,
-                               branch_samples=1, max_depth=1)
+                               branch_samples=1, max_depth=1, stop_on_success=True)
     explore(Job("scripted", tmp_path / "explore", backend=backend), settings)
     (tree,) = read_trees(tmp_path / "explore" / "trees.jsonl")
     assert tree["success"] and tree["branches"] == tree["branches_succeeded"] == 1

@@ -271,7 +271,7 @@ def test_leafe_stage1_rolls_back_webshop_and_the_branch_buys_the_goal(tiny_token
     reply = scripted_explorer(lambda text: expert, idle="click[features]")
 
     settings = ExploreSettings(env="webshop", env_params=params, tasks=1, task_seed=0, budget=20, reflect_every=6,
-                               branch_samples=1, max_depth=1)
+                               branch_samples=1, max_depth=1, stop_on_success=True)
     explore(Job("scripted", tmp_path / "explore", backend=ScriptedBackend(tiny_tokenizer, reply)), settings)
     (tree,) = read_trees(tmp_path / "explore" / "trees.jsonl")
     assert tree["success"] and tree["branches"] == tree["branches_succeeded"] == 1

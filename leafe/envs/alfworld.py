@@ -332,6 +332,9 @@ class AlfWorldEnv(Env):
         """The game's valid commands in the current state (what `valid_action_hints` lists)."""
         return list(self._admissible)
 
+    def admissible_actions(self) -> list[str] | None:
+        return self.admissible_commands
+
     def _observation(self, text: str) -> str:
         if not self.valid_action_hints or self._done:
             return text

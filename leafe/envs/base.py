@@ -148,6 +148,12 @@ class Env(ABC):
         """The thought written before an expert action in demonstrations (Early Experience)."""
         return f"next, {action}."
 
+    def admissible_actions(self) -> list[str] | None:
+        """The actions the env accepts in its current state, where it can list them (ALFWorld's
+        admissible commands); None where it cannot. Early Experience draws its alternatives from
+        this list, as its paper does (App. B), and samples them from the policy where it is None."""
+        return None
+
     def oracle_reflection(self, task: Task, actions: Sequence[str]) -> str:
         """What a perfect reflector would answer after `actions` (the reflection reply format): the
         first step after which the task was lost and what to do there, or "Step: none". A diagnostic

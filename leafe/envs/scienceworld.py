@@ -225,8 +225,13 @@ class ScienceWorldEnv(Env):
     def _with_hints(self, observation: str) -> str:
         if not self.valid_action_hints or self._done:
             return observation
-        valid = sorted(str(a) for a in self._simulator.getValidActionObjectCombinations())
-        return f"{observation}\nValid actions: {', '.join(valid)}"
+        return f"{observation}\nValid actions: {', '.join(self.admissible_actions())}"
+
+    def admissible_actions(self) -> list[str] | None:
+        """The simulator's valid action-object combinations in the current state, sorted."""
+        if self._simulator is None:
+            raise RuntimeError("the scienceworld env has no task yet; call reset(task) first")
+        return sorted(str(a) for a in self._simulator.getValidActionObjectCombinations())
 
 
 def _spec(task: Task) -> dict[str, Any]:

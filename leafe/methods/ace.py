@@ -1,28 +1,35 @@
-"""The ACE baseline (agentic context engineering): no weight update; a playbook of short lessons in
-the system prompt, grown over the training tasks.
+"""The ACE baseline (Agentic Context Engineering, arXiv 2510.04618; code ace-agent/ace and
+ace-agent/ace-appworld): no weight update; a playbook of bullets in the system prompt, grown over the
+training tasks and used, as it ends, on the held-out ones (ACE's offline mode).
 
-Three roles, played in rounds over the training tasks:
-- generator: the model plays a round of tasks with the current playbook in its system prompt;
-- reflector: the same model reads each finished attempt with its feedback and writes one lesson
-  (`ACE_REFLECTOR_PROMPT`; a reply without a 'Lesson:' line proposes nothing, and is counted);
-- curator: merges the proposals into the playbook. As in ACE, the merge itself is deterministic
-  code: a proposal whose words overlap an existing lesson's by at least `similarity` (Jaccard over
-  lower-cased words) is a duplicate and only bumps that lesson's `proposed` count; otherwise it is
-  added. Every lesson in the context of an attempt is credited by the outcome: helpful +1 when it
-  succeeded, harmful +1 when it failed. Over `max_lessons`, the lessons with the lowest
-  helpful - harmful (then fewest proposals, then oldest) are dropped.
-ACE's curator is also an LLM that phrases the delta; here the reflector's own line is the delta,
-because the attribution and merge rules, not the phrasing, are what a small model can carry.
+Three roles, played in rounds of `tasks_per_round` training tasks:
+- generator: the model plays the round's tasks with the playbook in its system prompt, every bullet
+  a line `[ctx-00007] helpful=2 harmful=0 :: text` (ACE's bullet line: an id and two counters);
+- reflector: the same model, at `reflect_temperature` (ACE: 0), reads each finished attempt with the
+  env's feedback, is told its outcome and the ids of the bullets in play, tags those that helped or
+  misled, and writes up to `bullets_per_reflection` new bullets, each of up to `bullet_chars`
+  characters and as many lines as it likes (`leafe.prompts.ace_reflector_prompt`);
+- curator: deterministic code, as ACE's own merge is. A tag moves only its bullet's counter (ACE's
+  "counter layer"): a bullet nobody tagged keeps its counts whatever the outcome. New bullets get the
+  next ids; one whose words overlap a bullet's by at least `similarity` merges into it. Over
+  `max_lessons`, the bullets with the lowest helpful - harmful go; ties drop the fewer proposed, then
+  the older, so a playbook that earns no tags at all keeps its newest bullets.
+
+Where this departs from ACE (each with its reason, in docs/usage.md "ACE"): the generator does not
+name the bullets it used (every method is played and evaluated in the same reply format), so every
+bullet in the system prompt is in play and the reflector judges which mattered; the reflector writes
+the new bullets itself (ACE's curator is a second LLM call that rephrases the reflection into ADD
+operations); the playbook has no sections.
 
 `playbook.json` is rewritten atomically after every round, so an interrupted run resumes from the
-last finished round; `leafe eval --playbook FILE` puts its lessons in the system prompt.
+last finished round; `leafe eval --playbook FILE` puts its bullet lines in the system prompt.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,23 +39,34 @@ from leafe.errors import LeafeError
 from leafe.files import read_json, write_json
 from leafe.fingerprint import resume_fingerprint
 from leafe.method import Job, MethodResult
-from leafe.prompts import ACE_REFLECTOR_PROMPT, SYSTEM_PROMPT, parse_lesson, playbook_system_prompt
-from leafe.rollout import RolloutEngine
+from leafe.prompts import (
+    SYSTEM_PROMPT,
+    ace_reflector_prompt,
+    bullet_id,
+    bullet_line,
+    parse_bullet_reflection,
+    playbook_system_prompt,
+)
+from leafe.rollout import Live, RolloutEngine
 from leafe.rundir import check_resume
 from leafe.settings import ACESettings
 
 
 @dataclass
-class Lesson:
+class Bullet:
+    id: str
     text: str
-    helpful: int = 0
+    helpful: int = 0  # times the reflector tagged it helpful in an attempt it was in play in
     harmful: int = 0
-    proposed: int = 1  # times the reflector proposed it or a near duplicate
+    proposed: int = 1  # times the reflector proposed it or a duplicate
     added_round: int = 0
 
     @property
     def score(self) -> int:
         return self.helpful - self.harmful
+
+    def line(self) -> str:
+        return bullet_line(self.id, self.helpful, self.harmful, self.text)
 
 
 def _words(text: str) -> set[str]:
@@ -63,53 +81,88 @@ def similarity(a: str, b: str) -> float:
 
 @dataclass
 class Playbook:
-    lessons: list[Lesson] = field(default_factory=list)
+    bullets: list[Bullet] = field(default_factory=list)
+    next_id: int = 1  # ids are never reused, so a dropped bullet's tags cannot land on a newer one
 
-    def texts(self) -> list[str]:
-        return [x.text for x in self.lessons]
+    def ids(self) -> list[str]:
+        return [x.id for x in self.bullets]
 
-    def credit(self, successes: Sequence[bool]) -> None:
-        """Outcome attribution: every lesson in the context of an attempt shares its result."""
-        won = sum(1 for s in successes if s)
-        for lesson in self.lessons:
-            lesson.helpful += won
-            lesson.harmful += len(successes) - won
+    def lines(self) -> list[str]:
+        return [x.line() for x in self.bullets]
 
-    def curate(self, proposals: Sequence[str], round_index: int, max_lessons: int, threshold: float) -> dict[str, int]:
-        """Merge proposals (dedupe against the playbook and each other), then cap. Returns counts."""
+    def credit(self, tags: Mapping[str, str], in_play: Iterable[str]) -> dict[str, int]:
+        """One reflection's tags: +1 helpful or +1 harmful to each tagged bullet that was in play in
+        its attempt. Neutral tags, untagged bullets and ids not in play change nothing. Returns counts."""
+        by_id, in_play = {x.id: x for x in self.bullets}, set(in_play)
+        counts = {"helpful": 0, "harmful": 0, "unknown": 0}
+        for identifier, tag in tags.items():
+            bullet = by_id.get(identifier) if identifier in in_play else None
+            if bullet is None:
+                counts["unknown"] += 1
+            elif tag == "helpful":
+                bullet.helpful += 1
+                counts["helpful"] += 1
+            elif tag == "harmful":
+                bullet.harmful += 1
+                counts["harmful"] += 1
+        return counts
+
+    def curate(self, proposals: Iterable[str], round_index: int, max_bullets: int, threshold: float) -> dict[str, int]:
+        """Merge proposals (deduped against the playbook and each other), then cap. Returns counts."""
         added = merged = 0
         for text in proposals:
-            best = max(self.lessons, key=lambda x: similarity(x.text, text), default=None)
+            best = max(self.bullets, key=lambda x: similarity(x.text, text), default=None)
             if best is not None and similarity(best.text, text) >= threshold:
                 best.proposed += 1
                 merged += 1
             else:
-                self.lessons.append(Lesson(text, added_round=round_index))
+                self.bullets.append(Bullet(bullet_id(self.next_id), text, added_round=round_index))
+                self.next_id += 1
                 added += 1
-        dropped = max(0, len(self.lessons) - max_lessons)
+        dropped = max(0, len(self.bullets) - max_bullets)
         if dropped:
-            ranked = sorted(self.lessons, key=lambda x: (x.score, x.proposed, x.added_round), reverse=True)
-            keep = {id(x) for x in ranked[:max_lessons]}
-            self.lessons = [x for x in self.lessons if id(x) in keep]  # playbook order stays insertion order
+            # The bullets' order is their ids' order, so the position breaks the last tie: the older goes.
+            ranked = sorted(enumerate(self.bullets), key=lambda p: (p[1].score, p[1].proposed, p[1].added_round, p[0]),
+                            reverse=True)
+            keep = {i for i, _ in ranked[:max_bullets]}
+            self.bullets = [x for i, x in enumerate(self.bullets) if i in keep]  # the playbook keeps its order
         return {"added": added, "merged": merged, "dropped": dropped}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"lessons": [asdict(x) for x in self.lessons]}
+        return {"next_id": self.next_id, "lessons": [asdict(x) for x in self.bullets]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Playbook:
-        return cls([Lesson(**x) for x in data.get("lessons", [])])
+        # A playbook from before bullets had ids gets them by position.
+        bullets = [Bullet(**({"id": bullet_id(i)} | x)) for i, x in enumerate(data.get("lessons", []), 1)]
+        return cls(bullets, int(data.get("next_id") or len(bullets) + 1))
 
 
 def load_playbook(path: str | Path) -> list[str]:
-    """The lesson texts of a playbook.json, for the system prompt; a clear error when it is not one."""
+    """The bullet lines of a playbook.json, for the system prompt; a clear error when it is not one."""
     path = Path(path)
     if not path.exists():
         raise LeafeError(f"--playbook {path} does not exist; leafe train ace writes DIR/playbook.json")
     try:
-        return Playbook.from_dict(read_json(path)).texts()
-    except (ValueError, TypeError, KeyError) as exc:
+        return Playbook.from_dict(read_json(path)).lines()
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise LeafeError(f"--playbook {path} is not a playbook written by leafe train ace ({exc})") from None
+
+
+def reflect(engine: RolloutEngine, lives: list[Live], in_play: list[str], settings: ACESettings) -> list[str | None]:
+    """The reflector's reply on each attempt; None where the attempt left no room in the model's
+    context for a reflection (counted, never sent: the backend would refuse the prompt)."""
+    asks = [ace_reflector_prompt(live.episode.success, live.episode.reward, in_play, settings.bullets_per_reflection)
+            for live in lives]
+    prompts = [engine.recorder.reflection_prompt(live, ask).prompt_ids() for live, ask in zip(lives, asks)]
+    fits = [i for i, p in enumerate(prompts) if len(p) + settings.reflection_tokens <= engine.backend.max_context]
+    replies: list[str | None] = [None] * len(lives)
+    if fits:
+        generated = engine.generate([prompts[i] for i in fits], max_new_tokens=settings.reflection_tokens,
+                                    temperature=settings.reflect_temperature)
+        for i, (reply,) in zip(fits, generated):
+            replies[i] = reply.text
+    return replies
 
 
 def train_ace(job: Job, settings: ACESettings) -> MethodResult:
@@ -135,25 +188,35 @@ def train_ace(job: Job, settings: ACESettings) -> MethodResult:
     for round_index in range(state["round"], len(schedule)):
         started = time.perf_counter()
         before = backend.stats.generated_tokens
+        in_play = playbook.ids()  # every bullet of the system prompt the round is played with
         engine = RolloutEngine(backend, temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
                                seed=settings.seed * 100_003 + round_index,
-                               system=playbook_system_prompt(playbook.texts(), SYSTEM_PROMPT),
+                               system=playbook_system_prompt(playbook.lines(), SYSTEM_PROMPT),
                                date_string=settings.date_string)
         lives = [engine.start(envs(settings.env, **settings.env_params), task) for task in schedule[round_index]]
         episodes = engine.run(lives)  # generator
-        prompts = [engine.recorder.reflection_prompt(live, ACE_REFLECTOR_PROMPT).prompt_ids() for live in lives]
-        replies = engine.generate(prompts, max_new_tokens=settings.reflection_tokens)  # reflector
-        proposals = [lesson for (c,) in replies if (lesson := parse_lesson(c.text)) is not None]
-        playbook.credit([live.episode.success for live in lives])
+        replies = reflect(engine, lives, in_play, settings)  # reflector
+        tags = {"helpful": 0, "harmful": 0, "unknown": 0}
+        proposals, over_limit = [], 0
+        for reply in replies:
+            if reply is None:
+                continue
+            parsed = parse_bullet_reflection(reply, settings.bullet_chars)
+            for key, n in playbook.credit(parsed.tags, in_play).items():
+                tags[key] += n
+            proposals += parsed.bullets[: settings.bullets_per_reflection]
+            over_limit += max(0, len(parsed.bullets) - settings.bullets_per_reflection)
         counts = playbook.curate(proposals, round_index, settings.max_lessons, settings.similarity)  # curator
         record = {"round": round_index + 1, "episodes": len(episodes), "success": sum(e.success for e in episodes),
-                  "reflections": len(replies), "proposals": len(proposals), **counts,
-                  "lessons": len(playbook.lessons), "env_steps": engine.counters.env_steps,
+                  "reflections": sum(r is not None for r in replies), "no_room": sum(r is None for r in replies),
+                  "tagged_helpful": tags["helpful"], "tagged_harmful": tags["harmful"], "unknown_tags": tags["unknown"],
+                  "proposals": len(proposals), "over_limit": over_limit, **counts,
+                  "lessons": len(playbook.bullets), "env_steps": engine.counters.env_steps,
                   "generated_tokens": backend.stats.generated_tokens - before,
                   "wall_s": round(time.perf_counter() - started, 3)}
         state = state | playbook.to_dict() | {"round": round_index + 1, "rounds": state["rounds"] + [record]}
         write_json(path, state)
-        job.progress.advance(status=f"{record['lessons']} lessons")
+        job.progress.advance(status=f"{record['lessons']} bullets")
     rounds = state["rounds"]
     summary = {
         "method": "ace",
@@ -161,7 +224,9 @@ def train_ace(job: Job, settings: ACESettings) -> MethodResult:
         "settings": asdict(settings),
         "data": {"tasks": len(tasks), "rounds": len(rounds), "episodes": sum(r["episodes"] for r in rounds),
                  "reflections": sum(r["reflections"] for r in rounds),
-                 "proposals": sum(r["proposals"] for r in rounds), "lessons": len(playbook.lessons)},
+                 "tagged_helpful": sum(r["tagged_helpful"] for r in rounds),
+                 "tagged_harmful": sum(r["tagged_harmful"] for r in rounds),
+                 "proposals": sum(r["proposals"] for r in rounds), "lessons": len(playbook.bullets)},
         "cost": {"env_steps": sum(r["env_steps"] for r in rounds),
                  "generated_tokens": sum(r["generated_tokens"] for r in rounds),
                  "wall_s": round(sum(r["wall_s"] for r in rounds), 2)},

@@ -6,7 +6,8 @@ Two data sets, cut from the exact token ids that exploration recorded (nothing i
   inherited from ancestor branches); the target is the corrected action a'_tau as it was sampled.
   Without e, the model must infer the fix from the environment's feedback alone, which is what it
   will have at test time. By default only events whose branch went on to succeed (the branch or a
-  branch below it solved the task) count; `cf_from="all"` takes every event.
+  branch below it solved the task) count; `cf_from="all"` takes every event. The paper leaves this
+  open (one example per branching event, about 3 a task); docs/usage.md has what each choice yields.
 - D_reh, rehearsal: a sampled fraction of successful episodes (successful branches included, their
   experience messages taken out the same way); each agent turn t becomes a row (h_t -> a_t).
 

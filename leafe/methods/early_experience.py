@@ -1,19 +1,24 @@
 """The Early Experience baseline (arXiv 2510.08558): learn from the outcomes of one's own alternatives
-to expert actions, then imitate the expert.
+to expert actions, then imitate the expert. docs/usage.md (Early Experience) gives the source of each
+choice below and every place leafe departs from the paper.
 
 Expert demonstrations come from the env's expert (`Env.expert_actions`: Sokoban's solver, gold paths
 or walkthroughs elsewhere), played through the same Recorder as every other episode, so an expert
-turn is 'Thought: ...' + 'Action: ...' in the agent's own chat format. At each expert state s_i the
-model samples K alternative replies; each is executed from a copy of s_i (snapshot, or verified
-replay) to observe where it leads. Alternatives that name the expert's own action are dropped.
+turn is 'Thought: ...' + 'Action: ...' in the agent's own chat format. At each expert state s_i there
+are K alternatives, each executed from a copy of s_i (snapshot, or verified replay) to observe where
+it leads: K distinct admissible actions other than the expert's where the env lists them
+(`Env.admissible_actions`, as App. B draws them; ALFWorld K = 8, ScienceWorld K = 3), else K policy
+samples with those naming the expert's action or an action already kept at that state dropped.
 
-- IWM (implicit world modelling): rows (h_i, the alternative reply exactly as sampled, "predict what
-  you will observe") -> the observation the env returned. Trained first; then imitation on the
-  expert rows, starting from the IWM model.
+- IWM (implicit world modelling): rows (h_i, a reply, "predict what you will observe") -> the
+  observation the env returned, for the expert's own transition (s_i, a_i, s_{i+1}) and for every
+  alternative (App. B has both). `iwm_epochs` of the SFT's epochs train these rows; the rest imitate
+  the expert, starting from the IWM model (one world-modelling epoch within the imitation budget).
 - SR (self-reflection): the model is shown the outcome of the expert action and of each alternative
-  and asked why the expert's choice is best, ending with 'Action: <action>'. Rationales whose
-  final action is not the expert's (or that ran out of tokens) are dropped; the kept ones become rows
-  h_i -> the rationale's ids as sampled, trained in one SFT run mixed with the expert rows.
+  and asked for a detailed rationale weighing each alternative against the expert's action, ending
+  with 'Action: <action>'. Rationales whose final action is not the expert's (or that ran out of
+  tokens) are dropped; the kept ones become rows h_i -> the rationale's ids as sampled, trained in one
+  SFT run mixed with the expert rows.
 
 Both use the SFT path of distillation (`sft.train`). A killed run resumes: the rows it sampled are
 kept in OUT (rows.jsonl, collected.json) and trained on again as they are, the world model in OUT/iwm
@@ -22,6 +27,7 @@ is kept once trained, and each SFT resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,7 +37,7 @@ from typing import Any
 from leafe.backends.base import loading_model
 from leafe.chat import Conversation
 from leafe.envs import EnvMaker, make
-from leafe.envs.base import Env, EnvFault, StepResult, Task, replay
+from leafe.envs.base import Env, EnvFault, Task, replay
 from leafe.episode import Episode
 from leafe.errors import LeafeError
 from leafe.files import read_json, read_jsonl, write_json, write_jsonl
@@ -52,14 +58,18 @@ class ExpertState:
     index: int
     conv: Conversation  # h_i, ready for the next agent turn
     expert_action: str
+    expert_reply: list[int]  # the expert's turn at s_i, as played (the expert transition's reply)
     expert_outcome: str  # observation message after the expert action
     actions: list[str]  # the expert actions before s_i (for rollback by replay)
     hashes: list[str]
     snapshot: Any = None
+    admissible: list[str] | None = None  # what the env accepted at s_i, where it lists it
 
 
 @dataclass
 class Alternative:
+    """A transition from an expert state: the reply that named an action, and what the env showed."""
+
     state: ExpertState
     token_ids: list[int]
     stopped: bool
@@ -67,8 +77,18 @@ class Alternative:
     outcome: str  # observation message after executing it from s_i
 
 
+def action_key(action: str) -> str:
+    """An action as the envs read it: case and spacing do not make another action."""
+    return " ".join(action.lower().split())
+
+
 def same_action(a: str, b: str) -> bool:
-    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+    return action_key(a) == action_key(b)
+
+
+def expert_transition(state: ExpertState) -> Alternative:
+    """The expert's own (s_i, a_i, s_{i+1}), as played in the demonstration."""
+    return Alternative(state, state.expert_reply, True, state.expert_action, state.expert_outcome)
 
 
 def demonstrations(engine: RolloutEngine, env_name: str, env_params: dict, tasks: list[Task],
@@ -100,60 +120,117 @@ def _demonstrate(recorder: Recorder, env: Env, task: Task, plan: list[str]) -> t
     states = []
     for i, action in enumerate(plan):
         snapshot = env.snapshot() if env.supports_snapshot else None
+        admissible = env.admissible_actions()
         before = live.conv.copy()
-        recorder.apply(live, recorder.scripted(format_reply(env.expert_thought(action), action)))
+        reply = recorder.scripted(format_reply(env.expert_thought(action), action))
+        recorder.apply(live, reply)
         if live.episode.finish == "fault":
             return None
         step = live.episode.steps[-1]
-        states.append(ExpertState(task, i, before, step.action, observation_message(i, step.action, step.observation),
-                                  live.episode.actions[:i], live.episode.observation_hashes[: i + 1], snapshot))
+        states.append(ExpertState(task, i, before, step.action, reply.token_ids,
+                                  observation_message(i, step.action, step.observation), live.episode.actions[:i],
+                                  live.episode.observation_hashes[: i + 1], snapshot, admissible))
         if live.done:
             break
     return states, recorder.finish(live)
 
 
-def _at_state(state: ExpertState, env_name: str, env_params: dict, envs: EnvMaker = make) -> Env:
-    env = envs(env_name, **env_params)
+def _put_at(env: Env, state: ExpertState) -> None:
+    """`env` put in `state`: its snapshot restored, or the expert's prefix replayed and verified."""
     if state.snapshot is not None:
         env.restore(state.snapshot)
     else:
         replay(env, state.task, state.actions, state.hashes)
-    return env
 
 
 def sample_alternatives(engine: RolloutEngine, states: list[ExpertState], settings: EarlyExperienceSettings,
-                        envs: EnvMaker = make) -> tuple[list[Alternative], int]:
-    """K replies per state, executed from a copy of the state; those naming the expert action dropped."""
-    out, same = [], 0
-    for start in range(0, len(states), settings.states_per_call):
-        chunk = states[start : start + settings.states_per_call]
+                        envs: EnvMaker = make) -> tuple[list[Alternative], dict[str, int]]:
+    """K alternatives per state, each executed from a copy of the state, and what was counted: drawn
+    from the admissible actions where the state lists them, else sampled from the policy (one call per
+    `states_per_call` states); never the expert's action, never one action twice at a state."""
+    counts = {"alternatives_admissible": 0, "alternatives_sampled": 0, "alternatives_same_as_expert": 0,
+              "alternatives_duplicate": 0}
+    chosen: dict[int, list[tuple[str, list[int] | None, bool]]] = {}  # per state: (action, reply ids, stopped)
+    for state in states:
+        if state.admissible is not None:
+            chosen[id(state)] = [(a, None, True) for a in draw_admissible(state, settings.alternatives, settings.seed)]
+    sampled = [s for s in states if s.admissible is None]
+    for start in range(0, len(sampled), settings.states_per_call):
+        chunk = sampled[start : start + settings.states_per_call]
         completions = engine.generate([s.conv.prompt_ids() for s in chunk], n=settings.alternatives)
         for state, replies in zip(chunk, completions):
+            seen, kept = {action_key(state.expert_action)}, []
             for c in replies:
                 action = parse_action(c.text)
-                if same_action(action, state.expert_action):
-                    same += 1
+                if action_key(action) in seen:
+                    counts["alternatives_same_as_expert" if same_action(action, state.expert_action)
+                           else "alternatives_duplicate"] += 1
                     continue
-                result = _outcome(engine, state, action, settings, envs)
-                engine.counters.env_steps += 1
-                out.append(Alternative(state, c.token_ids, c.finish_reason == "stop", action,
-                                       observation_message(state.index, action, result.observation)))
-    return out, same
+                seen.add(action_key(action))
+                kept.append((action, c.token_ids, c.finish_reason == "stop"))
+            chosen[id(state)] = kept
+    out, copies = [], _StateCopies(lambda: envs(settings.env, **settings.env_params))
+    for state in states:
+        for action, reply, stopped in chosen[id(state)]:
+            out.append(_execute(engine, state, action, reply, stopped, copies))
+            counts["alternatives_admissible" if reply is None else "alternatives_sampled"] += 1
+    return out, counts
 
 
-def _outcome(engine: RolloutEngine, state: ExpertState, action: str, settings: EarlyExperienceSettings,
-             envs: EnvMaker) -> StepResult:
-    """What `action` leads to from `state`; a step the env faulted is tried again from a fresh copy of
-    the state, never recorded (the Recorder counts it and stops an env that keeps failing)."""
+def draw_admissible(state: ExpertState, k: int, seed: int) -> list[str]:
+    """K distinct admissible actions other than the expert's, drawn uniformly without replacement
+    (all of them when there are fewer); the draw is seeded by the run's seed and the state alone, so
+    it repeats whatever else the run sampled."""
+    pool: dict[str, str] = {}
+    for action in state.admissible or []:
+        pool.setdefault(action_key(action), action)
+    pool.pop(action_key(state.expert_action), None)
+    rng = random.Random(f"{seed}:{state.task.task_id}:{state.index}")
+    return rng.sample(list(pool.values()), min(k, len(pool)))
+
+
+class _StateCopies:
+    """One env that executes every alternative, put back in each one's state first. A new env per
+    alternative loaded the game again each time (ALFWorld: 0.36 s, against 0.17 s to reset a loaded
+    one) or started another simulator (ScienceWorld)."""
+
+    def __init__(self, new_env: Callable[[], Env]):
+        self.new_env, self.env = new_env, None
+
+    def at(self, state: ExpertState) -> Env:
+        if self.env is None:
+            self.env = self.new_env()
+        _put_at(self.env, state)
+        return self.env
+
+    def discard(self) -> None:
+        """After a fault: the next copy comes from a new env."""
+        self.env = None
+
+
+def _execute(engine: RolloutEngine, state: ExpertState, action: str, reply: list[int] | None, stopped: bool,
+             copies: _StateCopies) -> Alternative:
+    """`action` taken from a copy of `state`. A drawn action gets a reply in the demonstrations' voice
+    (`Env.expert_thought` at s_i), so its IWM row reads like the expert's. A step the env faulted is
+    tried again from a fresh copy of the state, never recorded (the Recorder counts it and stops an env
+    that keeps failing)."""
     while True:
         try:
-            return _at_state(state, settings.env, settings.env_params, envs).step(action)
+            env = copies.at(state)
+            if reply is None:
+                reply = engine.recorder.scripted(format_reply(env.expert_thought(action), action)).token_ids
+            result = env.step(action)
+            break
         except EnvFault as fault:
+            copies.discard()
             engine.recorder.count_fault(fault)
+    engine.counters.env_steps += 1
+    return Alternative(state, reply, stopped, action, observation_message(state.index, action, result.observation))
 
 
 def iwm_row(engine: RolloutEngine, alt: Alternative) -> Row:
-    """h_i + the alternative reply + the world-model question -> the observed outcome (loss on it only)."""
+    """h_i + the reply (an alternative's, or the expert's) + the world-model question -> the observed
+    outcome (loss on it only)."""
     conv = alt.state.conv.copy()
     conv.add_generation(alt.token_ids, alt.stopped)
     conv.add_message("user", WORLD_MODEL_PROMPT)
@@ -162,7 +239,8 @@ def iwm_row(engine: RolloutEngine, alt: Alternative) -> Row:
 
 
 def self_reflection_rows(engine: RolloutEngine, alternatives: list[Alternative], settings: EarlyExperienceSettings) -> tuple[list[Row], dict[str, int]]:
-    """One rationale per expert state that has alternatives; kept when it concludes with the expert action."""
+    """One rationale per expert state that has alternatives, weighing all of them (as EE's SR template
+    lists them all in one prompt); kept when it concludes with the expert action."""
     by_state: dict[int, list[Alternative]] = {}
     for alt in alternatives:
         by_state.setdefault(id(alt.state), []).append(alt)
@@ -173,9 +251,9 @@ def self_reflection_rows(engine: RolloutEngine, alternatives: list[Alternative],
         prompts = []
         for alts in chunk:
             state = alts[0].state
-            outcomes = [(state.expert_action, state.expert_outcome)] + [(a.action, a.outcome) for a in alts]
             conv = state.conv.copy()
-            conv.add_message("user", self_reflection_prompt(state.expert_action, outcomes))
+            conv.add_message("user", self_reflection_prompt(state.expert_action, state.expert_outcome,
+                                                            [(a.action, a.outcome) for a in alts]))
             prompts.append(conv.prompt_ids())
         completions = engine.generate(prompts, max_new_tokens=settings.rationale_tokens)
         for alts, (c,) in zip(chunk, completions):
@@ -217,18 +295,15 @@ def collect(job: Job, settings: EarlyExperienceSettings,
         raise LeafeError(f"env {settings.env!r} gave no expert path for any of the {len(tasks)} tasks; "
                          "Early Experience needs an env with expert_actions()")
     phase("alternatives")
-    alternatives, same = sample_alternatives(engine, states, settings, job.envs)
+    alternatives, counts = sample_alternatives(engine, states, settings, job.envs)
     data: dict[str, Any] = {"tasks": len(tasks), "tasks_without_expert": missing, "expert_states": len(states),
-                            "expert_rows": len(expert_rows), "alternatives": len(alternatives),
-                            "alternatives_same_as_expert": same}
+                            "expert_rows": len(expert_rows), "alternatives": len(alternatives), **counts}
     rows = {"expert": expert_rows}
     if settings.variant == "iwm":  # nothing more to sample: the engine goes before the model to train loads
         generated = backend.stats.generated_tokens - generated_before
         job.done_sampling()
-        rows["iwm"] = [iwm_row(engine, a) for a in alternatives]
-        data["iwm_rows"] = len(rows["iwm"])
-        if not rows["iwm"]:
-            raise LeafeError("no world-model rows: every sampled alternative was the expert's action")
+        rows["iwm"] = [iwm_row(engine, t) for t in [expert_transition(s) for s in states] + alternatives]
+        data["iwm_rows"], data["iwm_expert_rows"] = len(rows["iwm"]), len(states)
     else:
         phase("self-reflection")
         rows["sr"], data["sr"] = self_reflection_rows(engine, alternatives, settings)
@@ -266,6 +341,7 @@ def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFT
     from transformers import AutoTokenizer
 
     settings.validate()
+    world_sft, imitation_sft = settings.sft_stages(sft)  # refused here when the budget leaves no imitation
     model, out = job.model, job.out
     started = time.perf_counter()
     job.progress.start(None)
@@ -297,15 +373,15 @@ def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFT
     if settings.variant == "iwm":
         # The world model goes through OUT/iwm on disk, so a rerun killed in imitation keeps it.
         phase("training: world model")
-        key = {"early_experience": fingerprint, "sft": fingerprint_fields(sft)}
+        key = {"early_experience": fingerprint, "sft": fingerprint_fields(world_sft)}
         record = out / "iwm" / TRAINED
         if record.exists() and read_json(record).get("settings") == key:
             first = read_json(record)["summary"]
         else:
-            first = fit(model, rows["iwm"], out / "iwm", sft)
+            first = fit(model, rows["iwm"], out / "iwm", world_sft)
             write_json(record, {"settings": key, "summary": first})
         phase("training: imitation")
-        trainings = {"iwm": first, "imitation": fit(str(out / "iwm"), rows["expert"], out, sft)}
+        trainings = {"iwm": first, "imitation": fit(str(out / "iwm"), rows["expert"], out, imitation_sft)}
     else:
         phase("training: rationales + imitation")
         trainings = {"sr+imitation": fit(model, rows["sr"] + rows["expert"], out, sft)}

@@ -2,14 +2,21 @@
 
 Three strategies, compared at the same budget: env steps actually taken by the agent per task
 (steps replayed to roll an env back are counted apart and never charged).
-- `independent`: fresh episodes until one succeeds or the budget is spent.
+- `independent`: fresh episodes until the budget is spent.
 - `refine`: after each failed episode the model reflects; the next episode starts over with every
   experience so far in its context (linear retries, Reflexion-like).
-- `leafe`: every K steps and when an episode fails, the model reflects on its history. A reply that
-  names an earlier step tau and an experience e rolls the env back to tau and samples branches from
-  h_tau with e appended (the running episode, if any, is abandoned: it is known to be off track).
-  Branch requests are served breadth-first, within max depth, max branches per task and the budget;
-  when none is waiting, a fresh root episode spends what is left.
+- `leafe`: every K steps an episode takes and when it fails, the model reflects on its history. A
+  reply that names an earlier step tau and an experience e rolls the env back to tau and samples
+  branches from h_tau with e appended (the running episode, if any, is abandoned: it is known to be
+  off track). A branch counts its K steps from tau, as a root counts from its start: it reflects on
+  what it did with e, never on the prefix it inherited. Branch requests are served breadth-first,
+  within max depth, max branches per task and the budget; when none is waiting, a fresh root
+  episode spends what is left.
+
+A task's search ends when its budget is spent. The paper's stage 1 keeps exploring after a success
+(`stop_on_success` off, the default), so the tree yields the branching events of the whole budget for
+D_cf; `stop_on_success` ends it at the first success, which measures the same success rate at less
+cost: the setting for comparing the strategies at a fixed budget (benchmarks/explore_strategies.py).
 
 `reflector: oracle` is a diagnostic, not the method: the env's solver answers every reflection
 (Sokoban: the first irreversible mistake and the move to make there), so a run measures what stage 1
@@ -74,8 +81,18 @@ class _Search:
         self.started = time.perf_counter()
 
     @property
+    def stopping(self) -> bool:
+        """No more turns for this search: its budget is spent, or a success ends it (`stop_on_success`)."""
+        return self.budget_left <= 0 or (self.success and self.settings.stop_on_success)
+
+    @property
+    def stop_outcome(self) -> str:
+        """The outcome of an episode cut short because the search is `stopping`."""
+        return "stopped" if self.success and self.settings.stop_on_success else "budget"
+
+    @property
     def done(self) -> bool:
-        return not self.live and (self.success or self.stalled or self.budget_left <= 0 or self.fault is not None)
+        return not self.live and (self.stopping or self.stalled or self.fault is not None)
 
     def abandon(self, fault: str) -> None:
         """Drop this search: a step of it has no outcome (EnvFault), so `explore` runs the task again."""
@@ -88,7 +105,7 @@ class _Search:
 
     def can_branch(self, node: Node) -> bool:
         s = self.settings
-        return (s.strategy == "leafe" and not self.success and self.budget_left > 0
+        return (s.strategy == "leafe" and not self.stopping
                 and node.depth < s.max_depth and self.branches() + s.branch_samples * len(self.queue) < s.max_branches)
 
     def record(self) -> dict[str, Any]:
@@ -213,19 +230,20 @@ class Explorer:
                 elif live.episode.finish == "context":
                     search.stalled = search.stalled or (node.parent is None and node.env_steps == 0)
                     self._close(search, node_id, "context")
-                elif search.budget_left > 0 and (self.settings.strategy == "refine" or search.can_branch(node)):
+                elif not search.stopping and (self.settings.strategy == "refine" or search.can_branch(node)):
                     due.append((search, node_id, live, "failure"))
                 else:
                     self._close(search, node_id, "failed")
-            elif search.can_branch(node) and len(live.episode.steps) % self.settings.reflect_every == 0:
+            # K counts the steps this node took: a branch's first reflection comes K steps after tau.
+            elif taken and search.can_branch(node) and node.env_steps % self.settings.reflect_every == 0:
                 due.append((search, node_id, live, "interval"))
         due = [entry for entry in due if entry[0].fault is None]
         reflecting = {(id(search), node_id) for search, node_id, _, _ in due}
         for search in searches:
-            if search.success or search.budget_left <= 0:  # the first success ends the task
+            if search.stopping:
                 for node_id in list(search.live):
                     if (id(search), node_id) not in reflecting:
-                        self._close(search, node_id, "stopped" if search.success else "budget")
+                        self._close(search, node_id, search.stop_outcome)
         if due:
             self._reflect(due)
 
@@ -253,14 +271,14 @@ class Explorer:
                 continue
             # leafe: a step in [0, t) and an experience make a branch, when the limits allow one.
             entry["valid"] = parsed is not None and parsed.step is not None and 0 <= parsed.step < t
-            if entry["valid"] and search.can_branch(node) and not search.success:
+            if entry["valid"] and search.can_branch(node):
                 search.queue.append(_Request(node, live, parsed.step, parsed.experience, text))
                 entry["branched"] = True
                 self._close(search, node_id, "rolled_back" if why == "interval" else "failed")
             elif why == "failure":
                 self._close(search, node_id, "failed")
-            elif search.success or search.budget_left <= 0:
-                self._close(search, node_id, "stopped" if search.success else "budget")
+            elif search.stopping:
+                self._close(search, node_id, search.stop_outcome)
 
 
 def explore(job: Job, settings: ExploreSettings) -> MethodResult:

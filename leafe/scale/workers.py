@@ -251,6 +251,9 @@ class RemoteEnv(Env):
     def expert_thought(self, action: str) -> str:
         return self._call(lambda a: a.call.remote(self.key, "expert_thought", action))
 
+    def admissible_actions(self) -> list[str] | None:
+        return self._call(lambda a: a.call.remote(self.key, "admissible_actions"))
+
     def __del__(self) -> None:
         # Free the worker's instance; best effort (the pool or Ray may already be gone).
         with suppress(Exception):

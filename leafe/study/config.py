@@ -13,8 +13,8 @@ is set once at the top: the environment, the model, and the training tasks.
     eval: {tasks: 16, task_seed: 900000, samples: 32}   # env_params: {...} here changes only what eval plays
     grpo: {steps: 8, learning_rate: 1.0e-4}
     leafe: {start: grpo, explore: {budget: 60}, distill: {beta: 1.0}, sft: {learning_rate: 3.0e-4}}
-    early_experience: {variant: iwm, tasks: 32, sft: {learning_rate: 3.0e-4}}
-    ace: {tasks: 32}
+    early_experience: {start: grpo, variant: iwm, tasks: 32, sft: {learning_rate: 3.0e-4}}
+    ace: {start: grpo, tasks: 32}
     generation: {backend: vllm, tensor_parallel_size: 1, data_parallel_size: 8}  # every sampling stage
     resources: {gpus: 8, gpu_memory_gb: 80}   # what `leafe run --dry-run` plans for
 """
@@ -44,6 +44,10 @@ from leafe.settings import (
 from leafe.study.shape import read_shape
 
 METHODS = ("base", "grpo", "leafe", "early_experience", "ace")
+#: Where a method starts: the base model, or GRPO's checkpoint. The paper's protocol starts LEAFE,
+#: Early Experience and ACE from GRPO's (../shared/LEAFE.md; its ACE rows sit at GRPO's level, which
+#: no playbook on the base reaches): started from the base, a baseline is a training stage behind.
+Start = Literal["grpo", "base"]
 #: `model: embedded` means the base agent that `leafe bootstrap` builds (cached by its config hash).
 EMBEDDED = "embedded"
 
@@ -59,17 +63,32 @@ class TrainTasks(_Section):
 
 class LeafeSection(_Section):
     #: The checkpoint stage 1 explores with and stage 2 fine-tunes (the paper: GRPO's).
-    start: Literal["grpo", "base"] = "grpo"
+    start: Start = "grpo"
     explore: dict[str, Any] = {}
     distill: dict[str, Any] = {}
     sft: dict[str, Any] = {}
 
 
 class EarlyExperienceSection(_Section):
+    #: The checkpoint that samples the alternatives and that the SFT fine-tunes (the paper: GRPO's).
+    start: Start = "grpo"
     variant: str = "iwm"
     tasks: int | None = None
     sft: dict[str, Any] = {}
     settings: dict[str, Any] = {}
+
+
+class ACESection(_Section):
+    """`ace:`: where ACE starts, and every other key an `ACESettings` field (checked by `ace_settings`,
+    which names the known ones)."""
+
+    model_config = ConfigDict(extra="allow")
+    #: The checkpoint that plays the rounds the playbook grows from, and that is evaluated with the
+    #: playbook (the paper: GRPO's).
+    start: Start = "grpo"
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class Resources(_Section):
@@ -109,7 +128,7 @@ class StudyConfig(_Section):
     grpo: dict[str, Any] = {}
     leafe: LeafeSection = LeafeSection()
     early_experience: EarlyExperienceSection = EarlyExperienceSection()
-    ace: dict[str, Any] = {}
+    ace: ACESection = ACESection()
 
     # -- the settings of each stage ------------------------------------------------------------
     def _shared(self) -> dict[str, Any]:
@@ -178,11 +197,18 @@ class StudyConfig(_Section):
                          "early_experience", **self._shared())
 
     def early_experience_sft(self) -> SFTSettings:
-        return _settings(SFTSettings, {**self._checkpointing(), **self.early_experience.sft}, "early_experience.sft")
+        sft = _settings(SFTSettings, {**self._checkpointing(), **self.early_experience.sft}, "early_experience.sft")
+        self.early_experience_settings().sft_stages(sft)  # IWM's epochs come out of these: refused now, not at the stage
+        return sft
 
     def ace_settings(self) -> ACESettings:
-        return _settings(ACESettings, {**self.train.model_dump(), **self.ace}, "ace",
+        return _settings(ACESettings, {**self.train.model_dump(), **self.ace.settings()}, "ace",
                          **self._shared())
+
+    def start_of(self, method: str) -> str | None:
+        """Where `method` starts: "base" or "grpo" (GRPO's checkpoint); None for the base itself."""
+        return {"base": None, "grpo": "base", "leafe": self.leafe.start,
+                "early_experience": self.early_experience.start, "ace": self.ace.start}[method]
 
     def check(self) -> None:
         """Build every stage's settings once, so a bad key fails before the first stage runs."""
@@ -204,8 +230,9 @@ class StudyConfig(_Section):
         if "grpo" in self.methods and self.grpo_settings().tasks_per_step % processes:
             raise LeafeError(f"grpo.tasks_per_step ({self.grpo_settings().tasks_per_step}) must be a multiple of "
                              f"training.processes ({processes}): every process samples as many tasks")
-        if "leafe" in self.methods and self.leafe.start == "grpo" and "grpo" not in self.methods:
-            raise LeafeError("leafe.start is grpo but grpo is not in methods; add grpo or set leafe.start: base")
+        if "grpo" not in self.methods and (keys := [f"{m}.start" for m in self.methods if self.start_of(m) == "grpo"]):
+            raise LeafeError(f"{' and '.join(keys)} {'is' if len(keys) == 1 else 'are'} grpo but grpo is not in "
+                             f"methods; add grpo to methods or set {', '.join(k + ': base' for k in keys)}")
         if self.parallel_stages > 1 and (self.generation_settings().backend == "vllm" or processes > 1):
             raise LeafeError("parallel_stages > 1 shares CPU cores between stages; a vllm engine or "
                              "training.processes > 1 takes the whole machine, so set parallel_stages: 1")

@@ -1,8 +1,12 @@
 """`leafe run CONFIG`: the whole study in one run directory, one stage at a time (or, with
 `parallel_stages`, the stages that do not depend on each other side by side: `leafe.study.parallel`).
 
-    bootstrap (cached) -> base eval -> GRPO -> LEAFE stage 1 (from GRPO's checkpoint) -> distillation
-    -> Early Experience -> ACE -> eval of every method -> results.json -> report.html
+    bootstrap (cached) -> base eval -> GRPO -> LEAFE stage 1 -> distillation -> Early Experience -> ACE
+    -> eval of every method -> results.json -> report.html
+
+LEAFE, Early Experience and ACE start from GRPO's checkpoint, as the paper ran them (`<method>.start:
+grpo`; `base` starts one from the base model): each reads GRPO's model, so its stage comes after
+`grpo.train` and its fingerprint chains to GRPO's.
 
 Every stage is one call of a method through the method contract (`leafe.method`): a `Job` (the model
 it starts from, its directory under the run) and its settings from the config. When it finishes, the
@@ -79,15 +83,26 @@ class Study:
         return self.out / key.replace(".", "/")
 
     def model_of(self, method: str) -> Path:
-        """Where a method's model lives (ACE has none of its own: it is the base with a playbook)."""
-        if method in ("base", "ace"):
+        """Where a method's model lives (ACE has none of its own: it is its starting model with a playbook)."""
+        if method == "base":
             return self.base_model()
+        if method == "ace":
+            return self.start_model("ace")
         if method == "leafe":
             record = self.stage_dir("leafe.distill") / "stage.json"
             if record.exists() and read_json(record).get("trained") is False:
-                return self.model_of(self.leafe_start())  # stage 1 found nothing to distil
+                return self.start_model("leafe")  # stage 1 found nothing to distil
             return self.stage_dir("leafe.distill")
         return self.stage_dir(f"{method}.train")
+
+    def start_model(self, method: str) -> Path:
+        """The model `method` starts from: the base, or GRPO's checkpoint (its `start`)."""
+        return self.model_of(self.config.start_of(method) or "base")
+
+    def start_stage(self, method: str, base_after: tuple[str, ...]) -> tuple[str, ...]:
+        """The stage that makes the model `method` starts from (config.check() has made sure GRPO runs
+        when a method starts from it): `grpo.train`, or what the base model waits for."""
+        return ("grpo.train",) if self.config.start_of(method) == "grpo" else base_after
 
     def base_model(self) -> Path:
         if self.config.model == EMBEDDED:
@@ -98,7 +113,7 @@ class Study:
         return Path(self.config.model)
 
     def leafe_start(self) -> str:
-        return self.config.leafe.start  # config.check() has made sure GRPO runs when it is "grpo"
+        return self.config.leafe.start  # results.json's `leafe_start`, from before every method had one
 
     # -- the plan ------------------------------------------------------------------------------
     def plan(self) -> list[Stage]:
@@ -138,27 +153,30 @@ class Study:
             # GRPO's rollouts come from the config's engine too (hf: the policy itself; vllm: a synced copy)
             add("grpo.train", "GRPO", {"grpo": _fp(c.grpo_settings()), **sampled_fp, **trained_fp}, self._grpo,
                 base_after)
+        # Titles say where each method starts; the start's stage is in `after`, so its digest chains
+        # (at `base` nothing is added: run directories from before `start` existed stay done).
         if "leafe" in c.methods:
-            start_after = ("grpo.train",) if self.leafe_start() == "grpo" else base_after
-            add("leafe.explore", f"LEAFE explore ({self.leafe_start()})",
+            start_after = self.start_stage("leafe", base_after)
+            add("leafe.explore", f"LEAFE explore from {c.leafe.start}",
                 {"explore": _fp(c.explore_settings()), **sampled_fp}, self._explore, start_after)
             add("leafe.distill", "LEAFE distil", {"distill": _fp(c.distill_settings()),
                 "sft": _fp(c.distill_sft()), **model_fp, **trained_fp}, self._distill, ("leafe.explore", *start_after))
         if "early_experience" in c.methods:
-            add("early_experience.train", f"Early Exp. ({c.early_experience.variant})",
+            add("early_experience.train", f"Early Exp. ({c.early_experience.variant}) from {c.early_experience.start}",
                 {"ee": _fp(c.early_experience_settings()), "sft": _fp(c.early_experience_sft()), **sampled_fp,
                  **trained_fp},
-                self._early_experience, base_after)
+                self._early_experience, self.start_stage("early_experience", base_after))
         if "ace" in c.methods:
-            add("ace.train", "ACE playbook", {"ace": _fp(c.ace_settings()), **sampled_fp}, self._ace,
-                base_after)
+            add("ace.train", f"ACE playbook from {c.ace.start}", {"ace": _fp(c.ace_settings()), **sampled_fp},
+                self._ace, self.start_stage("ace", base_after))
         trained = {"grpo": "grpo.train", "leafe": "leafe.distill", "early_experience": "early_experience.train",
                    "ace": "ace.train"}
         for method in c.methods:
             if method != "base":
+                # ACE's evaluation copies its starting model's when the playbook is empty (`_copy_start_eval`)
                 add(f"{method}.eval", f"eval {method}", {"eval": _fp(evaluation), **sampled_fp},
                     lambda t, m=method: self._eval(m, t), (trained[method],),
-                    waits=("base.eval",) if method == "ace" else ())
+                    waits=(f"{c.ace.start}.eval",) if method == "ace" else ())
         return stages
 
     # -- execution -----------------------------------------------------------------------------
@@ -241,6 +259,8 @@ class Study:
                 method = stage.key.split(".")[0]
                 methods[method] = {"pass_at_k": result["pass_at_k"], "ci95": result["ci95"],
                                    "model": record.get("model"), "tasks": result["tasks"]}
+                if (start := c.start_of(method)) is not None:  # the base starts from nothing
+                    methods[method] |= {"start": start, "start_model": str(self.start_model(method))}
                 if record.get("same_as"):
                     methods[method]["note"] = f"no lesson learnt: the episodes of {record['same_as']}"
                 if method == "leafe":
@@ -315,19 +335,20 @@ class Study:
         settings = self.config.eval_settings()
         if method == "ace":
             settings = replace(settings, playbook=load_playbook(self.stage_dir("ace.train") / "playbook.json"))
-            if not settings.playbook and (result := self._copy_base_eval()) is not None:
-                copied = MethodResult("eval", str(self.base_model()), asdict(settings), result, cost())
-                return copied, {"same_as": "base.eval"}
+            start = f"{self.config.ace.start}.eval"
+            if not settings.playbook and (result := self._copy_start_eval(start)) is not None:
+                copied = MethodResult("eval", str(self.model_of("ace")), asdict(settings), result, cost())
+                return copied, {"same_as": start}
         model = self.model_of(method)
         return evaluate(self._job(f"{method}.eval", model, progress, backend=self._load(model)), settings), {}
 
-    def _copy_base_eval(self) -> dict[str, Any] | None:
-        """Copy the base evaluation's files as ACE's, when ACE learnt no lesson, and return its
-        result. An empty playbook leaves the system prompt, the model and the sampling seeds those of
-        the base evaluation, so evaluating again would play the very same episodes (it did, Pass@k
-        equal to every digit, for minutes of the demo's 25). None when the base evaluation has not
-        finished."""
-        base = self.stage_dir("base.eval")
+    def _copy_start_eval(self, key: str) -> dict[str, Any] | None:
+        """Copy the evaluation `key` of ACE's starting model (base.eval or grpo.eval) as ACE's, when
+        ACE learnt no lesson, and return its result. An empty playbook leaves the system prompt, the
+        model and the sampling seeds those of that evaluation, so evaluating again would play the very
+        same episodes (it did, Pass@k equal to every digit, for minutes of the demo's 25). None when
+        that evaluation has not finished."""
+        base = self.stage_dir(key)
         if not (base / "eval.json").exists() or not read_json(base / "stage.json").get("done"):
             return None
         target = self.stage_dir("ace.eval")
@@ -352,7 +373,7 @@ class Study:
     def _explore(self, progress: Progress) -> tuple[MethodResult, dict[str, Any]]:
         from leafe.methods.explore import explore
 
-        model = self.model_of(self.leafe_start())
+        model = self.start_model("leafe")
         job = self._job("leafe.explore", model, progress, backend=self._load(model))
         return explore(job, self.config.explore_settings()), {}
 
@@ -360,7 +381,7 @@ class Study:
         from leafe.methods.distill import NoDistillationRows, distill
 
         self._release()
-        start = self.model_of(self.leafe_start())
+        start = self.start_model("leafe")
         job = self._job("leafe.distill", start, progress, inputs=[self.stage_dir("leafe.explore") / "trees.jsonl"])
         try:
             if (training := self.config.training_settings()).world > 1:
@@ -380,8 +401,8 @@ class Study:
     def _early_experience(self, progress: Progress) -> tuple[MethodResult, dict[str, Any]]:
         from leafe.methods.early_experience import train_early_experience
 
-        base = self.base_model()
-        job = self._job("early_experience.train", base, progress, backend=self._load(base))
+        start = self.start_model("early_experience")  # samples the alternatives, and is what the SFT trains
+        job = self._job("early_experience.train", start, progress, backend=self._load(start))
         if (training := self.config.training_settings()).world > 1:  # its SFT over the processes
             from leafe.scale.stage import sft_launcher
 
@@ -392,8 +413,8 @@ class Study:
     def _ace(self, progress: Progress) -> tuple[MethodResult, dict[str, Any]]:
         from leafe.methods.ace import train_ace
 
-        base = self.base_model()
-        job = self._job("ace.train", base, progress, backend=self._load(base))
+        start = self.start_model("ace")  # plays the rounds; the playbook is evaluated with it
+        job = self._job("ace.train", start, progress, backend=self._load(start))
         return train_ace(job, self.config.ace_settings()), {}
 
     def check_inputs(self) -> None:

@@ -76,12 +76,10 @@ def render(results: dict[str, Any], trees: list[dict[str, Any]]) -> str:
     head = (f"{e(results['env'])}, {results['tasks']} held-out tasks (seed {results.get('task_seed')}) x "
             f"{results['samples']} samples, T={results.get('temperature', 1.0)}; base model "
             f"<code>{e(Path(results['model']).name)}</code>")
-    if results.get("leafe_start"):
-        head += f"; LEAFE starts from {e(NAMES.get(results['leafe_start'], results['leafe_start']))}"
     body = [
         f"<h1>{e(title)}</h1><p class=sub>{head}</p>",
         "<h2>Pass@k</h2>",
-        passk_table(methods),
+        passk_table(methods, starts_of(results)),
         differences_table(methods),
         "<h2>Pass@k curves</h2>",
         curves_svg(methods),
@@ -99,12 +97,27 @@ def ks_of(methods: dict[str, Any]) -> list[str]:
     return sorted(ks, key=int)
 
 
-def passk_table(methods: dict[str, Any]) -> str:
+def starts_of(results: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Each method's starting model as the table shows it: its name ("GRPO") and its path (the base
+    has none). results.json from before every method recorded its `start` had only `leafe_start`;
+    every other method then started from the base."""
+    methods = results["methods"]
+    starts = {name: (str(m["start"]), str(m.get("start_model", ""))) for name, m in methods.items() if m.get("start")}
+    if not starts and results.get("leafe_start"):  # an older results.json
+        starts = {name: (results["leafe_start"] if name == "leafe" else "base", "")
+                  for name in methods if name != "base"}
+    return {name: (NAMES.get(start, start), path) for name, (start, path) in starts.items()}
+
+
+def passk_table(methods: dict[str, Any], starts: dict[str, tuple[str, str]] | None = None) -> str:
+    """Pass@k of every method with its interval, and, where known, the model it started from."""
     if not methods:
         return "<p class=empty>No method has been evaluated yet.</p>"
     ks = ks_of(methods)
+    starts = starts or {}
     best = {k: max(m["pass_at_k"].get(k, -1) for m in methods.values()) for k in ks}
-    rows = ["<tr><th>method</th>" + "".join(f"<th>Pass@{k}</th>" for k in ks) + "</tr>"]
+    head = "<tr><th>method</th>" + ("<th>starts from</th>" if starts else "")
+    rows = [head + "".join(f"<th>Pass@{k}</th>" for k in ks) + "</tr>"]
     for name, m in methods.items():
         cells = []
         for k in ks:
@@ -114,10 +127,14 @@ def passk_table(methods: dict[str, Any]) -> str:
             value, (lo, hi) = m["pass_at_k"][k], m["ci95"][k]
             mark = " class=best" if value == best[k] else ""
             cells.append(f"<td{mark}>{100 * value:.1f}<span class=ci>[{100 * lo:.1f}, {100 * hi:.1f}]</span></td>")
+        label, path = starts.get(name, ("-", ""))
+        start = f"<td class=start title='{e(path)}'>{e(label)}</td>" if starts else ""
         rows.append(f"<tr><th><i class=dot style='background:{COLORS.get(name, '#000')}'></i>{e(NAMES.get(name, name))}"
-                    f"</th>{''.join(cells)}</tr>")
+                    f"</th>{start}{''.join(cells)}</tr>")
+    said = (" Starts from: the model each method began with (GRPO: GRPO's checkpoint; hover for its path); ACE "
+            "plays it with the playbook in its system prompt." if starts else "")
     return ("<table class=passk>" + "".join(rows) + "</table><p class=note>Success %, unbiased Pass@k estimator; "
-            "95% bootstrap intervals over tasks in brackets; the best value of each column in bold.</p>")
+            "95% bootstrap intervals over tasks in brackets; the best value of each column in bold." + said + "</p>")
 
 
 def differences_table(methods: dict[str, Any]) -> str:
@@ -312,7 +329,7 @@ h1{font-size:26px;margin:8px 0 4px}h2{font-size:19px;margin:32px 0 10px;border-b
 .sub,.note,footer{color:#6b7280;font-size:13px}footer{margin-top:40px}
 table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0001}
 th,td{padding:6px 12px;border-bottom:1px solid #eef0f3;text-align:right;font-variant-numeric:tabular-nums}
-th:first-child{text-align:left}tr:first-child th{background:#f1f5f9;font-size:13px}
+th:first-child,td.start{text-align:left}tr:first-child th{background:#f1f5f9;font-size:13px}
 td.best{font-weight:700}td.up{color:#047857;font-weight:700}td.down{color:#b91c1c;font-weight:700}.ci{display:block;color:#9ca3af;font-size:11px}tr.total{font-weight:700}
 .dot{display:inline-block;width:10px;height:10px;border-radius:50%;margin-right:8px}
 svg.curves{background:#fff;box-shadow:0 1px 2px #0001;max-width:100%;height:auto}
