@@ -153,8 +153,6 @@ def publish_model_dir(out: str | Path) -> None:
     model while it is not one: its config.json (what every loader reads first) goes first and the new
     one comes last. The old model's weight files the new one lacks go too (a stale shard index would
     point a loader at old shards); the rest of `out` (a method's records, a stage.json) stays."""
-    import shutil
-
     out = Path(out)
     staging = out / MODEL_STAGING
     (out / "config.json").unlink(missing_ok=True)

@@ -291,8 +291,7 @@ def explore(job: Job, settings: ExploreSettings) -> MethodResult:
     out.mkdir(parents=True, exist_ok=True)
     trees_path = out / "trees.jsonl"
     claim(out / "settings.json", resume_fingerprint(settings, job.model), "an exploration")
-    keys = ("task_id", "success", "session", "env_steps", "replayed_steps", "generated_tokens", "reflections",
-            "reflections_parsed", "branches", "branches_succeeded")  # what `summarize` reads of earlier trees
+    keys = ("task_id", "success", "session", *SUMMED)  # what `summarize` reads of earlier trees
     done = {expect(r, dict, trees_path, keys)["task_id"]: r for r in read_jsonl(trees_path)}
     tasks = make(settings.env, **settings.env_params).make_tasks(settings.tasks, settings.task_seed)
     todo = deque(t for t in tasks if t.task_id not in done)
@@ -329,6 +328,11 @@ def explore(job: Job, settings: ExploreSettings) -> MethodResult:
                         cost(summary["env_steps"], summary["generated_tokens"], summary["wall_s"]))
 
 
+#: The counts of a tree record that summary.json sums over the tasks.
+SUMMED = ("env_steps", "replayed_steps", "generated_tokens", "reflections", "reflections_parsed", "branches",
+          "branches_succeeded")
+
+
 def summarize(settings: ExploreSettings, records: list[dict[str, Any]]) -> dict[str, Any]:
     """summary.json from the tree records of every task (of every session that wrote them)."""
     sessions: dict[str, dict[str, Any]] = {}
@@ -337,15 +341,13 @@ def summarize(settings: ExploreSettings, records: list[dict[str, Any]]) -> dict[
         if s["elapsed_s"] >= sessions.get(s["id"], {"elapsed_s": -1.0})["elapsed_s"]:
             sessions[s["id"]] = s
     successes = [(1, int(r["success"])) for r in records]
-    keys = ("env_steps", "replayed_steps", "generated_tokens", "reflections", "reflections_parsed", "branches",
-            "branches_succeeded")
     return {
         "strategy": settings.strategy,
         "tasks": len(records),
         "budget": settings.budget,
         "success_rate": sum(c for _, c in successes) / len(records),
         "ci95": list(bootstrap_ci(successes, 1)),
-        **{k: sum(r[k] for r in records) for k in keys},
+        **{k: sum(r[k] for r in records) for k in SUMMED},
         "faulted_episodes": sum(r.get("faulted_episodes", 0) for r in records),  # absent from older trees: 0
         "prompt_tokens": sum(s["prompt_tokens"] for s in sessions.values()),
         "prefill_tokens": sum(s["prefill_tokens"] for s in sessions.values()),

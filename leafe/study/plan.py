@@ -348,15 +348,15 @@ class Study:
         model and the sampling seeds those of that evaluation, so evaluating again would play the very
         same episodes (it did, Pass@k equal to every digit, for minutes of the demo's 25). None when
         that evaluation has not finished."""
-        base = self.stage_dir(key)
-        if not (base / "eval.json").exists() or not read_json(base / "stage.json").get("done"):
+        source = self.stage_dir(key)
+        if not (source / "eval.json").exists() or not read_json(source / "stage.json").get("done"):
             return None
         target = self.stage_dir("ace.eval")
         target.mkdir(parents=True, exist_ok=True)
-        for path in base.iterdir():
+        for path in source.iterdir():
             if path.is_file() and path.name not in ("stage.json", "stage.log"):
                 shutil.copyfile(path, target / path.name)
-        return read_json(base / "eval.json")
+        return read_json(source / "eval.json")
 
     def _grpo(self, progress: Progress) -> tuple[MethodResult, dict[str, Any]]:
         from leafe.methods.grpo import train_grpo
