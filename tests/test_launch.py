@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -285,6 +286,22 @@ def test_two_ranks_split_the_batches_and_write_one_loadable_model(trees_file, ti
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     changed = [n for (n, a), (_, b) in zip(trained.named_parameters(), start.named_parameters()) if not a.equal(b)]
     assert changed  # the weights were trained and saved
+
+
+def test_a_rank_leaves_with_its_commands_exit_code_and_output(tmp_path):
+    """A launched rank ends without interpreter teardown (`leave_launch`), which must keep what the
+    command printed and its exit code: 0 for a success, 2 for a one-line error or a usage error."""
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2"}
+
+    def rank(*args):
+        return subprocess.run([sys.executable, "-m", "leafe", *args], check=False, capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    helped = rank("distill", "--help")
+    assert helped.returncode == 0 and "LEAFE stage 2" in helped.stdout
+    missing = rank("report", str(tmp_path))
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1 and str(tmp_path) in missing.stderr
+    assert rank("distill", "--no-such-flag").returncode == 2
 
 
 def test_accelerate_starts_one_process_for_multi_cpu_without_mpirun(tmp_path):

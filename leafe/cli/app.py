@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +24,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from leafe.errors import LeafeError
-from leafe.files import disk_full_error, is_main_process
+from leafe.files import disk_full_error, is_main_process, process_rank
 
 
 class LeafeGroup(TyperGroup):
@@ -157,4 +158,16 @@ def main() -> None:
     # The commands register themselves on `app` when their modules are imported.
     from leafe.cli import methods, run, tools  # noqa: F401
 
-    app()
+    if process_rank()[1] == 1:
+        app()
+        return
+    try:  # a rank of `leafe launch`: its exit goes through leave_launch
+        app()
+        code = 0
+    except SystemExit as done:
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    from leafe.methods.distributed import leave_launch
+
+    leave_launch(code)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from leafe.errors import LeafeError
 
@@ -146,6 +147,24 @@ def check_ran(accelerator) -> None:
 # -- the weights as whole tensors -----------------------------------------------------------------
 
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.[^.]+\.weight$")
+
+
+def leave_launch(code: int) -> NoReturn:
+    """End a rank of a multi-process launch with `code` once its command is done.
+
+    The ranks first meet (after a success only: a failed rank is ended by the launcher), so none leaves
+    while rank 0 still writes what the others trained. Then the process ends without interpreter
+    teardown: destroying a gloo process group's objects at exit can deadlock on the GIL (a DDP model's
+    ~Reducer joins a gloo thread; grpo._KEPT_UNTIL_EXIT) or abort ("terminate called without an active
+    exception": a gloo thread freed unjoined), and either fails a launch whose outputs are complete."""
+    if code == 0 and "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def merge_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:

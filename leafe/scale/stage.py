@@ -31,7 +31,7 @@ from leafe.errors import LeafeError
 from leafe.files import process_rank, read_json, read_jsonl, write_json, write_jsonl, write_text
 from leafe.lock import run_lock
 from leafe.method import Job, MethodResult
-from leafe.methods.distributed import SHARDING_ENV
+from leafe.methods.distributed import SHARDING_ENV, leave_launch
 from leafe.settings import DistillSettings, GenerationSettings, GRPOSettings, SFTSettings, TrainingSettings
 
 JOB, RESULT, LOG, CONFIG = "launch_job.json", "launch_result.json", "launch.log", "accelerate.yaml"
@@ -246,12 +246,7 @@ def main(argv: list[str]) -> None:
         result = _run(spec)
         if process_rank()[0] == 0:
             write_json(Path(spec["out"]) / RESULT, result)
-    # Everything is written; leave without running destructors. Tearing down a gloo process group's
-    # DDP objects can deadlock on the GIL (see grpo._KEPT_UNTIL_EXIT), and a rank that never exits
-    # would hold the launcher, and the study, forever.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_launch(0)  # a rank that hung or aborted in teardown would fail the study after its result
 
 
 if __name__ == "__main__":
