@@ -26,14 +26,14 @@ $(CORE): pyproject.toml Makefile
 	@touch $@
 
 $(STAMP): $(CORE)
-	$(PIP) install --quiet -e ".[test,gguf,envs,ray]" "$(TORCH)"
+	$(PIP) install --quiet -e ".[test,gguf,envs,ray,track,wandb,mlflow]" "$(TORCH)"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
 install: $(STAMP)
 
 demo: $(CORE)
-	$(BIN)/leafe run configs/sokoban-demo.yaml
+	$(BIN)/leafe run sokoban-demo
 
 test: $(STAMP) chromium java vllm-env
 	$(BIN)/ruff check .

@@ -152,14 +152,16 @@ def publish_model_dir(out: str | Path) -> None:
     """Move the model directory written in OUT/MODEL_STAGING into `out`, which never looks like a whole
     model while it is not one: its config.json (what every loader reads first) goes first and the new
     one comes last. The old model's weight files the new one lacks go too (a stale shard index would
-    point a loader at old shards); the rest of `out` (a method's records, a stage.json) stays."""
+    point a loader at old shards), and so does its model card (README.md describes the old model: the
+    method writes the new one's once it is published); the rest of `out` (a method's records, a
+    stage.json) stays."""
     out = Path(out)
     staging = out / MODEL_STAGING
     (out / "config.json").unlink(missing_ok=True)
     new = {p.name for p in staging.iterdir()}
     for old in out.iterdir():
         weights = old.name.startswith(("model", "pytorch_model")) and old.name.endswith((".safetensors", ".bin", ".index.json"))
-        if old.is_file() and weights and old.name not in new:
+        if old.is_file() and (weights or old.name == "README.md") and old.name not in new:
             old.unlink()
     for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
         if path.is_dir():

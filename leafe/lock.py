@@ -38,6 +38,12 @@ nothing and goes on. Ranks other than 0 of a multi-process launch never take a l
 one writer; `leafe.files.is_main_process`), so `leafe launch` ranks and other machines' ranks of a
 study are never refused.
 
+A child must not outlive the run that started it: the rerun after a killed `leafe run` takes the
+lock over as stale, and a stage process or launcher still writing would then be a second writer.
+So those children ask the kernel to end them when their parent dies, however it dies
+(`die_with_parent`, Linux's PR_SET_PDEATHSIG); a plain SIGTERM to `leafe run` (what `kill` and
+schedulers send) then ends its stages too.
+
 A directory inside one that a live run holds is refused too (a `leafe eval --out runs/x/base` beside
 `leafe run` on runs/x); the reverse, a run over a directory in which another command writes a
 subdirectory, is not checked.
@@ -50,14 +56,17 @@ leaves it behind, stale: the next run takes it over.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -102,6 +111,36 @@ class Holder:
 
 #: A lock file without a readable record: its holder died between creating and writing it.
 _NOBODY = Holder(directory="", pid=0, host="", started=0.0, since=0.0, command="", token="")
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Have the kernel send this process SIGTERM when its parent dies (see the module's text). Given
+    `parent_pid`, a parent that died before this call is caught too. Linux only; elsewhere nothing."""
+    if (prctl := _prctl()) is None:
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def dying_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` for a child process that must end with this one. libc is looked up here, in the
+    parent: between fork and exec the child only makes the one call (no import, no lock to take)."""
+    if (prctl := _prctl()) is None:
+        return None
+    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
 
 
 def lock_path(directory: str | Path) -> Path:

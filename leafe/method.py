@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from leafe.envs import EnvMaker, make
+from leafe.tracking import Tracker
 
 if TYPE_CHECKING:
     from leafe.backends.base import Backend
@@ -60,6 +61,9 @@ class Job:
     #: Runs an SFT of rows on several processes: `train_sft(model_dir, rows, out, sft) -> summary` (a
     #: study's `training.processes > 1`, `leafe.scale.stage.sft_launcher`); None trains in this process.
     train_sft: Callable[..., dict[str, Any]] | None = None
+    #: Where the method's figures go besides its files (`leafe.tracking`: the experiment trackers of
+    #: `report_to`, under the stage's name); the default reports nothing.
+    tracker: Tracker = field(default_factory=Tracker)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)

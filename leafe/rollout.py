@@ -15,6 +15,11 @@ program) has no outcome, so it never becomes feedback or a reward: the Recorder 
 faulted (finish "fault", the message in meta["fault"]), `RolloutEngine.run` runs it again from its
 start (meta["faulted_runs"] counts how often), exploration explores its task again. After
 `MAX_FAULTS_IN_A_ROW` such steps with no real one between them the stage stops (`EnvUnavailable`).
+A reset the env's machinery failed (a remote env's server that is down) is tried again the same way.
+
+A rollback by replay that does not reproduce the recorded observations (`ReplayDivergence`: the env is
+not deterministic under reset + replay) is counted in `replay_divergences` and raised to the caller,
+which refuses that branch: a branch never starts from a state other than the one its parent was in.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 from leafe.backends.base import Backend, Completion, SamplingParams
 from leafe.chat import ChatFormat, Conversation
-from leafe.envs.base import Env, EnvFault, StepResult, Task, observation_hash, replay
+from leafe.envs.base import Env, EnvFault, ReplayDivergence, StepResult, Task, observation_hash, replay
 from leafe.episode import Episode, Step
 from leafe.errors import LeafeError
 from leafe.prompts import (
@@ -67,6 +72,7 @@ class Counters:
     episodes: int = 0
     replayed_steps: int = 0
     faults: int = 0  # steps the env's machinery failed (EnvFault), never counted as env steps
+    replay_divergences: int = 0  # rollbacks refused: the replay did not reproduce the recorded observations
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -75,6 +81,7 @@ class Counters:
             "episodes": self.episodes,
             "replayed_steps": self.replayed_steps,
             "faults": self.faults,
+            "replay_divergences": self.replay_divergences,
         }
 
 
@@ -90,7 +97,7 @@ class Recorder:
 
     def start(self, env: Env, task: Task, meta: dict[str, Any] | None = None) -> Live:
         """Reset `env` to `task` and open the conversation: system prompt, instruction, o_0."""
-        observation = env.reset(task)
+        observation = self._reset(env, task)
         messages = [
             {"role": "system", "content": self.system},
             {"role": "user", "content": first_message(env.instruction, observation)},
@@ -105,6 +112,16 @@ class Recorder:
         )
         snapshots = [env.snapshot()] if self.keep_snapshots and env.supports_snapshot else None
         return Live(task, env, Conversation.start(self.fmt, messages), episode, snapshots)
+
+    def _reset(self, env: Env, task: Task) -> str:
+        """`env.reset(task)`, tried again while the env's machinery fails it (a remote env's server that
+        is down or restarting); each failure counts as a fault, so one that stays down stops the stage
+        (`EnvUnavailable`) instead of stopping it at the first try or retrying forever."""
+        while True:
+            try:
+                return env.reset(task)
+            except EnvFault as fault:
+                self.count_fault(fault)
 
     def apply(self, live: Live, completion: Completion) -> None:
         """Append a reply to the history, act on it in the env, and record the step (or, when the env
@@ -201,8 +218,10 @@ class Recorder:
 
         `env` (a fresh instance of the same env) is put in the state of step tau, from the kept
         snapshot when there is one, else by replaying the first tau actions (verified, and counted
-        in `replayed_steps`, not in the env-step budget). The experience message, when given, is
-        appended after h_tau so h_tau stays an exact shared prefix of the parent's token ids.
+        in `replayed_steps`, not in the env-step budget). A replay that diverges raises
+        `ReplayDivergence` (counted in `replay_divergences`): the caller refuses the branch. The
+        experience message, when given, is appended after h_tau so h_tau stays an exact shared prefix
+        of the parent's token ids.
         """
         steps = live.episode.steps
         if not 0 <= tau < len(steps):
@@ -214,6 +233,9 @@ class Recorder:
                 replay(env, live.task, live.episode.actions[:tau], live.episode.observation_hashes[: tau + 1])
             except EnvFault as fault:  # the caller gives up on this branch; counted like any faulted step
                 self.count_fault(fault)
+                raise
+            except ReplayDivergence:  # the env is not where the parent was: this branch must not start
+                self.counters.replay_divergences += 1
                 raise
             self.counters.replayed_steps += tau
         conv = live.conv.prefix(steps[tau].context_len)

@@ -204,6 +204,21 @@ class WorkerSettings:
         _at_least(self, 0, "workers")
 
 
+@dataclass
+class TrackingSettings:
+    """Which experiment trackers a run reports to (`leafe.tracking`): a study config's top-level
+    `report_to`, and `--report-to` on the training commands. Never part of a fingerprint: where the
+    figures are shown changes no result."""
+
+    report_to: list[str] = knob(factory=list, help="Report to an experiment tracker: tensorboard, trackio, wandb "
+                                "or mlflow (repeatable, or comma-separated); its files go in OUT/tracking.")
+
+    def validate(self) -> None:
+        from leafe.tracking import check_report_to
+
+        self.report_to = check_report_to(self.report_to)
+
+
 # -- the methods ---------------------------------------------------------------------------------
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import make_tiny_model
+from helpers import distilled_model, make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +24,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def hd64_model_dir(tmp_path_factory) -> Path:
     """The tiny Llama at head_dim 64 (same tokenizer): vLLM's CPU attention has no head_dim 16 (the default's)."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama-hd64"), hidden=256)
+
+
+@pytest.fixture(scope="session")
+def distilled_model_dir(hd64_model_dir, tmp_path_factory) -> Path:
+    """The hd64 Llama after a `leafe distill` (helpers.distilled_model): a model directory as leafe writes
+    it, which vLLM also serves (head_dim 64)."""
+    return distilled_model(hd64_model_dir, tmp_path_factory.mktemp("distilled"))
 
 
 @pytest.fixture(scope="session")

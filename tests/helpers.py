@@ -57,6 +57,29 @@ def make_tiny_model(out: Path, layers: int = 2, hidden: int = 64, seed: int = 0)
     return out
 
 
+def distilled_model(base: Path, out: Path) -> Path:
+    """A model directory written by leafe (`leafe distill` of a scripted exploration of `base`) in
+    `out`/model, in a few seconds: for tests of what leafe writes (model cards, serving)."""
+    from transformers import AutoTokenizer
+
+    from leafe.method import Job
+    from leafe.methods.distill import distill
+    from leafe.methods.explore import explore
+    from leafe.settings import DistillSettings, ExploreSettings, SFTSettings
+
+    def agent(text: str, i: int) -> str:  # dances until it has an experience, then solves
+        if REFLECTION_PROMPT in text.rsplit("<|im_start|>user", 1)[1]:
+            return "Step: none\nExperience: fine." if EXPERIENCE_MARK in text else "Step: 1\nExperience: push."
+        return solver_reply(text) if EXPERIENCE_MARK in text else "Thought: dance.\nAction: dance"
+
+    backend = ScriptedBackend(AutoTokenizer.from_pretrained(base), agent)
+    explore(Job("scripted", out / "explore", backend=backend),
+            ExploreSettings(tasks=2, task_seed=40, budget=30, branch_samples=1, max_depth=2, stop_on_success=True))
+    distill(Job(str(base), out / "model", inputs=[out / "explore" / "trees.jsonl"]), DistillSettings(reh_fraction=0.5),
+            SFTSettings(epochs=1, batch_size=4, learning_rate=1e-3, save_every=0))
+    return out / "model"
+
+
 class ScriptedBackend(Backend):
     """Replies chosen by a function of the decoded prompt; for tests about control flow, not models.
 

@@ -1,4 +1,5 @@
-"""The openai backend against a real `vllm serve` (from .venv-vllm, `make vllm-env`) on the tiny model:
+"""The openai backend against a real `vllm serve` (from .venv-vllm, `make vllm-env`) of a model leafe
+wrote (the hd64 tiny Llama after `leafe distill`: vLLM takes its directory unchanged, chat template too):
 token ids in and out, stop ids kept, log-probs, distinct samples per request, greedy outputs equal to
 the hf backend's; and its failures: a server that is down, one that answers without ids, and servers that misbehave
 (hang, stall mid-answer, trickle, drop the connection, send malformed or wrong-shaped JSON, 5xx/429,
@@ -32,8 +33,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served_model_dir(hd64_model_dir) -> Path:
-    return hd64_model_dir
+def served_model_dir(distilled_model_dir) -> Path:
+    return distilled_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,28 @@ def test_greedy_outputs_equal_the_hf_backends(vllm_server, served_model_dir, pro
     served = load_backend("openai", str(served_model_dir), base_url=vllm_server).generate(ids, greedy)
     local = HFBackend(str(served_model_dir), device="cpu", dtype="float32").generate(ids, greedy)
     assert [r[0].token_ids for r in served] == [r[0].token_ids for r in local]
+
+
+def test_the_server_chats_with_the_template_and_stops_of_the_directory_leafe_wrote(vllm_server, served_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(served_model_dir)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    messages = [{"role": "system", "content": "You push boxes."}, {"role": "user", "content": "Push the box."}]
+
+    def chat(**more) -> dict:
+        body = {"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0, **more}
+        request = urllib.request.Request(f"{vllm_server}/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(request, timeout=120).read())
+
+    # The prompt is the directory's own chat template rendered: the token count transformers gives.
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    answer = chat()
+    assert answer["usage"]["prompt_tokens"] == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    # A reply that ends its turn stops there (the eos of generation_config.json and the tokenizer), not at max_tokens.
+    (choice,) = chat(logit_bias={str(end_of_turn): 100})["choices"]
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] == ""
 
 
 def test_a_server_that_is_down_fails_in_one_line_after_retries(tiny_model_dir):

@@ -20,8 +20,8 @@ from leafe.study.config import load_config
 from leafe.study.plan import Study
 
 ROOT = Path(__file__).resolve().parent.parent
-QWEN7B_CONFIG = ROOT / "configs" / "sokoban-qwen2.5-7b.yaml"
-ALFWORLD_CONFIG = ROOT / "configs" / "alfworld-qwen2.5-7b.yaml"
+QWEN7B_CONFIG = ROOT / "leafe" / "configs" / "sokoban-qwen2.5-7b.yaml"
+ALFWORLD_CONFIG = ROOT / "leafe" / "configs" / "alfworld-qwen2.5-7b.yaml"
 #: name -> (hidden, layers, heads, kv heads, intermediate, vocab, max positions, model_type), tied: no.
 SHAPES = {
     "qwen2.5-7b": (3584, 28, 28, 4, 18944, 152064, 32768, "qwen2"),
@@ -175,7 +175,7 @@ def test_without_resources_nothing_is_checked(tmp_path):
 
 
 def test_the_embedded_agent_is_not_checked_but_its_tokens_are_planned(tmp_path):
-    config = load_config(ROOT / "configs" / "sokoban-demo.yaml", ["resources.gpus=1", "resources.gpu_memory_gb=1"])
+    config = load_config(ROOT / "leafe/configs/sokoban-demo.yaml", ["resources.gpus=1", "resources.gpu_memory_gb=1"])
     plan = budget.plan(config, Study(config, tmp_path))
     assert plan.checked.startswith("not checked: the embedded agent") and plan.refusal is None
     assert next(s for s in plan.stages if s.key == "base.eval").tokens > 0

@@ -69,7 +69,7 @@ def test_the_settings_modules_import_no_torch():
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["eval", "--help"], ["envs"],
-                                  ["run", "configs/sokoban-demo.yaml", "--dry-run"]])
+                                  ["run", "sokoban-demo", "--dry-run"]])
 def test_help_and_dry_run_load_no_torch(argv, tmp_path):
     code = ("import sys; sys.argv = ['leafe', *sys.argv[1:]]\nfrom leafe.cli import main\ntry:\n    main()\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"

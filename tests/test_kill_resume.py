@@ -420,3 +420,30 @@ def test_a_published_model_replaces_the_old_one_and_leaves_the_records_beside_it
     assert {p.name: p.read_text() for p in out.iterdir()} == {
         "config.json": "new", "model.safetensors": "new", "tokenizer.json": "new", "distill.json": "old",
         "stage.json": "old"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stages_side_by_side_end_with_the_study_that_started_them(tiny_model_dir, tmp_path, sig):
+    """`kill` (or a scheduler's SIGTERM, or a SIGKILL) to `leafe run` alone, not to its process tree,
+    ends the stage processes it runs side by side: left running, they would write the run directory
+    beside the rerun, which takes the dead study's lock over as stale (`leafe.lock.die_with_parent`)."""
+    import psutil
+    from test_study import tiny_study
+
+    config = tiny_study(tmp_path, tiny_model_dir, parallel_stages=2)
+    with open(tmp_path / "run.log", "wb") as output:
+        study = subprocess.Popen(leafe("run", config, "--out", tmp_path / "run"), stdout=output,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        started = time.monotonic()
+        while len(stages := psutil.Process(study.pid).children()) < 2:  # two stages side by side
+            assert study.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            assert time.monotonic() - started < SECONDS
+            time.sleep(0.05)
+        study.send_signal(sig)
+        study.wait(timeout=60)
+        gone, alive = psutil.wait_procs(stages, timeout=5)  # a stage alone lives longer: it is still starting
+        assert not alive, f"stage processes outlived the study: {[p.pid for p in alive]}"
+    finally:
+        kill_tree(study)

@@ -1,4 +1,4 @@
-"""`leafe launch`: the accelerate configs in configs/accelerate are what accelerate launch turns into its
+"""`leafe launch`: the accelerate configs in leafe/configs/accelerate are what accelerate launch turns into its
 FSDP and DeepSpeed plugins; the dry-run plan prints the exact `accelerate launch` line and what each
 rank does; bad configs and commands that cannot run multi-process are refused in one line; and a real
 2-rank launch (torchrun, gloo on CPU) of `leafe distill` splits the batches and writes one loadable
@@ -26,7 +26,7 @@ from leafe.errors import LeafeError
 from leafe.scale.launch import LAUNCH_CONTEXT, launch_cmd, launch_plan, load_accelerate_config
 
 ROOT = Path(__file__).resolve().parent.parent
-FSDP, ZERO3, DDP = (ROOT / "configs/accelerate" / name for name in ("fsdp.yaml", "zero3.yaml", "ddp.yaml"))
+FSDP, ZERO3, DDP = (ROOT / "leafe/configs/accelerate" / name for name in ("fsdp.yaml", "zero3.yaml", "ddp.yaml"))
 DISTILL = ["distill", "--model", "/models/qwen7b-grpo", "--trees", "/runs/explore/trees.jsonl", "--out", "/runs/leafe"]
 GRPO = ["train", "grpo", "--model", "/models/qwen7b", "--out", "/runs/grpo"]
 

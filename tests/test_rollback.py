@@ -1,11 +1,18 @@
-"""Rollback: by snapshot where the env can copy its state, by verified replay everywhere."""
+"""Rollback: by snapshot where the env can copy its state, by verified replay everywhere; a branch whose
+replay diverges is refused and counted, never started from a wrong state."""
 
 import random
 
 import pytest
+from helpers import ScriptedBackend, solver_reply
 
 from leafe.envs import Env, ReplayDivergence, StepResult, Task, make, observation_hash, replay
-from leafe.envs.sokoban import generate, solve
+from leafe.envs.sokoban import SokobanEnv, generate, solve
+from leafe.method import Job
+from leafe.methods.explore import explore
+from leafe.prompts import REFLECTION_PROMPT
+from leafe.settings import ExploreSettings
+from leafe.trees import read_trees
 
 
 def played(env, task, actions):
@@ -106,3 +113,46 @@ def test_replay_checks_the_reset_observation_and_argument_lengths():
         replay(FlakyEnv(0), task, [], ["0" * 16])
     with pytest.raises(ValueError, match="one observation hash per action"):
         replay(FlakyEnv(0), task, ["a"], ["x"])
+
+
+class NoisySokoban(SokobanEnv):
+    """Sokoban whose first observation carries a random number, as a server that ignores the seed does:
+    every replay of it diverges at the reset observation."""
+
+    def reset(self, task):
+        return f"{super().reset(task)}\nnoise {random.random()}"
+
+
+def dance_until_told(text: str, i: int) -> str:
+    """Dances (an invalid move) until an experience is in context, then plays the solver's moves; asked
+    to reflect, names step 2 (or nothing, once it has an experience)."""
+    told = "Experience from an earlier attempt" in text
+    if REFLECTION_PROMPT in text.rsplit("<|im_start|>user", 1)[1]:
+        return "Step: none\nExperience: on track." if told else "Step: 2\nExperience: stop dancing."
+    return solver_reply(text) if told else "Thought: let me dance.\nAction: dance"
+
+
+@pytest.mark.parametrize("env_class", [SokobanEnv, NoisySokoban])
+def test_a_branch_whose_replay_diverges_is_refused_and_counted_and_a_deterministic_env_still_branches(
+        env_class, tiny_tokenizer, tmp_path):
+    settings = ExploreSettings(tasks=2, task_seed=40, budget=30, reflect_every=5, branch_samples=2,
+                               snapshots=False, stop_on_success=True)  # rollback by replay
+    job = Job("scripted", tmp_path, backend=ScriptedBackend(tiny_tokenizer, dance_until_told),
+              envs=lambda name, **params: env_class(**params))
+    summary = explore(job, settings).data
+    trees = read_trees(tmp_path / "trees.jsonl")
+    # Each reflection that asked for a rollback asked for branch_samples branches.
+    asked = [2 * sum(r["branched"] for n in tree["nodes"] for r in n.reflections) for tree in trees]
+    assert all(asked)
+    if env_class is SokobanEnv:
+        assert summary["success_rate"] == 1.0 and summary["replay_divergences"] == 0
+        assert [tree["branches"] for tree in trees] == asked and summary["replayed_steps"] == 2 * sum(asked)
+        return
+    # Refused, every one: no branch node, no episode that starts anywhere but at a reset.
+    assert [tree["replay_divergences"] for tree in trees] == asked
+    assert summary["replay_divergences"] == sum(asked) and summary["branches"] == summary["replayed_steps"] == 0
+    for tree in trees:
+        assert all(n.parent is None and n.tau is None for n in tree["nodes"])
+        assert all(s.action == "dance" for n in tree["nodes"] for s in n.episode.steps)
+        # The roots that took the branches' place spent the whole budget.
+        assert tree["env_steps"] == settings.budget and not tree["success"]

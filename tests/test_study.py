@@ -18,7 +18,7 @@ from leafe.errors import LeafeError
 from leafe.study.config import load_config
 from leafe.study.plan import Study
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "leafe" / "configs").glob("*.yaml"))
 STAGES = ["base.eval", "grpo.train", "leafe.explore", "leafe.distill", "early_experience.train", "ace.train",
           "grpo.eval", "leafe.eval", "early_experience.eval", "ace.eval"]
 
@@ -59,7 +59,7 @@ def plan_rows(stdout: str) -> dict[str, str]:
 
 
 def test_demo_config_is_the_embedded_default():
-    config = load_config(Path(__file__).parent.parent / "configs" / "sokoban-demo.yaml")
+    config = load_config(Path(__file__).parent.parent / "leafe" / "configs" / "sokoban-demo.yaml")
     assert config.model == "embedded" and set(config.methods) == {"base", "grpo", "leafe", "early_experience", "ace"}
     assert [s.key for s in Study(config, "x").plan()][0] == "bootstrap"
     # Issue 28: enough held-out levels that a 5-point Pass@1 difference can be told from noise, and
@@ -231,6 +231,17 @@ def test_a_study_runs_every_stage_then_skips_resumes_and_redoes_what_changed(tin
     assert starts == {"base": (None, None), "grpo": ("base", str(tiny_model_dir)), "leafe": ("grpo", grpo_model),
                       "early_experience": ("grpo", grpo_model), "ace": ("grpo", grpo_model)}
     assert results["leafe_start"] == "grpo"
+    # Each model the study trained has its Pass@k in its model card (leafe.modelcard); GRPO's card holds
+    # GRPO's, not those of ACE, which plays GRPO's model; the base model's directory is left alone.
+    from huggingface_hub import ModelCard
+
+    trained_dirs = {"grpo": "grpo/train", "early_experience": "early_experience/train"} | (
+        {"leafe": "leafe/distill"} if "ran" in results["cost"]["leafe.distill"] else {})
+    for name, key in trained_dirs.items():
+        card = ModelCard.load(run_dir / key / "README.md")
+        assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {
+            f"pass@{k}": v for k, v in results["methods"][name]["pass_at_k"].items()}
+    assert not (tiny_model_dir / "README.md").exists()
     # ... and read it: Early Experience fine-tuned it; ACE played it and was evaluated on it.
     assert json.loads((run_dir / "early_experience" / "train" / "train.json").read_text())["model"] == grpo_model
     for key in ("ace/train", "ace/eval"):

@@ -89,6 +89,7 @@ def _build(config: BootstrapConfig, tmp: Path, report: Report) -> dict:
     from leafe.chat import ChatFormat
     from leafe.envs.sokoban import SokobanEnv
     from leafe.methods.sft import row_from_mask, train
+    from leafe.modelcard import save_model, write_model_card
     from leafe.prompts import REFLECTION_PROMPT, SYSTEM_PROMPT, experience_message
     from leafe.rollout import Recorder
     from leafe.settings import SFTSettings
@@ -172,12 +173,8 @@ def _build(config: BootstrapConfig, tmp: Path, report: Report) -> dict:
                            logging_steps=5, save_every=config.save_every)
     stats = {phase: train(model, tokenizer, fragment_rows + episode_rows, tmp, settings, save=False,
                           on_log=lambda entry: report(phase, entry["step"], entry["max_steps"]))}
-    model = stats[phase].pop("model")
-    trained = model
-    trained.generation_config.eos_token_id = list(ChatFormat(tokenizer).stop_token_ids)
-    trained.generation_config.pad_token_id = tokenizer.pad_token_id
-    trained.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    trained = stats[phase].pop("model")
+    save_model(tmp, trained, tokenizer)  # with a generation_config.json that stops at the end of a turn
     kinds: dict[str, dict[str, int]] = {}
     for row in fragment_rows + episode_rows:
         k = kinds.setdefault(row.kind, {"rows": 0, "tokens": 0, "loss_tokens": 0})
@@ -194,6 +191,7 @@ def _build(config: BootstrapConfig, tmp: Path, report: Report) -> dict:
         "loss_log": {phase: st["log"] for phase, st in stats.items()},
         "wall_s": round(time.perf_counter() - started, 1),
     }
+    write_model_card(tmp, None, "bootstrap", asdict(config), summary["data"])
     write_json(tmp / "bootstrap.json", summary)
     return summary
 

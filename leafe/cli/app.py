@@ -156,7 +156,7 @@ def one_line(exc: BaseException) -> str:
 
 def main() -> None:
     # The commands register themselves on `app` when their modules are imported.
-    from leafe.cli import methods, run, tools  # noqa: F401
+    from leafe.cli import configs, methods, run, tools  # noqa: F401
 
     if process_rank()[1] == 1:
         app()

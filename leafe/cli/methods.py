@@ -24,6 +24,7 @@ from leafe.settings import (
     GenerationSettings,
     GRPOSettings,
     SFTSettings,
+    TrackingSettings,
     WorkerSettings,
 )
 
@@ -53,6 +54,19 @@ def _backend(model: str, settings: GenerationSettings):
     from leafe.backends import backend_for
 
     return backend_for(model, settings)
+
+
+def _tracker(tracking: TrackingSettings, out: Path, stage: str):
+    """The experiment trackers of one command (`--report-to`): one run, in OUT/tracking, named after
+    OUT, the figures under `stage` (`leafe.tracking`); a no-op without --report-to."""
+    from leafe.tracking import Tracking
+
+    return Tracking.of(tracking.report_to, out / "tracking", out.resolve().name).open(stage)
+
+
+def _reported(tracking: TrackingSettings, out: Path) -> None:
+    if tracking.report_to:
+        console.print(f"trackers {', '.join(tracking.report_to)} -> {out / 'tracking'}")
 
 
 @app.command("eval")
@@ -94,6 +108,7 @@ def explore_cmd(
     settings: ExploreSettings,
     generation: GenerationSettings,
     workers: WorkerSettings,
+    tracking: TrackingSettings,
     model: ModelOpt,
     out: Annotated[Path, typer.Option(help="Output directory (trees.jsonl, summary.json); resumes a partial run.")],
 ) -> None:
@@ -105,9 +120,9 @@ def explore_cmd(
 
     _check_env(settings.env, settings.env_params)
     backend = _backend(model, generation)
-    with env_workers(workers.workers, workers.ray_address) as envs:
+    with env_workers(workers.workers, workers.ray_address) as envs, _tracker(tracking, out, "explore") as tracker:
         result = with_progress(f"explore ({settings.strategy}, budget {settings.budget})", lambda progress: explore(
-            Job(model=model, out=out, backend=backend, envs=envs, progress=progress), settings))
+            Job(model=model, out=out, backend=backend, envs=envs, progress=progress, tracker=tracker), settings))
     summary = result.data
     table = Table(title=f"{settings.strategy} on {settings.env}: {summary['tasks']} tasks, "
                         f"budget {settings.budget} env steps each")
@@ -121,6 +136,12 @@ def explore_cmd(
         table.add_row(key, str(value))
     console.print(table)
     console.print(f"-> {out / 'trees.jsonl'}, {out / 'summary.json'}")
+    _reported(tracking, out)
+    if summary["replay_divergences"]:
+        typer.echo(f"warning: {summary['replay_divergences']} branches refused: replaying their prefix did not "
+                   f"reproduce the recorded observations, so {settings.env} is not deterministic under reset + "
+                   f"replay (replay_divergences in summary.json); give the env snapshot()/restore() or a reset "
+                   f"that the task's seed fixes", err=True)
 
 
 @app.command("distill")
@@ -128,6 +149,7 @@ def explore_cmd(
 def distill_cmd(
     settings: DistillSettings,
     sft: SFTSettings,
+    tracking: TrackingSettings,
     model: StartOpt,
     trees: Annotated[list[Path], typer.Option("--trees", help="trees.jsonl from leafe explore (repeatable).")],
     out: Annotated[Path, typer.Option(help="Output model directory (with distill.json).")],
@@ -139,8 +161,10 @@ def distill_cmd(
 
     quiet_transformers()
     _model_dir(model)
-    result = with_progress("distilling", lambda progress: distill(
-        Job(model=model, out=out, inputs=[Path(t) for t in trees], progress=progress), settings, sft))
+    with _tracker(tracking, out, "distill") as tracker:
+        result = with_progress("distilling", lambda progress: distill(
+            Job(model=model, out=out, inputs=[Path(t) for t in trees], progress=progress, tracker=tracker),
+            settings, sft))
     summary = result.data
     cf, reh = summary["sets"]["cf"], summary["sets"]["reh"]
     console.print(
@@ -148,6 +172,7 @@ def distill_cmd(
         f"dropped over context: {cf['dropped_over_context'] + reh['dropped_over_context']}; "
         f"{summary['training']['steps']} steps, {result.cost['wall_s']:.0f}s -> {out}"
     )
+    _reported(tracking, out)
 
 
 train_app = typer.Typer(help="Train a baseline on the training tasks: grpo, early-experience or ace.",
@@ -164,8 +189,8 @@ def _trained(result) -> None:
 
 @train_app.command("grpo")
 @settings_command
-def grpo_cmd(settings: GRPOSettings, generation: GenerationSettings, workers: WorkerSettings, model: StartOpt,
-             out: TrainOut) -> None:
+def grpo_cmd(settings: GRPOSettings, generation: GenerationSettings, workers: WorkerSettings,
+             tracking: TrackingSettings, model: StartOpt, out: TrainOut) -> None:
     """Multi-turn GRPO: G episodes per task, group-normalised advantages, clipped loss, k3 KL."""
     hold_out(out, "train grpo")
     from leafe.method import Job
@@ -175,16 +200,18 @@ def grpo_cmd(settings: GRPOSettings, generation: GenerationSettings, workers: Wo
     _model_dir(model)
     _check_env(settings.env, settings.env_params)
     quiet_transformers()
-    with env_workers(workers.workers, workers.ray_address) as envs:
+    with env_workers(workers.workers, workers.ray_address) as envs, _tracker(tracking, out, "grpo") as tracker:
         result = with_progress("grpo", lambda progress: train_grpo(
-            Job(model=model, out=out, envs=envs, progress=progress, device=generation.device), settings, generation))
+            Job(model=model, out=out, envs=envs, progress=progress, device=generation.device, tracker=tracker),
+            settings, generation))
     _trained(result)
+    _reported(tracking, out)
 
 
 @train_app.command("early-experience")
 @settings_command
 def early_experience_cmd(settings: EarlyExperienceSettings, sft: SFTSettings, generation: GenerationSettings,
-                         workers: WorkerSettings, model: StartOpt, out: TrainOut) -> None:
+                         workers: WorkerSettings, tracking: TrackingSettings, model: StartOpt, out: TrainOut) -> None:
     """Early Experience: implicit world modelling (iwm) or self-reflection (sr) on the expert's states."""
     hold_out(out, "train early-experience")
     from leafe.method import Job
@@ -194,17 +221,20 @@ def early_experience_cmd(settings: EarlyExperienceSettings, sft: SFTSettings, ge
     _model_dir(model)
     _check_env(settings.env, settings.env_params)
     backend = _backend(model, generation)
-    with env_workers(workers.workers, workers.ray_address) as envs:
+    with (env_workers(workers.workers, workers.ray_address) as envs,
+          _tracker(tracking, out, "early_experience") as tracker):
         result = with_progress(f"early experience ({settings.variant})", lambda progress: train_early_experience(
-            Job(model=model, out=out, backend=backend, envs=envs, progress=progress, release=backend.close),
+            Job(model=model, out=out, backend=backend, envs=envs, progress=progress, release=backend.close,
+                tracker=tracker),
             settings, sft))  # the engine closes before the model to train loads (Job.done_sampling)
     _trained(result)
+    _reported(tracking, out)
 
 
 @train_app.command("ace")
 @settings_command
-def ace_cmd(settings: ACESettings, generation: GenerationSettings, workers: WorkerSettings, model: StartOpt,
-            out: TrainOut) -> None:
+def ace_cmd(settings: ACESettings, generation: GenerationSettings, workers: WorkerSettings,
+            tracking: TrackingSettings, model: StartOpt, out: TrainOut) -> None:
     """ACE: a playbook of lessons curated from the policy's own play (writes OUT/playbook.json)."""
     hold_out(out, "train ace")
     from leafe.method import Job
@@ -214,10 +244,11 @@ def ace_cmd(settings: ACESettings, generation: GenerationSettings, workers: Work
     _model_dir(model)
     _check_env(settings.env, settings.env_params)
     backend = _backend(model, generation)
-    with env_workers(workers.workers, workers.ray_address) as envs:
+    with env_workers(workers.workers, workers.ray_address) as envs, _tracker(tracking, out, "ace") as tracker:
         result = with_progress("ace rounds", lambda progress: train_ace(
-            Job(model=model, out=out, backend=backend, envs=envs, progress=progress), settings))
+            Job(model=model, out=out, backend=backend, envs=envs, progress=progress, tracker=tracker), settings))
     _trained(result)
+    _reported(tracking, out)
 
 
 @app.command("bootstrap")

@@ -18,7 +18,8 @@ from leafe.cli.app import BarProgress, app, console, hold_out, quiet_transformer
 
 @app.command("run")
 def run_cmd(
-    config: Annotated[Path, typer.Argument(help="Study config (YAML), e.g. configs/sokoban-demo.yaml.")],
+    config: Annotated[str, typer.Argument(help="Study config: a YAML file, or the name of a built-in one, e.g. "
+                                               "sokoban-demo (`leafe configs` lists them; a file wins over a name).")],
     out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<name>).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Base model directory (overrides the config's).")] = None,
     overrides: Annotated[list[str] | None, typer.Option(

@@ -36,11 +36,14 @@ def envs_cmd(
 def envs_listing(envs: list[str] | None, params: dict[str, Any], width: int = 80) -> str:
     """`leafe envs` as text of at most `width` columns: per env a summary, its data (found: where it
     is; missing: the one line that says where to get it, which is also the error of making the env
-    without it), and its parameters (`name=default` as --env-param writes it, and their help)."""
+    without it), and its parameters (`name=default` as --env-param writes it, and their help). A plugin
+    that cannot load is one row saying why (`registry.broken`), and the others are listed as ever;
+    `registry.notes` (a plugin a built-in shadows, a misnamed plugin class) follow the summary."""
     from leafe.envs import registry
 
     chosen = envs or registry.names()
-    accepted = {name: {p.name for p in registry.parameters(name)} for name in chosen}
+    problems = {name: registry.broken(name) for name in chosen}
+    accepted = {name: {p.name for p in registry.parameters(name)} for name in chosen if problems[name] is None}
     unused = sorted(set(params) - set().union(*accepted.values()))
     if unused:
         raise LeafeError(f"no env among {', '.join(chosen)} takes --env-param {', '.join(unused)}")
@@ -51,9 +54,15 @@ def envs_listing(envs: list[str] | None, params: dict[str, Any], width: int = 80
                                  break_on_hyphens=False))
 
     for name in chosen:
+        if problems[name] is not None:
+            say(f"{name}: {problems[name]}", 0, 2)
+            out.append("")
+            continue
         own = {k: v for k, v in params.items() if k in accepted[name]}
         cls = registry.env_class(name)
         say(f"{name}: {_summary(cls)}", 0, 2)
+        for note in registry.notes(name):
+            say(f"note: {note}", 2)
         statuses = registry.data_statuses(name, own)
         if len(statuses) > 1:
             say("data:", 2)

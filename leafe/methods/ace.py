@@ -216,6 +216,7 @@ def train_ace(job: Job, settings: ACESettings) -> MethodResult:
                   "wall_s": round(time.perf_counter() - started, 3)}
         state = state | playbook.to_dict() | {"round": round_index + 1, "rounds": state["rounds"] + [record]}
         write_json(path, state)
+        job.tracker.log(record, step=record["round"])
         job.progress.advance(status=f"{record['lessons']} bullets")
     rounds = state["rounds"]
     summary = {

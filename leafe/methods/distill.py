@@ -29,6 +29,7 @@ from leafe.errors import LeafeError
 from leafe.files import is_main_process, write_json
 from leafe.method import Job, MethodResult, cost
 from leafe.methods.sft import Row, span_row, train
+from leafe.modelcard import write_model_card
 from leafe.settings import DistillSettings, SFTSettings
 from leafe.trees import Node, read_trees
 
@@ -147,7 +148,7 @@ def distill(job: Job, settings: DistillSettings, sft: SFTSettings) -> MethodResu
         job.progress.start(entry["max_steps"], entry["step"])
         job.progress.advance(0, status=f"loss {entry['loss']:.3f}")
 
-    stats = train(model, tokenizer, kept, out_dir, sft, on_log=on_log, precision=job.precision)
+    stats = train(model, tokenizer, kept, out_dir, sft, on_log=on_log, precision=job.precision, tracker=job.tracker)
     stats.pop("model")
     sets = {}
     for kind in ("cf", "reh"):
@@ -166,6 +167,8 @@ def distill(job: Job, settings: DistillSettings, sft: SFTSettings) -> MethodResu
         "wall_s": round(time.perf_counter() - started, 2),
     }
     if is_main_process():  # one writer under a multi-process launch
+        write_model_card(out_dir, str(model), "distill", {"distill": asdict(settings), "sft": asdict(sft)},
+                         {"tasks": len(trees), "sets": sets, "branching": counts, "steps": stats["steps"]})
         write_json(Path(out_dir) / "distill.json", summary)
     return MethodResult("distill", str(out_dir), {"distill": asdict(settings), "sft": asdict(sft)}, summary,
                         {**cost(wall_s=summary["wall_s"]), "ran": stats["ran"]})

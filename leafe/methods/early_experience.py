@@ -44,6 +44,7 @@ from leafe.files import read_json, read_jsonl, write_json, write_jsonl
 from leafe.fingerprint import fingerprint_fields, resume_fingerprint
 from leafe.method import Job, MethodResult, cost
 from leafe.methods.sft import Row, row_from_mask, span_row, train
+from leafe.modelcard import write_model_card
 from leafe.prompts import WORLD_MODEL_PROMPT, format_reply, observation_message, parse_action, self_reflection_prompt
 from leafe.rollout import Recorder, RolloutEngine
 from leafe.rundir import check_resume
@@ -332,6 +333,12 @@ def _collected(out: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, list[R
     return rows, record["data"], record["cost"]
 
 
+def _counts(rows: list[Row]) -> dict[str, int]:
+    """A model card's counts of the rows one training saw."""
+    return {"rows": len(rows), "tokens": sum(len(r.input_ids) for r in rows),
+            "loss_tokens": sum(r.loss_tokens for r in rows)}
+
+
 def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFTSettings) -> MethodResult:
     """Collect the rows with `job.backend` (the starting model's), train `job.model` into `job.out`;
     the result's data counts the expert states, alternatives and rows.
@@ -366,7 +373,9 @@ def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFT
     def fit(start: str, rows: list[Row], where: Path, sft: SFTSettings) -> dict[str, Any]:
         if job.train_sft is not None:  # over processes (`leafe.scale.stage.sft_launcher`)
             return job.train_sft(start, rows, where, sft)
-        stats = train(start, tokenizer, rows, where, sft, on_log=on_log, precision=job.precision)
+        # the world model's steps count from 1 as the imitation's do: its figures go under a name of their own
+        tracker = job.tracker if where == out else job.tracker.for_stage(f"{job.tracker.stage}_{where.name}")
+        stats = train(start, tokenizer, rows, where, sft, on_log=on_log, precision=job.precision, tracker=tracker)
         stats.pop("model")
         return stats
 
@@ -379,6 +388,9 @@ def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFT
             first = read_json(record)["summary"]
         else:
             first = fit(model, rows["iwm"], out / "iwm", world_sft)
+            write_model_card(out / "iwm", str(model), "early-experience-iwm",
+                             {"early_experience": asdict(settings), "sft": asdict(world_sft)},
+                             {"stage": "world model (the imitation starts from it)", "rows": _counts(rows["iwm"])})
             write_json(record, {"settings": key, "summary": first})
         phase("training: imitation")
         trainings = {"iwm": first, "imitation": fit(str(out / "iwm"), rows["expert"], out, imitation_sft)}
@@ -396,6 +408,10 @@ def train_early_experience(job: Job, settings: EarlyExperienceSettings, sft: SFT
         "cost": {**spent, "wall_s": round(time.perf_counter() - started, 2),
                  "ran": list(trainings.values())[-1].get("ran")},
     }
+    used = {"world model": rows["iwm"], "imitation": rows["expert"]} if settings.variant == "iwm" else {
+        "rationales + imitation": rows["sr"] + rows["expert"]}
+    write_model_card(out, str(model), summary["method"], {"early_experience": summary["settings"], "sft": summary["sft"]},
+                     {**data, "rows": {name: _counts(r) for name, r in used.items()}})
     write_json(out / "train.json", summary)
     return MethodResult("early_experience", str(out), {"early_experience": summary["settings"], "sft": summary["sft"]},
                         data, {**cost(spent["env_steps"], spent["generated_tokens"], summary["cost"]["wall_s"]),

@@ -31,6 +31,12 @@ A step whose env failed in its own machinery (`EnvFault`: the code judge's sandb
 and a tree built around it would score a failure of the machine as the agent's: the task's search is
 dropped and explored again from scratch, and its tree record counts the dropped ones
 (`faulted_episodes`, summed in summary.json).
+
+A rollback by replay that does not reproduce the parent's observations (an env that is not
+deterministic under reset + replay, such as a remote server that ignores the seed) would start a
+branch from a state its parent never was in, so that branch is refused: no node, no episode, no
+budget spent. The task's other branches and roots go on; its tree record counts the refusals
+(`replay_divergences`, summed in summary.json), and `leafe explore` ends with a warning when any came.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from typing import Any
 
 from leafe.backends.base import Backend
 from leafe.envs import EnvMaker, make
-from leafe.envs.base import EnvFault, Task
+from leafe.envs.base import EnvFault, ReplayDivergence, Task
 from leafe.errors import LeafeError
 from leafe.files import append_jsonl, expect, read_jsonl, write_json
 from leafe.fingerprint import resume_fingerprint
@@ -78,6 +84,7 @@ class _Search:
         self.stalled = False  # an episode could not take a single turn (prompt beyond the context)
         self.fault: str | None = None  # the env failed a step: this search is dropped (`abandon`)
         self.experiences: list[str] = []  # refine: everything learnt so far
+        self.replay_divergences = 0  # branches refused: their replay did not reach the parent's state
         self.started = time.perf_counter()
 
     @property
@@ -123,6 +130,7 @@ class _Search:
             "reflections_parsed": sum(r["parsed"] for r in reflections),
             "branches": len(branches),
             "branches_succeeded": sum(n.outcome == "success" for n in branches),
+            "replay_divergences": self.replay_divergences,
             "wall_s": round(time.perf_counter() - self.started, 3),
             "nodes": [n.to_dict() for n in self.nodes],
         }
@@ -154,13 +162,18 @@ class Explorer:
 
     # -- spawning ------------------------------------------------------------------------------
     def _spawn(self, search: _Search) -> None:
-        """Give an idle search its next episodes: queued branches first, else a fresh root."""
-        if search.queue:
+        """Give an idle search its next episodes: queued branches first (a request whose every branch
+        was refused gives way to the next), else a fresh root."""
+        while search.queue:
             request = search.queue.popleft()
             samples = min(self.settings.branch_samples, self.settings.max_branches - search.branches())
             for _ in range(max(samples, 0)):
                 before = self.recorder.counters.replayed_steps
-                live = self.recorder.branch(request.live, request.tau, request.experience, self._env())
+                try:
+                    live = self.recorder.branch(request.live, request.tau, request.experience, self._env())
+                except ReplayDivergence:  # refused (and counted by the recorder): never from a wrong state
+                    search.replay_divergences += 1
+                    continue
                 node = Node(
                     id=len(search.nodes), parent=request.parent.id, depth=request.parent.depth + 1,
                     tau=request.tau, prefix_len=request.live.episode.steps[request.tau].context_len,
@@ -322,6 +335,10 @@ def explore(job: Job, settings: ExploreSettings) -> MethodResult:
             append_jsonl(trees_path, record)
             done[record["task_id"]] = record
             tally(record["success"])
+            if job.tracker.active:  # summary.json's counters over the tasks finished so far (the last: its own)
+                so_far = list(done.values())
+                job.tracker.log({**summarize(settings, so_far), "successes": sum(r["success"] for r in so_far)},
+                                step=len(so_far))
     summary = summarize(settings, [done[t.task_id] for t in tasks])
     write_json(out / "summary.json", summary)
     return MethodResult("explore", job.model, asdict(settings), summary,
@@ -331,6 +348,8 @@ def explore(job: Job, settings: ExploreSettings) -> MethodResult:
 #: The counts of a tree record that summary.json sums over the tasks.
 SUMMED = ("env_steps", "replayed_steps", "generated_tokens", "reflections", "reflections_parsed", "branches",
           "branches_succeeded")
+#: Counts summed the same way that trees written before they existed lack (read as 0, so those resume).
+SUMMED_SINCE = ("faulted_episodes", "replay_divergences")
 
 
 def summarize(settings: ExploreSettings, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -348,7 +367,7 @@ def summarize(settings: ExploreSettings, records: list[dict[str, Any]]) -> dict[
         "success_rate": sum(c for _, c in successes) / len(records),
         "ci95": list(bootstrap_ci(successes, 1)),
         **{k: sum(r[k] for r in records) for k in SUMMED},
-        "faulted_episodes": sum(r.get("faulted_episodes", 0) for r in records),  # absent from older trees: 0
+        **{k: sum(r.get(k, 0) for r in records) for k in SUMMED_SINCE},
         "prompt_tokens": sum(s["prompt_tokens"] for s in sessions.values()),
         "prefill_tokens": sum(s["prefill_tokens"] for s in sessions.values()),
         "wall_s": round(sum(s["elapsed_s"] for s in sessions.values()), 3),

@@ -73,6 +73,7 @@ from leafe.methods.distributed import (
 )
 from leafe.methods.sft import bf16_state, make_batches
 from leafe.methods.token_logprobs import logits_only_at, scored_positions, token_logprobs
+from leafe.modelcard import save_model, write_model_card
 from leafe.rollout import RolloutEngine
 from leafe.rundir import claim
 from leafe.settings import GenerationSettings, GRPOSettings
@@ -381,8 +382,7 @@ class GRPOTrainer:
         state = without_tied_head(state, model)
         if self.accelerator.mixed_precision == "bf16":
             state = bf16_state(state)
-        model.save_pretrained(path, state_dict=state)
-        self.sampler.tokenizer.save_pretrained(path)
+        save_model(path, model, self.sampler.tokenizer, state)
 
     def ran(self) -> dict[str, Any]:
         """What this training ran on (`distributed.ran`), and how the sampler got the new weights."""
@@ -683,11 +683,13 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
             record["wall_s"] = round(time.perf_counter() - started, 3)
             if main:
                 append_jsonl(log_path, record)
+                job.tracker.log(record, step=record["step"])  # the same figures, to the run's trackers
             log.append(record)
             job.progress.advance(status=f"success {record['success']:.2f} kl {record.get('kl', 0):.4f}")
             done = step + 1
             if settings.save_every and done % settings.save_every == 0 and done < settings.steps:
-                _save_checkpoint(trainer, out, done, settings.keep_checkpoints)
+                _save_checkpoint(trainer, out, done, settings.keep_checkpoints,
+                                 card={"base_model": str(model), "data": _trained_on(log, settings)})
     finally:
         if not trainer.shared:
             sampler.close()  # the engine goes before anything else loads a model
@@ -707,16 +709,14 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
         "method": "grpo",
         "model": str(model),
         "settings": asdict(settings),
-        "data": {"tasks": settings.tasks, "episodes": sum(r["groups"] for r in log) * settings.group_size,
-                 "groups": sum(r["groups"] for r in log), "skipped_groups": sum(r["skipped_groups"] for r in log),
-                 "agent_tokens": sum(r.get("agent_tokens", 0) for r in log),
-                 "faulted_episodes": sum(r.get("faulted_episodes", 0) for r in log)},
+        "data": {k: v for k, v in _trained_on(log, settings).items() if k != "steps"},
         "cost": {"env_steps": sum(r["env_steps"] for r in log),
                  "generated_tokens": sum(r["generated_tokens"] for r in log),
                  "wall_s": round(sum(r["wall_s"] for r in log), 2), "ran": trainer.ran()},
         "final": {k: log[-1].get(k) for k in ("reward", "success", "kl", "entropy")} if log else {},
     }
-    if main:
+    if main:  # the card before train.json, which marks the run finished
+        write_model_card(out, str(model), "grpo", summary["settings"], _trained_on(log, settings))
         write_json(out / "train.json", summary)
     if world > 1:  # the model is written before any rank reports done; ranks leave the process group together
         trainer.accelerator.wait_for_everyone()
@@ -763,14 +763,24 @@ def _sync_dir(out: Path) -> Path:
     return path
 
 
+def _trained_on(log: list[dict[str, Any]], settings: GRPOSettings) -> dict[str, Any]:
+    """What the steps in `log` trained on: train.json's data, and a model card's counts."""
+    return {"steps": len(log), "tasks": settings.tasks,
+            "episodes": sum(r["groups"] for r in log) * settings.group_size,
+            "groups": sum(r["groups"] for r in log), "skipped_groups": sum(r["skipped_groups"] for r in log),
+            "agent_tokens": sum(r.get("agent_tokens", 0) for r in log),
+            "faulted_episodes": sum(r.get("faulted_episodes", 0) for r in log)}
+
+
 def _result(summary: dict[str, Any], out: Path) -> MethodResult:
     """train.json as the method contract's result: the trained model is the output directory."""
     return MethodResult("grpo", str(out), summary["settings"], {**summary["data"], "final": summary["final"]},
                         summary["cost"])
 
 
-def _save_checkpoint(trainer: GRPOTrainer, out: Path, step: int, keep: int) -> None:
-    """The model of `step` (a plain directory a user can keep) and the training state to resume
+def _save_checkpoint(trainer: GRPOTrainer, out: Path, step: int, keep: int, card: dict[str, Any]) -> None:
+    """The model of `step` (a plain directory a user can keep, with its model card: `card` holds the
+    base model and the counts so far) and the training state to resume
     from, written under a temporary name and renamed when complete. Every rank calls it (gathering
     sharded weights and saving sharded state are collectives); rank 0 renames and prunes: older
     checkpoints lose their training state, and only the newest `keep` models stay.
@@ -785,6 +795,8 @@ def _save_checkpoint(trainer: GRPOTrainer, out: Path, step: int, keep: int) -> N
     trainer._barrier()
     with writing(final, scratch=tmp if trainer.rank == 0 else None):
         trainer.save_model(tmp)
+        if trainer.rank == 0:
+            write_model_card(tmp, card["base_model"], "grpo", asdict(trainer.settings), card["data"])
         # accelerate warns that it drops the tied output head from the safetensors file, at every save; the
         # head is the embedding matrix itself, so loading the state (tested by the resume test) restores it.
         shared_warning = logging.getLogger("accelerate.utils.other")

@@ -45,8 +45,10 @@ from leafe.methods.distributed import (
     without_tied_head,
 )
 from leafe.methods.token_logprobs import logits_only_at, scored_positions, token_logprobs
+from leafe.modelcard import save_model
 from leafe.rundir import check_resume
 from leafe.settings import SFTSettings
+from leafe.tracking import Tracker
 
 
 @dataclass
@@ -193,6 +195,18 @@ def _progress_callback(on_log: Callable[[dict], None]):
     return Progress()
 
 
+def _logged(on_log: Callable[[dict], None] | None, tracker: Tracker | None) -> Callable[[dict], None]:
+    """One loss-log entry to the caller's progress and to the run's trackers (the figures at its step)."""
+
+    def log(entry: dict) -> None:
+        if tracker is not None:
+            tracker.log({k: v for k, v in entry.items() if k != "max_steps"}, step=entry["step"])
+        if on_log is not None:
+            on_log(entry)
+
+    return log
+
+
 def _log_entry(logged: dict, max_steps: int) -> dict:
     """One loss-log record, from what the Trainer logged at a step (an entry of its log_history)."""
     return {"step": logged["step"], "max_steps": max_steps, **{k: v for k, v in logged.items() if k != "step"}}
@@ -298,8 +312,7 @@ def _publish(out: Path, model: Any, state: dict[str, torch.Tensor], tokenizer: A
     staging = out / MODEL_STAGING
     shutil.rmtree(staging, ignore_errors=True)
     with writing(out, scratch=staging):  # a full disk: DiskFull naming OUT; the half-written staging goes
-        model.save_pretrained(staging, state_dict=state)
-        tokenizer.save_pretrained(staging)
+        save_model(staging, model, tokenizer, state)
     publish_model_dir(out)
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
@@ -320,6 +333,7 @@ def train(
     on_log: Callable[[dict], None] | None = None,
     save: bool = True,
     precision: str | None = None,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Train `model` (a transformers model, or a path to one) on `rows`; save a plain HF directory.
 
@@ -327,7 +341,8 @@ def train(
     With `settings.lora`, LoRA adapters are trained and merged into the saved weights, so every
     backend loads the result like any other checkpoint. `precision`: auto, bf16 or no (None: as
     launched, `distributed.mixed_precision`); sharding is the launch's (`distributed.make_accelerator`).
-    Returns a summary with the loss log and what ran.
+    Returns a summary with the loss log and what ran; each entry of the loss log also goes to
+    `on_log` and to `tracker` (the run's experiment trackers) as the Trainer logs it.
 
     Resumes from the newest whole checkpoint in OUT/trainer (see the module docstring); with `save`
     the model is then published into `out_dir` and the checkpoints removed, without it the caller
@@ -402,7 +417,8 @@ def train(
         train_dataset=dataset,
         processing_class=tokenizer,
         data_collator=_Collator(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
-        callbacks=[_checkpoint_callback(checkpoints)] + ([_progress_callback(on_log)] if on_log else []),
+        callbacks=[_checkpoint_callback(checkpoints)] + ([_progress_callback(_logged(on_log, tracker))]
+                                                         if on_log or tracker else []),
     )
     from transformers import PrinterCallback
 

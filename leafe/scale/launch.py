@@ -1,7 +1,8 @@
 """`leafe launch CONFIG -- COMMAND ...`: run a leafe training command under `accelerate launch`.
 
-The configs in `configs/accelerate/` (DDP, FSDP, DeepSpeed ZeRO-3) spread one training job over many GPUs
-and machines. This module checks such a config the way `accelerate launch` will read it (accelerate's
+The built-in configs `ddp`, `fsdp` and `zero3` (DDP, FSDP, DeepSpeed ZeRO-3: leafe/configs/accelerate/,
+`leafe launch fsdp`), or any accelerate config file, spread one training job over many GPUs and
+machines. This module checks such a config the way `accelerate launch` will read it (accelerate's
 own loader; every fsdp_config / deepspeed_config key must be one accelerate knows, since it ignores
 the others silently), checks that the leafe command can run on several processes, and prints the
 plan and the exact `accelerate launch` line (`--dry-run` stops there).
@@ -40,6 +41,7 @@ from typing import Annotated, Any
 
 import typer
 
+from leafe import configs as builtin_configs
 from leafe.errors import LeafeError
 from leafe.methods.distributed import SHARDING_ENV
 
@@ -61,12 +63,11 @@ class LaunchPlan:
 
 
 def load_accelerate_config(path: str | Path):
-    """The config as accelerate reads it (`accelerate launch --config_file` uses the same loader)."""
+    """The config as accelerate reads it (`accelerate launch --config_file` uses the same loader); `path`
+    is a file or the name of a built-in accelerate config (`leafe configs`)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise LeafeError(f"accelerate config {path} does not exist; use one of configs/accelerate/*.yaml")
+    path = builtin_configs.resolve(path, "accelerate")  # a file, or the name of one that ships with leafe
     try:
         config = load_config_from_file(str(path))
     except Exception as exc:  # noqa: BLE001 (yaml, dataclass and enum errors all mean a bad file)
@@ -98,6 +99,7 @@ def launch_plan(config_file: str | Path, args: list[str], *, num_processes: int 
     The overrides go on the command line (they win over the config there too); the checks are the
     ones that would otherwise fail late, on every rank, or not at all.
     """
+    config_file = builtin_configs.resolve(config_file, "accelerate")  # the file the printed command names
     config = load_accelerate_config(config_file)
     kind = getattr(config.distributed_type, "value", str(config.distributed_type))
     if kind not in SUPPORTED:
@@ -267,7 +269,7 @@ def run(plan: LaunchPlan) -> None:
     `accelerate` of this Python's environment when there is one."""
     if plan.kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         raise LeafeError("a DeepSpeed config needs deepspeed: pip install deepspeed "
-                         "(or use configs/accelerate/fsdp.yaml)")
+                         "(or use the built-in fsdp: `leafe launch fsdp ...`)")
     beside = Path(sys.executable).parent / "accelerate"
     program = str(beside) if beside.exists() else plan.command[0]
     sys.stdout.flush()
@@ -280,7 +282,8 @@ def run(plan: LaunchPlan) -> None:
 # the arguments after `--` reach the function as `ctx.args`; LeafeError becomes a one-line error, exit 2.
 def launch_cmd(
     ctx: typer.Context,
-    config: Annotated[Path, typer.Argument(help="An accelerate config, e.g. configs/accelerate/fsdp.yaml.")],
+    config: Annotated[str, typer.Argument(help="An accelerate config: a YAML file, or the name of a built-in one: "
+                                               "ddp, fsdp, zero3 (`leafe configs`; a file wins over a name).")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the command; launch nothing.")] = False,
     num_processes: Annotated[int | None, typer.Option(help="Processes, all machines (overrides the config).")] = None,
     num_machines: Annotated[int | None, typer.Option(help="Machines (overrides the config).")] = None,

@@ -29,10 +29,11 @@ from typing import Any
 
 from leafe.errors import LeafeError
 from leafe.files import process_rank, read_json, read_jsonl, write_json, write_jsonl, write_text
-from leafe.lock import run_lock
+from leafe.lock import dying_with_parent, run_lock
 from leafe.method import Job, MethodResult
 from leafe.methods.distributed import SHARDING_ENV, leave_launch
 from leafe.settings import DistillSettings, GenerationSettings, GRPOSettings, SFTSettings, TrainingSettings
+from leafe.tracking import Tracker
 
 JOB, RESULT, LOG, CONFIG = "launch_job.json", "launch_result.json", "launch.log", "accelerate.yaml"
 #: training.sharding -> what a rank reports it ran (`leafe.methods.distributed.ran`).
@@ -101,7 +102,8 @@ def launch(method: str, job: Job, training: TrainingSettings, **settings: Any) -
     spec = {"method": method, "model": job.model, "out": str(out), "inputs": [str(p) for p in job.inputs],
             "device": job.device, "precision": config["mixed_precision"], "accelerate": config,
             "sharding": SHARDING_RAN[training.sharding], "launch_id": uuid.uuid4().hex,
-            "settings": {k: asdict(v) for k, v in settings.items() if v is not None}}
+            "settings": {k: asdict(v) for k, v in settings.items() if v is not None},
+            "tracking": job.tracker.spec()}  # rank 0 reports to the study's tracker run (`leafe.tracking`)
     write_json(out / JOB, spec)
     job.progress.start(None)
     done = _accelerate_launch(out / CONFIG, out / JOB, out / LOG, spec["sharding"])
@@ -136,7 +138,8 @@ def _accelerate_launch(config: Path, job: Path, log_path: Path, sharding: str) -
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=ranks_env(sharding), check=False)
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=ranks_env(sharding), check=False,
+                              preexec_fn=dying_with_parent())  # its ranks go with it (torchrun ends them)
 
 
 def follow(run_dir: Path, training: TrainingSettings, poll_s: float = 0.5) -> int:
@@ -210,13 +213,14 @@ def sft_launcher(training: TrainingSettings, device: str = "auto"):
     return train_sft
 
 
-def _run(spec: dict[str, Any]) -> dict[str, Any]:
+def _run(spec: dict[str, Any], tracker: Tracker) -> dict[str, Any]:
     """One rank's share of the job (every rank calls the method; the methods make rank 0 the writer)."""
     from leafe.method import NoProgress
 
     settings = spec["settings"]
     job = Job(model=spec["model"], out=Path(spec["out"]), inputs=[Path(p) for p in spec["inputs"]],
-              device=spec["device"], precision=spec.get("precision"), progress=_LogLines(spec["method"]) if process_rank()[0] == 0 else NoProgress())
+              device=spec["device"], precision=spec.get("precision"), progress=_LogLines(spec["method"]) if process_rank()[0] == 0 else NoProgress(),
+              tracker=tracker)
     if spec["method"] == "grpo":
         from leafe.methods.grpo import train_grpo
 
@@ -243,7 +247,8 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     spec = read_json(Path(argv[0]))
     with run_lock(spec["out"], f"leafe.scale.stage {spec['method']}"):  # rank 0 only; the study's own: nothing
-        result = _run(spec)
+        with Tracker.from_spec(spec.get("tracking")) as tracker:  # reports from rank 0 only
+            result = _run(spec, tracker)
         if process_rank()[0] == 0:
             write_json(Path(spec["out"]) / RESULT, result)
     leave_launch(0)  # a rank that hung or aborted in teardown would fail the study after its result

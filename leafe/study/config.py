@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from leafe import configs as builtin_configs
 from leafe.errors import LeafeError
 from leafe.files import read_text
 from leafe.settings import (
@@ -39,6 +40,7 @@ from leafe.settings import (
     GenerationSettings,
     GRPOSettings,
     SFTSettings,
+    TrackingSettings,
     TrainingSettings,
 )
 from leafe.study.shape import read_shape
@@ -122,6 +124,9 @@ class StudyConfig(_Section):
     #: The date a chat template that writes one renders; `leafe run` pins today's in run.json at the
     #: first run of a model whose template reads it, so a resumed run renders the same tokens.
     date_string: str | None = None
+    #: Experiment trackers every stage reports to (`leafe.tracking`): tensorboard, trackio, wandb, mlflow.
+    #: One tracker run per study, in RUN/tracking; no stage's fingerprint holds it.
+    report_to: list[str] | str = []
     methods: list[Literal["base", "grpo", "leafe", "early_experience", "ace"]] = list(METHODS)
     train: TrainTasks = TrainTasks()
     eval: dict[str, Any] = {}
@@ -152,6 +157,11 @@ class StudyConfig(_Section):
         settings = _settings(TrainingSettings, self.training, "training")
         settings.validate()
         return settings
+
+    def tracking_settings(self) -> TrackingSettings:
+        """The trackers the study reports to (`report_to`), each known and installed."""
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        return _settings(TrackingSettings, {"report_to": names}, "report_to")
 
     def _checkpointing(self) -> dict[str, Any]:
         """A training stage's activation checkpointing when its section does not set it: on for a
@@ -217,6 +227,7 @@ class StudyConfig(_Section):
         self.eval_settings()
         self.generation_settings()
         self.training_settings()
+        self.tracking_settings()
         for method, builders in {
             "grpo": [self.grpo_settings],
             "leafe": [self.explore_settings, self.distill_settings, self.distill_sft],
@@ -282,11 +293,9 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
-    """Parse and check a study config (plus `--set KEY=VALUE` overrides); every problem is one
-    LeafeError line naming the key."""
-    path = Path(path)
-    if not path.exists():
-        raise LeafeError(f"config {path} does not exist; see configs/ for examples")
+    """Parse and check a study config, a path or a built-in name (`leafe configs`), plus `--set
+    KEY=VALUE` overrides; every problem is one LeafeError line naming the key."""
+    path = builtin_configs.resolve(path, "study")  # a file, or the name of one that ships with leafe
     try:
         data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:

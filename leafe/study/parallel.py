@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from leafe.errors import LeafeError
+from leafe.lock import die_with_parent
 from leafe.method import Progress
 
 #: Seconds between checks that every stage process is still alive while no message comes.
@@ -73,8 +74,9 @@ class _QueueProgress:
         self.messages.put((self.key, "advance", (n, status)))
 
 
-def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any) -> None:
+def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any, parent: int) -> None:
     """One stage in a process of its own (the target of a spawned process)."""
+    die_with_parent(parent)  # a stage left running by a killed study would write beside its rerun
     # Before torch is imported: its thread pool starts at this size.
     os.environ["OMP_NUM_THREADS"] = str(threads.value)
     from leafe.study.plan import Study
@@ -174,7 +176,8 @@ def run_side_by_side(study: Any, stages: list, workers: int,
                 shares[stage.key] = context.Value("i", share, lock=False)
                 progress = progress_for(index[stage.key], len(stages), stage, states[stage.key])
                 process = context.Process(target=_stage_process, name=f"leafe-stage-{stage.key}",
-                                          args=(study.config, str(study.out), stage.key, shares[stage.key], messages))
+                                          args=(study.config, str(study.out), stage.key, shares[stage.key], messages,
+                                                os.getpid()))
                 process.start()
                 running[stage.key] = (process, progress)
             if not running:

@@ -35,6 +35,7 @@ from leafe.method import Job, MethodResult, NoProgress, Progress, cost
 from leafe.passk import compare_tasks
 from leafe.rundir import digest, stage_status
 from leafe.study.config import EMBEDDED, StudyConfig
+from leafe.tracking import Tracker, Tracking, stage_name
 
 
 def _engine_fp(generation: Any) -> dict[str, Any]:
@@ -65,6 +66,7 @@ class Study:
         self.config = config
         self.out = Path(out)
         self._backend: tuple[str, Any] | None = None  # one loaded model at a time (7B models are big)
+        self._tracker = Tracker()  # the running stage's (`run_stage`)
         self._pin_date()
 
     def _pin_date(self) -> None:
@@ -208,23 +210,60 @@ class Study:
             write_json(self.out / "run.json", {"date_string": self.config.date_string})
         stages = self.plan()
         progress_for = progress_for or (lambda *_: NoProgress())
+        ran: list[str] = []  # the stages this call ran: a rerun with nothing to do reports nothing again
+        reported = (self.out / "results.json").exists()
+
+        def finished(stage: Stage) -> None:
+            ran.append(stage.key)
+            if on_finish:
+                on_finish(stage)
+
         if self.config.parallel_stages > 1:
             from leafe.study.parallel import run_side_by_side
 
-            run_side_by_side(self, stages, self.config.parallel_stages, progress_for, on_finish)
+            run_side_by_side(self, stages, self.config.parallel_stages, progress_for, finished)
         else:
             for i, stage in enumerate(stages):
                 state = self.status(stage)
                 progress = progress_for(i, len(stages), stage, state)
                 if state != "done":
                     self.run_stage(stage, state, progress)
-                    if on_finish:
-                        on_finish(stage)
+                    finished(stage)
         self._release()
         results = self.results(stages)
         write_json(self.out / "results.json", results)
+        if ran or not reported:
+            self.report_results(results)
+        self.add_results_to_cards(results)
         write_report(self.out)
         return results
+
+    def tracking(self) -> Tracking:
+        """The study's experiment trackers (`report_to`): one run, in RUN/tracking, named after the study."""
+        return Tracking.of(self.config.tracking_settings().report_to, self.out / "tracking", self.config.name)
+
+    def report_results(self, results: dict[str, Any]) -> None:
+        """The Pass@k table to the trackers: `results/<method>/pass_at_k` at step k (a curve per method)."""
+        by_k: dict[int, dict[str, float]] = {}
+        for method, entry in results["methods"].items():
+            for k, value in entry["pass_at_k"].items():
+                by_k.setdefault(int(k), {})[f"{method}/pass_at_k"] = value
+        with self.tracking().open("results") as tracker:
+            for k in sorted(by_k):
+                tracker.log(by_k[k], step=k)
+
+    def add_results_to_cards(self, results: dict[str, Any]) -> None:
+        """Each model this run trained gets its method's Pass@k in its model card (`leafe.modelcard`).
+        Not the base model's (the user's), nor ACE's or an undistilled LEAFE's: their model is their
+        starting checkpoint, whose card holds that checkpoint's own results."""
+        from leafe.modelcard import PassAtK, add_results
+
+        trained_in = {"grpo": "grpo.train", "leafe": "leafe.distill", "early_experience": "early_experience.train"}
+        for method, entry in results["methods"].items():
+            own = self.stage_dir(trained_in[method]) if method in trained_in else None
+            if own is not None and self.model_of(method) == own:
+                add_results(own, PassAtK(results["env"], results["tasks"], results["samples"], entry["pass_at_k"],
+                                         entry.get("ci95")))
 
     def ready_dir(self, stage: Stage, state: str) -> Path:
         """The stage's directory, made if missing and emptied first if it is `stale`."""
@@ -240,7 +279,14 @@ class Study:
         header = {"stage": stage.key, "digest": stage.digest(), "fingerprint": stage.fingerprint}
         started = time.time()
         write_json(where / "stage.json", {**header, "done": False, "started": started})
-        result, extra = stage.run(progress)
+        # The stage reports to the study's tracker run from whichever process runs it (this one, or its
+        # own beside others'), under its own name; `_job` hands the tracker to the method.
+        self._tracker = self.tracking().open(stage_name(stage.key))
+        try:
+            result, extra = stage.run(progress)
+        finally:
+            self._tracker.close()
+            self._tracker = Tracker()
         write_json(where / "stage.json", {**header, "done": True, "started": started, "ended": time.time(),
                                           **result.to_dict(), **extra})
 
@@ -293,7 +339,7 @@ class Study:
         # `training.processes` each rank takes the GPU of its LOCAL_RANK (leafe.scale.stage).
         return Job(model=str(model), out=self.stage_dir(key), progress=progress,
                    device=self.config.generation_settings().device, release=self._release,
-                   precision=self.config.training_settings().mixed_precision, **more)
+                   precision=self.config.training_settings().mixed_precision, tracker=self._tracker, **more)
 
     def _load(self, model: Path):
         """The engine for `model` (the config's `generation:`), reusing the running one when it
