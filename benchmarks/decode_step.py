@@ -19,12 +19,12 @@ import time
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from leafe.backends.hf import _buffer_layer_class
+from leafe.backends.hf.cache import buffer_layer_class
 from leafe.settings import BootstrapConfig
 
 
 def step_ms(model, config, batch: int, length: int, dtype: torch.dtype, autocast: bool, steps: int = 12) -> float:
-    layer = _buffer_layer_class()
+    layer = buffer_layer_class()
     heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
     cache = DynamicCache(config=config)
     cache.layers = [layer(torch.randn(batch, heads, length + steps, dim, dtype=dtype),

@@ -25,7 +25,8 @@ from collections import defaultdict
 
 from transformers import LlamaForCausalLM
 
-from leafe.backends import hf
+from leafe.backends.hf import backend as hf
+from leafe.backends.hf import decoding
 
 SECONDS: dict[str, float] = defaultdict(float)
 COUNTS: dict[str, int] = defaultdict(int)
@@ -54,12 +55,12 @@ def in_prefill(fn):
 
 
 def counted_forward(forward):
-    def wrapper(group, backend, ids):
+    def wrapper(group, model, cache_kw, ids):
         COUNTS["decode forwards"] += 1
         COUNTS["decoded rows"] += len(group.rows)
         COUNTS["positions read"] += int(group.positions.sum())
         COUNTS["positions read with padding"] += len(group.rows) * group.mask.shape[1]
-        return forward(group, backend, ids)
+        return forward(group, model, cache_kw, ids)
     return wrapper
 
 
@@ -72,21 +73,21 @@ def instrument() -> None:
     pack = hf.HFBackend._pack
     hf.HFBackend._pack = timed("decode copies", timed("prefill copies", pack, only_in_prefill=True), only_in_prefill=False)
     hf._runs = timed("prefill copies out", hf._runs)
-    hf._Group.forward = counted_forward(timed("decode forward", hf._Group.forward))
-    hf._Group.row_kv = timed("finished rows out", hf._Group.row_kv)
-    hf._Group.keep = timed("dropped rows", hf._Group.keep)
-    hf._sample = timed("sampling", hf._sample)
+    decoding.RowGroup.forward = counted_forward(timed("decode forward", decoding.RowGroup.forward))
+    decoding.RowGroup.row_kv = timed("finished rows out", decoding.RowGroup.row_kv)
+    decoding.RowGroup.keep = timed("dropped rows", decoding.RowGroup.keep)
+    hf.sample_next = timed("sampling", hf.sample_next)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--group-cost", type=float, help=f"a length group's cost per call (now {hf._GROUP_COST:g})")
+    parser.add_argument("--group-cost", type=float, help=f"a length group's cost per call (now {decoding._GROUP_COST:g})")
     parser.add_argument("--prefill-chunk-tokens", type=int, help="rows x width of one prefill call (now 16384)")
     parser.add_argument("--out", help="write the figures here as JSON")
     parser.add_argument("eval_args", nargs=argparse.REMAINDER, help="-- then leafe eval's arguments")
     args = parser.parse_args()
     if args.group_cost is not None:
-        hf._GROUP_COST = args.group_cost
+        decoding._GROUP_COST = args.group_cost
     if args.prefill_chunk_tokens is not None:
         init = hf.HFBackend.__init__
         hf.HFBackend.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "prefill_chunk_tokens": args.prefill_chunk_tokens})

@@ -28,7 +28,7 @@ from pathlib import Path
 from leafe.envs import make
 from leafe.envs.base import EnvError, observation_hash, replay
 from leafe.envs.code import judge, load_problems
-from leafe.envs.sandbox import Sandbox
+from leafe.envs.code.sandbox import Sandbox
 
 
 def random_walk(env, tasks, moves: list[str], steps: int) -> float:

@@ -1,7 +1,7 @@
 """The GPU half of issue 25's checks, for a machine with CUDA and vLLM (run by benchmarks/gpu_check.sh).
 
 On the tiny random-weight Qwen2.5, Qwen3 and Llama-3.1 models (real tokenizers, templates and
-generation configs; tests/real_models.py builds them), in bf16:
+generation configs; tests/probes/real_models.py builds them), in bf16:
 - hf and vllm greedy episodes' first turns, token for token, and where each stops;
 - GPU memory before an engine starts, while it runs and after it is closed (vLLM's engine runs in its
   own process, so the device's used memory is read through nvidia-smi, with this process's
@@ -30,7 +30,7 @@ def used_mib() -> list[int]:
 
 def main() -> None:
     import torch
-    from real_models import ARCHITECTURES, build_tiny
+    from probes.real_models import ARCHITECTURES, build_tiny
 
     from leafe.backends import SamplingParams, backend_for
     from leafe.backends.base import release_memory

@@ -32,7 +32,7 @@ def update(model: Path, out: Path, gpus: int | None) -> dict:
 
 
 def main(work: Path) -> None:
-    from real_models import build_acting
+    from probes.real_models import build_acting
     from safetensors import safe_open
 
     from leafe.method import Job

@@ -4,7 +4,7 @@ token, at temperature 1. On a CPU both replicas are CPU engines (slow: two engin
 on GPUs each gets its own GPU group.
 
     PYTHONPATH=. VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/vllm_replicas_check.py MODEL_DIR
-(MODEL_DIR: e.g. the tiny Qwen2.5 `python tests/real_models.py DIR` builds; prompts are Qwen ids.)
+(MODEL_DIR: e.g. the tiny Qwen2.5 `cd tests && python -m probes.real_models DIR` builds; prompts are Qwen ids.)
 """
 
 import json

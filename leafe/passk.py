@@ -20,7 +20,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if not 0 <= c <= n:
         raise ValueError(f"successes must be within 0..n (got c={c}, n={n})")
     if not 1 <= k <= n:
-        raise ValueError(f"k must be within 1..n: --samples must be >= max k (got k={k}, n={n})")
+        raise ValueError(f"k must be within 1..n: pass@k draws k of the n samples (got k={k}, n={n})")
     if n - c < k:
         return 1.0
     # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i)
@@ -113,7 +113,7 @@ def compare_tasks(base: Sequence[dict], other: Sequence[dict], ks: Sequence[int]
     missing = [r["task_id"] for r in other if r["task_id"] not in by_id]
     if missing or len(by_id) != len(other):
         raise ValueError(f"the two evaluations cover different tasks (e.g. {(missing or sorted(by_id))[:3]}); "
-                         "compare evaluations of the same --tasks and --task-seed")
+                         "a paired comparison needs evaluations of the same tasks")
     pairs = [(by_id[r["task_id"]], (r["n"], r["c"])) for r in other]
     out = {}
     for k in ks:

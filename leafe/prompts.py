@@ -174,7 +174,7 @@ _BULLET_START = re.compile(r"^[\W_]*(?:new\s+)?(?:bullet|lesson|experience)\s*\d
 #: Lines that end a bullet: another bullet, a tag line, or the 'Step:' line of a LEAFE-style reflection.
 _BULLET_END = re.compile(rf"^[\W_]*(?:{_TAGS}|step)\b[^:\n]{{0,20}}:", re.IGNORECASE)
 #: A reflector that has nothing to teach says so; such a line is not a bullet ("none" was curated
-#: into a playbook as one: BENCHMARKS.md, the baselines).
+#: into a playbook as one: BENCHMARKS.md, "Methods and baselines").
 _NO_LESSON = re.compile(r"\W*(?:none|n/?a|null|nothing|no lesson|no lessons|no bullet|no bullets)\W*", re.IGNORECASE)
 
 

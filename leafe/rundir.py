@@ -5,7 +5,7 @@ with (`leafe.fingerprint`). A rerun with the same fingerprint resumes (evaluatio
 exploration by tree, GRPO from its last checkpoint, ACE by round); one with another fingerprint is
 refused with the keys that differ, since mixing the two would make results of neither.
 
-A study stage (`leafe.study.plan`) records `stage.json`: its digest (its fingerprint plus those of
+A study stage (`leafe.study.stages`) records `stage.json`: its digest (its fingerprint plus those of
 the stages it reads), whether it finished, and its result. A finished stage with the same digest is
 skipped; a stage whose digest changed is cleared and redone (`stage_status`).
 """

@@ -1,7 +1,16 @@
-"""Test helpers: build a tiny model on disk; a backend that replies from a script."""
+"""Test helpers, one place for what several test modules use: a tiny model on disk, a backend that
+replies from a script, the `leafe` command in a subprocess and its one-line errors, the vLLM venv
+the probes run in, the shared data folder, a free port.
+
+Imported inside .venv-vllm too (by tests/probes), where there is no pytest: pytest is imported where
+it is needed, not here."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -9,8 +18,70 @@ from leafe.backends.base import Backend, BackendStats, Completion, SamplingParam
 from leafe.chat import ChatFormat
 from leafe.prompts import REFLECTION_PROMPT
 
+TESTS = Path(__file__).resolve().parent
+#: Scripts the tests run in another interpreter, and the tiny real-architecture models (not tests).
+PROBES = TESTS / "probes"
+#: The project's data outside the repository (real tokenizers, ALFWorld, WebShop, MBPP, APPS); see its README.
+SHARED_DATA = Path(os.environ.get("LEAFE_SHARED_DATA", TESTS.parent.parent / "shared" / "data"))
 #: vLLM for CPU lives in its own venv (`make vllm-env`): it pins its own torch and transformers.
-VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+VLLM_PYTHON = TESTS.parent / ".venv-vllm" / "bin" / "python"
+
+
+def leafe_command(*args: object, python: object = sys.executable) -> list[str]:
+    """The argv of `python -m leafe ARGS`, for tests that start, kill or time the process themselves."""
+    return [str(python), "-m", "leafe", *map(str, args)]
+
+
+def leafe(*args: object, cwd: object = None, env: dict[str, str] | None = None, python: object = sys.executable,
+          timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m leafe ARGS` as a user runs it, output captured."""
+    return subprocess.run(leafe_command(*args, python=python), capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=timeout)
+
+
+def eval_args(model: object, out: object, *extra: object) -> list[object]:
+    """`leafe eval` of 3 tasks x 4 samples of 8 tokens at most: the cheapest evaluation with a Pass@k curve."""
+    return ["eval", "--model", model, "--out", out, "--tasks", 3, "--samples", 4, "--max-new-tokens", 8,
+            "--task-seed", 1000, *extra]
+
+
+def one_line_error(result, *fragments: str) -> str:
+    """Assert that a command (a finished subprocess, or a CliRunner result) failed with exit status 2
+    and one `error:` message on stderr, no traceback, holding every fragment; returns the message."""
+    code = result.returncode if isinstance(result, subprocess.CompletedProcess) else result.exit_code
+    assert code == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    line = " ".join(result.stderr.split())  # the console may wrap the one message
+    assert line.startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in line, line
+    return line
+
+
+def squashed(text: str) -> str:
+    """Text without any whitespace, to find a wrapped line in a listing (a path longer than a line
+    is broken across lines)."""
+    return "".join(text.split())
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def in_vllm_venv(script: Path, *args: object, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a probe (tests/probes) with .venv-vllm's Python, tests/ on its path; skips the test when
+    that venv is not built."""
+    import pytest
+
+    if not VLLM_PYTHON.exists():
+        pytest.skip("no .venv-vllm: run `make vllm-env` (make test does)")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([str(VLLM_PYTHON), str(script), *map(str, args)], check=False, capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=TESTS)
 
 
 def env_texts() -> list[str]:
@@ -113,6 +184,22 @@ class ScriptedBackend(Backend):
 EXPERIENCE_MARK = "Experience from an earlier attempt"
 
 
+def dancing_explorer(reflection: str = "Step: 0\nExperience: stop dancing and push the box.",
+                     solve_with_experience: bool = True) -> Callable[[str, int], str]:
+    """A Sokoban stage-1 agent (for ScriptedBackend): dances (an invalid action) until an experience is
+    in context, then plays the solver's moves; asked to reflect, replies `reflection`."""
+
+    def reply(text: str, i: int) -> str:
+        on_track = solve_with_experience and EXPERIENCE_MARK in text
+        if REFLECTION_PROMPT in text.rsplit("<|im_start|>user", 1)[1]:
+            return "Step: none\nExperience: on track." if on_track else reflection
+        if on_track and EXPERIENCE_MARK in text:
+            return solver_reply(text)
+        return "Thought: let me dance.\nAction: dance"
+
+    return reply
+
+
 def scripted_explorer(expert_of: Callable[[str], list[str]], idle: str) -> Callable[[str, int], str]:
     """A stage-1 agent for text games: idles until an experience is in context, then plays the expert's
     actions (`expert_of(prompt text)`, for the task in the prompt) from where it is. Its reflection
@@ -157,13 +244,9 @@ def solver_policy(tasks=None):
 def two_rank_config(path: Path) -> Path:
     """An accelerate config that starts 2 ranks on this machine (MULTI_GPU: torchrun; on a CPU-only
     machine the ranks use gloo) on a free loopback port. A MULTI_CPU config would start one process."""
-    import socket
-
     import yaml
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     path.write_text(yaml.safe_dump({
         "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "mixed_precision": "no",
         "num_machines": 1, "num_processes": 2, "machine_rank": 0, "main_process_ip": "127.0.0.1",

@@ -99,9 +99,12 @@ def test_generation_stops_at_stop_tokens_and_length(tiny_backend):
             assert not any(t in fmt.stop_token_ids for t in c.token_ids[:-1])
 
 
-def test_too_long_prompts_are_refused(tiny_backend):
-    with pytest.raises(ValueError, match="exceeds the model's context"):
+def test_too_long_and_empty_prompts_are_refused_as_backend_errors(tiny_backend):
+    with pytest.raises(BackendError, match="exceeds the model's context") as raised:
         tiny_backend.generate([[5] * tiny_backend.max_context], SamplingParams(max_new_tokens=1))
+    assert isinstance(raised.value, ValueError)  # a bad argument, for callers that catch those
+    with pytest.raises(BackendError, match="empty prompt"):
+        tiny_backend.generate([[]], SamplingParams(max_new_tokens=1))
 
 
 def test_missing_model_paths_are_a_clear_error(tmp_path):
@@ -141,21 +144,21 @@ def test_generation_raises_no_warning_from_our_calls(tiny_backend):
 
 
 def test_rows_are_grouped_by_length_so_short_rows_do_not_read_long_ones():
-    from leafe.backends.hf import _length_groups
+    from leafe.backends.hf.decoding import length_groups
 
-    assert _length_groups([300] * 6) == [list(range(6))]
+    assert length_groups([300] * 6) == [list(range(6))]
     mixed = [2000, 100, 2010, 120, 90, 1990] * 20  # episodes at their first and at a late turn
-    groups = _length_groups(mixed)
+    groups = length_groups(mixed)
     assert sorted(r for g in groups for r in g) == list(range(len(mixed)))
     assert len(groups) == 2 and {mixed[g[0]] < 500 for g in groups} == {True, False}
     assert all({mixed[r] < 500 for r in g} == {mixed[g[0]] < 500} for g in groups)
     # A call that reads a large model's weights costs more than these rows' padding: one group.
-    assert _length_groups(mixed, group_cost=250_000) == [list(range(len(mixed)))]
+    assert length_groups(mixed, group_cost=250_000) == [list(range(len(mixed)))]
 
 
 def test_grouped_decoding_gives_what_one_padded_batch_gives(tiny_model_dir, monkeypatch):
     """Short and long prompts together: sampled ids and log-probs as if all rows shared one cache."""
-    import leafe.backends.hf as hf
+    import leafe.backends.hf.backend as hf  # where generate looks the grouping up
 
     fmt, prompts = prompts_for(HFBackend(str(tiny_model_dir), device="cpu").tokenizer, n_tasks=4)
     # Two prompts at a late turn: the first turn's prompt plus ~25 turns of filler.
@@ -165,11 +168,11 @@ def test_grouped_decoding_gives_what_one_padded_batch_gives(tiny_model_dir, monk
                               stop_token_ids=fmt.stop_token_ids)
 
     def run(groups_of):
-        monkeypatch.setattr(hf, "_length_groups", groups_of)
+        monkeypatch.setattr(hf, "length_groups", groups_of)
         backend = HFBackend(str(tiny_model_dir), device="cpu", prefix_cache_mb=0)
         return [[(c.token_ids, c.logprobs) for c in row] for row in backend.generate(mixed, sampling)]
 
-    original, seen = hf._length_groups, []
+    original, seen = hf.length_groups, []
 
     def recorded(lengths, group_cost):
         seen.append(original(lengths, group_cost))

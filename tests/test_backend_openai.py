@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -19,17 +18,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import VLLM_PYTHON
+from helpers import VLLM_PYTHON, free_port
 
 from leafe.backends import BackendError, SamplingParams, load_backend
 from leafe.backends.hf import HFBackend
 from leafe.chat import ChatFormat
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +172,7 @@ def test_text_only_servers_are_retokenized_with_a_warning_and_counted(plain_serv
 
 
 def test_leafe_eval_runs_through_the_server(vllm_server, served_model_dir, tmp_path):
-    from test_cli_eval import eval_args, leafe
+    from helpers import eval_args, leafe
 
     result = leafe(*eval_args(served_model_dir, tmp_path / "eval", "--backend", "openai", "--base-url", vllm_server))
     assert result.returncode == 0, result.stderr
@@ -380,6 +373,17 @@ def test_a_refused_request_fails_at_once_without_retries(misbehaving, tiny_model
     assert server.hits == 1 and backend.stats.retries == 0
 
 
+def test_bad_prompts_are_refused_before_any_request_is_sent(misbehaving, tiny_model_dir):
+    # Backend.check_prompts, shared by every backend: the hf and vllm engines refuse the same prompts.
+    server, url = misbehaving("ok")
+    backend = _impatient(tiny_model_dir, url)
+    with pytest.raises(BackendError, match="^cannot generate from an empty prompt$"):
+        backend.generate([[5, 6, 7], []], ASK_LOGPROBS)
+    with pytest.raises(BackendError, match=f"exceeds the model's context of {backend.max_context} tokens$"):
+        backend.generate([[5] * backend.max_context], ASK_LOGPROBS)
+    assert server.hits == 0 and backend.stats.calls == 0
+
+
 def test_retry_after_is_honoured_up_to_the_longest_wait(misbehaving, tiny_model_dir):
     server, url = misbehaving("429 0.4", "503 0.4", "ok")
     backend = _impatient(tiny_model_dir, url)
@@ -418,7 +422,7 @@ def test_a_failing_server_stops_an_eval_in_one_line_and_records_only_whole_tasks
                                                                                   tmp_path):
     """`leafe eval` through a server that dies mid-run: exit status 2 and one line naming the server;
     the task whose episodes were all done is recorded, the one in flight is not (no half group)."""
-    from test_cli_eval import leafe
+    from helpers import leafe
 
     # 3 tasks x 2 samples, 2 turns each, 2 episodes a call: task 0 takes POSTs 1-4, task 1 dies at 7.
     server, url = misbehaving(*["ok"] * 6, "500")

@@ -6,12 +6,9 @@ shared branch history, and (tests/test_grpo_vllm.py) the command line's --backen
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
-from helpers import VLLM_PYTHON
+from helpers import PROBES, in_vllm_venv
 
 from leafe.backends import SamplingParams
 from leafe.backends.hf import HFBackend
@@ -19,15 +16,6 @@ from leafe.chat import ChatFormat
 from leafe.methods.grpo import agent_logprobs
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).resolve().parent
-
-
-def in_vllm_venv(*args: object, timeout: int = 600) -> subprocess.CompletedProcess:
-    if not VLLM_PYTHON.exists():
-        pytest.skip("no .venv-vllm: run `make vllm-env` (make test does)")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    return subprocess.run([str(VLLM_PYTHON), *map(str, args)], check=False, capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=HERE)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +25,7 @@ def probe(hd64_model_dir, tiny_tokenizer, tmp_path_factory):
                                        "Boil water."]]
     prompt_file = tmp_path_factory.mktemp("vllm-probe") / "prompts.json"
     prompt_file.write_text(json.dumps(prompts))
-    run = in_vllm_venv(HERE / "vllm_probe.py", hd64_model_dir, prompt_file)
+    run = in_vllm_venv(PROBES / "vllm_probe.py", hd64_model_dir, prompt_file)
     assert run.returncode == 0, run.stderr[-3000:]
     return prompts, fmt, json.loads(run.stdout.strip().splitlines()[-1])
 

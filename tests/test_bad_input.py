@@ -24,6 +24,7 @@ import leafe.cli.methods  # noqa: F401  (the commands register themselves)
 import leafe.cli.run  # noqa: F401
 import leafe.cli.tools  # noqa: F401
 from leafe.cli import app
+from leafe.envs.code.datasets import PACKAGE_DATA
 
 SHARED_DATA = Path(os.environ.get("LEAFE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 #: Not UTF-8 (0xff never is), with a newline in it so that line-based readers see more than one line.
@@ -133,7 +134,7 @@ def _code_rows(file: str) -> tuple[list[dict], dict, str]:
     elif file == "apps.jsonl":
         source, params, key = SHARED_DATA / "apps" / "selected150.jsonl", {"dataset": "apps"}, "description"
     else:
-        source, params, key = Path(__file__).resolve().parents[1] / "leafe" / "data" / "code_problems.jsonl", {}, "id"
+        source, params, key = PACKAGE_DATA / "code_problems.jsonl", {}, "id"
     if not source.is_file():
         pytest.skip(f"{source} is not here (set LEAFE_SHARED_DATA)")
     with open(source) as f:

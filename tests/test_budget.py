@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from real_models import SHARED_DATA
+from helpers import SHARED_DATA
 from typer.testing import CliRunner
 
 import leafe.cli.run  # noqa: F401  (registers `leafe run` on the app)
@@ -17,7 +17,7 @@ from leafe.cli import app
 from leafe.errors import LeafeError
 from leafe.study import budget
 from leafe.study.config import load_config
-from leafe.study.plan import Study
+from leafe.study.study import Study
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN7B_CONFIG = ROOT / "leafe" / "configs" / "sokoban-qwen2.5-7b.yaml"
@@ -46,9 +46,9 @@ def run(*args) -> object:
     return CliRunner().invoke(app, ["run", *map(str, args)])
 
 
-def plan_of(tmp_path: Path, name: str, *overrides: str) -> budget.ResourcePlan:
+def plan_of(tmp_path: Path, name: str, *overrides: str) -> budget.ResourceEstimate:
     config = load_config(QWEN7B_CONFIG, list(overrides)).model_copy(update={"model": str(model_dir(tmp_path, name))})
-    return budget.plan(config, Study(config, tmp_path / "run"))
+    return budget.resources(config, Study(config, tmp_path / "run"))
 
 
 @pytest.mark.parametrize("name, params", [("qwen2.5-7b", 7.62e9), ("llama-3.1-8b", 8.03e9), ("qwen2.5-72b", 72.7e9)])
@@ -118,7 +118,7 @@ def test_the_alfworld_7b_config_trains_on_train_evaluates_on_valid_unseen_and_pl
     for settings in (config.grpo_settings(), config.explore_settings(), config.early_experience_settings(),
                      config.ace_settings()):
         assert settings.env_params["split"] == "train" and settings.tasks == 2000
-    plan = budget.plan(config, Study(config, tmp_path / "run"))
+    plan = budget.resources(config, Study(config, tmp_path / "run"))
     assert plan.refusal is None and all(0 < s.total <= 80e9 for s in plan.stages)
     eval_ = next(s for s in plan.stages if s.key == "base.eval")
     assert eval_.tokens == 134 * 128 * 50 * 512  # tasks x samples x turns (max_steps) x tokens, at most
@@ -176,7 +176,7 @@ def test_without_resources_nothing_is_checked(tmp_path):
 
 def test_the_embedded_agent_is_not_checked_but_its_tokens_are_planned(tmp_path):
     config = load_config(ROOT / "leafe/configs/sokoban-demo.yaml", ["resources.gpus=1", "resources.gpu_memory_gb=1"])
-    plan = budget.plan(config, Study(config, tmp_path))
+    plan = budget.resources(config, Study(config, tmp_path))
     assert plan.checked.startswith("not checked: the embedded agent") and plan.refusal is None
     assert next(s for s in plan.stages if s.key == "base.eval").tokens > 0
 

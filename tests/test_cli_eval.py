@@ -1,21 +1,9 @@
 """`leafe eval` end to end on a tiny random Llama, and its answers to bad input."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-
-
-def leafe(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "leafe", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
-
-
-def eval_args(model, out, *extra):
-    return ["eval", "--model", model, "--out", out, "--tasks", 3, "--samples", 4, "--max-new-tokens", 8,
-            "--task-seed", 1000, *extra]
+from helpers import eval_args, leafe, one_line_error
 
 
 def test_eval_writes_passk_and_resumes_without_redoing_work(tiny_model_dir, tmp_path):
@@ -51,16 +39,6 @@ def test_eval_resumes_a_partial_run(tiny_model_dir, tmp_path):
     records = [json.loads(x) for x in progress.read_text().splitlines()]
     assert [r.get("task_id") for r in records[1:]].count("sokoban-1000") == 1
     assert sorted(r["task_id"] for r in records[1:]) == ["sokoban-1000", "sokoban-1001", "sokoban-1002"]
-
-
-def one_line_error(run, *fragments):
-    assert run.returncode == 2, (run.stdout, run.stderr)
-    lines = [x for x in run.stderr.strip().splitlines() if x.strip()]
-    assert "Traceback" not in run.stderr
-    text = " ".join(lines)
-    assert text.startswith("error:")
-    for fragment in fragments:
-        assert fragment in text
 
 
 def test_bad_input_gets_one_clear_line(tiny_model_dir, tmp_path):

@@ -12,7 +12,7 @@ import sys
 import click
 import pytest
 import typer.main
-from test_cli_eval import leafe
+from helpers import leafe
 
 from leafe.cli import app
 from leafe.cli.options import cli_fields, default_of, parse_env_params, parse_ks
@@ -20,7 +20,7 @@ from leafe.cli.options import cli_fields, default_of, parse_env_params, parse_ks
 
 def _commands(group: click.Group, prefix: str = ""):
     for name, command in group.commands.items():
-        if isinstance(command, click.Group):
+        if hasattr(command, "commands"):  # a group (typer's own click, not an instance of click.Group)
             yield from _commands(command, f"{prefix}{name} ")
         else:
             yield f"{prefix}{name}", command
@@ -60,6 +60,15 @@ def test_train_is_one_subcommand_per_baseline_and_each_knob_means_one_thing():
               if any(p.name == "epochs" for p in cmd.params)}
     assert epochs == {"ace": 1, "early-experience": 2.0}  # ACE's passes vs the SFT's epochs
     assert type(epochs["ace"]) is int and type(epochs["early-experience"]) is float
+
+
+def test_a_training_knob_is_one_option_with_one_help_in_every_training_command():
+    commands = dict(_commands(_cli()))
+    trainers = ["distill", "train grpo", "train early-experience"]
+    for knob in ("learning_rate", "weight_decay", "max_grad_norm", "activation_checkpointing", "lora", "lora_r",
+                 "lora_alpha"):
+        options = {name: next(p for p in commands[name].params if p.name == knob) for name in trainers}
+        assert len({(tuple(o.opts), o.default, o.help) for o in options.values()}) == 1, knob
 
 
 def test_the_settings_modules_import_no_torch():
@@ -129,11 +138,14 @@ def test_dry_run_checks_the_env_its_parameters_and_paths(tmp_path):
 
 
 def test_settings_dataclasses_are_the_only_defaults_the_study_config_uses():
-    from leafe.settings import SFTSettings
+    from leafe.settings import ACESettings, EarlyExperienceSettings, GRPOSettings, SFTSettings
     from leafe.study.config import StudyConfig
 
     config = StudyConfig(name="t")
     assert config.distill_sft() == SFTSettings()
+    # the training tasks and Early Experience's variant, unset, are the settings classes' own
+    assert config.grpo_settings() == GRPOSettings() and config.ace_settings() == ACESettings()
+    assert config.early_experience_settings() == EarlyExperienceSettings()
     assert dataclasses.asdict(config.eval_settings())["max_batch"] == 64
 
 

@@ -2,7 +2,7 @@
 
 import json
 
-from test_cli_eval import eval_args, leafe
+from helpers import eval_args, leafe
 
 
 def train_args(method, model, out, *extra):

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from real_models import SHARED_DATA
-from test_cli_eval import leafe
+from helpers import SHARED_DATA, leafe
 
 from leafe.envs import check_params, make
 from leafe.envs.base import EnvError
 from leafe.envs.code import judge, load_problems
-from leafe.envs.code_datasets import function_under_test, split_arguments
+from leafe.envs.code.datasets import function_under_test, split_arguments
 
 MBPP = SHARED_DATA / "mbpp"
 APPS = SHARED_DATA / "apps"

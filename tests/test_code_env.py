@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli_eval import leafe
+from helpers import leafe
 
 from leafe.envs import make
 from leafe.envs.base import EnvError
 from leafe.envs.code import extract_program, judge, load_problems
-from leafe.envs.code_datasets import docstring_examples
+from leafe.envs.code.datasets import docstring_examples
 
 
 def test_every_shipped_problem_is_solved_by_its_reference_and_rejects_a_wrong_program():
@@ -101,3 +101,13 @@ def test_judge_command_prints_the_verdict(tmp_path):
     assert run.returncode == 0 and json.loads(run.stdout)["status"] == "wrong_answer"
     run = leafe("judge", "--problem", tmp_path / "none.json", "--solution", tmp_path / "ok.py")
     assert run.returncode == 2 and "does not exist" in run.stderr
+
+
+def test_judge_names_the_tests_a_problem_lacks(tmp_path):
+    (tmp_path / "ok.py").write_text("print(0)\n")
+    public_only, none = tmp_path / "public_only.json", tmp_path / "none.json"
+    public_only.write_text(json.dumps({"public_tests": [{"input": "", "output": "0\n"}]}))
+    none.write_text(json.dumps({"description": "a problem without tests"}))
+    for problem, tests, says in ((public_only, "private", "has no private tests"), (none, "all", "has no tests (")):
+        run = leafe("judge", "--problem", problem, "--solution", tmp_path / "ok.py", "--tests", tests)
+        assert run.returncode == 2 and f"{problem} {says}" in run.stderr, run.stderr

@@ -175,11 +175,11 @@ def test_rehearsal_takes_exactly_its_share_of_successful_episodes(trees_file, ti
 
 
 def test_trees_with_nothing_to_distil_raise_a_typed_error(tiny_tokenizer, tiny_model_dir, tmp_path):
-    from test_explore import policy
+    from helpers import dancing_explorer
 
     from leafe.methods.distill import NoDistillationRows
 
-    never = ScriptedBackend(tiny_tokenizer, policy(solve_with_experience=False))
+    never = ScriptedBackend(tiny_tokenizer, dancing_explorer(solve_with_experience=False))
     explore(Job("scripted", tmp_path / "x", backend=never), ExploreSettings(tasks=1, task_seed=40, budget=10))
     with pytest.raises(NoDistillationRows, match=r"no distillation rows in 1 trees \(\d+ branches, 0 successful") as e:
         distill(Job(str(tiny_model_dir), tmp_path / "out", inputs=[tmp_path / "x" / "trees.jsonl"]), DistillSettings(), SFTSettings())

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import leafe, squashed
 
 from leafe.envs import EnvError, check_params, make, names, registry
 from leafe.envs.base import Env
@@ -123,14 +124,9 @@ def plugins(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(good=good, bad=bad)
 
 
-def leafe(*args: object, path: list[Path], timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, path))}
-    return subprocess.run([sys.executable, "-m", "leafe", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-
-
-def squashed(text: str) -> str:
-    return "".join(text.split())
+def plugins_on(*folders: Path) -> dict[str, str]:
+    """The environment of a `leafe` process that finds the plugins in `folders`, as if installed."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, folders))}
 
 
 @pytest.fixture
@@ -150,7 +146,7 @@ def on_path(monkeypatch):
 # -- discovery and `leafe envs` -------------------------------------------------------------------
 
 def test_leafe_envs_lists_a_plugin_env_with_its_parameters_beside_the_builtins(plugins):
-    result = leafe("envs", path=[plugins.good])
+    result = leafe("envs", env=plugins_on(plugins.good))
     assert result.returncode == 0 and result.stderr == "", result.stderr
     lines = result.stdout.splitlines()
     assert "numberline: A number line: walk from 0 to a target number with +1 and -1 steps" in lines
@@ -168,7 +164,7 @@ def test_listing_names_imports_no_plugin(plugins):
 
 
 def test_a_broken_plugin_is_one_row_of_leafe_envs_and_every_other_env_still_lists(plugins):
-    result = leafe("envs", path=[plugins.good, plugins.bad])
+    result = leafe("envs", env=plugins_on(plugins.good, plugins.bad))
     assert result.returncode == 0, result.stderr
     rows = [block for block in result.stdout.split("\n\n") if block.strip()]  # one block per env, in name order
     by_name = {row.split(":")[0]: row for row in rows}
@@ -190,7 +186,7 @@ def test_a_broken_plugin_is_one_row_of_leafe_envs_and_every_other_env_still_list
 
 def test_env_of_a_broken_plugin_fails_in_one_line_naming_the_plugin_and_its_error(plugins, tmp_path):
     result = leafe("explore", "--env", "brokenline", "--model", tmp_path / "model", "--out", tmp_path / "out",
-                   path=[plugins.bad])
+                   env=plugins_on(plugins.bad))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: env 'brokenline' is a " + BROKEN_ROW.removeprefix("brokenline: ")]
@@ -222,8 +218,8 @@ def test_a_broken_plugin_is_the_error_of_its_env_and_clashes_are_warned_once(plu
 def test_explore_branches_on_a_plugin_env_rolling_back_by_replay(plugins, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     result = leafe("explore", "--env", "numberline", "--model", tiny_model_dir, "--tasks", 2, "--task-seed", 0,
-                   "--budget", 12, "--max-new-tokens", 4, "--reflector", "oracle", "--out", out, path=[plugins.good],
-                   timeout=240)
+                   "--budget", 12, "--max-new-tokens", 4, "--reflector", "oracle", "--out", out,
+                   env=plugins_on(plugins.good), timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tasks"] == 2 and summary["branches"] > 0 and summary["replayed_steps"] > 0

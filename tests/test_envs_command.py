@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import squashed
 from typer.testing import CliRunner
 
 import leafe.cli.tools  # noqa: F401  (registers `leafe envs` on the app)
@@ -37,12 +38,6 @@ def no_data_variables(monkeypatch, tmp_path):
     for variable in DATA_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-
-def squashed(text: str) -> str:
-    """Text without any whitespace, to find a wrapped line in the listing (a path longer than a line
-    is broken across lines)."""
-    return "".join(text.split())
 
 
 def envs(*args: str):

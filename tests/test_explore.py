@@ -6,11 +6,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from helpers import ScriptedBackend, solver_reply
+from helpers import EXPERIENCE_MARK, ScriptedBackend, dancing_explorer, leafe_command, solver_reply
 
 from leafe.envs import make
 from leafe.envs.sokoban import SokobanEnv
@@ -23,23 +22,6 @@ from leafe.prompts import REFLECTION_PROMPT
 from leafe.settings import DistillSettings, ExploreSettings
 from leafe.trees import read_trees
 
-EXPERIENCE_MARK = "Experience from an earlier attempt"
-
-
-def policy(reflection: str = "Step: 0\nExperience: stop dancing and push the box.", solve_with_experience=True):
-    """Dances (an invalid action) until an experience is in context, then plays the solver's moves;
-    asked to reflect, replies `reflection`."""
-
-    def reply(text: str, i: int) -> str:
-        on_track = solve_with_experience and EXPERIENCE_MARK in text
-        if REFLECTION_PROMPT in text.rsplit("<|im_start|>user", 1)[1]:
-            return "Step: none\nExperience: on track." if on_track else reflection
-        if on_track and EXPERIENCE_MARK in text:
-            return solver_reply(text)
-        return "Thought: let me dance.\nAction: dance"
-
-    return reply
-
 
 def run(tokenizer, tmp_path, reply, **settings):
     backend = ScriptedBackend(tokenizer, reply)
@@ -49,7 +31,7 @@ def run(tokenizer, tmp_path, reply, **settings):
 
 
 def test_leafe_reflects_rolls_back_and_branches_with_the_experience(tiny_tokenizer, tmp_path):
-    summary, trees, _ = run(tiny_tokenizer, tmp_path, policy("Step: 2\nExperience: stop dancing."),
+    summary, trees, _ = run(tiny_tokenizer, tmp_path, dancing_explorer("Step: 2\nExperience: stop dancing."),
                             budget=60, reflect_every=5, branch_samples=2, stop_on_success=True)
     assert summary["success_rate"] == 1.0
     for tree in trees:
@@ -82,7 +64,7 @@ def cf_rows_per_task(trees) -> list[int]:
 
 
 def test_without_stop_on_success_a_task_explores_its_whole_budget_and_gives_more_cf_rows(tiny_tokenizer, tmp_path):
-    reply = policy("Step: 2\nExperience: stop dancing.")
+    reply = dancing_explorer("Step: 2\nExperience: stop dancing.")
     runs = {stop: run(tiny_tokenizer, tmp_path / str(stop), reply, budget=60, tasks=2, stop_on_success=stop)
             for stop in (True, False)}
     (on, stopped, _), (off, grown, _) = runs[True], runs[False]
@@ -103,7 +85,7 @@ def test_without_stop_on_success_a_task_explores_its_whole_budget_and_gives_more
 
 def test_a_branch_reflects_k_steps_after_its_branch_point(tiny_tokenizer, tmp_path):
     # A branch from tau = 4 has 4 inherited steps; with K = 5 it reflects after 5 steps of its own.
-    never = policy("Step: 4\nExperience: go another way.", solve_with_experience=False)
+    never = dancing_explorer("Step: 4\nExperience: go another way.", solve_with_experience=False)
     _, trees, _ = run(tiny_tokenizer, tmp_path, never, budget=40, tasks=1, reflect_every=5, branch_samples=1,
                       max_branches=2, max_depth=2)
     root, branch, deeper = trees[0]["nodes"][:3]
@@ -146,7 +128,7 @@ def test_rollback_by_replay_restores_the_recorded_state_and_counts_it(tiny_token
 
 
 def test_the_budget_is_never_exceeded_and_always_spent_on_failure(tiny_tokenizer, tmp_path):
-    never = policy(solve_with_experience=False)
+    never = dancing_explorer(solve_with_experience=False)
     for strategy in ("independent", "refine", "leafe"):
         summary, trees, _ = run(tiny_tokenizer, tmp_path / strategy, never, strategy=strategy, budget=23)
         assert summary["success_rate"] == 0.0
@@ -159,7 +141,7 @@ def test_the_budget_is_never_exceeded_and_always_spent_on_failure(tiny_tokenizer
 
 
 def test_branches_are_served_breadth_first_within_depth_and_branch_limits(tiny_tokenizer, tmp_path):
-    never = policy("Step: 1\nExperience: try again.", solve_with_experience=False)
+    never = dancing_explorer("Step: 1\nExperience: try again.", solve_with_experience=False)
     _, trees, _ = run(tiny_tokenizer, tmp_path, never, budget=300, max_depth=2, max_branches=4, tasks=1)
     nodes = trees[0]["nodes"]
     branches = [n for n in nodes if n.parent is not None]
@@ -174,7 +156,7 @@ def test_branches_are_served_breadth_first_within_depth_and_branch_limits(tiny_t
 def test_unparseable_or_out_of_range_reflections_are_recorded_and_make_no_branch(tiny_tokenizer, tmp_path):
     for reply, valid_parse in (("I am not sure.", False), ("Step: 99\nExperience: too late.", True)):
         out = tmp_path / str(valid_parse)
-        summary, trees, _ = run(tiny_tokenizer, out, policy(reply), budget=15, tasks=1, reflect_every=5)
+        summary, trees, _ = run(tiny_tokenizer, out, dancing_explorer(reply), budget=15, tasks=1, reflect_every=5)
         assert summary["branches"] == 0
         reflections = trees[0]["nodes"][0].reflections
         assert [r["after_step"] for r in reflections] == [5, 10]  # none at 15: no budget left to use it
@@ -184,7 +166,7 @@ def test_unparseable_or_out_of_range_reflections_are_recorded_and_make_no_branch
 
 def test_refine_restarts_with_every_experience_so_far_in_context(tiny_tokenizer, tmp_path):
     lessons = iter(f"Step: 0\nExperience: lesson {i}." for i in range(100))
-    never = policy(solve_with_experience=False)
+    never = dancing_explorer(solve_with_experience=False)
 
     def reply(text, i):
         out = never(text, i)
@@ -196,13 +178,13 @@ def test_refine_restarts_with_every_experience_so_far_in_context(tiny_tokenizer,
     assert all(n.parent is None for n in nodes)
     text = tiny_tokenizer.decode(nodes[2].episode.token_ids[: nodes[2].episode.steps[0].context_len])
     assert text.count(EXPERIENCE_MARK) == 2
-    _, solved, _ = run(tiny_tokenizer, tmp_path / "solves", policy(), strategy="refine", budget=60, tasks=2,
+    _, solved, _ = run(tiny_tokenizer, tmp_path / "solves", dancing_explorer(), strategy="refine", budget=60, tasks=2,
                        stop_on_success=True)
     assert all(t["success"] and len(t["nodes"]) == 2 for t in solved)
 
 
 def test_tree_records_follow_the_schema_and_resume_refuses_other_settings(tiny_tokenizer, tmp_path):
-    summary, trees, backend = run(tiny_tokenizer, tmp_path, policy(), budget=30)
+    summary, trees, backend = run(tiny_tokenizer, tmp_path, dancing_explorer(), budget=30)
     assert set(summary) >= {"strategy", "tasks", "budget", "success_rate", "ci95", "env_steps", "replayed_steps",
                             "generated_tokens", "prefill_tokens", "reflections", "reflections_parsed", "branches",
                             "branches_succeeded", "wall_s"}
@@ -235,7 +217,7 @@ def test_the_oracle_reflector_branches_at_the_first_irreversible_mistake(tiny_to
     # the model, and its experience (the solver's move there) leads the branches to success.
     def reply(text: str, i: int) -> str:
         assert REFLECTION_PROMPT not in text, "the oracle reflects; the model must not be asked"
-        return policy()(text, i)
+        return dancing_explorer()(text, i)
 
     summary, trees, _ = run(tiny_tokenizer, tmp_path, reply, budget=60, reflector="oracle")
     assert summary["success_rate"] == 1.0
@@ -257,13 +239,9 @@ def test_the_oracle_reflector_branches_at_the_first_irreversible_mistake(tiny_to
         assert root.generated_tokens == root.episode.generated_tokens
 
 
-def _cli(*args):
-    return [sys.executable, "-m", "leafe", *args]
-
-
 def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    cmd = _cli("explore", "--model", str(tiny_model_dir), "--tasks", "6", "--task-seed", "70", "--budget", "8",
+    cmd = leafe_command("explore", "--model", str(tiny_model_dir), "--tasks", "6", "--task-seed", "70", "--budget", "8",
                "--max-new-tokens", "6", "--reflection-tokens", "8", "--parallel-tasks", "1", "--out", str(out))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     trees = out / "trees.jsonl"
@@ -282,14 +260,14 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(tiny_model_dir, 
     assert summary["tasks"] == 6 and summary["env_steps"] == sum(r["env_steps"] for r in records)
     assert len({r["session"]["id"] for r in records}) == 2
 
-    shown = subprocess.run(_cli("show-tree", str(trees), "--task", "sokoban-71"), capture_output=True, text=True)
+    shown = subprocess.run(leafe_command("show-tree", str(trees), "--task", "sokoban-71"), capture_output=True, text=True)
     assert shown.returncode == 0 and "sokoban-71" in shown.stdout and "#0 root episode" in shown.stdout
-    missing = subprocess.run(_cli("show-tree", str(trees), "--task", "nope"), capture_output=True, text=True)
+    missing = subprocess.run(leafe_command("show-tree", str(trees), "--task", "nope"), capture_output=True, text=True)
     assert missing.returncode == 2 and "no tree for task 'nope'" in missing.stderr
 
 
 def test_a_task_whose_prompt_outgrows_the_context_ends_instead_of_looping(tiny_tokenizer, tmp_path):
-    backend = ScriptedBackend(tiny_tokenizer, policy(), max_context=100)
+    backend = ScriptedBackend(tiny_tokenizer, dancing_explorer(), max_context=100)
     summary = explore(Job("scripted", tmp_path, backend=backend), ExploreSettings(tasks=2, task_seed=40, budget=30)).data
     trees = read_trees(tmp_path / "trees.jsonl")
     assert summary["env_steps"] == 0 and all(t["nodes"][0].outcome == "context" for t in trees)

@@ -10,7 +10,7 @@ from leafe.backends.replicas import replica_devices
 from leafe.errors import LeafeError
 from leafe.settings import GenerationSettings
 from leafe.study.config import StudyConfig
-from leafe.study.plan import Study
+from leafe.study.study import Study
 
 
 def test_replicas_take_consecutive_gpu_groups_and_refuse_too_few():
@@ -42,9 +42,9 @@ def test_the_generation_section_is_every_sampling_stages_engine_and_its_fingerpr
     with pytest.raises(LeafeError, match="generation.tensor_size is not a setting"):
         StudyConfig(name="s", generation={"tensor_size": 2}).check()
 
-    hf = {s.key: s for s in Study(StudyConfig(name="s"), "/nonexistent").plan()}
+    hf = {s.key: s for s in Study(StudyConfig(name="s"), "/nonexistent").stages()}
     vllm = {s.key: s for s in Study(StudyConfig(name="s", generation={"backend": "vllm", "tensor_parallel_size": 2}),
-                                    "/nonexistent").plan()}
+                                    "/nonexistent").stages()}
     assert "engine" not in hf["base.eval"].fingerprint["settings"]  # hf: fingerprints as before engines were chosen
     assert vllm["base.eval"].fingerprint["settings"]["engine"]["tensor_parallel_size"] == 2
     # Sampling stages record the engine, GRPO too (its rollouts come from it since issue 26);

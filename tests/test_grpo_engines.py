@@ -305,7 +305,7 @@ if __name__ == "__main__":
 def test_vllm_reports_logprobs_at_the_temperature_it_sampled_with(hd64_model_dir, tmp_path):
     # What the trainer computes at T = 0.7 is what vLLM reports for what it sampled at T = 0.7
     # (its processed_logprobs mode): the importance weights compare the same distribution.
-    from test_backend_vllm import in_vllm_venv
+    from helpers import in_vllm_venv
 
     from leafe.backends.hf import HFBackend
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_backend_vllm import HERE, in_vllm_venv
+from helpers import PROBES, in_vllm_venv
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # two engine starts, ~30 s each here
 
@@ -24,7 +24,7 @@ SAME = 1e-4
 @pytest.fixture(scope="module")
 def probe(hd64_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm-grpo")
-    run = in_vllm_venv(HERE / "vllm_grpo_probe.py", hd64_model_dir, work, timeout=1200)
+    run = in_vllm_venv(PROBES / "vllm_grpo_probe.py", hd64_model_dir, work, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 

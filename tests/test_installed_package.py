@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import one_line_error
 from typer.testing import CliRunner
 
 import leafe.cli.configs  # noqa: F401  (the commands register themselves)
@@ -37,15 +38,6 @@ DISTILL = ["distill", "--model", "/models/m", "--trees", "/runs/explore/trees.js
 
 def cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    line = " ".join(result.stderr.split())  # the console may wrap the one message
-    assert line.startswith("error:") and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in line, line
-    return line
 
 
 # -- the lookup -----------------------------------------------------------------------------------

@@ -23,16 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import leafe_command
 from test_distill import trees_file  # noqa: F401 (a fixture: trees explored by a scripted policy)
 
 from leafe.files import MODEL_STAGING
 from leafe.method import Job
 
 SECONDS = 300
-
-
-def leafe(*args) -> list[str]:
-    return [sys.executable, "-m", "leafe", *map(str, args)]
 
 
 def kill_tree(process: subprocess.Popen) -> None:
@@ -150,7 +147,7 @@ def test_bootstrap_killed_while_pretraining_resumes_to_the_same_agent(tmp_path):
         assert not out.exists()  # the agent appears whole or not at all
         return whole_checkpoint(building / "trainer")()
 
-    killed_then_rerun(leafe("bootstrap", "--out", out, *flags), inside, tmp_path / "killed.log")
+    killed_then_rerun(leafe_command("bootstrap", "--out", out, *flags), inside, tmp_path / "killed.log")
     same_weights(out, unbroken)
     assert (out / "tokenizer.json").read_text() == (unbroken / "tokenizer.json").read_text()
     resumed, first = read(out / "bootstrap.json"), read(unbroken / "bootstrap.json")
@@ -169,7 +166,7 @@ def test_distill_killed_mid_training_resumes_to_the_same_weights(trees_file, tin
     unbroken = tmp_path / "unbroken"
     distill(Job(str(tiny_model_dir), unbroken, inputs=[trees_file]), settings, sft)
     out = tmp_path / "distilled"
-    command = leafe("distill", "--model", tiny_model_dir, "--trees", trees_file, "--out", out, "--reh-fraction", 1,
+    command = leafe_command("distill", "--model", tiny_model_dir, "--trees", trees_file, "--out", out, "--reh-fraction", 1,
                     "--lr", "1e-3", "--epochs", 1, "--batch-size", 1, "--logging-steps", 1, "--save-every", 4)
 
     def inside() -> bool:
@@ -195,7 +192,7 @@ def test_early_experience_killed_in_imitation_keeps_its_rows_and_world_model(tin
     train_early_experience(Job(str(tiny_model_dir), unbroken, backend=backend_for(str(tiny_model_dir),
                                                                                   GenerationSettings())), settings, sft)
     out = tmp_path / "ee"
-    command = leafe("train", "early-experience", "--model", tiny_model_dir, "--out", out, "--tasks", 3,
+    command = leafe_command("train", "early-experience", "--model", tiny_model_dir, "--out", out, "--tasks", 3,
                     "--task-seed", 40, "--alternatives", 1, "--max-new-tokens", 8, "--lr", "1e-3", "--max-steps", 24,
                     "--batch-size", 1, "--logging-steps", 1, "--save-every", 4)
     kept = (out / "collected.json", out / "iwm" / "model.safetensors")  # the rows sampled, the world model
@@ -255,7 +252,7 @@ def test_grpo_killed_mid_run_resumes_from_its_checkpoint_to_the_same_steps(tiny_
         not_a_finished_model(out)
         return lines(out / "log.jsonl", 2)()
 
-    killed_then_rerun(leafe("train", "grpo", "--model", tiny_model_dir, "--out", out, *grpo_flags(3)), inside,
+    killed_then_rerun(leafe_command("train", "grpo", "--model", tiny_model_dir, "--out", out, *grpo_flags(3)), inside,
                       tmp_path / "killed.log")
     same_grpo_run(out, unbroken, 3)
 
@@ -264,7 +261,7 @@ def test_grpo_on_two_processes_killed_with_its_ranks_resumes_to_the_same_steps(t
     from helpers import two_rank_config
 
     def command(out: Path) -> list[str]:
-        return leafe("launch", two_rank_config(tmp_path / f"{out.name}.yaml"), "--", "train", "grpo", "--model",
+        return leafe_command("launch", two_rank_config(tmp_path / f"{out.name}.yaml"), "--", "train", "grpo", "--model",
                      tiny_model_dir, "--out", out, *grpo_flags(2))
 
     unbroken = tmp_path / "unbroken"
@@ -290,7 +287,7 @@ def test_ace_killed_after_a_round_resumes_to_the_same_playbook(tiny_model_dir, t
               settings)
     out = tmp_path / "ace"
     playbook = out / "playbook.json"
-    killed_then_rerun(leafe("train", "ace", "--model", tiny_model_dir, "--out", out, "--tasks", 3, "--task-seed", 60,
+    killed_then_rerun(leafe_command("train", "ace", "--model", tiny_model_dir, "--out", out, "--tasks", 3, "--task-seed", 60,
                             "--tasks-per-round", 1, "--max-new-tokens", 8, "--reflection-tokens", 16,
                             "--env-param", "max_steps=3"),
                       lambda: playbook.exists() and read(playbook)["round"] >= 1, tmp_path / "killed.log")
@@ -309,11 +306,11 @@ def test_eval_killed_between_tasks_keeps_what_it_scored_and_scores_the_rest_once
     args = ["--model", tiny_model_dir, "--tasks", 6, "--samples", 2, "--max-batch", 2, "--temperature", 0,
             "--max-new-tokens", 8, "--task-seed", 1000, "--env-param", "max_steps=3"]
     unbroken = tmp_path / "unbroken"
-    done = subprocess.run(leafe("eval", "--out", unbroken, *args), capture_output=True, text=True, timeout=SECONDS)
+    done = subprocess.run(leafe_command("eval", "--out", unbroken, *args), capture_output=True, text=True, timeout=SECONDS)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "eval"
     progress = out / "eval_tasks.jsonl"
-    killed_then_rerun(leafe("eval", "--out", out, *args), lines(progress, 2), tmp_path / "killed.log")
+    killed_then_rerun(leafe_command("eval", "--out", out, *args), lines(progress, 2), tmp_path / "killed.log")
     scored = records(progress)[1:]
     assert sorted(r["task_id"] for r in scored) == [f"sokoban-{i}" for i in range(1000, 1006)]  # each once
     assert len({r["session"] for r in scored}) == 2  # the killed run's records were kept, not redone
@@ -328,10 +325,10 @@ def test_explore_killed_between_trees_ends_with_the_trees_of_an_unbroken_run(tin
     args = ["--model", tiny_model_dir, "--tasks", 5, "--task-seed", 70, "--budget", 8, "--max-new-tokens", 6,
             "--reflection-tokens", 8, "--parallel-tasks", 1, "--temperature", 0]
     unbroken = tmp_path / "unbroken"
-    done = subprocess.run(leafe("explore", "--out", unbroken, *args), capture_output=True, text=True, timeout=SECONDS)
+    done = subprocess.run(leafe_command("explore", "--out", unbroken, *args), capture_output=True, text=True, timeout=SECONDS)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "explore"
-    killed_then_rerun(leafe("explore", "--out", out, *args), lines(out / "trees.jsonl", 1), tmp_path / "killed.log")
+    killed_then_rerun(leafe_command("explore", "--out", out, *args), lines(out / "trees.jsonl", 1), tmp_path / "killed.log")
     trees, first = records(out / "trees.jsonl"), records(unbroken / "trees.jsonl")
     assert len({t["session"]["id"] for t in trees}) == 2  # the killed run's trees were kept, not grown again
     assert [clockless(t) for t in trees] == [clockless(t) for t in first]
@@ -384,7 +381,7 @@ def test_report_killed_while_writing_leaves_no_page_and_is_written_whole_again(t
         return writing
 
     killed_then_rerun([sys.executable, "-c", HELD_WHILE_WRITING, "report", str(run)], inside,
-                      tmp_path / "killed.log", rerun=leafe("report", run))
+                      tmp_path / "killed.log", rerun=leafe_command("report", run))
     assert page.read_text() == (unbroken / "report.html").read_text()
 
 
@@ -433,7 +430,7 @@ def test_stages_side_by_side_end_with_the_study_that_started_them(tiny_model_dir
 
     config = tiny_study(tmp_path, tiny_model_dir, parallel_stages=2)
     with open(tmp_path / "run.log", "wb") as output:
-        study = subprocess.Popen(leafe("run", config, "--out", tmp_path / "run"), stdout=output,
+        study = subprocess.Popen(leafe_command("run", config, "--out", tmp_path / "run"), stdout=output,
                                  stderr=subprocess.STDOUT, start_new_session=True)
     try:
         started = time.monotonic()

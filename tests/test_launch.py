@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 import typer
 import yaml
-from helpers import two_rank_config
-from test_cli_eval import leafe
+from helpers import leafe, two_rank_config
 from test_distill import trees_file  # noqa: F401 (the module's fixture)
 from typer.testing import CliRunner
 
 from leafe.cli.app import LeafeGroup
 from leafe.errors import LeafeError
-from leafe.scale.launch import LAUNCH_CONTEXT, launch_cmd, launch_plan, load_accelerate_config
+from leafe.scale.launch import LAUNCH_CONTEXT, launch_cmd, load_accelerate_config, prepare_launch
 
 ROOT = Path(__file__).resolve().parent.parent
 FSDP, ZERO3, DDP = (ROOT / "leafe/configs/accelerate" / name for name in ("fsdp.yaml", "zero3.yaml", "ddp.yaml"))
@@ -157,7 +156,7 @@ def test_without_dry_run_accelerate_replaces_the_process_with_the_planned_comman
 
 
 def test_multi_machine_overrides_go_on_the_command_line():
-    plan = launch_plan(FSDP, DISTILL, num_processes=16, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1")
+    plan = prepare_launch(FSDP, DISTILL, num_processes=16, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1")
     assert plan.command == ["accelerate", "launch", "--config_file", str(FSDP), "--num_processes", "16",
                             "--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.1",
                             "-m", "leafe", *DISTILL]
@@ -167,17 +166,17 @@ def test_multi_machine_overrides_go_on_the_command_line():
 
 
 def test_data_parallel_and_deepspeed_file_configs_are_planned(tmp_path):
-    plan = launch_plan(DDP, DISTILL, num_processes=2)
+    plan = prepare_launch(DDP, DISTILL, num_processes=2)
     sharding = "sharding     none: data parallel (DDP), a full copy of the model per rank, gradients all-reduced"
     assert sharding in plan.lines
     ds_json = tmp_path / "ds.json"
     zero = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
     ds_json.write_text(json.dumps({"zero_optimization": zero}))
     from_file = config_like(tmp_path, ZERO3, "dsfile", deepspeed_config={"deepspeed_config_file": str(ds_json)})
-    assert launch_plan(from_file, DISTILL).kind == "DEEPSPEED"
+    assert prepare_launch(from_file, DISTILL).kind == "DEEPSPEED"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     with pytest.raises(LeafeError, match="zero_stage is 2; these configs are for ZeRO-3"):
-        launch_plan(from_file, DISTILL)
+        prepare_launch(from_file, DISTILL)
 
 
 @pytest.mark.parametrize("config", [FSDP, ZERO3])
@@ -192,22 +191,22 @@ def test_grpo_under_sharded_weights_samples_from_a_whole_copy_synced_in_memory(c
 
 @pytest.mark.parametrize("config, sharding", [(FSDP, "fsdp2"), (ZERO3, "zero3"), (DDP, "ddp")])
 def test_every_rank_is_told_the_sharding_its_launch_asked_for(config, sharding):
-    assert launch_plan(config, DISTILL).sharding == sharding
+    assert prepare_launch(config, DISTILL).sharding == sharding
     # one process shards nothing under DDP; an FSDP or ZeRO-3 config still asks its rank for that sharding
-    assert launch_plan(config, DISTILL, num_processes=1).sharding == ("none" if config == DDP else sharding)
+    assert prepare_launch(config, DISTILL, num_processes=1).sharding == ("none" if config == DDP else sharding)
 
 
 def test_grpo_runs_data_parallel_each_rank_sampling_its_share_of_the_tasks():
-    plan = launch_plan(DDP, [*GRPO, "--tasks-per-step", "16"], num_processes=4)
+    plan = prepare_launch(DDP, [*GRPO, "--tasks-per-step", "16"], num_processes=4)
     assert plan.command[-len(GRPO) - 2:] == [*GRPO, "--tasks-per-step", "16"]
     each_rank = "each rank    samples with the policy itself on 4 of the 16 tasks of a step"
     assert any(line.startswith(each_rank) for line in plan.lines)
     assert "output       rank 0 alone writes /runs/grpo: log.jsonl (the whole step), checkpoints, the model, " \
            "train.json" in plan.lines
     with pytest.raises(LeafeError, match=r"--tasks-per-step \(8\) must be a multiple of the 3 processes"):
-        launch_plan(DDP, GRPO, num_processes=3)
+        prepare_launch(DDP, GRPO, num_processes=3)
     with pytest.raises(LeafeError, match="leafe train ace runs in one process"):
-        launch_plan(DDP, ["train", "ace", "--model", "m", "--out", "o"], num_processes=2)
+        prepare_launch(DDP, ["train", "ace", "--model", "m", "--out", "o"], num_processes=2)
 
 
 def test_what_cannot_run_is_refused_in_one_line(tmp_path):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -21,8 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import scripted_explorer
-from test_cli_eval import leafe
+from helpers import free_port, leafe, scripted_explorer
 
 from leafe.chat import ChatFormat
 from leafe.envs import EnvError, make
@@ -33,12 +31,6 @@ from leafe.rollout import MAX_FAULTS_IN_A_ROW, EnvUnavailable, Recorder
 
 SERVER = Path(__file__).with_name("openenv_numberline_server.py")
 GOAL = re.compile(r"You are at (\d+)\. The goal is at (\d+)\.")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ def test_edge_cases():
 
 
 def test_k_larger_than_n_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"--samples must be >= max k \(got k=8, n=4\)"):
+    with pytest.raises(ValueError, match=r"k must be within 1..n: pass@k draws k of the n samples \(got k=8, n=4\)"):
         pass_at_k(4, 1, 8)
     with pytest.raises(ValueError):
         pass_at_k(4, 5, 1)

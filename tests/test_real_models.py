@@ -7,14 +7,12 @@ and `leafe run` work end to end on each."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import yaml
-from helpers import VLLM_PYTHON
-from real_models import ARCHITECTURES, TOKENIZERS, build_tiny
+from helpers import PROBES, in_vllm_venv, leafe
+from probes.real_models import ARCHITECTURES, TOKENIZERS, build_tiny
 
 from leafe.backends import SamplingParams
 from leafe.chat import ChatFormat, Conversation, generation_stop_ids, template_reads_date, today_string
@@ -62,7 +60,7 @@ def test_qwen3_runs_without_thinking_and_keeps_turns_as_generated():
 
 def test_llama_renders_the_date_it_is_given_and_a_study_pins_one_per_run(tmp_path):
     from leafe.study.config import StudyConfig
-    from leafe.study.plan import Study
+    from leafe.study.study import Study
 
     llama = TOKENIZERS / "llama3.1"
     pinned = Conversation.start(chat_format("llama3.1", date_string="01 Jan 2026"), OPENING)
@@ -124,14 +122,10 @@ def test_hf_stops_on_a_stop_id_and_keeps_it(hf_greedy):
 
 @pytest.mark.slow
 def test_vllm_gives_the_hf_greedy_tokens_and_stops_the_same_way(hf_greedy, real_models, tmp_path):
-    if not VLLM_PYTHON.exists():
-        pytest.skip("no .venv-vllm: run `make vllm-env` (make test does)")
     job = {name: {"model": str(model), "prompts": prompts_of(name), "tokens": 12, "stop": [hf_greedy[name]["stop"]]}
            for name, model in real_models.items()}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    run = subprocess.run([str(VLLM_PYTHON), "vllm_real_probe.py", str(tmp_path / "job.json")], capture_output=True,
-                         text=True, timeout=900, cwd=os.path.dirname(__file__),
-                         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    run = in_vllm_venv(PROBES / "vllm_real_probe.py", tmp_path / "job.json", timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     vllm = json.loads(run.stdout.strip().splitlines()[-1])
     for name in NAMES:
@@ -140,14 +134,10 @@ def test_vllm_gives_the_hf_greedy_tokens_and_stops_the_same_way(hf_greedy, real_
         assert (vllm[name]["stopped"], vllm[name]["finish"]) == (hf_greedy[name]["stopped"], "stop"), name
 
 
-def leafe(*args, python=sys.executable, timeout=600):
-    return subprocess.run([str(python), "-m", "leafe", *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_leafe_eval_end_to_end(real_models, name, tmp_path):
     run = leafe("eval", "--model", real_models[name], "--out", tmp_path / "eval", "--tasks", 1, "--samples", 2,
-                "--max-new-tokens", 8, "--env-param", "max_steps=2", "--date-string", "26 Jul 2024")
+                "--max-new-tokens", 8, "--env-param", "max_steps=2", "--date-string", "26 Jul 2024", timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["tasks"][0]["n"] == 2 and result["generated_tokens"] > 0
@@ -171,7 +161,8 @@ def test_a_short_study_runs_on_each_model(real_models, tmp_path):
     models = real_models
     for name, model in models.items():
         out = tmp_path / name
-        run = leafe("run", study_config(tmp_path / f"{name}.yaml", model, backend), "--out", out, python=python)
+        run = leafe("run", study_config(tmp_path / f"{name}.yaml", model, backend), "--out", out, python=python,
+                    timeout=600)
         assert run.returncode == 0, f"{name}: {run.stderr[-3000:]}"
         results = json.loads((out / "results.json").read_text())
         assert results["methods"]["base"]["tasks"][0]["n"] == 2

@@ -9,9 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import ScriptedBackend
-from test_cli_eval import leafe
-from test_explore import policy
+from helpers import ScriptedBackend, dancing_explorer, leafe
 
 from leafe.errors import LeafeError
 from leafe.method import Job
@@ -38,7 +36,7 @@ def make_run(run: Path, tokenizer) -> dict:
     (run / "leafe" / "explore").mkdir(parents=True)
     (run / "results.json").write_text(json.dumps(results))
     # The scripted policy fails, reflects, rolls back and solves from the branch: a tree with branches.
-    explore(Job("scripted", run / "leafe" / "explore", backend=ScriptedBackend(tokenizer, policy("Step: 2\nExperience: stop dancing."))), ExploreSettings(tasks=2, task_seed=40, budget=40))
+    explore(Job("scripted", run / "leafe" / "explore", backend=ScriptedBackend(tokenizer, dancing_explorer("Step: 2\nExperience: stop dancing."))), ExploreSettings(tasks=2, task_seed=40, budget=40))
     return results
 
 

@@ -16,16 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import leafe_command
 
 from leafe.lock import LOCK_ENV, STALE_AFTER_S, RunLocked, lock_path, run_lock
 
 
-def _cli(*args) -> list[str]:
-    return [sys.executable, "-m", "leafe", *map(str, args)]
-
-
 def _eval(model, out) -> list[str]:
-    return _cli("eval", "--model", model, "--out", out, "--tasks", 2, "--samples", 2, "--max-new-tokens", 6,
+    return leafe_command("eval", "--model", model, "--out", out, "--tasks", 2, "--samples", 2, "--max-new-tokens", 6,
                 "--task-seed", 500, "--env-param", "max_steps=4")
 
 
@@ -82,7 +79,7 @@ def test_a_second_leafe_on_the_same_out_is_refused_and_a_killed_holder_is_taken_
 
 def test_the_lock_goes_when_the_command_fails(tmp_path):
     out = tmp_path / "run"
-    failed = subprocess.run(_cli("report", out), capture_output=True, text=True, timeout=120, env=_env())
+    failed = subprocess.run(leafe_command("report", out), capture_output=True, text=True, timeout=120, env=_env())
     assert failed.returncode == 2 and "has no results.json" in failed.stderr  # failed after it took the lock ...
     assert not lock_path(out).exists()  # ... and gave it back
     with pytest.raises(ValueError), run_lock(out):
@@ -96,7 +93,7 @@ def test_children_and_other_ranks_of_the_holder_go_on_and_strangers_are_refused(
     stage = run / "grpo" / "train"
     # A real leafe command that takes its directory's lock and then fails for want of results.json:
     # reaching that error means the lock let it through.
-    child = _cli("report", stage)
+    child = leafe_command("report", stage)
     with run_lock(run, "leafe run"):
         assert os.environ[LOCK_ENV] == f"{lock_path(run)}:{json.loads(lock_path(run).read_text())['token']}"
         inherited = subprocess.run(child, capture_output=True, text=True, timeout=120,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from leafe.envs import sandbox as sandbox_module
 from leafe.envs.code import judge
-from leafe.envs.sandbox import Limits, Sandbox, SandboxError
+from leafe.envs.code import sandbox as sandbox_module
+from leafe.envs.code.sandbox import Limits, Sandbox, SandboxError
 
 STDIO = [{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4\n", "output": "6\n"}]
 ADD = "a, b = map(int, input().split())\nprint(a + b)\n"

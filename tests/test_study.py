@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from real_models import SHARED_DATA
-from test_cli_eval import leafe
+from helpers import SHARED_DATA, leafe
 
 from leafe.errors import LeafeError
 from leafe.study.config import load_config
-from leafe.study.plan import Study
+from leafe.study.study import Study
 
 CONFIGS = sorted((Path(__file__).parent.parent / "leafe" / "configs").glob("*.yaml"))
 STAGES = ["base.eval", "grpo.train", "leafe.explore", "leafe.distill", "early_experience.train", "ace.train",
@@ -41,7 +40,7 @@ def test_every_shipped_config_parses_and_prints_its_plan(config, tmp_path, monke
     assert what["early_experience.train"].endswith(" from grpo")
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
     study = Study(load_config(config), tmp_path)
-    assert [s.key for s in study.plan()][-len(STAGES):] == STAGES
+    assert [s.key for s in study.stages()][-len(STAGES):] == STAGES
 
 
 def plan_rows(stdout: str) -> dict[str, str]:
@@ -61,7 +60,7 @@ def plan_rows(stdout: str) -> dict[str, str]:
 def test_demo_config_is_the_embedded_default():
     config = load_config(Path(__file__).parent.parent / "leafe" / "configs" / "sokoban-demo.yaml")
     assert config.model == "embedded" and set(config.methods) == {"base", "grpo", "leafe", "early_experience", "ace"}
-    assert [s.key for s in Study(config, "x").plan()][0] == "bootstrap"
+    assert [s.key for s in Study(config, "x").stages()][0] == "bootstrap"
     # Issue 28: enough held-out levels that a 5-point Pass@1 difference can be told from noise, and
     # enough samples for Pass@k at a k where GRPO and LEAFE part (Pass@16).
     assert config.eval_settings().tasks >= 30 and config.eval_settings().samples >= 16
@@ -107,7 +106,7 @@ def test_eval_env_params_change_what_the_evaluations_play_and_nothing_else(tmp_p
                      config.ace_settings()):
         assert settings.env_params == {"split": "train", "max_steps": 30}
     study = Study(config, tmp_path / "run")
-    evals = [s for s in study.plan() if s.key.endswith(".eval")]
+    evals = [s for s in study.stages() if s.key.endswith(".eval")]
     assert evals and all(s.fingerprint["settings"]["eval"]["env_params"]["split"] == "valid_unseen" for s in evals)
     # A dry run checks the evaluations' parameters too, by name (after the data, which must be there).
     if not (SHARED_DATA / "alfworld").is_dir():
@@ -153,14 +152,14 @@ def test_a_knob_added_later_leaves_older_run_directories_done(tmp_path):
     # A stage whose digest differs is cleared and redone with everything below it, so a new knob at
     # the value older runs used must not enter any digest (it once redid every stage of every study).
     as_before = Study(load_config(write_config(tmp_path / "a.yaml", **AS_RECORDED)), tmp_path)
-    digests = {s.key: s.digest() for s in as_before.plan()}
+    digests = {s.key: s.digest() for s in as_before.stages()}
     assert {k for k in REDONE if digests[k] == RECORDED_BEFORE_THE_LATER_KNOBS[k]} == set()
     assert {k: v for k, v in digests.items() if k not in REDONE} == {
         k: v for k, v in RECORDED_BEFORE_THE_LATER_KNOBS.items() if k not in REDONE}
     # at another value it does: that stage and the ones reading from it are redone, the others are not
     oracle = load_config(write_config(tmp_path / "b.yaml", **{**AS_RECORDED, "leafe": {"explore": {
         **AS_RECORDED["leafe"]["explore"], "reflector": "oracle"}}}))
-    changed = {s.key for s in Study(oracle, tmp_path).plan() if s.digest() != RECORDED_BEFORE_THE_LATER_KNOBS[s.key]}
+    changed = {s.key for s in Study(oracle, tmp_path).stages() if s.digest() != RECORDED_BEFORE_THE_LATER_KNOBS[s.key]}
     assert changed - REDONE == {"leafe.explore", "leafe.distill", "leafe.eval"}
 
 
@@ -168,7 +167,7 @@ def test_the_baselines_start_from_grpos_checkpoint_unless_told_base(tmp_path):
     # The paper's protocol (issue 39): Early Experience fine-tunes GRPO's checkpoint and ACE plays it,
     # so both read grpo.train's model, run after it and are redone when it changes.
     study = Study(load_config(write_config(tmp_path / "a.yaml")), tmp_path / "run")
-    stages = {s.key: s for s in study.plan()}
+    stages = {s.key: s for s in study.stages()}
     order = list(stages)
     grpo = tmp_path / "run" / "grpo" / "train"
     for method, key in (("leafe", "leafe.explore"), ("early_experience", "early_experience.train"),
@@ -184,7 +183,7 @@ def test_the_baselines_start_from_grpos_checkpoint_unless_told_base(tmp_path):
     # model, with nothing of `start` in the fingerprint (so older run directories stay done).
     base = Study(load_config(write_config(tmp_path / "b.yaml", early_experience={"start": "base"},
                                           ace={"start": "base"})), tmp_path / "run")
-    from_grpo, stages = stages, {s.key: s for s in base.plan()}
+    from_grpo, stages = stages, {s.key: s for s in base.stages()}
     for method, key in (("early_experience", "early_experience.train"), ("ace", "ace.train")):
         assert stages[key].after == ("bootstrap",) and stages[key].title.endswith(" from base")
         assert stages[key].fingerprint == {"settings": from_grpo[key].fingerprint["settings"],
@@ -288,7 +287,7 @@ def test_a_study_runs_every_stage_then_skips_resumes_and_redoes_what_changed(tin
     # A changed GRPO setting makes GRPO and everything downstream of it stale; nothing else.
     changed = tiny_study(tmp_path, tiny_model_dir, grpo={"learning_rate": 3e-5})
     study = Study(load_config(changed), run_dir)
-    status = {s.key: study.status(s) for s in study.plan()}
+    status = {s.key: study.status(s) for s in study.stages()}
     assert {k for k, v in status.items() if v == "stale"} == {  # the baselines too: they start from GRPO's
         "grpo.train", "leafe.explore", "leafe.distill", "early_experience.train", "ace.train", "grpo.eval",
         "leafe.eval", "early_experience.eval", "ace.eval"}
@@ -320,7 +319,7 @@ def test_stages_side_by_side_give_the_results_of_one_at_a_time(tiny_model_dir, t
     records = {key: json.loads((tmp_path / "two" / key.replace(".", "/") / "stage.json").read_text())
                for key in STAGES}
     study = Study(load_config(two), tmp_path / "two")
-    for stage in study.plan():
+    for stage in study.stages():
         for before in stage.after:
             assert records[before]["ended"] <= records[stage.key]["started"], (before, stage.key)
     spans = sorted((r["started"], r["ended"]) for r in records.values())

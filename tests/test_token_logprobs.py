@@ -64,10 +64,3 @@ def test_sft_loss_from_scored_positions_equals_the_whole_batch_definition(tiny_m
             selected = model(input_ids=ids).logits
         assert torch.allclose(target_nll(selected, labels, weights, 13), reference, atol=1e-6)
 
-
-
-def test_the_planner_sizes_the_chunk_the_loss_uses():
-    from leafe.methods.token_logprobs import CHUNK
-    from leafe.study.budget import CHUNK as PLANNED  # its own copy: the dry run does not import torch
-
-    assert PLANNED == CHUNK

@@ -252,6 +252,16 @@ def test_missing_data_and_spacy_model_errors_name_the_fix(tmp_path, monkeypatch)
     assert make("webshop", spacy_model="rule").make_tasks(1, 0)[0].spec["goal"]["asin"] == PILLOW
 
 
+def test_an_unknown_split_is_an_env_error_before_the_data_loads(tmp_path):
+    from leafe.envs.webshop.goals import split_indices
+
+    with pytest.raises(EnvError, match="unknown webshop split 'dev'; use one of test, train"):
+        split_indices(600, "dev")
+    with pytest.raises(EnvError, match="unknown webshop split 'dev'"):
+        make("webshop", data_dir=str(tmp_path), split="dev")  # an empty folder: the split is refused first
+    assert split_indices(600, "train") == range(500, 600)
+
+
 def test_leafe_stage1_rolls_back_webshop_and_the_branch_buys_the_goal(tiny_tokenizer, tmp_path, monkeypatch):
     from helpers import ScriptedBackend, scripted_explorer
 

@@ -13,10 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ScriptedBackend
-from test_backend_openai import free_port
-from test_cli_eval import eval_args, leafe
-from test_explore import policy
+from helpers import ScriptedBackend, dancing_explorer, eval_args, free_port, leafe
 
 from leafe.backends.base import Backend
 from leafe.envs import EnvError, Task, make
@@ -101,7 +98,7 @@ def test_a_worker_that_keeps_dying_fails_the_run_with_the_cause(tiny_backend, lo
 
 def test_exploration_on_workers_builds_the_same_trees(tiny_tokenizer, pool, tmp_path):
     settings = ExploreSettings(tasks=3, task_seed=40, budget=40, reflect_every=5, branch_samples=2, snapshots=False)
-    reply = policy("Step: 2\nExperience: stop dancing.")
+    reply = dancing_explorer("Step: 2\nExperience: stop dancing.")
     local = explore(Job("scripted", tmp_path / "local", backend=ScriptedBackend(tiny_tokenizer, reply)), settings).data
     remote = explore(Job("scripted", tmp_path / "ray", backend=ScriptedBackend(tiny_tokenizer, reply), envs=pool.make), settings).data
     assert local["branches"] > 0 and local["success_rate"] == 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from leafe.backends.base import Backend, BackendError, BackendStats, Completion, SamplingParams
+from leafe.backends.base import Backend, BackendError, BackendStats, Completion, PromptError, SamplingParams
 from leafe.settings import BACKENDS, GenerationSettings
 
 
@@ -51,4 +51,5 @@ def backend_for(model: str, settings: GenerationSettings, **engine: object) -> B
                         trust_remote_code=settings.trust_remote_code, gguf_file=settings.gguf_file)
 
 
-__all__ = ["Backend", "BackendError", "BackendStats", "Completion", "SamplingParams", "backend_for", "load_backend"]
+__all__ = ["Backend", "BackendError", "BackendStats", "Completion", "PromptError", "SamplingParams", "backend_for",
+           "load_backend"]

@@ -83,6 +83,11 @@ class BackendError(LeafeError, RuntimeError):
     """A model could not be loaded or run; the message names the cause and the fix."""
 
 
+class PromptError(BackendError, ValueError):
+    """A prompt the model cannot take: empty, or too long for its context with the completion's limit.
+    Also a ValueError, as bad arguments are, which callers of `generate` may already catch."""
+
+
 @contextmanager
 def loading_model(model: Any):
     """Turn what a broken model directory raises (a truncated or corrupt weights file, a missing
@@ -117,7 +122,18 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Completion]]:
-        """`sampling.n` completions for each prompt, in prompt order."""
+        """`sampling.n` completions for each prompt, in prompt order; `check_prompts` first."""
+
+    def check_prompts(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> None:
+        """Refuse, before any of them runs, a prompt the model cannot take: an empty one, or one whose
+        tokens and `sampling.max_new_tokens` exceed `max_context`. Every backend's `generate` calls it,
+        so all of them refuse the same prompts with the same message."""
+        for p in prompts:
+            if not p:
+                raise PromptError("cannot generate from an empty prompt")
+            if len(p) + sampling.max_new_tokens > self.max_context:
+                raise PromptError(f"prompt of {len(p)} tokens + max_new_tokens {sampling.max_new_tokens} exceeds "
+                                  f"the model's context of {self.max_context} tokens")
 
     def close(self) -> None:
         """Release resources (servers, worker processes, caches)."""

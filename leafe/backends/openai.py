@@ -219,6 +219,7 @@ class OpenAIBackend(Backend):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Completion]]:
         if not prompts:
             return []
+        self.check_prompts(prompts, sampling)
         self.stats.calls += 1
         self._calls += 1  # not stats.calls: a stats.reset() must not make request seeds repeat
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
@@ -251,8 +252,6 @@ class OpenAIBackend(Backend):
 
     def _complete(self, prompt: list[int], sampling: SamplingParams, seed: int, server: int,
                   abort: threading.Event) -> list[Completion]:
-        if not prompt:
-            raise ValueError("cannot generate from an empty prompt")
         body: dict[str, Any] = {
             "model": self.served_model, "prompt": prompt, "n": sampling.n, "max_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": seed,

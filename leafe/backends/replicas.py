@@ -127,12 +127,7 @@ class VLLMReplicas(Backend):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Completion]]:
         if not prompts:
             return []
-        for p in prompts:
-            if not p:
-                raise ValueError("cannot generate from an empty prompt")
-            if len(p) + sampling.max_new_tokens > self.max_context:
-                raise ValueError(f"prompt of {len(p)} tokens + max_new_tokens {sampling.max_new_tokens} exceeds "
-                                 f"the model's context of {self.max_context} tokens")
+        self.check_prompts(prompts, sampling)
         self._calls += 1
         self.stats.calls += 1
         seeds = [request_seed(sampling.seed, self._calls, i) for i in range(len(prompts))]

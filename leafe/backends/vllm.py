@@ -97,12 +97,7 @@ class VLLMBackend(Backend):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[list[Completion]]:
         if not prompts:
             return []
-        for p in prompts:
-            if not p:
-                raise ValueError("cannot generate from an empty prompt")
-            if len(p) + sampling.max_new_tokens > self.max_context:
-                raise ValueError(f"prompt of {len(p)} tokens + max_new_tokens {sampling.max_new_tokens} exceeds "
-                                 f"the model's context of {self.max_context} tokens")
+        self.check_prompts(prompts, sampling)
         self._calls += 1
         return self.generate_seeded(prompts, sampling, [request_seed(sampling.seed, self._calls, i) for i in range(len(prompts))])
 
@@ -178,7 +173,7 @@ class VLLMBackend(Backend):
         neither side holds more than a chunk beyond the model. With `shared_memory` (workers on this
         machine, as vLLM's own are) a chunk is copied into one shared-memory segment this backend
         keeps and reuses, and workers read it from there; without, it travels as bytes inside the
-        call (about 4x slower on CPU: `vllm_sync`)."""
+        call (several times slower: `vllm_sync`)."""
         import torch
 
         dtype = self.llm.llm_engine.model_config.dtype

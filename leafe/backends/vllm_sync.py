@@ -6,8 +6,8 @@
 layers, so writing into the parameters directly would leave the packed copies stale). vLLM 0.32's
 layerwise reload skips a tied output head (it receives no weights of its own) and keeps its old
 packed copy, so a model with tied embeddings has its head tied again and re-processed here:
-without it the synced engine still scores every token with the old head (measured on CPU: the
-log-prob gap to the trainer stays at the unsynced size).
+without it the synced engine still scores every token with the old head (the log-prob gap to the
+trainer stays at the unsynced size).
 
 `leafe_update_begin` / `leafe_update_chunk` / `leafe_update_end` take the weights in memory instead
 (`VLLMBackend.update_weights`): the same layerwise reload `reload_weights` runs, split over calls
@@ -17,11 +17,12 @@ log-prob gap to the trainer stays at the unsynced size).
 the engine-core process with vLLM's msgpack encoder, and a tensor among them arrives as
 `[dtype, shape, buffer index]` with the buffer dropped (its decoder only rebuilds tensors in typed
 messages); bytes arrive whole, but slowly: a chunk is copied some six times on its two hops (driver ->
-engine core over zmq, engine core -> workers through vLLM's message queue, pickled), measured ~250 MB/s
-on 2 CPU cores. So by default the data goes through one shared-memory segment the driver reuses
-(a chunk's size, `multiprocessing.shared_memory`), and only names, offsets and shapes go through
-`collective_rpc`; each worker copies the chunk out of it before loading (a layer whose weights span
-two chunks keeps its first part buffered until the rest arrives, and the segment is reused).
+engine core over zmq, engine core -> workers through vLLM's message queue, pickled), several times
+slower than one shared copy (BENCHMARKS.md, "Sharded training"). So by default the data goes through
+one shared-memory segment the driver reuses (a chunk's size, `multiprocessing.shared_memory`), and
+only names, offsets and shapes go through `collective_rpc`; each worker copies the chunk out of it
+before loading (a layer whose weights span two chunks keeps its first part buffered until the rest
+arrives, and the segment is reused).
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ def _build(config: BootstrapConfig, tmp: Path, report: Report) -> dict:
         )
     )
     # One run over fragments and episodes together: trained one after the other, the episodes
-    # erased what the fragments taught (copy accuracy 71% -> 22%). Batches hold rows of similar
+    # erased what the fragments taught (docs/experiment-log.md, builds 5-10). Batches hold rows of similar
     # length under a token budget: 32 fragments, or a few episodes.
     phase = "pretraining"
     settings = SFTSettings(learning_rate=config.learning_rate, epochs=1.0, batch_size=config.batch_size,

@@ -7,7 +7,7 @@ token per row; words merge normally. Two styles:
 - `cells` (every agent leafe ships): digits are split too, so "(4,3)" is five tokens.
 - `pieces`: a coordinate "(4,3)" (with its leading space) is one piece BPE may merge whole, numbers
   merge, and the chat roles are in the training text, so "<|im_start|>assistant" is two tokens, not
-  seven. The board stays cell by cell. A whole Sokoban episode is 22% shorter, but the agent built on
+  seven. The board stays cell by cell. A whole Sokoban episode is shorter, but the agent built on
   it played far worse (docs/experiment-log.md, "Fewer tokens and fewer key/value heads"): one token
   per coordinate leaves a small model 100 unrelated symbols where digits gave it ten shared ones.
 """

@@ -1,6 +1,6 @@
 """`leafe run CONFIG`: the whole study, with a live display of its stages; `--dry-run` checks the config
-and prints the stage plan and what each stage asks of the GPUs (`leafe.study.budget`) without importing
-torch."""
+and prints the stages (`leafe.study.stages`) and what each asks of the GPUs (`leafe.study.budget`)
+without importing torch."""
 
 from __future__ import annotations
 
@@ -36,18 +36,18 @@ def run_cmd(
     from leafe.method import NoProgress
     from leafe.study import budget
     from leafe.study.config import load_config
-    from leafe.study.plan import Study
+    from leafe.study.study import Study
 
     study_config = load_config(config, overrides or [])
     if model is not None:
         study_config = study_config.model_copy(update={"model": model})
     run_dir = out or Path("runs") / study_config.name
     study = Study(study_config, run_dir)
-    stages = study.plan()
+    stages = study.stages()
     study.check_inputs()  # env, its parameters, model and data paths: before any stage runs
     if dry_run:
-        console.print(stage_plan_table(study, stages))
-        console.print(resource_table(budget.plan(study_config, study)))
+        console.print(stage_table(study, stages))
+        console.print(resource_table(budget.resources(study_config, study)))
     budget.check(study_config, study)  # a config that cannot fit fails now, not hours into a stage
     if dry_run:
         return
@@ -147,7 +147,7 @@ class LogProgress(BarProgress):
         self.emit(f"[{_clock(now)}]   {self.key}: {done}{', ' + shown if shown else ''}{eta}")
 
 
-def stage_plan_table(study, stages) -> Table:
+def stage_table(study, stages) -> Table:
     table = Table(title=f"stage plan of {study.config.name} -> {study.out}")
     table.add_column("#")
     table.add_column("stage", no_wrap=True)  # keys are what --set and the run directory use: never cut
@@ -160,24 +160,24 @@ def stage_plan_table(study, stages) -> Table:
     return table
 
 
-def resource_table(plan):
+def resource_table(estimate):
     """Per stage: the GPUs it uses, what each holds (GB), the tokens it generates at most, and hours;
     each stage's note under the table, so the figures keep their columns in 80-column terminals."""
     from rich import box
     from rich.console import Group
     from rich.text import Text
 
-    table = Table(title=f"resources, GB per GPU ({plan.checked})", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
-                  collapse_padding=True)
+    table = Table(title=f"resources, GB per GPU ({estimate.checked})", box=box.SIMPLE_HEAD, padding=(0, 1),
+                  pad_edge=False, collapse_padding=True)
     for name in ("stage", "GPUs", "weights", "KV", "optim", "activ", "total", "tokens", "h"):
         table.add_column(name, no_wrap=True, justify="left" if name == "stage" else "right")
-    for s in plan.stages:
+    for s in estimate.stages:
         table.add_row(s.key, str(s.gpus), _gb(s.weights), "?" if s.kv is None else _gb(s.kv), _gb(s.optimizer),
                       _gb(s.activations), _gb(s.total) if s.kv is not None else "?",
                       "-" if s.tokens is None else f"{s.tokens:.1e}".replace("e+0", "e"),
                       "-" if s.hours is None else f"{s.hours:.1f}")
-    notes = [Text(f"{s.key}: {s.note}") for s in plan.stages if s.note]
-    return Group(table, *notes, Text(plan.assumption, style="dim"))
+    notes = [Text(f"{s.key}: {s.note}") for s in estimate.stages if s.note]
+    return Group(table, *notes, Text(estimate.assumption, style="dim"))
 
 
 def _gb(value: float) -> str:
@@ -187,13 +187,14 @@ def _gb(value: float) -> str:
 def results_table(results: dict[str, Any], width: int | None = None) -> Table:
     """The final table, fitted to `width` columns (the terminal's): the paired columns against the
     base and Pass@1 / Pass@k_max stay; the Pass@k between them go first when it is narrow."""
-    from leafe.study.report import NAMES, ks_of
+    from leafe.methods import registry
+    from leafe.study.report import ks_of
 
     methods = results["methods"]
     ks = ks_of(methods)
     # Pass@1 and the largest k against the base, paired on tasks: what the acceptance reads.
     paired = [k for k in dict.fromkeys(ks[:1] + ks[-1:]) if any(k in m.get("vs_base", {}) for m in methods.values())]
-    names = [NAMES.get(name, name) for name in methods]
+    names = [registry.label(name) for name in methods]
     shown = _fit_ks(ks, width or console.width, max(map(len, names), default=6), len(paired))
     table = Table(title=f"{results['env']}: {results['tasks']} held-out tasks x {results['samples']} samples")
     table.add_column("method", no_wrap=True)
@@ -203,11 +204,11 @@ def results_table(results: dict[str, Any], width: int | None = None) -> Table:
         table.add_column(f"@{k} vs base", justify="right")
     for name, m in methods.items():
         vs = m.get("vs_base", {})
-        table.add_row(NAMES.get(name, name), *(f"{100 * m['pass_at_k'][k]:.1f}" if k in m["pass_at_k"] else "-"
+        table.add_row(registry.label(name), *(f"{100 * m['pass_at_k'][k]:.1f}" if k in m["pass_at_k"] else "-"
                                                for k in shown),
                       *(f"{100 * vs[k]['diff']:+.1f} [{100 * vs[k]['ci95'][0]:+.1f}, {100 * vs[k]['ci95'][1]:+.1f}]"
                         if k in vs else "-" for k in paired))
-    notes = [f"{NAMES.get(name, name)}: {m['note']}" for name, m in methods.items() if m.get("note")]
+    notes = [f"{registry.label(name)}: {m['note']}" for name, m in methods.items() if m.get("note")]
     if paired:
         notes.insert(0, "vs base: points above the base on the same tasks [95% CI, tasks resampled in pairs]")
     if notes:

@@ -113,7 +113,8 @@ def judge_cmd(
         for test in expect(spec.get(key, []), list, f"{problem}: {key}"):
             chosen.append(expect(test, dict, f"{problem}: a test of {key}"))
     if not chosen:
-        raise LeafeError(f"{problem} has no {tests} tests (keys public_tests / private_tests)")
+        which = "" if tests == "all" else f"{tests} "
+        raise LeafeError(f"{problem} has no {which}tests (keys public_tests / private_tests)")
     verdict = judge(read_text(solution), chosen, time_limit, memory_mb, sandbox=default_sandbox(unsafe_no_sandbox))
     if verdict.status == "sandbox_error":  # no verdict on the program: the machine failed, not it
         raise LeafeError(f"the sandbox failed, so {solution} was not judged ({verdict.feedback}); "

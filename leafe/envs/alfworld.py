@@ -20,11 +20,12 @@ framework resets and re-plays the prefix (`base.replay`), which is deterministic
 Resets are cheap because what textworld rebuilds from the game file is cached. It builds the game
 state from fast-downward's PDDL-to-SAS translation of the problem, twice (plain, and optimised for
 the planner), on every load and again on every reset, and parses the game's grammar on every load:
-1.4 s before an episode's first step on a real game (the rollout engine makes a new env for every
-episode), and 0.6 s for every replay's reset. Both depend only on the file's text, so `cached`
-answers them from memory, else from a pickle on disk under `leafe.files.cache_dir("alfworld")` keyed
-by the SHA-256 of that text (written atomically, so processes and Ray workers share it): 0.14 s and
-0.12 s (benchmarks/alfworld_speed.py times both ways).
+most of the time before an episode's first step (the rollout engine makes a new env for every
+episode), and of every replay's reset. Both depend only on the file's text, so `cached` answers them
+from memory, else from a pickle on disk under `leafe.files.cache_dir("alfworld")` keyed by the
+SHA-256 of that text (written atomically, so processes and Ray workers share it); what a reset still
+pays is textworld's first observation and command list, which a step pays too
+(benchmarks/alfworld_speed.py times both ways: BENCHMARKS.md, "ALFWorld on its real games").
 """
 
 from __future__ import annotations
@@ -311,10 +312,7 @@ class AlfWorldEnv(Env):
         return self._observation(room)
 
     def step(self, action: str) -> StepResult:
-        if self._game_path is None:
-            raise RuntimeError("the alfworld env has no game yet; call reset(task) first")
-        if self._done:
-            raise RuntimeError("step() after the episode ended; call reset() first")
+        self.check_running(started=self._game_path is not None, ended=self._done, what="game")
         command = normalize_command(action)
         info: dict[str, Any] = {"invalid": command not in self._admissible}
         state, _, _ = self._game.step(command)

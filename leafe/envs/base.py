@@ -90,7 +90,8 @@ def observation_hash(observation: str) -> str:
 
 
 class Env(ABC):
-    """Base class of every environment. Subclasses set `name` and register with `@register`."""
+    """Base class of every environment. Subclasses set `name`; leafe's own register with `@register`, any
+    other package through a `leafe.envs` entry point (`leafe.envs.registry`)."""
 
     name: ClassVar[str] = ""
     #: True when `snapshot`/`restore` copy the full state; otherwise rollback replays.
@@ -119,7 +120,18 @@ class Env(ABC):
     @abstractmethod
     def step(self, action: str) -> StepResult:
         """Apply one agent action (free text) and return what the agent observes next; `EnvFault`
-        when the env's machinery, not the action, failed (then the env is as it was)."""
+        when the env's machinery, not the action, failed (then the env is as it was). A step outside
+        an episode is refused (`check_running`)."""
+
+    def check_running(self, *, started: bool = True, ended: bool = False, what: str = "task") -> None:
+        """Refuse to act outside an episode, with the one message each case has everywhere: before the
+        first `reset` (`started` false: the env has no `what` yet, the level, problem or game that
+        `reset` loads) and after the episode ended (`ended`). `step` calls it first; `snapshot` and
+        the like call it with `started` alone. A RuntimeError: the caller's mistake, not the agent's."""
+        if not started:
+            raise RuntimeError(f"the {self.name or type(self).__name__} env has no {what} yet; call reset(task) first")
+        if ended:
+            raise RuntimeError("step() after the episode ended; call reset() first")
 
     @abstractmethod
     def make_tasks(self, n: int, seed: int) -> list[Task]:

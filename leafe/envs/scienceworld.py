@@ -18,7 +18,7 @@ two of them, one with random pollination, while another episode steps in the sam
   on its own history only, not on other episodes stepping in the same JVM.
 
 One JVM per process serves every env instance: the rollout engine builds one env per episode, and a
-JVM each (1.5 s to start, ~300 MB) would not scale. Each instance gets its own simulator object in
+JVM each (seconds to start, hundreds of MB) would not scale. Each instance gets its own simulator object in
 that JVM, so episodes never share state.
 """
 
@@ -103,7 +103,7 @@ def variations(task_name: str, split: str) -> list[int]:
 
 
 def gold_path(task_name: str, variation: int, simplification: str) -> list[str]:
-    """The simulator's gold action sequence (generating it costs ~5 s, so it is cached)."""
+    """The simulator's gold action sequence (generating it takes seconds, so it is cached)."""
     key = (task_name, variation, simplification)
     if key not in _GOLD:
         simulator = _new_simulator()
@@ -186,7 +186,7 @@ class ScienceWorldEnv(Env):
         if self._simulator is None:
             self._simulator = _new_simulator()
         self._key = (spec["task_name"], spec["variation"], spec["simplification"])
-        # A fresh load is as fast as the simulator's own reset (~0.1 s) and never carries state over.
+        # A fresh load is as fast as the simulator's own reset and never carries state over.
         with _LOCK:
             _seed(*self._key, "load")
             self._simulator.load(*self._key, False)
@@ -199,13 +199,10 @@ class ScienceWorldEnv(Env):
         return self._with_hints(observation)
 
     def step(self, action: str) -> StepResult:
-        if self._simulator is None:
-            raise RuntimeError("the scienceworld env has no task yet; call reset(task) first")
-        if self._done:
-            raise RuntimeError("step() after the episode ended; call reset() first")
+        self.check_running(started=self._simulator is not None, ended=self._done, what="task")
         self._steps += 1
         # The simulator itself, not the wrapper's step(): that one lists every valid action on each
-        # call (40 ms and ~1000 strings over the gateway), 30x slower than the step itself.
+        # call (about a thousand strings over the gateway), many times the cost of the step itself.
         with _LOCK:
             _seed(*self._key, self._steps)
             observation = str(self._simulator.step(action.strip()))
@@ -229,8 +226,7 @@ class ScienceWorldEnv(Env):
 
     def admissible_actions(self) -> list[str] | None:
         """The simulator's valid action-object combinations in the current state, sorted."""
-        if self._simulator is None:
-            raise RuntimeError("the scienceworld env has no task yet; call reset(task) first")
+        self.check_running(started=self._simulator is not None, what="task")
         return sorted(str(a) for a in self._simulator.getValidActionObjectCombinations())
 
 

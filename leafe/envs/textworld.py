@@ -6,8 +6,8 @@ you made yourself (`games=DIR`, any `tw-make` output). Success is the game's won
 ends the episode as a failure. The expert is the game's walkthrough.
 
 Rollback by snapshot: the game runs in a Z-machine interpreter (Jericho) whose whole state, with
-TextWorld's tracking of the quest, `env.copy()` duplicates. It is not cheap (~0.1 s, mostly a deep
-copy of TextWorld's Python game state), while a step is ~7 ms, so a replay of a short prefix costs
+TextWorld's tracking of the quest, `env.copy()` duplicates. It is not cheap (mostly a deep copy of
+TextWorld's Python game state): it costs as much as many steps, so a replay of a short prefix costs
 less; `explore --no-snapshots` picks replay (BENCHMARKS.md, "Environments", has both).
 """
 
@@ -180,10 +180,7 @@ class TextWorldEnv(Env):
         return self._with_hints(clean(state.description), state)
 
     def step(self, action: str) -> StepResult:
-        if self._env is None:
-            raise RuntimeError("the textworld env has no game yet; call reset(task) first")
-        if self._done:
-            raise RuntimeError("step() after the episode ended; call reset() first")
+        self.check_running(started=self._env is not None, ended=self._done, what="game")
         self._steps += 1
         state, _, _ = self._env.step(action.strip())
         observation = clean(state.feedback)
@@ -204,8 +201,7 @@ class TextWorldEnv(Env):
         return f"{observation}\nValid actions: {', '.join(state.admissible_commands)}"
 
     def snapshot(self) -> tuple:
-        if self._env is None:
-            raise RuntimeError("the textworld env has no game yet; call reset(task) first")
+        self.check_running(started=self._env is not None, what="game")
         return (self._env.copy(), self._steps, self._done, self.instruction)
 
     def restore(self, snapshot: tuple) -> None:

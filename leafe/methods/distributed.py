@@ -15,8 +15,9 @@ code, the code a GPU run executes. Nothing is substituted: a rank that asked for
 not get it stops with one line (`check_ran`).
 
 DeepSpeed ZeRO-3 is not taken this way: DeepSpeed 0.19 itself trains ZeRO-3 on gloo CPU processes
-(measured, docs/scaling.md), but its engine owns the optimiser step and a fixed number of
-micro-batches per step, which GRPO's loop varies; so zero3 is refused on CPU processes, in one line.
+(docs/scaling.md; BENCHMARKS.md, "Sharded training"), but its engine owns the optimiser step and a
+fixed number of micro-batches per step, which GRPO's loop varies; so zero3 is refused on CPU
+processes, in one line.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def leave_launch(code: int) -> NoReturn:
     The ranks first meet (after a success only: a failed rank is ended by the launcher), so none leaves
     while rank 0 still writes what the others trained. Then the process ends without interpreter
     teardown: destroying a gloo process group's objects at exit can deadlock on the GIL (a DDP model's
-    ~Reducer joins a gloo thread; grpo._KEPT_UNTIL_EXIT) or abort ("terminate called without an active
+    ~Reducer joins a gloo thread; grpo.run._KEPT_UNTIL_EXIT) or abort ("terminate called without an active
     exception": a gloo thread freed unjoined), and either fails a launch whose outputs are complete."""
     if code == 0 and "torch.distributed" in sys.modules:
         import torch.distributed as dist

@@ -192,8 +192,8 @@ def draw_admissible(state: ExpertState, k: int, seed: int) -> list[str]:
 
 class _StateCopies:
     """One env that executes every alternative, put back in each one's state first. A new env per
-    alternative loaded the game again each time (ALFWorld: 0.36 s, against 0.17 s to reset a loaded
-    one) or started another simulator (ScienceWorld)."""
+    alternative loaded the game again each time, which costs ALFWorld more than resetting a loaded one
+    (BENCHMARKS.md, "ALFWorld on its real games"), or started another simulator (ScienceWorld)."""
 
     def __init__(self, new_env: Callable[[], Env]):
         self.new_env, self.env = new_env, None

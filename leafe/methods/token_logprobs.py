@@ -17,8 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch.utils.checkpoint import checkpoint
 
-#: Positions whose fp32 log-softmax is computed at once (x vocabulary x 4 bytes: 4096 x 152k = 2.5 GB).
-CHUNK = 4096
+from leafe.methods.logprob_chunk import CHUNK
 
 
 @contextmanager

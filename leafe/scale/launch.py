@@ -4,8 +4,8 @@ The built-in configs `ddp`, `fsdp` and `zero3` (DDP, FSDP, DeepSpeed ZeRO-3: lea
 `leafe launch fsdp`), or any accelerate config file, spread one training job over many GPUs and
 machines. This module checks such a config the way `accelerate launch` will read it (accelerate's
 own loader; every fsdp_config / deepspeed_config key must be one accelerate knows, since it ignores
-the others silently), checks that the leafe command can run on several processes, and prints the
-plan and the exact `accelerate launch` line (`--dry-run` stops there).
+the others silently), checks that the leafe command can run on several processes, and prints what
+each rank will do and the exact `accelerate launch` line (`--dry-run` stops there).
 
 Two commands run multi-process. LEAFE stage 2, `leafe distill`: every rank reads the trees and builds
 the same rows (deterministic), TRL's SFTTrainer (transformers' Trainer on accelerate) gives each rank
@@ -45,17 +45,19 @@ from leafe import configs as builtin_configs
 from leafe.errors import LeafeError
 from leafe.methods.distributed import SHARDING_ENV
 
-#: accelerate's distributed types this module plans for.
+#: accelerate's distributed types a launch may use.
 SUPPORTED = ("FSDP", "DEEPSPEED", "MULTI_GPU", "MULTI_CPU", "NO")
 
 #: What `leafe launch` needs from typer: everything after the options goes to the leafe command.
 LAUNCH_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 @dataclass
-class LaunchPlan:
+class Launch:
+    """A checked launch: the `accelerate launch` line and what each rank will do."""
+
     command: list[str]  # the `accelerate launch ...` argv
     kind: str  # accelerate's distributed_type
-    lines: list[str] = field(default_factory=list)  # the plan, one aligned line each
+    lines: list[str] = field(default_factory=list)  # what the launch does, one aligned line each
     sharding: str = "ddp"  # what every rank must report it ran (`leafe.methods.distributed.ran`)
 
     def shell(self) -> str:
@@ -91,9 +93,9 @@ def _check_known_keys(config, path: Path) -> None:
                                  f"ignored); see `accelerate launch --help`")
 
 
-def launch_plan(config_file: str | Path, args: list[str], *, num_processes: int | None = None,
-                num_machines: int | None = None, machine_rank: int | None = None,
-                main_process_ip: str | None = None) -> LaunchPlan:
+def prepare_launch(config_file: str | Path, args: list[str], *, num_processes: int | None = None,
+                   num_machines: int | None = None, machine_rank: int | None = None,
+                   main_process_ip: str | None = None) -> Launch:
     """The `accelerate launch` command for `leafe ARGS` under `config_file`, with what each rank does.
 
     The overrides go on the command line (they win over the config there too); the checks are the
@@ -133,7 +135,7 @@ def launch_plan(config_file: str | Path, args: list[str], *, num_processes: int 
               f"processes    {processes} on {machines} machine(s), {processes // machines} per machine",
               f"sharding     {sharding}"]
     if args[0] == "train":
-        return LaunchPlan(command, kind, header + _grpo_lines(kind, args, processes, machines, address),
+        return Launch(command, kind, header + _grpo_lines(kind, args, processes, machines, address),
                           _ran_as(config, kind, processes))
     if args[0] != "distill":
         raise LeafeError(f"leafe {args[0]} is not a training command; multi-GPU launch is for `leafe distill` "
@@ -159,7 +161,7 @@ def launch_plan(config_file: str | Path, args: list[str], *, num_processes: int 
         lines.append(f"machines     run this command on each machine with its own --machine-rank (0..{machines - 1});"
                      f" rendezvous {address}:{port}; --model and --trees at the same path everywhere, "
                      f"the output lands on machine 0")
-    return LaunchPlan(command, kind, lines, _ran_as(config, kind, processes))
+    return Launch(command, kind, lines, _ran_as(config, kind, processes))
 
 
 def _ran_as(config, kind: str, processes: int) -> str:
@@ -264,18 +266,18 @@ def _option(args: list[str], name: str) -> str | None:
     return None
 
 
-def run(plan: LaunchPlan) -> None:
+def run(launch: Launch) -> None:
     """Replace this process with the launch (accelerate starts and watches the ranks), using the
     `accelerate` of this Python's environment when there is one."""
-    if plan.kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+    if launch.kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         raise LeafeError("a DeepSpeed config needs deepspeed: pip install deepspeed "
                          "(or use the built-in fsdp: `leafe launch fsdp ...`)")
     beside = Path(sys.executable).parent / "accelerate"
-    program = str(beside) if beside.exists() else plan.command[0]
+    program = str(beside) if beside.exists() else launch.command[0]
     sys.stdout.flush()
     # every rank checks it got this sharding (`leafe.methods.distributed.check_ran`): never silently
     # unsharded; the environment carries a holder's LEAFE_RUN_LOCK to the ranks (`leafe.lock`)
-    os.execvpe(program, [program, *plan.command[1:]], {**os.environ, SHARDING_ENV: plan.sharding})
+    os.execvpe(program, [program, *launch.command[1:]], {**os.environ, SHARDING_ENV: launch.sharding})
 
 
 # Registered in cli.py as `app.command("launch", context_settings=LAUNCH_CONTEXT)(_cli_errors(launch_cmd))`:
@@ -291,10 +293,10 @@ def launch_cmd(
     main_process_ip: Annotated[str | None, typer.Option(help="Rank 0's address (multi-machine).")] = None,
 ) -> None:
     """Run a training command on many GPUs: `leafe launch CONFIG [--dry-run] -- distill --model ...`."""
-    plan = launch_plan(config, list(ctx.args), num_processes=num_processes, num_machines=num_machines,
-                       machine_rank=machine_rank, main_process_ip=main_process_ip)
-    for line in plan.lines:
+    launch = prepare_launch(config, list(ctx.args), num_processes=num_processes, num_machines=num_machines,
+                            machine_rank=machine_rank, main_process_ip=main_process_ip)
+    for line in launch.lines:
         print(line)
-    print(plan.shell())  # one line, never wrapped: copy it to run the launch by hand
+    print(launch.shell())  # one line, never wrapped: copy it to run the launch by hand
     if not dry_run:
-        run(plan)
+        run(launch)

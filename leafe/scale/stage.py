@@ -2,7 +2,9 @@
 settings) to the stage directory and starts `accelerate launch -m leafe.scale.stage JOB` with an
 accelerate config made from the study's `training:` section; every rank runs the method as
 `leafe distill` / `leafe train grpo` would under `leafe launch`, and rank 0 writes the result the
-study reads back.
+study reads back. Which methods launch, and with which settings a rank calls one, is the method
+registry's (`leafe.methods.registry`: the entries whose `launch` is "method"); `sft` trains rows a
+method built itself (Early Experience, `sft_launcher`).
 
 Why a subprocess: the ranks need a process group from their start, and the study's own process holds
 the sampling engine's client and the run's state. The engine is shut down before the launch (one
@@ -31,16 +33,22 @@ from leafe.errors import LeafeError
 from leafe.files import process_rank, read_json, read_jsonl, write_json, write_jsonl, write_text
 from leafe.lock import dying_with_parent, run_lock
 from leafe.method import Job, MethodResult
+from leafe.methods import registry
 from leafe.methods.distributed import SHARDING_ENV, leave_launch
-from leafe.settings import DistillSettings, GenerationSettings, GRPOSettings, SFTSettings, TrainingSettings
+from leafe.settings import GenerationSettings, SFTSettings, TrainingSettings
 from leafe.tracking import Tracker
 
 JOB, RESULT, LOG, CONFIG = "launch_job.json", "launch_result.json", "launch.log", "accelerate.yaml"
 #: training.sharding -> what a rank reports it ran (`leafe.methods.distributed.ran`).
 SHARDING_RAN = {"ddp": "ddp", "fsdp": "fsdp2", "zero3": "zero3"}
-#: The methods a study can launch over processes (sft: Early Experience's trainings, `sft_launcher`).
-LAUNCHED = ("grpo", "distill", "sft")
+#: A launch of rows already built (`sft_launcher`: the SFT of a method whose registry entry has launch "sft").
+SFT = "sft"
 ROWS = "launch_rows.jsonl"
+
+
+def launched() -> list[str]:
+    """What a study can launch over processes: the methods the registry launches whole, and `sft`."""
+    return [m.name for m in registry.methods() if m.launch == "method"] + [SFT]
 
 
 def accelerate_config(training: TrainingSettings, cuda: bool) -> dict[str, Any]:
@@ -78,12 +86,13 @@ def accelerate_config(training: TrainingSettings, cuda: bool) -> dict[str, Any]:
 
 def launch(method: str, job: Job, training: TrainingSettings, **settings: Any) -> MethodResult:
     """Run `method` on `training.processes` processes and return rank 0's result. `settings`: the
-    method's dataclasses by name (grpo: settings, generation; distill: settings, sft)."""
+    method's dataclasses by the names of its parameters (its registry entry's `settings`, and
+    `generation` where it needs one; `sft` for rows already built)."""
     import torch
     import yaml
 
-    if method not in LAUNCHED:
-        raise LeafeError(f"{method} runs in one process; training.processes > 1 is for {', '.join(LAUNCHED)}")
+    if method not in launched():
+        raise LeafeError(f"{method} runs in one process; training.processes > 1 is for {', '.join(launched())}")
     if training.machine_rank != 0:
         raise LeafeError("machine 0 launches the training stages; the others join them with `leafe run` (follow)")
     cuda = torch.cuda.is_available()
@@ -221,12 +230,7 @@ def _run(spec: dict[str, Any], tracker: Tracker) -> dict[str, Any]:
     job = Job(model=spec["model"], out=Path(spec["out"]), inputs=[Path(p) for p in spec["inputs"]],
               device=spec["device"], precision=spec.get("precision"), progress=_LogLines(spec["method"]) if process_rank()[0] == 0 else NoProgress(),
               tracker=tracker)
-    if spec["method"] == "grpo":
-        from leafe.methods.grpo import train_grpo
-
-        generation = GenerationSettings(**settings["generation"]) if "generation" in settings else None
-        return train_grpo(job, GRPOSettings(**settings["settings"]), generation).to_dict()
-    if spec["method"] == "sft":  # rows already built (Early Experience): train them
+    if spec["method"] == SFT:  # rows already built (Early Experience): train them
         from transformers import AutoTokenizer
 
         from leafe.methods.sft import Row, train
@@ -236,11 +240,14 @@ def _run(spec: dict[str, Any], tracker: Tracker) -> dict[str, Any]:
                         SFTSettings(**settings["sft"]), precision=job.precision)
         summary.pop("model")
         return MethodResult("sft", str(job.out), settings["sft"], summary, {}).to_dict()
-    from leafe.methods.distill import NoDistillationRows, distill
+    from leafe.methods.distill import NoDistillationRows
 
+    method = registry.get(spec["method"])
+    own = [cls(**settings[name]) for name, cls in method.settings.items()]
+    generation = {"generation": GenerationSettings(**settings["generation"])} if "generation" in settings else {}
     try:
-        return distill(job, DistillSettings(**settings["settings"]), SFTSettings(**settings["sft"])).to_dict()
-    except NoDistillationRows as empty:
+        return method.load()(job, *own, **generation).to_dict()
+    except NoDistillationRows as empty:  # LEAFE's distillation: stage 1 left nothing to distil
         return {"no_rows": empty.counts, "trees": empty.trees}
 
 

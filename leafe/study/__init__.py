@@ -1,2 +1,2 @@
-"""`leafe run`: a study config (config), its stage plan and execution (plan), the report (report,
-show)."""
+"""`leafe run`: a study config (config), what its stages are (stages; their resources: budget), running
+them (runner, parallel; study: `Study`, results.json), the report (report, show)."""

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from leafe.envs import env_class
 from leafe.errors import LeafeError
+from leafe.methods.logprob_chunk import CHUNK
 from leafe.study.config import EMBEDDED, StudyConfig
 from leafe.study.shape import ModelShape, read_shape
 
 if TYPE_CHECKING:
-    from leafe.study.plan import Study
+    from leafe.study.stages import StageGraph
 
 GB = 1e9  # resources.gpu_memory_gb is read in decimal GB, as GPUs are sold (an "80 GB" GPU has a bit more)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # "auto" is bf16 on GPUs, for vLLM and hf alike
@@ -32,7 +33,6 @@ ACTIVATION_BYTES, CHECKPOINTED_BYTES = 34, 2
 #: The head's output at scored positions only, in the training dtype (2 bytes in bf16), plus one fp32
 #: chunk of log-softmax and its gradient (`leafe.methods.token_logprobs`).
 HEAD_BYTES, CHUNK_BYTES = 2, 8
-CHUNK = 4096  # leafe.methods.token_logprobs.CHUNK (that module loads torch; a dry run does not)
 TRAIN_BYTES = {"weights": 4, "grads": 4, "adamw": 8}  # per parameter: fp32 master weights, gradients, AdamW
 ASSUMED_PARAMS = 7e9  # the model size resources.tokens_per_s_per_gpu is stated for
 
@@ -62,7 +62,7 @@ class StageNeed:
 
 
 @dataclass
-class ResourcePlan:
+class ResourceEstimate:
     stages: list[StageNeed]
     assumption: str
     checked: str  # what the GPU check did, or why it did not run
@@ -80,7 +80,7 @@ def turn_limit(env: str, params: dict[str, Any]) -> int:
     return DEFAULT_TURNS
 
 
-class _Planner:
+class _Estimator:
     def __init__(self, config: StudyConfig, shape: ModelShape | None, gpu_bytes: float | None):
         self.c, self.shape, self.gpu = config, shape, gpu_bytes
         self.gen = config.generation_settings()
@@ -241,37 +241,37 @@ class _Planner:
         return []  # bootstrap: the embedded agent, built on the CPU
 
 
-def plan(config: StudyConfig, study: Study) -> ResourcePlan:
+def resources(config: StudyConfig, graph: StageGraph) -> ResourceEstimate:
     """Every stage's GPUs, memory per GPU, tokens and hours, and the refusal when it cannot fit."""
     r = config.resources
-    shape = None if config.model == EMBEDDED else read_shape(study.base_model())
+    shape = None if config.model == EMBEDDED else read_shape(graph.base_model())
     gpu = r.gpu_memory_gb * GB if r.gpu_memory_gb is not None and r.gpus else None
-    planner = _Planner(config, shape, gpu)
-    stages = [need for stage in study.plan() for need in planner.stage(stage.key)]
+    estimator = _Estimator(config, shape, gpu)
+    stages = [need for stage in graph.stages() for need in estimator.stage(stage.key)]
     assumption = (f"hours at {r.tokens_per_s_per_gpu:g} tokens/s per GPU for a 7B model (resources.tokens_per_s_per_gpu), "
                   f"scaled by 7B / model size, times the GPUs generating; tokens are upper bounds; a training "
                   f"stage's total counts the larger of its sampling KV and its activations (never held together)")
     if shape is None or not r.gpus:
         why = ("set resources.gpus and resources.gpu_memory_gb" if shape else
                "the embedded agent is tiny: memory negligible" if config.model == EMBEDDED else
-               f"{study.base_model()} has no config.json to size the model from")
-        return ResourcePlan(stages, assumption, f"not checked: {why}")
+               f"{graph.base_model()} has no config.json to size the model from")
+        return ResourceEstimate(stages, assumption, f"not checked: {why}")
     checked = (f"checked against {r.gpus} GPUs of {r.gpu_memory_gb:g} GB" if gpu else
                f"GPU count checked ({r.gpus}); memory not checked: set resources.gpu_memory_gb")
-    return ResourcePlan(stages, assumption, checked, refusal(planner, stages))
+    return ResourceEstimate(stages, assumption, checked, refusal(estimator, stages))
 
 
-def refusal(planner: _Planner, stages: list[StageNeed]) -> str | None:
+def refusal(estimator: _Estimator, stages: list[StageNeed]) -> str | None:
     """One line: the first stage that cannot fit, what it needs, what a GPU has, the knob to change."""
-    g, gpus, gpu = planner.gen, planner.c.resources.gpus, planner.gpu
+    g, gpus, gpu = estimator.gen, estimator.c.resources.gpus, estimator.gpu
     if g.backend == "vllm" and g.gpus > gpus:
         return (f"generation needs tensor_parallel_size x data_parallel_size = {g.gpus} GPUs but resources.gpus is "
                 f"{gpus}: lower generation.data_parallel_size")
-    if g.backend == "vllm" and planner.shape.heads % g.tensor_parallel_size:
+    if g.backend == "vllm" and estimator.shape.heads % g.tensor_parallel_size:
         return (f"generation.tensor_parallel_size ({g.tensor_parallel_size}) must divide the model's "
-                f"{planner.shape.heads} attention heads")
-    if planner.training_settings.processes > gpus:
-        return (f"training.processes ({planner.training_settings.processes}) is more than resources.gpus ({gpus}): "
+                f"{estimator.shape.heads} attention heads")
+    if estimator.training_settings.processes > gpus:
+        return (f"training.processes ({estimator.training_settings.processes}) is more than resources.gpus ({gpus}): "
                 f"one process per GPU")
     short = [s for s in stages if gpu is not None and s.minimum > s.usable * gpu]
     if not short:
@@ -292,10 +292,10 @@ def breakdown(s: StageNeed) -> str:
     return ", ".join(f"{name} {value / GB:.1f}" for name, value in parts if value)
 
 
-def check(config: StudyConfig, study: Study) -> None:
+def check(config: StudyConfig, graph: StageGraph) -> None:
     """Refuse, in one LeafeError line, a config whose stages cannot fit `resources:` (unset: no check).
     Both `leafe run` and `leafe run --dry-run` call it before any stage starts."""
     if config.resources.gpus is None or config.model == EMBEDDED:
         return
-    if found := plan(config, study).refusal:
+    if found := resources(config, graph).refusal:
         raise LeafeError(found)

@@ -23,14 +23,17 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from leafe import configs as builtin_configs
 from leafe.errors import LeafeError
 from leafe.files import read_text
+from leafe.methods import registry
+from leafe.methods.registry import Method
 from leafe.settings import (
     ACESettings,
     DistillSettings,
@@ -39,13 +42,13 @@ from leafe.settings import (
     ExploreSettings,
     GenerationSettings,
     GRPOSettings,
+    SamplingSettings,
     SFTSettings,
     TrackingSettings,
     TrainingSettings,
 )
 from leafe.study.shape import read_shape
 
-METHODS = ("base", "grpo", "leafe", "early_experience", "ace")
 #: Where a method starts: the base model, or GRPO's checkpoint. The paper's protocol starts LEAFE,
 #: Early Experience and ACE from GRPO's (../shared/LEAFE.md; its ACE rows sit at GRPO's level, which
 #: no playbook on the base reaches): started from the base, a baseline is a training stage behind.
@@ -59,8 +62,10 @@ class _Section(BaseModel):
 
 
 class TrainTasks(_Section):
-    tasks: int = Field(64, ge=1)
-    task_seed: int = 5000
+    """`train:`: the tasks every training stage plays; by default a sampling stage's own."""
+
+    tasks: int = Field(SamplingSettings.tasks, ge=1)
+    task_seed: int = SamplingSettings.task_seed
 
 
 class LeafeSection(_Section):
@@ -74,23 +79,41 @@ class LeafeSection(_Section):
 class EarlyExperienceSection(_Section):
     #: The checkpoint that samples the alternatives and that the SFT fine-tunes (the paper: GRPO's).
     start: Start = "grpo"
-    variant: str = "iwm"
+    variant: str = EarlyExperienceSettings.variant
     tasks: int | None = None
     sft: dict[str, Any] = {}
     settings: dict[str, Any] = {}
 
 
-class ACESection(_Section):
+class MethodSection(_Section):
+    """A method's section that is `start` and its settings' keys: ACE's, and that of a method registered
+    beyond the built-in ones (`leafe.methods.registry`), where a settings parameter other than
+    `settings` (e.g. `sft`) is a mapping of its own (`StudyConfig.settings_of`)."""
+
+    model_config = ConfigDict(extra="allow")
+    start: Start | None = None  # None: the start its registry entry names
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ACESection(MethodSection):
     """`ace:`: where ACE starts, and every other key an `ACESettings` field (checked by `ace_settings`,
     which names the known ones)."""
 
-    model_config = ConfigDict(extra="allow")
     #: The checkpoint that plays the rounds the playbook grows from, and that is evaluated with the
     #: playbook (the paper: GRPO's).
     start: Start = "grpo"
 
-    def settings(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+
+def _registered(name: str) -> str:
+    """`name`, when it is a method a study can compare (the registry's); else pydantic's refusal of a
+    value outside a Literal, naming the known ones."""
+    names = registry.compared_names()
+    if name not in names:
+        expected = f"{', '.join(map(repr, names[:-1]))} or {names[-1]!r}"
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+    return name
 
 
 class Resources(_Section):
@@ -105,6 +128,11 @@ class Resources(_Section):
 
 
 class StudyConfig(_Section):
+    #: A top-level key that is not a field below is a registered method's section (`MethodSection`);
+    #: any other is refused (`_known_keys`).
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, MethodSection]
+
     name: str
     env: str = "sokoban"
     env_params: dict[str, Any] = {}
@@ -117,9 +145,9 @@ class StudyConfig(_Section):
     training: dict[str, Any] = {}
     resources: Resources = Resources()
     #: Stages run side by side, each in its own process with an equal share of the CPU cores: on a
-    #: small CPU machine a stage leaves a core idle while its Python steps envs and samples, and two
-    #: evaluations side by side took 0.82x the wall of one after the other (BENCHMARKS.md). Stages on
-    #: GPUs take every GPU, so 1 there (`leafe run` refuses more on a machine with a GPU).
+    #: small CPU machine a stage leaves a core idle while its Python steps envs and samples, so two
+    #: evaluations side by side end sooner than one after the other (BENCHMARKS.md, "Stages side by
+    #: side"). Stages on GPUs take every GPU, so 1 there (`leafe run` refuses more on a machine with a GPU).
     parallel_stages: int = Field(1, ge=1, le=64)
     #: The date a chat template that writes one renders; `leafe run` pins today's in run.json at the
     #: first run of a model whose template reads it, so a resumed run renders the same tokens.
@@ -127,13 +155,27 @@ class StudyConfig(_Section):
     #: Experiment trackers every stage reports to (`leafe.tracking`): tensorboard, trackio, wandb, mlflow.
     #: One tracker run per study, in RUN/tracking; no stage's fingerprint holds it.
     report_to: list[str] | str = []
-    methods: list[Literal["base", "grpo", "leafe", "early_experience", "ace"]] = list(METHODS)
+    #: The methods compared, each a name of the registry's (`leafe.methods.registry.compared`); all by default.
+    methods: list[Annotated[str, AfterValidator(_registered)]] = Field(default_factory=registry.compared_names)
     train: TrainTasks = TrainTasks()
     eval: dict[str, Any] = {}
     grpo: dict[str, Any] = {}
     leafe: LeafeSection = LeafeSection()
     early_experience: EarlyExperienceSection = EarlyExperienceSection()
     ace: ACESection = ACESection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        """Refuse a top-level key that is neither a field nor a registered method's section, as pydantic
+        refuses an unknown key (its error names the key)."""
+        if isinstance(data, dict):
+            known = set(cls.model_fields) | set(registry.compared_names()) - {registry.BASE}
+            for key, value in data.items():
+                if key not in known:
+                    raise ValidationError.from_exception_data(
+                        cls.__name__, [{"type": "extra_forbidden", "loc": (key,), "input": value}])
+        return data
 
     # -- the settings of each stage ------------------------------------------------------------
     def _shared(self) -> dict[str, Any]:
@@ -215,10 +257,54 @@ class StudyConfig(_Section):
         return _settings(ACESettings, {**self.train.model_dump(), **self.ace.settings()}, "ace",
                          **self._shared())
 
+    def section(self, method: str) -> Any:
+        """The config section of compared method `method`: a built-in one as declared above, a
+        registered one's `MethodSection` (empty when the config has none)."""
+        if method in type(self).model_fields:
+            return getattr(self, method)
+        return (self.model_extra or {}).get(method) or MethodSection()
+
     def start_of(self, method: str) -> str | None:
-        """Where `method` starts: "base" or "grpo" (GRPO's checkpoint); None for the base itself."""
-        return {"base": None, "grpo": "base", "leafe": self.leafe.start,
-                "early_experience": self.early_experience.start, "ace": self.ace.start}[method]
+        """Where `method` starts: "base" or "grpo" (GRPO's checkpoint): its section's `start`, else
+        its registry entry's; None for the base itself."""
+        if method == registry.BASE:
+            return None
+        default = next(c.start for c in registry.compared() if c.name == method)
+        return getattr(self.section(method), "start", None) or default
+
+    def settings_of(self, method: Method) -> dict[str, Any]:
+        """The settings `method` runs with in this study, by the name of its parameter. The built-in
+        methods' sections keep the shapes configs write (the builders above); a registered method's
+        section is read the one generic way (`_registered_settings`)."""
+        built_in = {
+            "eval": lambda: {"settings": self.eval_settings()},
+            "grpo": lambda: {"settings": self.grpo_settings()},
+            "explore": lambda: {"settings": self.explore_settings()},
+            "distill": lambda: {"settings": self.distill_settings(), "sft": self.distill_sft()},
+            "early_experience": lambda: {"settings": self.early_experience_settings(),
+                                         "sft": self.early_experience_sft()},
+            "ace": lambda: {"settings": self.ace_settings()},
+        }
+        return built_in[method.name]() if method.name in built_in else self._registered_settings(method)
+
+    def _registered_settings(self, method: Method) -> dict[str, Any]:
+        """A registered method's settings from its section: `settings` from its keys, any other
+        parameter from the mapping under its name. A sampling method's default tasks are `train:`'s
+        and the env is the study's; a training one checkpoints activations as the built-in ones do."""
+        section = self.section(method.study).settings()
+        built = {}
+        for param, cls in method.settings.items():
+            where = method.study if param == "settings" else f"{method.study}.{param}"
+            keys = ({k: v for k, v in section.items() if k not in method.settings} if param == "settings" else
+                    section.get(param, {}))
+            if not isinstance(keys, dict):
+                raise LeafeError(f"{where} must be a mapping of {cls.__name__} keys (got {keys!r})")
+            sampling = issubclass(cls, SamplingSettings)
+            defaults = {**(self.train.model_dump() if sampling else {}),
+                        **(self._checkpointing() if "activation_checkpointing" in {f.name for f in fields(cls)}
+                           else {})}
+            built[param] = _settings(cls, {**defaults, **keys}, where, **(self._shared() if sampling else {}))
+        return built
 
     def check(self) -> None:
         """Build every stage's settings once, so a bad key fails before the first stage runs."""
@@ -228,15 +314,9 @@ class StudyConfig(_Section):
         self.generation_settings()
         self.training_settings()
         self.tracking_settings()
-        for method, builders in {
-            "grpo": [self.grpo_settings],
-            "leafe": [self.explore_settings, self.distill_settings, self.distill_sft],
-            "early_experience": [self.early_experience_settings, self.early_experience_sft],
-            "ace": [self.ace_settings],
-        }.items():
-            if method in self.methods:
-                for build in builders:
-                    build()
+        for method in registry.methods():
+            if method.study in self.methods:
+                self.settings_of(method)
         processes = self.training_settings().world
         if "grpo" in self.methods and self.grpo_settings().tasks_per_step % processes:
             raise LeafeError(f"grpo.tasks_per_step ({self.grpo_settings().tasks_per_step}) must be a multiple of "

@@ -2,20 +2,22 @@
 in a process of its own with an equal share of the CPU cores.
 
 Why: on a small CPU machine one stage leaves a core idle whenever its Python steps the envs, packs
-caches and samples, while the model's kernels use both. Two evaluations of the embedded agent side by
-side, one thread each, took 0.82x the wall of the two one after the other (BENCHMARKS.md).
+caches and samples, while the model's kernels use both. So two evaluations of the embedded agent side
+by side, one thread each, end sooner than the two one after the other (BENCHMARKS.md, "Stages side by
+side").
 
 How:
-- A stage process rebuilds the study from its config and runs that one stage (`Study.run_stage`),
-  so a stage does exactly what it does in a sequential run and records the same stage.json. Its
+- A stage process rebuilds the stage graph from the config and runs that one stage with a runner of
+  its own (`StageRunner.run_stage`), so a stage does exactly what it does in a sequential run and
+  records the same stage.json. Its
   progress comes back over a queue; its stdout and stderr go to `stage.log` in its directory.
 - A stage starts once every stage in its `after` has finished. Among the ready ones, the stage with
   the longest chain of stages waiting on it goes first: GRPO before the base evaluation, since LEAFE's
   stages wait for GRPO.
 - The cores are shared equally by the stages running, and shared again whenever one starts or ends
   (a stage left alone takes every core back). Favouring the longest chain instead (its stages every
-  core, the others one thread at `nice 10`; commit b0ee1b1) made GRPO slower beside the evaluations,
-  not faster: 7:42 against 7:09 (BENCHMARKS.md).
+  core, the others one thread at `nice 10`) made GRPO slower beside the evaluations, not faster, and
+  the evaluations slower too (BENCHMARKS.md, "The demo study").
 - When a stage fails, no new stage starts; those running are left to finish (nothing they compute is
   lost), then the failure is raised, naming the stage and its log.
 """
@@ -33,6 +35,7 @@ from typing import Any
 from leafe.errors import LeafeError
 from leafe.lock import die_with_parent
 from leafe.method import Progress
+from leafe.study.stages import Stage, StageGraph
 
 #: Seconds between checks that every stage process is still alive while no message comes.
 _POLL_S = 1.0
@@ -79,12 +82,13 @@ def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any,
     die_with_parent(parent)  # a stage left running by a killed study would write beside its rerun
     # Before torch is imported: its thread pool starts at this size.
     os.environ["OMP_NUM_THREADS"] = str(threads.value)
-    from leafe.study.plan import Study
+    from leafe.study.runner import StageRunner
 
-    study = Study(config, out)
-    stage = next(s for s in study.plan() if s.key == key)
+    graph = StageGraph(config, out)
+    runner = StageRunner(graph)
+    stage = next(s for s in graph.stages() if s.key == key)
     # A stale directory is emptied before the log opens in it, not after (run_stage then finds it "todo").
-    directory = study.ready_dir(stage, study.status(stage))
+    directory = runner.ready_dir(stage, graph.status(stage))
     log = open(directory / "stage.log", "a", buffering=1)  # noqa: SIM115 (it is the process's stdout until exit)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -92,8 +96,8 @@ def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any,
     os.dup2(log.fileno(), 2)
     code = 0
     try:
-        study.run_stage(stage, study.status(stage), _QueueProgress(messages, key, threads))
-        study._release()
+        runner.run_stage(stage, graph.status(stage), _QueueProgress(messages, key, threads))
+        runner.release()
         messages.put((key, "done", None))
     except BaseException as exc:  # noqa: BLE001 (whatever it is, the parent must hear of it)
         traceback.print_exc()
@@ -107,7 +111,7 @@ def _stage_process(config: Any, out: str, key: str, threads: Any, messages: Any,
     sys.exit(code)
 
 
-def _chain_lengths(stages: list) -> dict[str, int]:
+def _chain_lengths(stages: list[Stage]) -> dict[str, int]:
     """For each stage, the number of stages on the longest chain that waits on it (itself included)."""
     waiting: dict[str, list[str]] = {s.key: [] for s in stages}
     for s in stages:
@@ -139,12 +143,12 @@ def refuse_gpu() -> None:
                          "(or hide the GPUs with CUDA_VISIBLE_DEVICES=)")
 
 
-def run_side_by_side(study: Any, stages: list, workers: int,
-                     progress_for: Callable[[int, int, Any, str], Progress],
-                     on_finish: Callable[[Any], None] | None = None) -> None:
-    """Run the stages of `study` not already done, up to `workers` at a time (see the module's text)."""
+def run_side_by_side(graph: StageGraph, stages: list[Stage], workers: int,
+                     progress_for: Callable[[int, int, Stage, str], Progress],
+                     on_finish: Callable[[Stage], None] | None = None) -> None:
+    """Run the stages of `graph` not already done, up to `workers` at a time (see the module's text)."""
     index = {s.key: i for i, s in enumerate(stages)}
-    states = {s.key: study.status(s) for s in stages}
+    states = {s.key: graph.status(s) for s in stages}
     finished = {k for k, state in states.items() if state == "done"}
     for s in stages:
         if s.key in finished:
@@ -176,7 +180,7 @@ def run_side_by_side(study: Any, stages: list, workers: int,
                 shares[stage.key] = context.Value("i", share, lock=False)
                 progress = progress_for(index[stage.key], len(stages), stage, states[stage.key])
                 process = context.Process(target=_stage_process, name=f"leafe-stage-{stage.key}",
-                                          args=(study.config, str(study.out), stage.key, shares[stage.key], messages,
+                                          args=(graph.config, str(graph.out), stage.key, shares[stage.key], messages,
                                                 os.getpid()))
                 process.start()
                 running[stage.key] = (process, progress)
@@ -218,7 +222,7 @@ def run_side_by_side(study: Any, stages: list, workers: int,
         messages.join_thread()
     if failure is not None:
         key, line, is_ours = failure
-        log = study.stage_dir(key) / "stage.log"
+        log = graph.stage_dir(key) / "stage.log"
         if is_ours:
             raise LeafeError(line)
         raise LeafeError(f"stage {key} failed: {line} (the traceback is in {log})")

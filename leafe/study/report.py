@@ -15,11 +15,11 @@ from typing import Any
 
 from leafe.errors import LeafeError
 from leafe.files import expect, read_json, write_text
+from leafe.methods import registry
 from leafe.passk import compare_tasks
 from leafe.trees import read_trees
 
 COLORS = {"base": "#6b7280", "grpo": "#d97706", "leafe": "#059669", "early_experience": "#2563eb", "ace": "#9333ea"}
-NAMES = {"base": "Base", "grpo": "GRPO", "leafe": "LEAFE", "early_experience": "Early Experience", "ace": "ACE"}
 #: Tasks shown in the tree viewer: the most instructive first (a branch that succeeded, then any branch).
 TREES_SHOWN = 6
 SOKOBAN_CELLS = {"#": "wall", "_": "floor", "@": "player", "+": "player goal", "$": "box", "*": "box goal", ".": "goal"}
@@ -106,7 +106,7 @@ def starts_of(results: dict[str, Any]) -> dict[str, tuple[str, str]]:
     if not starts and results.get("leafe_start"):  # an older results.json
         starts = {name: (results["leafe_start"] if name == "leafe" else "base", "")
                   for name in methods if name != "base"}
-    return {name: (NAMES.get(start, start), path) for name, (start, path) in starts.items()}
+    return {name: (registry.label(start), path) for name, (start, path) in starts.items()}
 
 
 def passk_table(methods: dict[str, Any], starts: dict[str, tuple[str, str]] | None = None) -> str:
@@ -129,7 +129,7 @@ def passk_table(methods: dict[str, Any], starts: dict[str, tuple[str, str]] | No
             cells.append(f"<td{mark}>{100 * value:.1f}<span class=ci>[{100 * lo:.1f}, {100 * hi:.1f}]</span></td>")
         label, path = starts.get(name, ("-", ""))
         start = f"<td class=start title='{e(path)}'>{e(label)}</td>" if starts else ""
-        rows.append(f"<tr><th><i class=dot style='background:{COLORS.get(name, '#000')}'></i>{e(NAMES.get(name, name))}"
+        rows.append(f"<tr><th><i class=dot style='background:{COLORS.get(name, '#000')}'></i>{e(registry.label(name))}"
                     f"</th>{start}{''.join(cells)}</tr>")
     said = (" Starts from: the model each method began with (GRPO: GRPO's checkpoint; hover for its path); ACE "
             "plays it with the playbook in its system prompt." if starts else "")
@@ -152,7 +152,7 @@ def differences_table(methods: dict[str, Any]) -> str:
             d, (lo, hi) = vs[k]["diff"], vs[k]["ci95"]
             mark = " class=up" if lo > 0 else " class=down" if hi < 0 else ""
             cells.append(f"<td{mark}>{100 * d:+.1f}<span class=ci>[{100 * lo:+.1f}, {100 * hi:+.1f}]</span></td>")
-        rows.append(f"<tr><th><i class=dot style='background:{COLORS.get(name, '#000')}'></i>{e(NAMES.get(name, name))}"
+        rows.append(f"<tr><th><i class=dot style='background:{COLORS.get(name, '#000')}'></i>{e(registry.label(name))}"
                     f"</th>{''.join(cells)}</tr>")
     return ("<h3>Against the base, task by task</h3><table class=passk>" + "".join(rows) + "</table><p class=note>"
             "Points of Pass@k above the base on the same tasks; the 95% bootstrap interval resamples tasks and keeps "
@@ -198,14 +198,14 @@ def curves_svg(methods: dict[str, Any], width: int = 720, height: int = 400) -> 
                      f"<polyline class=curve points='{line}' stroke='{color}' />")
         for k, v in points:
             parts.append(f"<circle cx={x(k):.1f} cy={y(v):.1f} r=3.5 fill='{color}'>"
-                         f"<title>{e(NAMES.get(name, name))}: Pass@{k} = {100 * v:.1f}%</title></circle>")
+                         f"<title>{e(registry.label(name))}: Pass@{k} = {100 * v:.1f}%</title></circle>")
         parts.append("</g>")
     for i, name in enumerate(methods):  # legend entries toggle their method's curve (script below)
         color, ly = COLORS.get(name, "#111"), top + 10 + 22 * i
         parts.append(f"<g class=legend-item data-method='{e(name)}'><rect x={left + plot_w + 12} y={ly - 9} "
                      f"width=150 height=18 fill=transparent /><line x1={left + plot_w + 18} x2={left + plot_w + 40} "
                      f"y1={ly} y2={ly} stroke='{color}' stroke-width=3 /><text class=legend x={left + plot_w + 46} "
-                     f"y={ly + 4}>{e(NAMES.get(name, name))}</text></g>")
+                     f"y={ly + 4}>{e(registry.label(name))}</text></g>")
     parts.append("</svg><p class=note>Shaded: 95% bootstrap interval over tasks. Click a legend entry to hide or "
                  "show its curve.</p>")
     return "".join(parts)

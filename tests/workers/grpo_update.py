@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
     checksum = sum(float(w.double().sum()) for _, w in full_weights(trainer.accelerator.unwrap_model(trainer.policy)))
     timings = []
     for i in range(args.updates - 1):  # the first update above warms up; these are timed (benchmarks)
-        trainer._barrier()
+        trainer.barrier()
         started = time.perf_counter()
         trainer.update(samples[rank::world], seed=12 + i)
         updated = time.perf_counter()

@@ -166,9 +166,7 @@ class SokobanEnv(Env):
         return d is not None and d <= moves_left
 
     def step(self, action: str) -> StepResult:
-        room, state = self._require_started()
-        if self._done:
-            raise RuntimeError("step() after the episode ended; call reset() first")
+        room, state = self._require_started(ended=self._done)
         self._steps += 1
         info: dict = {"invalid": False, "moved": False, "pushed": False}
         direction = parse_direction(action)
@@ -259,7 +257,6 @@ class SokobanEnv(Env):
     def restore(self, snapshot: tuple) -> None:
         self._room, self._state, self._steps, self._done, self._table = snapshot
 
-    def _require_started(self) -> tuple[Room, State]:
-        if self._room is None or self._state is None:
-            raise RuntimeError("the Sokoban env has no level yet; call reset(task) first")
+    def _require_started(self, ended: bool = False) -> tuple[Room, State]:
+        self.check_running(started=self._room is not None and self._state is not None, ended=ended, what="level")
         return self._room, self._state

