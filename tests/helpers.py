@@ -7,11 +7,13 @@ it is needed, not here."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 from leafe.backends.base import Backend, BackendStats, Completion, SamplingParams
@@ -252,3 +254,18 @@ def two_rank_config(path: Path) -> Path:
         "num_machines": 1, "num_processes": 2, "machine_rank": 0, "main_process_ip": "127.0.0.1",
         "main_process_port": port, "rdzv_backend": "static", "same_network": True, "use_cpu": False}))
     return path
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """A test server's request handler that answers JSON (`_send`) and logs nothing."""
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, answer: dict) -> None:
+        body = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)

@@ -8,11 +8,12 @@ import json
 import math
 import threading
 import warnings
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import JSONHandler
 
 from leafe.backends.base import SamplingParams
 from leafe.episode import Episode, Step
@@ -191,19 +192,8 @@ def test_vllm_reports_no_made_up_logprob_for_a_token_without_one(tiny_tokenizer)
     assert completion.logprobs == [-0.25, None, -1.5, None]
 
 
-class _LogprobServer(BaseHTTPRequestHandler):
+class _LogprobServer(JSONHandler):
     """Answers /completions with ids and a log-prob list that has a null and stops short."""
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, answer):
-        body = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self):
         self._send({"data": [{"id": "served"}]})

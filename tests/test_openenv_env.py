@@ -16,11 +16,11 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import free_port, leafe, scripted_explorer
+from helpers import JSONHandler, free_port, leafe, scripted_explorer
 
 from leafe.chat import ChatFormat
 from leafe.envs import EnvError, make
@@ -170,24 +170,13 @@ def test_eval_and_train_grpo_run_through_the_server(server, tiny_model_dir, tmp_
     assert all(t["n"] == 2 for t in result["tasks"]) and result["env_steps"] >= 2 * 2
 
 
-class _Completions(BaseHTTPRequestHandler):
+class _Completions(JSONHandler):
     """An OpenAI-compatible completions server whose replies a scripted stage-1 agent writes: it looks
     until told an experience, then walks right to the goal of the prompt's first observation."""
 
     fmt: ChatFormat
     reply = staticmethod(scripted_explorer(
         lambda text: ["right"] * (lambda p, g: g - p)(*map(int, GOAL.search(text).groups())), "look"))
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, answer: dict) -> None:
-        body = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self):
         self._send({"data": [{"id": "scripted"}]})
