@@ -13,6 +13,7 @@ from leafe.errors import LeafeError
 from leafe.method import Job
 from leafe.methods.ace import Bullet, Playbook, load_playbook, similarity, train_ace
 from leafe.prompts import SYSTEM_PROMPT, bullet_line, parse_bullet_reflection, playbook_system_prompt
+from leafe.rundir import RUN_FORMAT
 from leafe.settings import ACESettings
 
 REFLECTOR_ASKS = "Bullet: <lesson>"  # the last line of every reflector prompt
@@ -128,6 +129,7 @@ def test_train_ace_builds_and_resumes(tiny_tokenizer, tmp_path):
     assert summary.cost["env_steps"] == 6 * 3
     assert load_playbook(tmp_path / "playbook.json") == [
         bullet_line(x["id"], x["helpful"], x["harmful"], x["text"]) for x in saved["lessons"]]
+    assert saved["settings"]["format"] == RUN_FORMAT  # the run format a rerun must match to resume
     # The reflector is greedy by default, told the outcome and which bullets were in play.
     assert {t for _, t in backend.reflections} == {0.0}
     assert all("This attempt failed (reward 0)" in text for text, _ in backend.reflections)
@@ -178,12 +180,23 @@ def test_a_reflection_with_no_room_in_the_context_is_skipped_and_counted(tiny_to
     assert backend.reflections == []
 
 
-def test_load_playbook_errors_and_playbooks_from_before_ids(tmp_path):
+def test_load_playbook_errors_and_playbooks_of_another_run_format(tmp_path):
     with pytest.raises(LeafeError, match="does not exist"):
         load_playbook(tmp_path / "none.json")
     (tmp_path / "bad.json").write_text('{"lessons": [{"nope": 1}]}')
     with pytest.raises(LeafeError, match="not a playbook"):
         load_playbook(tmp_path / "bad.json")
-    (tmp_path / "old.json").write_text('{"lessons": [{"text": "push from behind", "helpful": 2}, {"text": "b"}]}')
-    assert load_playbook(tmp_path / "old.json") == ["[ctx-00001] helpful=2 harmful=0 :: push from behind",
-                                                    "[ctx-00002] helpful=0 harmful=0 :: b"]
+    (tmp_path / "no-ids.json").write_text('{"lessons": [{"text": "push from behind", "helpful": 2}]}')
+    with pytest.raises(LeafeError, match="not a playbook"):  # bullets have ids
+        load_playbook(tmp_path / "no-ids.json")
+    lessons = [{"id": "ctx-00001", "text": "push from behind", "helpful": 2}]
+    (tmp_path / "mine.json").write_text(json.dumps({"lessons": lessons}))  # made by hand: no settings record
+    assert load_playbook(tmp_path / "mine.json") == ["[ctx-00001] helpful=2 harmful=0 :: push from behind"]
+    # One `leafe train ace` wrote in another run format (0: before formats were recorded) is refused.
+    for found, settings in ((0, {"tasks": 4}), (RUN_FORMAT + 1, {"tasks": 4, "format": RUN_FORMAT + 1})):
+        (tmp_path / "old.json").write_text(json.dumps({"settings": settings, "lessons": lessons}))
+        with pytest.raises(LeafeError) as refused:
+            load_playbook(tmp_path / "old.json")
+        assert str(refused.value) == (f"--playbook {tmp_path / 'old.json'} was written by leafe run format {found}, "
+                                      f"and this leafe reads format {RUN_FORMAT}: build it again with leafe train ace "
+                                      f"--out DIR")

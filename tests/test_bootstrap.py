@@ -11,6 +11,7 @@ import pytest
 from leafe.base_agent.bootstrap import build
 from leafe.envs import Task, make
 from leafe.envs.sokoban.oracle import Expert, first_mistake, oracle_experience, reflection_reply
+from leafe.rundir import RUN_FORMAT
 from leafe.settings import BootstrapConfig
 
 TINY = BootstrapConfig(fragments=64, reflection_fragments=24, episodes=24, vocab_size=400, hidden_size=32, layers=1, heads=2,
@@ -37,6 +38,7 @@ def test_bootstrap_writes_a_loadable_model_directory(tiny_agent):
     assert set(summary["data"]["by_kind"]) <= {"fragment", "reflect-fragment", "demo", "reflect", "experience"}
     assert all(phase["steps"] >= 1 for phase in summary["training"].values())
     assert json.loads((out / "bootstrap.json").read_text())["config_hash"] == TINY.digest()
+    assert summary["format"] == RUN_FORMAT  # the run format of the cached agent (also in its digest)
     assert backend.model.config.model_type == "llama"
 
 
@@ -105,19 +107,21 @@ def test_bootstrap_cli_builds_into_out(tmp_path):
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
-def test_a_knob_added_later_keeps_the_digest_of_the_builds_before_it():
-    # The default agent is cached under its digest (make demo builds it once); adding a knob at the
-    # value that reproduces older builds must not rename that cache and force an 8-minute rebuild.
-    # (Only a new GENERATOR does: the data changed, so the old cache must not be reused.)
-    # The default (plans, weight 10, 16k moves, 1k reflections) is the name the same recipe had when
-    # it was built with flags, and the default before it keeps its own.
-    assert BootstrapConfig().digest() == "f52a886ddef8"
-    plain = BootstrapConfig(fragments=10000, reflection_fragments=3000, decision_weight=1.0, plans=False)
-    assert plain.digest() == "905e9498376d"
-    assert replace(plain, decision_weight=10.0).digest() != plain.digest()
-    assert replace(plain, plans=True).digest() != plain.digest()
-    for knob in ({"experience_episodes": 1000}, {"tokenizer": "pieces"}, {"kv_heads": 1}):
-        assert replace(BootstrapConfig(), **knob).digest() != BootstrapConfig().digest()
+def test_the_digest_holds_every_knob_but_save_every_the_generator_and_the_run_format(monkeypatch):
+    # The default agent is cached under its digest (make demo builds it once): the name changes only
+    # when what is built does (a knob, the example generator) or the run format does, and then the
+    # agent is built again under the new name. Pinned, so a change to it is never an accident.
+    assert BootstrapConfig().digest() == "c758ece03642"
+    for knob in ({"decision_weight": 1.0}, {"plans": False}, {"experience_episodes": 1000}, {"tokenizer": "pieces"},
+                 {"kv_heads": 1}, {"fragments": 10000}, {"seed": 1}):
+        assert replace(BootstrapConfig(), **knob).digest() != BootstrapConfig().digest(), knob
+    assert replace(BootstrapConfig(), save_every=7).digest() == BootstrapConfig().digest()  # a resumed build is the same
+    from leafe.settings import base_agent
+
+    for name in ("GENERATOR", "RUN_FORMAT"):
+        with monkeypatch.context() as patch:
+            patch.setattr(base_agent, name, getattr(base_agent, name) + 1)
+            assert BootstrapConfig().digest() != "c758ece03642", name
 
 
 OPEN_ROOM = "######\n#    #\n# $@ #\n#    #\n#.   #\n######"

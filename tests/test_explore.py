@@ -19,6 +19,7 @@ from leafe.method import Job
 from leafe.methods.distill import build_rows
 from leafe.methods.explore import explore
 from leafe.prompts import REFLECTION_PROMPT
+from leafe.rundir import RUN_FORMAT
 from leafe.settings import DistillSettings, ExploreSettings
 from leafe.trees import read_trees
 
@@ -76,9 +77,9 @@ def test_without_stop_on_success_a_task_explores_its_whole_budget_and_gives_more
     assert cf_rows_per_task(grown) == [8, 6] and all(t["env_steps"] == 60 for t in grown)
     for tree in grown:
         assert sum(n.parent is None for n in tree["nodes"]) == 4 and "stopped" not in {n.outcome for n in tree["nodes"]}
-    # A directory explored before the knob existed stopped at the first success: its settings read
-    # the same as stop_on_success=True, so it resumes under that and is refused under the default.
-    assert "stop_on_success" not in json.loads((tmp_path / "True" / "settings.json").read_text())
+    # The knob is in the directory's settings (with the run format): a rerun under the other value is refused.
+    recorded = json.loads((tmp_path / "True" / "settings.json").read_text())
+    assert recorded["stop_on_success"] is True and recorded["format"] == RUN_FORMAT
     with pytest.raises(LeafeError, match="different settings \\(stop_on_success\\)"):
         run(tiny_tokenizer, tmp_path / "True", reply, budget=60, tasks=2)
 

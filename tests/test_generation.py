@@ -35,17 +35,16 @@ def test_bad_engine_settings_are_refused_in_one_line(settings, message):
 
 
 def test_the_generation_section_is_every_sampling_stages_engine_and_its_fingerprint():
-    old_style = StudyConfig(name="s", dtype="float32")  # configs from before `generation:` still load
-    assert old_style.generation_settings().dtype == "float32"
-    with pytest.raises(LeafeError, match="dtype is set twice"):
-        StudyConfig(name="s", dtype="float32", generation={"dtype": "bfloat16"}).generation_settings()
+    assert StudyConfig(name="s", generation={"dtype": "float32"}).generation_settings().dtype == "float32"
+    with pytest.raises(ValueError, match="dtype"):  # the engine's keys live in generation: only
+        StudyConfig.model_validate({"name": "s", "dtype": "float32"})
     with pytest.raises(LeafeError, match="generation.tensor_size is not a setting"):
         StudyConfig(name="s", generation={"tensor_size": 2}).check()
 
     hf = {s.key: s for s in Study(StudyConfig(name="s"), "/nonexistent").stages()}
     vllm = {s.key: s for s in Study(StudyConfig(name="s", generation={"backend": "vllm", "tensor_parallel_size": 2}),
                                     "/nonexistent").stages()}
-    assert "engine" not in hf["base.eval"].fingerprint["settings"]  # hf: fingerprints as before engines were chosen
+    assert hf["base.eval"].fingerprint["settings"]["engine"]["backend"] == "hf"
     assert vllm["base.eval"].fingerprint["settings"]["engine"]["tensor_parallel_size"] == 2
     # Sampling stages record the engine, GRPO too (its rollouts come from it since issue 26);
     # distillation trains on what exploration sampled, so it changes through its inputs.

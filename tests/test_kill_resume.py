@@ -390,8 +390,9 @@ def test_report_killed_while_writing_leaves_no_page_and_is_written_whole_again(t
 def test_only_whole_checkpoints_of_the_same_training_are_resumed(tmp_path):
     from leafe.errors import LeafeError
     from leafe.methods.sft import WHOLE, resume_point
+    from leafe.rundir import RUN_FORMAT
 
-    key = {"model": "m", "rows": "3, sha256 ab"}
+    key = {"model": "m", "rows": "3, sha256 ab", "format": RUN_FORMAT}
     for step in (2, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / "checkpoint-2" / WHOLE).write_text("{}")  # checkpoint-4: killed while it was written

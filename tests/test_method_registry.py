@@ -88,7 +88,7 @@ def test_a_toy_method_is_one_module_and_one_entry_and_a_study_plans_runs_and_lis
     assert list(stages) == ["bootstrap", "base.eval", "toy.train", "toy.eval"]
     trained = stages["toy.train"]
     assert (trained.title, trained.method, trained.after) == ("Toy countdown from base", "toy", ("bootstrap",))
-    assert trained.fingerprint == {"settings": {"toy": {"rounds": 5}},
+    assert trained.fingerprint == {"settings": {"toy": {"rounds": 5}, "start": "base"},
                                    "after": {"bootstrap": stages["bootstrap"].digest()}}
     assert stages["toy.eval"].after == ("toy.train",)
     assert study.model_of("toy") == study.base_model()  # it trains nothing: its model is the one it started from
@@ -149,7 +149,9 @@ def test_a_registered_methods_other_settings_are_a_mapping_of_their_own_in_its_s
         settings = config.settings_of(registry.get("toy_sft"))
         assert (settings["settings"].rounds, settings["sft"].epochs) == (2, 3)
         stage = next(s for s in Study(config, tmp_path / "run").stages() if s.key == "toys.train")
-        assert set(stage.fingerprint["settings"]) == {"toy_sft", "sft", "model", "gguf_file", "dtype"}  # it trains
+        # it trains: the model, and how many processes train it
+        assert set(stage.fingerprint["settings"]) == {"toy_sft", "sft", "model", "gguf_file", "dtype", "training",
+                                                      "start"}
         with pytest.raises(LeafeError, match="toys.sft.epochz is not a setting"):
             StudyConfig.model_validate({"name": "t", "toys": {"sft": {"epochz": 3}}}).settings_of(registry.get("toy_sft"))
     finally:

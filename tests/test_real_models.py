@@ -167,6 +167,6 @@ def test_a_short_study_runs_on_each_model(real_models, tmp_path):
         results = json.loads((out / "results.json").read_text())
         assert results["methods"]["base"]["tasks"][0]["n"] == 2
         stage = json.loads((out / "base" / "eval" / "stage.json").read_text())
-        assert ("engine" in stage["fingerprint"]["settings"]) == (backend != "hf")  # the engine that sampled is recorded
+        assert stage["fingerprint"]["settings"]["engine"]["backend"] == backend  # the engine that sampled is recorded
         if name == "llama3.1":
             assert json.loads((out / "run.json").read_text()) == {"date_string": today_string()}

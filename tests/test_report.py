@@ -71,14 +71,12 @@ def test_report_says_the_model_each_method_started_from(tiny_tokenizer, tmp_path
     rows = re.findall(r"</i>([^<]+)</th><td class=start title='([^']*)'>([^<]*)</td>", page)
     assert rows == [("Base", "", "-"), ("GRPO", "/runs/unit/base", "Base"), ("LEAFE", "/runs/unit/grpo", "GRPO"),
                     ("Early Experience", "/runs/unit/grpo", "GRPO"), ("ACE", "/runs/unit/base", "Base")]
-    # A results.json from before each method recorded its start: LEAFE's from `leafe_start`, the
-    # others from the base, as they then ran.
+    # Methods that record no start (none but the base): no column.
     for m in results["methods"].values():
         for key in ("start", "start_model"):
             m.pop(key, None)
     (tmp_path / "results.json").write_text(json.dumps(results))
-    rows = re.findall(r"</i>([^<]+)</th><td class=start title='[^']*'>([^<]*)</td>", write_report(tmp_path).read_text())
-    assert rows == [("Base", "-"), ("GRPO", "Base"), ("LEAFE", "GRPO"), ("Early Experience", "Base"), ("ACE", "Base")]
+    assert "<th>starts from</th>" not in write_report(tmp_path).read_text()
 
 
 def test_report_command_rewrites_and_refuses_a_directory_without_results(tiny_tokenizer, tmp_path):

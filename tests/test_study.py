@@ -127,42 +127,6 @@ def test_run_rejects_missing_and_malformed_configs(tmp_path):
     assert run.returncode == 2 and "nowhere does not exist" in run.stderr
 
 
-#: The stage digests leafe recorded for a config of defaults before `leafe.explore.reflector` and
-#: `bootstrap --experience-episodes` existed (commit 5e6df54): run directories from then must stay done.
-RECORDED_BEFORE_THE_LATER_KNOBS = {
-    "bootstrap": "f67a8bd77187cccd", "base.eval": "52659100ab06e548", "grpo.train": "80b6a81020895446",
-    "leafe.explore": "ea10d2f161b66c79", "leafe.distill": "991221ee097dcc27",
-    "early_experience.train": "ea3117cfd220a045", "ace.train": "ef90e7e523dd7d13", "grpo.eval": "38e288b4be29d11b",
-    "leafe.eval": "ea3533d8939e5018", "early_experience.eval": "a7438e6dfe96c964", "ace.eval": "2d7d61aed8b1b964",
-}
-
-
-#: The values older run directories ran with, of the knobs whose default changed since (issue 39):
-#: the baselines then started from the base, and stage 1 stopped a task at its first success.
-AS_RECORDED = {"early_experience": {"start": "base"}, "ace": {"start": "base"},
-               "leafe": {"explore": {"stop_on_success": True}}}
-#: Stages whose method itself changed since, so older run directories redo them whatever their knobs:
-#: ACE credits the bullets its reflector tags, caps by that credit and reflects greedily; Early
-#: Experience adds the expert's transitions to IWM, de-duplicates its alternatives and splits its
-#: epochs between world modelling and imitation (issue 39).
-REDONE = {"ace.train", "ace.eval", "early_experience.train", "early_experience.eval"}
-
-
-def test_a_knob_added_later_leaves_older_run_directories_done(tmp_path):
-    # A stage whose digest differs is cleared and redone with everything below it, so a new knob at
-    # the value older runs used must not enter any digest (it once redid every stage of every study).
-    as_before = Study(load_config(write_config(tmp_path / "a.yaml", **AS_RECORDED)), tmp_path)
-    digests = {s.key: s.digest() for s in as_before.stages()}
-    assert {k for k in REDONE if digests[k] == RECORDED_BEFORE_THE_LATER_KNOBS[k]} == set()
-    assert {k: v for k, v in digests.items() if k not in REDONE} == {
-        k: v for k, v in RECORDED_BEFORE_THE_LATER_KNOBS.items() if k not in REDONE}
-    # at another value it does: that stage and the ones reading from it are redone, the others are not
-    oracle = load_config(write_config(tmp_path / "b.yaml", **{**AS_RECORDED, "leafe": {"explore": {
-        **AS_RECORDED["leafe"]["explore"], "reflector": "oracle"}}}))
-    changed = {s.key for s in Study(oracle, tmp_path).stages() if s.digest() != RECORDED_BEFORE_THE_LATER_KNOBS[s.key]}
-    assert changed - REDONE == {"leafe.explore", "leafe.distill", "leafe.eval"}
-
-
 def test_the_baselines_start_from_grpos_checkpoint_unless_told_base(tmp_path):
     # The paper's protocol (issue 39): Early Experience fine-tunes GRPO's checkpoint and ACE plays it,
     # so both read grpo.train's model, run after it and are redone when it changes.
@@ -180,13 +144,14 @@ def test_the_baselines_start_from_grpos_checkpoint_unless_told_base(tmp_path):
     assert stages["ace.eval"].after == ("ace.train", "grpo.eval")
 
     # `start: base` restores the comparison from the base: the same settings, read from the base
-    # model, with nothing of `start` in the fingerprint (so older run directories stay done).
+    # model, with the start in the fingerprint.
     base = Study(load_config(write_config(tmp_path / "b.yaml", early_experience={"start": "base"},
                                           ace={"start": "base"})), tmp_path / "run")
     from_grpo, stages = stages, {s.key: s for s in base.stages()}
     for method, key in (("early_experience", "early_experience.train"), ("ace", "ace.train")):
         assert stages[key].after == ("bootstrap",) and stages[key].title.endswith(" from base")
-        assert stages[key].fingerprint == {"settings": from_grpo[key].fingerprint["settings"],
+        assert from_grpo[key].fingerprint["settings"]["start"] == "grpo"
+        assert stages[key].fingerprint == {"settings": {**from_grpo[key].fingerprint["settings"], "start": "base"},
                                            "after": {"bootstrap": stages["bootstrap"].digest()}}
         assert base.start_model(method) == base.base_model()
     assert base.model_of("ace") == base.base_model()
@@ -197,7 +162,7 @@ def test_the_baselines_start_from_grpos_checkpoint_unless_told_base(tmp_path):
 def tiny_study(tmp_path: Path, model: Path, **overrides) -> Path:
     short = {"max_new_tokens": 8}
     data = {
-        "name": "tiny", "model": str(model), "device": "cpu", "env_params": {"max_steps": 4},
+        "name": "tiny", "model": str(model), "generation": {"device": "cpu"}, "env_params": {"max_steps": 4},
         "train": {"tasks": 4, "task_seed": 40},
         "eval": {"tasks": 2, "task_seed": 900, "samples": 4, **short},
         "grpo": {"steps": 1, "tasks_per_step": 2, "group_size": 2, **short},

@@ -38,7 +38,7 @@ def tiny_study(tmp_path: Path, model: Path) -> Path:
     Experience's two SFTs (its losses logged every step) and the Pass@k table."""
     short = {"max_new_tokens": 8}
     data = {
-        "name": "tracked", "model": str(model), "device": "cpu", "env_params": {"max_steps": 4},
+        "name": "tracked", "model": str(model), "generation": {"device": "cpu"}, "env_params": {"max_steps": 4},
         "methods": ["base", "grpo", "leafe", "early_experience"], "report_to": ["tensorboard", "trackio"],
         "train": {"tasks": 4, "task_seed": 40},
         "eval": {"tasks": 2, "task_seed": 900, "samples": 2, **short},

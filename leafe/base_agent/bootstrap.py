@@ -28,6 +28,7 @@ from pathlib import Path
 from leafe.errors import LeafeError
 from leafe.files import cache_dir, read_json, write_json
 from leafe.method import Job, MethodResult, cost
+from leafe.rundir import RUN_FORMAT
 from leafe.settings import BootstrapConfig
 
 #: Bootstrap levels start here; every other seed range in leafe stays below it.
@@ -182,6 +183,7 @@ def _build(config: BootstrapConfig, tmp: Path, report: Report) -> dict:
         k["tokens"] += len(row.input_ids)
         k["loss_tokens"] += row.loss_tokens
     summary = {
+        "format": RUN_FORMAT,  # also in config_hash: an agent of another run format is built again
         "config": asdict(config),
         "config_hash": config.digest(),
         "parameters": sum(p.numel() for p in trained.parameters()),

@@ -79,10 +79,10 @@ def run_cmd(
 
     def progress_for(index: int, total: int, stage, state: str):
         label = f"{index + 1}. {stage.title}"
-        note = {"done": "done earlier, skipped", "partial": "resuming", "stale": "config changed: redoing"}.get(state, "")
-        if not live:
+        note = study.note(stage, state)
+        if not live:  # one line, however narrow the log's console
             console.print(f"[{_clock(time.perf_counter() - started)}] stage {index + 1}/{total} {stage.key}"
-                          + (f": {note}" if note else ""))
+                          + (f": {note}" if note else ""), soft_wrap=True)
         if state == "done":
             tasks[stage.key] = progress.add_task(label, total=1, completed=1, status=f"[dim]{note}")
             show_overall()

@@ -48,7 +48,7 @@ from leafe.prompts import (
     playbook_system_prompt,
 )
 from leafe.rollout import Live, RolloutEngine
-from leafe.rundir import check_resume
+from leafe.rundir import RUN_FORMAT, check_resume, recorded_format
 from leafe.settings import ACESettings
 
 
@@ -133,18 +133,22 @@ class Playbook:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Playbook:
-        # A playbook from before bullets had ids gets them by position.
-        bullets = [Bullet(**({"id": bullet_id(i)} | x)) for i, x in enumerate(data.get("lessons", []), 1)]
+        bullets = [Bullet(**x) for x in data.get("lessons", [])]
         return cls(bullets, int(data.get("next_id") or len(bullets) + 1))
 
 
 def load_playbook(path: str | Path) -> list[str]:
-    """The bullet lines of a playbook.json, for the system prompt; a clear error when it is not one."""
+    """The bullet lines of a playbook.json, for the system prompt; a clear error when it is not one, or
+    when `leafe train ace` wrote it in another run format (`leafe.rundir.RUN_FORMAT`)."""
     path = Path(path)
     if not path.exists():
         raise LeafeError(f"--playbook {path} does not exist; leafe train ace writes DIR/playbook.json")
     try:
-        return Playbook.from_dict(read_json(path)).lines()
+        data = read_json(path)
+        if isinstance(data.get("settings"), dict) and (found := recorded_format(data["settings"])) != RUN_FORMAT:
+            raise LeafeError(f"--playbook {path} was written by leafe run format {found}, and this leafe reads format "
+                             f"{RUN_FORMAT}: build it again with leafe train ace --out DIR")
+        return Playbook.from_dict(data).lines()
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise LeafeError(f"--playbook {path} is not a playbook written by leafe train ace ({exc})") from None
 

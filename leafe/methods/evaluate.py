@@ -113,7 +113,7 @@ def evaluate(job: Job, settings: EvalSettings, *, save_episodes: bool = False) -
         "env_steps": sum(r["env_steps"] for r in records),
         "generated_tokens": sum(r["generated_tokens"] for r in records),
         # episodes whose env failed (sandbox_error): run again, none of them scored
-        "faulted_episodes": sum(r.get("faulted_episodes", 0) for r in records),
+        "faulted_episodes": sum(r["faulted_episodes"] for r in records),
         "prefill_tokens": backend.stats.prefill_tokens - prefill_before,
         "wall_s": round(sum(sessions.values()), 3),
     }
@@ -128,5 +128,6 @@ def _load_progress(path: Path, fingerprint: dict[str, Any]) -> dict[str, dict]:
         return {}
     check_resume(expect(records[0], dict, path, ("settings",))["settings"] or {}, fingerprint, path.parent,
                  "a partial evaluation")
-    keys = ("task_id", "n", "c", "env_steps", "generated_tokens", "session", "elapsed_s")  # what the result sums
+    # what the result reads of each task's record
+    keys = ("task_id", "n", "c", "env_steps", "generated_tokens", "faulted_episodes", "session", "elapsed_s")
     return {expect(r, dict, path, keys)["task_id"]: r for r in records[1:]}

@@ -347,9 +347,7 @@ def explore(job: Job, settings: ExploreSettings) -> MethodResult:
 
 #: The counts of a tree record that summary.json sums over the tasks.
 SUMMED = ("env_steps", "replayed_steps", "generated_tokens", "reflections", "reflections_parsed", "branches",
-          "branches_succeeded")
-#: Counts summed the same way that trees written before they existed lack (read as 0, so those resume).
-SUMMED_SINCE = ("faulted_episodes", "replay_divergences")
+          "branches_succeeded", "faulted_episodes", "replay_divergences")
 
 
 def summarize(settings: ExploreSettings, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -367,7 +365,6 @@ def summarize(settings: ExploreSettings, records: list[dict[str, Any]]) -> dict[
         "success_rate": sum(c for _, c in successes) / len(records),
         "ci95": list(bootstrap_ci(successes, 1)),
         **{k: sum(r[k] for r in records) for k in SUMMED},
-        **{k: sum(r.get(k, 0) for r in records) for k in SUMMED_SINCE},
         "prompt_tokens": sum(s["prompt_tokens"] for s in sessions.values()),
         "prefill_tokens": sum(s["prefill_tokens"] for s in sessions.values()),
         "wall_s": round(sum(s["elapsed_s"] for s in sessions.values()), 3),

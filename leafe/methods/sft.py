@@ -46,7 +46,7 @@ from leafe.methods.distributed import (
 )
 from leafe.methods.token_logprobs import logits_only_at, scored_positions, token_logprobs
 from leafe.modelcard import save_model
-from leafe.rundir import check_resume
+from leafe.rundir import RUN_FORMAT, check_resume
 from leafe.settings import SFTSettings
 from leafe.tracking import Tracker
 
@@ -224,7 +224,8 @@ WHOLE = "whole.json"
 
 def resume_key(model: Any, rows: Sequence[Row], settings: SFTSettings, precision: str, processes: int) -> dict[str, Any]:
     """What checkpoints must have been made from to be resumed: the rows (a digest of their ids,
-    labels and weights), the settings that change results, the starting model, precision and ranks."""
+    labels and weights), the settings that change results, the starting model, precision and ranks,
+    and the run format (`leafe.rundir.check_resume`)."""
     digest = hashlib.sha256()
     for r in rows:
         digest.update(struct.pack("<qqd", len(r.input_ids), len(r.token_weights or ()), r.weight))
@@ -235,7 +236,7 @@ def resume_key(model: Any, rows: Sequence[Row], settings: SFTSettings, precision
     else:  # built in memory (bootstrap): its architecture; its initial weights are its builder's seed's
         start = f"{type(model).__name__} {hashlib.sha256(model.config.to_json_string().encode()).hexdigest()[:16]}"
     return {**fingerprint_fields(settings), "model": start, "rows": f"{len(rows)}, sha256 {digest.hexdigest()[:16]}",
-            "precision": precision, "processes": processes}
+            "precision": precision, "processes": processes, "format": RUN_FORMAT}
 
 
 def whole_checkpoints(directory: Path) -> list[tuple[int, Path]]:

@@ -19,13 +19,12 @@ Import the names from `leafe.settings`; the modules are how the file is laid out
 This package imports no torch: `leafe --help` and `leafe run --dry-run` read it without loading a model
 library.
 
-Two class-level declarations keep recorded work valid (see `leafe.fingerprint`):
-- `speed_only`: fields that change speed or memory, never results;
-- `added_later`: knobs newer than recorded runs, with the value those runs used.
+A class-level declaration keeps recorded work valid (see `leafe.fingerprint`): `speed_only`, the
+fields that change speed or memory, never results, which fingerprints leave out.
 """
 
 from leafe.settings.base import LoRASettings, OptimizerSettings, SamplingSettings, Settings, knob
-from leafe.settings.base_agent import BOOTSTRAP_ADDED_LATER, GENERATOR, BootstrapConfig
+from leafe.settings.base_agent import GENERATOR, BootstrapConfig
 from leafe.settings.methods import (
     EE_ALTERNATIVES,
     EE_DEFAULT_ALTERNATIVES,
@@ -51,7 +50,7 @@ from leafe.settings.resources import (
 )
 
 __all__ = [
-    "BACKENDS", "BOOTSTRAP_ADDED_LATER", "EE_ALTERNATIVES", "EE_DEFAULT_ALTERNATIVES", "GENERATOR", "PRECISIONS",
+    "BACKENDS", "EE_ALTERNATIVES", "EE_DEFAULT_ALTERNATIVES", "GENERATOR", "PRECISIONS",
     "REFLECTORS", "SHARDINGS", "STRATEGIES", "VARIANTS", "ACESettings", "BootstrapConfig", "DistillSettings",
     "EarlyExperienceSettings", "EvalSettings", "ExploreSettings", "GRPOSettings", "GenerationSettings", "LoRASettings",
     "OptimizerSettings", "SFTSettings", "SamplingSettings", "Settings", "TrackingSettings", "TrainingSettings",

@@ -7,7 +7,7 @@ every method that trains (SFT, GRPO).
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from leafe.errors import LeafeError
 
@@ -55,8 +55,6 @@ class SamplingSettings(Settings):
     seed: int = knob(0, "Seed of sampling (and of training, where the stage trains).")
     date_string: str | None = knob(None, "The date a chat template that writes one renders (Llama 3.1), e.g. "
                                    "'26 Jul 2024'; default: the day it runs (`leafe run` pins one per run).")
-
-    added_later: ClassVar[dict[str, Any]] = {"date_string": None}
 
     def validate(self) -> None:
         super().validate()

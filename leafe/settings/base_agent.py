@@ -7,17 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from leafe.errors import LeafeError
 from leafe.fingerprint import fingerprint_fields
+from leafe.rundir import RUN_FORMAT
 from leafe.settings.base import _at_least, knob
-
-#: Knobs added after agents were built and cached, with the value that reproduces the older builds:
-#: at that value a knob stays out of the digest (and out of a study's bootstrap stage), so an
-#: existing cache directory keeps its name and an existing run directory stays done.
-BOOTSTRAP_ADDED_LATER = {"decision_weight": 1.0, "plans": False, "experience_episodes": 0, "tokenizer": "cells",
-                         "kv_heads": 0}
 
 #: Version of the example generator (`base_agent.synthetic`), part of every digest: a change to how
 #: examples are drawn renames every cache, so no agent built from older data is reused under a new name.
@@ -65,7 +60,6 @@ class BootstrapConfig:
     max_batch_tokens: int = knob(4096, "Most padded tokens per batch.")
     save_every: int = knob(100, "Save a checkpoint a killed build resumes from every N optimiser steps (0: none).")
 
-    added_later: ClassVar[dict[str, Any]] = BOOTSTRAP_ADDED_LATER
     #: A resumed build is the build never stopped, so the digest (the cache's name) leaves it out.
     speed_only: ClassVar[tuple[str, ...]] = ("save_every",)
 
@@ -79,7 +73,10 @@ class BootstrapConfig:
             raise LeafeError(f"--kv-heads must divide --heads {self.heads} (got {self.kv_heads}); 0 means as many as --heads")
 
     def digest(self) -> str:
+        """The name of the agent's cache: its fingerprint, the example generator and the run format
+        (an agent cached by another format is built again, under another name)."""
         fields = fingerprint_fields(self)
         fields["generator"] = GENERATOR
+        fields["format"] = RUN_FORMAT
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]

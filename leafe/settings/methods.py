@@ -30,9 +30,8 @@ class EvalSettings(SamplingSettings):
                           flags=("--max-batch", "--batch-size"))
 
     speed_only: ClassVar[tuple[str, ...]] = ("max_batch",)
-    #: A partial evaluation resumes whatever k is asked; one from before playbooks existed resumes too.
+    #: A partial evaluation resumes whatever k is asked.
     resume_free: ClassVar[tuple[str, ...]] = ("ks",)
-    resume_added_later: ClassVar[dict[str, Any]] = {"playbook": []}
 
     def validate(self) -> None:
         super().validate()
@@ -69,9 +68,6 @@ class ExploreSettings(SamplingSettings):
     parallel_tasks: int = knob(16, "Tasks explored at once, batched together (speed only).")
 
     speed_only: ClassVar[tuple[str, ...]] = ("parallel_tasks",)
-    #: Runs recorded before `stop_on_success` existed stopped at the first success.
-    added_later: ClassVar[dict[str, Any]] = {**SamplingSettings.added_later, "reflector": "policy",
-                                             "stop_on_success": True}
 
     def validate(self) -> None:
         from leafe.envs import env_class
@@ -157,9 +153,6 @@ class GRPOSettings(LoRASettings, OptimizerSettings, SamplingSettings):
     #: A rerun may train longer, checkpoint differently or batch differently and still resume.
     resume_free: ClassVar[tuple[str, ...]] = ("steps", "save_every", "keep_checkpoints", "max_batch_tokens")
     speed_only: ClassVar[tuple[str, ...]] = ("activation_checkpointing",)  # recomputes the same activations
-    #: is_cap changes nothing when the trainer samples itself (p_sampler is p_trainer).
-    added_later: ClassVar[dict[str, Any]] = {**SamplingSettings.added_later, "is_cap": 2.0, "lora": False,
-                                             "lora_r": 16, "lora_alpha": 32}
 
     def validate(self) -> None:
         super().validate()
@@ -203,8 +196,6 @@ class EarlyExperienceSettings(SamplingSettings):
                                   "imitate the expert), as EE runs one world-modelling epoch within the imitation budget.")
     rationale_tokens: int = knob(64, "sr: token limit of one rationale (at most --max-new-tokens).")
     states_per_call: int = knob(64, "Expert states whose alternatives are sampled in one generate call.")
-
-    added_later: ClassVar[dict[str, Any]] = {**SamplingSettings.added_later, "top_p": 1.0}
 
     def __post_init__(self) -> None:
         # K resolved here, once, so every reader (the sampler, the planner's budget, fingerprints) sees the number.
@@ -259,7 +250,6 @@ class ACESettings(SamplingSettings):
     bullets_per_reflection: int = knob(3, "New bullets one reflection may add (the rest are dropped, counted).")
     bullet_chars: int = knob(1000, "Characters kept of one bullet.")
 
-    added_later: ClassVar[dict[str, Any]] = {**SamplingSettings.added_later, "top_p": 1.0}
     resume_free: ClassVar[tuple[str, ...]] = ("epochs",)  # more passes continue the playbook
 
     def validate(self) -> None:

@@ -137,10 +137,6 @@ class StudyConfig(_Section):
     env: str = "sokoban"
     env_params: dict[str, Any] = {}
     model: str = EMBEDDED
-    #: Older configs set these three at the top level; they are generation's (see `generation_settings`).
-    gguf_file: str | None = None
-    device: str | None = None
-    dtype: str | None = None
     generation: dict[str, Any] = {}
     training: dict[str, Any] = {}
     resources: Resources = Resources()
@@ -186,13 +182,7 @@ class StudyConfig(_Section):
     def generation_settings(self) -> GenerationSettings:
         """The engine every sampling stage uses (base evaluation, exploration, Early Experience's
         alternatives, ACE, the evaluations)."""
-        section = dict(self.generation)
-        for key in ("device", "dtype", "gguf_file"):
-            if getattr(self, key) is not None:
-                if key in section:
-                    raise LeafeError(f"{key} is set twice (top level and generation.{key}); keep generation.{key}")
-                section[key] = getattr(self, key)
-        return _settings(GenerationSettings, section, "generation")
+        return _settings(GenerationSettings, self.generation, "generation")
 
     def training_settings(self) -> TrainingSettings:
         """How GRPO, distillation and Early Experience's SFT use the machine (processes, sharding)."""

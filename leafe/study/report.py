@@ -99,13 +99,9 @@ def ks_of(methods: dict[str, Any]) -> list[str]:
 
 def starts_of(results: dict[str, Any]) -> dict[str, tuple[str, str]]:
     """Each method's starting model as the table shows it: its name ("GRPO") and its path (the base
-    has none). results.json from before every method recorded its `start` had only `leafe_start`;
-    every other method then started from the base."""
+    has none)."""
     methods = results["methods"]
     starts = {name: (str(m["start"]), str(m.get("start_model", ""))) for name, m in methods.items() if m.get("start")}
-    if not starts and results.get("leafe_start"):  # an older results.json
-        starts = {name: (results["leafe_start"] if name == "leafe" else "base", "")
-                  for name in methods if name != "base"}
     return {name: (registry.label(start), path) for name, (start, path) in starts.items()}
 
 

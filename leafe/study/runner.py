@@ -3,8 +3,8 @@ contract (`leafe.method`), as the registry describes it (`leafe.methods.registry
 model it starts from and its directory under the run, its settings from the config, and what else the
 method needs (a sampling engine, the trees of the stage before it, the study's tracker).
 
-A stage records its fingerprint and then its result in `stage.json`, so a stage cut off is started
-again (the method resumes inside its directory) and one that finished is skipped
+A stage records its run format and fingerprint and then its result in `stage.json`, so a stage cut
+off is started again (the method resumes inside its directory) and one that finished is skipped
 (`leafe.study.stages`). One sampling engine is resident at a time: the runner keeps the last one and
 reuses it while stages sample the same model, and shuts it down before a training stage loads its own.
 
@@ -25,6 +25,7 @@ from leafe.errors import LeafeError
 from leafe.files import read_json, write_json
 from leafe.method import Job, MethodResult, Progress, cost
 from leafe.methods import registry
+from leafe.rundir import OLD_FORMAT, RUN_FORMAT
 from leafe.study.stages import EVAL, Stage, StageGraph
 from leafe.tracking import Tracker, stage_name
 
@@ -39,9 +40,10 @@ class StageRunner:
         self._tracker = Tracker()  # the running stage's (`run_stage`)
 
     def ready_dir(self, stage: Stage, state: str) -> Path:
-        """The stage's directory, made if missing and emptied first if it is `stale`."""
+        """The stage's directory, made if missing and emptied first if it is `stale` or of an older run
+        format."""
         where = self.graph.stage_dir(stage.key)
-        if state == "stale":  # the config changed under this stage: its outputs are not the config's
+        if state in ("stale", OLD_FORMAT):  # the config or leafe's run format changed: nothing in it is reused
             shutil.rmtree(where)
         where.mkdir(parents=True, exist_ok=True)
         return where
@@ -49,7 +51,7 @@ class StageRunner:
     def run_stage(self, stage: Stage, state: str, progress: Progress) -> None:
         """Run one stage that is not done (`state` from `StageGraph.status`), recording it in its stage.json."""
         where = self.ready_dir(stage, state)
-        header = {"stage": stage.key, "digest": stage.digest(), "fingerprint": stage.fingerprint}
+        header = {"stage": stage.key, "format": RUN_FORMAT, "digest": stage.digest(), "fingerprint": stage.fingerprint}
         started = time.time()
         write_json(where / "stage.json", {**header, "done": False, "started": started})
         # The stage reports to the study's tracker run from whichever process runs it (this one, or its

@@ -15,7 +15,8 @@ Experience and ACE start from GRPO's checkpoint, as the paper ran them (`<method
 A stage's fingerprint is its settings plus the digests of the stages it reads from. Resume follows
 `leafe.rundir`: a stage whose `stage.json` matches is done; one that was cut off is `partial`; one
 whose fingerprint differs (the config changed) is `stale`, and so is everything downstream, because
-the fingerprints chain.
+the fingerprints chain; one written in another run format (`leafe.rundir.RUN_FORMAT`: an older
+leafe's) is redone too, with one line saying so.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from leafe.files import read_json
 from leafe.fingerprint import fingerprint_fields as _fp
 from leafe.methods import registry
 from leafe.methods.registry import BASE, Method
-from leafe.rundir import digest, stage_status
+from leafe.rundir import digest, stage_note, stage_status
 from leafe.study.config import EMBEDDED, StudyConfig
 from leafe.tracking import Tracking
 
@@ -140,23 +141,25 @@ class StageGraph:
 
         base_after: tuple[str, ...] = ()
         if c.model == EMBEDDED:
-            from leafe.settings import BootstrapConfig
+            from leafe.settings import GENERATOR, BootstrapConfig
 
-            add("bootstrap", "bootstrap base agent", "bootstrap", BASE, _fp(BootstrapConfig()))
+            # The example generator too: a new one builds another agent (the cache's name, `digest`).
+            add("bootstrap", "bootstrap base agent", "bootstrap", BASE,
+                {**_fp(BootstrapConfig()), "generator": GENERATOR})
             base_after = ("bootstrap",)
         evaluation = self.settings(registry.get(EVAL))
         add(f"{BASE}.eval", "eval base", EVAL, BASE, evaluation, base_after)
         for compared in registry.compared():
             if compared.name == BASE or compared.name not in c.methods:
                 continue
-            # Titles say where each method starts; the start's stage is in `after`, so its digest chains
-            # (at `base` nothing is added: run directories from before `start` existed stay done).
+            # Titles say where each method starts; the fingerprint records it, and the start's stage is
+            # in `after`, so its digest chains.
             after = self.start_stage(compared.name, base_after)
             fields = {"start": c.start_of(compared.name), "section": c.section(compared.name)}
             for method in compared.stages:
                 key = compared.stage_key(method)
                 add(key, method.title.format(**fields) if method.title else f"{compared.label} {method.stage}",
-                    method.name, compared.name, self.settings(method), after)
+                    method.name, compared.name, {**self.settings(method), "start": fields["start"]}, after)
                 after = (key, *self.start_stage(compared.name, base_after))
         for method in c.methods:
             if method != BASE:
@@ -172,24 +175,28 @@ class StageGraph:
         own = {method.settings_key(name): _fp(value) for name, value in c.settings_of(method).items()}
         generation = c.generation_settings()
         model_fp = {"model": c.model, "gguf_file": generation.gguf_file, "dtype": generation.dtype}
-        # Another engine draws other random numbers: a sampling stage records which one sampled it
-        # (left out for hf, so run directories from before engines were chosen stay done).
-        sampled_fp = model_fp if generation.backend == "hf" else {**model_fp, "engine": _engine_fp(generation)}
+        # Another engine draws other random numbers: a sampling stage records which one sampled it.
+        sampled_fp = {**model_fp, "engine": _engine_fp(generation)}
         # Several training processes change what is trained (GRPO's ranks sample their own streams,
-        # distillation's optimiser steps span a batch per rank); one process is left out, so run
-        # directories from before the training section stay done.
+        # distillation's optimiser steps span a batch per rank); the sharding is used only by several.
         training = c.training_settings()
-        trained_fp = {} if training.world == 1 else {"training": {"processes": training.world,
-                                                                  "sharding": training.sharding}}
+        sharding = {"sharding": training.sharding} if training.world > 1 else {}
+        trained_fp = {"training": {"processes": training.world, **sharding}}
         machine = sampled_fp if method.samples else model_fp if method.trains else {}
         return {**own, **machine, **(trained_fp if method.trains else {})}
 
     def status(self, stage: Stage) -> str:
-        """done | partial (started with these settings) | stale (other settings) | todo"""
+        """done | partial (started with these settings) | stale (other settings) | old format (written
+        by an older leafe: redone as stale) | todo; a stage of a newer leafe's format is refused."""
         state = stage_status(self.stage_dir(stage.key), stage.digest())
         if state == "done" and stage.key == "bootstrap" and not (self.base_model() / "bootstrap.json").exists():
             return "todo"  # the cached agent lives outside the run and was deleted: build it again
         return state
+
+    def note(self, stage: Stage, state: str) -> str:
+        """The stage's `status` in words, as the study says it when the stage begins (before a stale
+        one is cleared): "done earlier, skipped", "config changed: redoing", ..."""
+        return stage_note(state, self.stage_dir(stage.key))
 
     def check_inputs(self) -> None:
         """What a dry run can check without running: the env and its parameters (names, data paths)

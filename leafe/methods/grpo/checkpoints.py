@@ -22,8 +22,7 @@ def resumable_checkpoints(out: Path) -> list[tuple[int, Path]]:
     """Checkpoints a run can resume from (those holding training state), oldest first."""
     found = []
     for path in (out / "checkpoints").glob("step-*"):
-        resumable = (path / STATE).is_dir() or (path / "state.pt").exists()  # state.pt: before accelerate's state
-        if resumable and path.name[5:].isdigit():
+        if (path / STATE).is_dir() and path.name[5:].isdigit():
             found.append((int(path.name[5:]), path))
     return sorted(found)
 
@@ -64,7 +63,6 @@ def save_checkpoint(trainer: GRPOTrainer, out: Path, step: int, keep: int, card:
     tmp.rename(final)
     for _, older in resumable_checkpoints(out)[:-1]:
         shutil.rmtree(older / STATE, ignore_errors=True)
-        (older / "state.pt").unlink(missing_ok=True)
     models = sorted((int(p.name[5:]), p) for p in (out / "checkpoints").glob("step-*") if p.name[5:].isdigit())
     for _, older in models[:-keep]:
         shutil.rmtree(older, ignore_errors=True)

@@ -137,11 +137,8 @@ def train_grpo(job: Job, settings: GRPOSettings, generation: GenerationSettings 
     log = [r for r in logged if r["step"] <= start_step]
     if len(log) < len(logged) and main:  # steps logged after the checkpoint we resume from are redone
         write_jsonl(log_path, log)
-    if resume_from is not None and (resume_from / STATE).is_dir():
+    if resume_from is not None:
         trainer.accelerator.load_state(str(resume_from / STATE))
-    elif resume_from is not None:  # a checkpoint written before training state moved to accelerate's
-        state = torch.load(resume_from / "state.pt", weights_only=False)
-        trainer.optimizer.load_state_dict(state["optimizer"])
     job.progress.start(settings.steps, start_step)
 
     env = make(settings.env, **settings.env_params)
@@ -254,7 +251,7 @@ def _trained_on(log: list[dict[str, Any]], settings: GRPOSettings) -> dict[str, 
             "episodes": sum(r["groups"] for r in log) * settings.group_size,
             "groups": sum(r["groups"] for r in log), "skipped_groups": sum(r["skipped_groups"] for r in log),
             "agent_tokens": sum(r.get("agent_tokens", 0) for r in log),
-            "faulted_episodes": sum(r.get("faulted_episodes", 0) for r in log)}
+            "faulted_episodes": sum(r["faulted_episodes"] for r in log)}
 
 
 def _result(summary: dict[str, Any], out: Path) -> MethodResult:
