@@ -127,11 +127,12 @@ def bullet_id(number: int) -> str:
 _BULLET_ID = re.compile(r"\bctx-(\d+)\b", re.IGNORECASE)
 
 
-def bullet_line(identifier: str, helpful: int, harmful: int, text: str) -> str:
-    """One bullet as the generator and the reflector see it; a multi-line bullet's later lines are
-    indented, so every bullet still starts a line with its id."""
+def bullet_line(identifier: str, helpful: int, harmful: int, text: str, counters: bool = True) -> str:
+    """One bullet as the generator and the reflector see it: ace-agent/ace's line with its counters, or
+    ace-appworld's `[id] text` (`counters=False`). A multi-line bullet's later lines are indented, so
+    every bullet still starts a line with its id."""
     body = "\n  ".join(text.splitlines())
-    return f"[{identifier}] helpful={helpful} harmful={harmful} :: {body}"
+    return f"[{identifier}] helpful={helpful} harmful={harmful} :: {body}" if counters else f"[{identifier}] {body}"
 
 
 def playbook_system_prompt(lines: list[str], system: str = SYSTEM_PROMPT) -> str:

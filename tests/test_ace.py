@@ -91,6 +91,23 @@ def test_playbook_goes_into_the_system_prompt_as_bullet_lines():
     assert prompt.startswith(SYSTEM_PROMPT)
     assert prompt.endswith("[ctx-00002] helpful=3 harmful=0 :: one\n  two")
     assert book.lines() == [bullet_line("ctx-00002", 3, 0, "one\ntwo")]
+    assert book.lines(counters=False) == ["[ctx-00002] one\n  two"]  # ace-appworld's line
+
+
+def test_a_playbook_without_counters_is_played_and_evaluated_without_them(tiny_tokenizer, tmp_path):
+    seen = []
+
+    def policy(text: str, i: int) -> str:
+        seen.append(text)
+        return "Bullet: push from behind" if REFLECTOR_ASKS in text else "Thought: go.\nAction: up"
+
+    settings = ACESettings(tasks=2, task_seed=40, tasks_per_round=1, bullet_counters=False,
+                           env_params={"max_steps": 2})
+    train_ace(Job("scripted", tmp_path, backend=ScriptedBackend(tiny_tokenizer, policy)), settings)
+    # Round 2's generator saw round 1's bullet as `[id] text`, and so does the evaluation.
+    assert any("Playbook (bullets learnt on earlier tasks):\n[ctx-00001] push from behind" in t for t in seen)
+    assert not any("helpful=" in t for t in seen)
+    assert load_playbook(tmp_path / "playbook.json") == ["[ctx-00001] push from behind"]
 
 
 class RecordingBackend(ScriptedBackend):

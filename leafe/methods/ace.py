@@ -4,7 +4,8 @@ training tasks and used, as it ends, on the held-out ones (ACE's offline mode).
 
 Three roles, played in rounds of `tasks_per_round` training tasks:
 - generator: the model plays the round's tasks with the playbook in its system prompt, every bullet
-  a line `[ctx-00007] helpful=2 harmful=0 :: text` (ACE's bullet line: an id and two counters);
+  a line `[ctx-00007] helpful=2 harmful=0 :: text` (ace-agent/ace's bullet line: an id and two
+  counters), or `[ctx-00007] text` with `bullet_counters` off (ace-appworld's);
 - reflector: the same model, at `reflect_temperature` (ACE: 0), reads each finished attempt with the
   env's feedback, is told its outcome and the ids of the bullets in play, tags those that helped or
   misled, and writes up to `bullets_per_reflection` new bullets, each of up to `bullet_chars`
@@ -65,8 +66,8 @@ class Bullet:
     def score(self) -> int:
         return self.helpful - self.harmful
 
-    def line(self) -> str:
-        return bullet_line(self.id, self.helpful, self.harmful, self.text)
+    def line(self, counters: bool = True) -> str:
+        return bullet_line(self.id, self.helpful, self.harmful, self.text, counters)
 
 
 def _words(text: str) -> set[str]:
@@ -87,8 +88,8 @@ class Playbook:
     def ids(self) -> list[str]:
         return [x.id for x in self.bullets]
 
-    def lines(self) -> list[str]:
-        return [x.line() for x in self.bullets]
+    def lines(self, counters: bool = True) -> list[str]:
+        return [x.line(counters) for x in self.bullets]
 
     def credit(self, tags: Mapping[str, str], in_play: Iterable[str]) -> dict[str, int]:
         """One reflection's tags: +1 helpful or +1 harmful to each tagged bullet that was in play in
@@ -148,7 +149,9 @@ def load_playbook(path: str | Path) -> list[str]:
         if isinstance(data.get("settings"), dict) and (found := recorded_format(data["settings"])) != RUN_FORMAT:
             raise LeafeError(f"--playbook {path} was written by leafe run format {found}, and this leafe reads format "
                              f"{RUN_FORMAT}: build it again with leafe train ace --out DIR")
-        return Playbook.from_dict(data).lines()
+        # Rendered as the playbook was trained with (a hand-made one, without settings: ACE's line).
+        counters = data.get("settings", {}).get("bullet_counters", True)
+        return Playbook.from_dict(data).lines(counters)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise LeafeError(f"--playbook {path} is not a playbook written by leafe train ace ({exc})") from None
 
@@ -195,7 +198,7 @@ def train_ace(job: Job, settings: ACESettings) -> MethodResult:
         in_play = playbook.ids()  # every bullet of the system prompt the round is played with
         engine = RolloutEngine(backend, temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
                                seed=settings.seed * 100_003 + round_index,
-                               system=playbook_system_prompt(playbook.lines(), SYSTEM_PROMPT),
+                               system=playbook_system_prompt(playbook.lines(settings.bullet_counters), SYSTEM_PROMPT),
                                date_string=settings.date_string)
         lives = [engine.start(envs(settings.env, **settings.env_params), task) for task in schedule[round_index]]
         episodes = engine.run(lives)  # generator

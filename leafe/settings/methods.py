@@ -249,6 +249,9 @@ class ACESettings(SamplingSettings):
     reflect_temperature: float = knob(0.0, "Sampling temperature of the reflector (ACE's: 0, greedy).")
     bullets_per_reflection: int = knob(3, "New bullets one reflection may add (the rest are dropped, counted).")
     bullet_chars: int = knob(1000, "Characters kept of one bullet.")
+    #: On: ace-agent/ace's line `[id] helpful=h harmful=x :: text`; off: ace-appworld's `[id] text`.
+    bullet_counters: bool = knob(True, "Show the generator each bullet's helpful/harmful counters (off: its id "
+                                       "and text only, fewer prompt tokens a bullet).")
 
     resume_free: ClassVar[tuple[str, ...]] = ("epochs",)  # more passes continue the playbook
 
