@@ -22,6 +22,7 @@ from leafe.envs.base import DataStatus, Env, EnvError, StepResult, Task
 from leafe.envs.registry import register
 from leafe.envs.webshop import pages
 from leafe.envs.webshop.data import Product, data_status, load_products, resolve_data_dir
+from leafe.envs.webshop.expert import plan_for
 from leafe.envs.webshop.goals import Goal, split_indices, synthetic_goals
 from leafe.envs.webshop.pages import PageState
 from leafe.envs.webshop.reward import DEFAULT_SPACY_MODEL, NounParser, RewardParts, reward
@@ -113,9 +114,24 @@ class WebShopEnv(Env):
                     spec={"goal_index": goal_index, "goal": goal.to_spec()})
 
     def expert_actions(self, task: Task) -> list[str] | None:
-        from leafe.envs.webshop.expert import expert_plan
-
-        return expert_plan(self, task)
+        """The expert's plan (`leafe.envs.webshop.expert`), checked by playing it on a snapshot of this
+        env (restored after): None unless it wins."""
+        actions, _ = plan_for(self.shop.index, Goal.from_spec(task.spec["goal"]))
+        if actions is None:
+            return None
+        saved = self.snapshot() if self.goal is not None else None
+        try:
+            self.reset(task)
+            result = None
+            for action in actions:
+                result = self.step(action)
+                if result.done:
+                    break
+            won = result is not None and result.success
+        finally:
+            if saved is not None:
+                self.restore(saved)
+        return actions if won else None
 
     # -- episode -------------------------------------------------------------------------------
     def reset(self, task: Task) -> str:
