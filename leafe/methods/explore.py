@@ -337,7 +337,7 @@ def explore(job: Job, settings: ExploreSettings) -> MethodResult:
             tally(record["success"])
             if job.tracker.active:  # summary.json's counters over the tasks finished so far (the last: its own)
                 so_far = list(done.values())
-                job.tracker.log({**summarize(settings, so_far), "successes": sum(r["success"] for r in so_far)},
+                job.tracker.log({**counters(settings, so_far), "successes": sum(r["success"] for r in so_far)},
                                 step=len(so_far))
     summary = summarize(settings, [done[t.task_id] for t in tasks])
     write_json(out / "summary.json", summary)
@@ -352,18 +352,22 @@ SUMMED = ("env_steps", "replayed_steps", "generated_tokens", "reflections", "ref
 
 def summarize(settings: ExploreSettings, records: list[dict[str, Any]]) -> dict[str, Any]:
     """summary.json from the tree records of every task (of every session that wrote them)."""
+    return {"strategy": settings.strategy, **counters(settings, records),
+            "ci95": list(bootstrap_ci([(1, int(r["success"])) for r in records], 1))}
+
+
+def counters(settings: ExploreSettings, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's numbers but its interval: what the tracker reports after each task, without
+    resampling every finished task again each time."""
     sessions: dict[str, dict[str, Any]] = {}
     for r in records:
         s = r["session"]
         if s["elapsed_s"] >= sessions.get(s["id"], {"elapsed_s": -1.0})["elapsed_s"]:
             sessions[s["id"]] = s
-    successes = [(1, int(r["success"])) for r in records]
     return {
-        "strategy": settings.strategy,
         "tasks": len(records),
         "budget": settings.budget,
-        "success_rate": sum(c for _, c in successes) / len(records),
-        "ci95": list(bootstrap_ci(successes, 1)),
+        "success_rate": sum(int(r["success"]) for r in records) / len(records),
         **{k: sum(r[k] for r in records) for k in SUMMED},
         "prompt_tokens": sum(s["prompt_tokens"] for s in sessions.values()),
         "prefill_tokens": sum(s["prefill_tokens"] for s in sessions.values()),
